@@ -1,0 +1,157 @@
+//! What the node runtime reports: per-workload status and the node summary.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Kubernetes pod phase names.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PullProgress {
+    pub layers_total: usize,
+    pub layers_done: usize,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// `resolving`, `downloading`, `building-erofs`, `mounting`, `done`.
+    pub stage: String,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub index: u32,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub ready: bool,
+    pub restarts: u32,
+    #[serde(default)]
+    pub last_exit_code: Option<i32>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// RFC 3339 start time of the current container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+}
+
+/// The status of one workload on this node. Top-level fields summarise the replicas
+/// (the worst phase wins; `restarts` is the sum) so single-replica workloads read naturally.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    pub name: String,
+    pub phase: Phase,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub ready: bool,
+    pub restarts: u32,
+    pub last_exit_code: Option<i32>,
+    pub image: String,
+    pub image_digest: Option<String>,
+    pub container_id: Option<String>,
+    pub revision: Option<String>,
+    /// Hash of the spec the node is running; unchanged specs are not restarted.
+    pub spec_hash: String,
+    pub replicas: Vec<ReplicaStatus>,
+    /// `erofs` or `directory` (the fallback when EROFS is unavailable).
+    pub rootfs: Option<String>,
+    pub pull: Option<PullProgress>,
+    pub suspended: bool,
+}
+
+/// Outcome of applying one workload.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    pub name: String,
+    pub action: ApplyAction,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PsiAverages {
+    pub avg10: f32,
+    pub avg60: f32,
+    pub avg300: f32,
+    /// Total stall time in microseconds.
+    pub total: u64,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PsiResource {
+    pub some: PsiAverages,
+    /// `cpu` has no meaningful `full` line on older kernels: zeros then.
+    pub full: PsiAverages,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Pressure {
+    pub cpu: PsiResource,
+    pub memory: PsiResource,
+    pub io: PsiResource,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceAmounts {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Features {
+    pub erofs: bool,
+    /// Why EROFS is off, when it is.
+    pub erofs_reason: Option<String>,
+    pub ebpf: bool,
+    /// `v1`, `v2` or `hybrid`.
+    pub cgroup: String,
+    pub psi: bool,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    pub name: String,
+    pub version: String,
+    pub capacity: ResourceAmounts,
+    /// Sum of the limits of running replicas (unlimited ones count 0).
+    pub allocations: ResourceAmounts,
+    pub workloads: usize,
+    pub containers: usize,
+    pub pressure: Option<Pressure>,
+    pub features: Features,
+}
+
+/// Error body of every non-2xx API answer.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<crate::validate::FieldError>,
+}

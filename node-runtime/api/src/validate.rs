@@ -1,0 +1,487 @@
+//! One parser and one validator for Workload documents, shared by the node API, the Git source
+//! and the Kubernetes side. Errors carry the field path (and, for YAML, the line).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
+use crate::spec::{Workload, API_VERSION, KIND_WORKLOAD};
+
+/// Largest manifest file accepted (bytes). Manifests come from outside: cap before parsing.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Longest workload name (it becomes part of container ids, paths and cgroup names).
+pub const MAX_NAME_LEN: usize = 53;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct FieldError {
+    /// Dotted path of the offending field, e.g. `spec.resources.memory`.
+    pub field: String,
+    pub message: String,
+    /// 1-based line in the source document, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}: {}: {}", line, self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+        line: None,
+    }
+}
+
+/// A DNS-1123 label: lowercase alphanumerics and '-', starting and ending alphanumeric.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Semantic checks that the type system cannot express. Returns every problem, not just the first.
+pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if w.api_version != API_VERSION {
+        errors.push(err(
+            "apiVersion",
+            format!("must be {API_VERSION}, got {:?}", w.api_version),
+        ));
+    }
+    if w.kind != KIND_WORKLOAD {
+        errors.push(err(
+            "kind",
+            format!("must be {KIND_WORKLOAD}, got {:?}", w.kind),
+        ));
+    }
+    let name = &w.metadata.name;
+    if !is_dns_label(name) || name.len() > MAX_NAME_LEN {
+        errors.push(err(
+            "metadata.name",
+            format!("{name:?} is not a valid name (lowercase letters, digits and '-', at most {MAX_NAME_LEN} characters, starting and ending with a letter or digit)"),
+        ));
+    }
+    let s = &w.spec;
+    if s.image.trim().is_empty() {
+        errors.push(err("spec.image", "must not be empty"));
+    } else if let Err(e) = crate::reference::ImageRef::parse(&s.image) {
+        errors.push(err("spec.image", e));
+    }
+    if s.replicas > 64 {
+        errors.push(err("spec.replicas", "at most 64 replicas per node"));
+    }
+    for (i, e) in s.env.iter().enumerate() {
+        if e.name.is_empty() || e.name.contains('=') || e.name.contains('\0') {
+            errors.push(err(
+                format!("spec.env[{i}].name"),
+                format!("{:?} is not a valid variable name", e.name),
+            ));
+        }
+        if e.value.contains('\0') {
+            errors.push(err(
+                format!("spec.env[{i}].value"),
+                "must not contain NUL",
+            ));
+        }
+    }
+    if let Some(wd) = &s.working_dir {
+        if !wd.starts_with('/') {
+            errors.push(err("spec.workingDir", "must be an absolute path"));
+        }
+    }
+    if let Some(user) = &s.user {
+        if user.is_empty() || user.contains('\0') || user.split(':').count() > 2 {
+            errors.push(err("spec.user", "must be uid[:gid] or a user name"));
+        }
+    }
+    if let Some(m) = &s.resources.memory {
+        match parse_memory_bytes(m) {
+            Ok(b) if b < 4 << 20 => errors.push(err(
+                "spec.resources.memory",
+                "must be at least 4Mi (the runtime itself needs some)",
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(err("spec.resources.memory", e)),
+        }
+    }
+    if let Some(c) = &s.resources.cpu {
+        match parse_cpu_millis(c) {
+            Ok(0) => errors.push(err("spec.resources.cpu", "must be more than 0")),
+            Ok(_) => {}
+            Err(e) => errors.push(err("spec.resources.cpu", e)),
+        }
+    }
+    if let Some(p) = s.resources.pids {
+        if p < 1 {
+            errors.push(err("spec.resources.pids", "must be at least 1"));
+        }
+    }
+    let mut volume_names = BTreeSet::new();
+    for (i, v) in s.volumes.iter().enumerate() {
+        let at = format!("spec.volumes[{i}]");
+        if !is_dns_label(&v.name) {
+            errors.push(err(format!("{at}.name"), format!("{:?} is not a valid name", v.name)));
+        }
+        if !volume_names.insert(v.name.as_str()) {
+            errors.push(err(format!("{at}.name"), format!("duplicate volume {:?}", v.name)));
+        }
+        match (&v.host_path, &v.empty_dir) {
+            (Some(h), None) => {
+                if !h.path.starts_with('/') || h.path.split('/').any(|c| c == "..") {
+                    errors.push(err(
+                        format!("{at}.hostPath.path"),
+                        "must be an absolute path without '..'",
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+            _ => errors.push(err(
+                at.clone(),
+                "exactly one of hostPath or emptyDir must be set",
+            )),
+        }
+    }
+    let mut mount_paths = BTreeSet::new();
+    for (i, m) in s.mounts.iter().enumerate() {
+        let at = format!("spec.mounts[{i}]");
+        if !volume_names.contains(m.name.as_str()) {
+            errors.push(err(
+                format!("{at}.name"),
+                format!("no volume named {:?} in spec.volumes", m.name),
+            ));
+        }
+        if !m.mount_path.starts_with('/')
+            || m.mount_path == "/"
+            || m.mount_path.split('/').any(|c| c == "..")
+        {
+            errors.push(err(
+                format!("{at}.mountPath"),
+                "must be an absolute path other than / and without '..'",
+            ));
+        }
+        if !mount_paths.insert(m.mount_path.as_str()) {
+            errors.push(err(
+                format!("{at}.mountPath"),
+                format!("{:?} is mounted twice", m.mount_path),
+            ));
+        }
+    }
+    if let Some(p) = &s.readiness_probe {
+        let at = "spec.readinessProbe";
+        match (&p.exec, &p.http_get) {
+            (Some(e), None) => {
+                if e.command.is_empty() {
+                    errors.push(err(format!("{at}.exec.command"), "must not be empty"));
+                }
+            }
+            (None, Some(h)) => {
+                if h.port == 0 {
+                    errors.push(err(format!("{at}.httpGet.port"), "must be 1-65535"));
+                }
+                if !h.path.starts_with('/') {
+                    errors.push(err(format!("{at}.httpGet.path"), "must start with '/'"));
+                }
+            }
+            _ => errors.push(err(at, "exactly one of exec or httpGet must be set")),
+        }
+        for (field, v) in [
+            ("periodSeconds", p.period_seconds),
+            ("timeoutSeconds", p.timeout_seconds),
+        ] {
+            if let Some(v) = v {
+                if !(0.01..=3600.0).contains(&v) {
+                    errors.push(err(
+                        format!("{at}.{field}"),
+                        "must be between 0.01 and 3600",
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// A problem with one document of a manifest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentError {
+    /// 0-based index of the document in its file.
+    pub document: usize,
+    pub errors: Vec<FieldError>,
+}
+
+/// What one YAML document turned out to be.
+#[derive(Debug)]
+pub enum ParsedDocument {
+    Workload(Box<Workload>),
+    /// A document of another kind (a ConfigMap next to our workloads, say): not ours, skipped.
+    OtherKind {
+        api_version: String,
+        kind: String,
+    },
+    Invalid(Vec<FieldError>),
+}
+
+/// Parse a (possibly multi-document) YAML stream of Workloads. Each document is parsed and
+/// validated on its own so one bad document does not hide the others.
+pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(err(
+            "",
+            format!(
+                "file is {} bytes, larger than the {} byte limit",
+                text.len(),
+                MAX_MANIFEST_BYTES
+            ),
+        ));
+    }
+    let starts = document_start_lines(text);
+    let mut out = Vec::new();
+    for (index, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let base_line = starts.get(index).copied().unwrap_or(1);
+        // Parse to a generic value first: it tells us the kind, and it is where syntax and
+        // alias-expansion errors surface (serde_norway caps alias expansion).
+        let value = match serde_norway::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                let line = e.location().map(|l| l.line());
+                out.push(ParsedDocument::Invalid(vec![FieldError {
+                    field: String::new(),
+                    message: format!("invalid yaml: {}", strip_location(&e.to_string())),
+                    line,
+                }]));
+                // After a syntax error the stream cannot be resynchronised reliably.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if kind != KIND_WORKLOAD || !api_version.starts_with("hyperbox.dev/") {
+            out.push(ParsedDocument::OtherKind { api_version, kind });
+            continue;
+        }
+        match serde_path_to_error::deserialize::<_, Workload>(value) {
+            Ok(w) => {
+                let errors = validate_workload(&w);
+                if errors.is_empty() {
+                    out.push(ParsedDocument::Workload(Box::new(w)));
+                } else {
+                    let errors = errors
+                        .into_iter()
+                        .map(|mut e| {
+                            e.line = Some(find_field_line(text, base_line, &e.field));
+                            e
+                        })
+                        .collect();
+                    out.push(ParsedDocument::Invalid(errors));
+                }
+            }
+            Err(e) => {
+                let field = clean_path(&e.path().to_string());
+                let message = strip_location(&e.into_inner().to_string());
+                let line = Some(find_field_line(text, base_line, &field));
+                out.push(ParsedDocument::Invalid(vec![FieldError {
+                    field,
+                    message,
+                    line,
+                }]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parse a JSON workload (the node API body) and validate it.
+pub fn parse_json_workload(value: serde_json::Value) -> Result<Workload, Vec<FieldError>> {
+    let w: Workload = serde_path_to_error::deserialize(value).map_err(|e| {
+        vec![FieldError {
+            field: clean_path(&e.path().to_string()),
+            message: e.into_inner().to_string(),
+            line: None,
+        }]
+    })?;
+    let errors = validate_workload(&w);
+    if errors.is_empty() {
+        Ok(w)
+    } else {
+        Err(errors)
+    }
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// serde_path_to_error renders the document root as `.`.
+fn clean_path(path: &str) -> String {
+    if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    }
+}
+
+/// 1-based line where each YAML document of the stream starts.
+fn document_start_lines(text: &str) -> Vec<usize> {
+    let mut starts = vec![1];
+    let mut first_content_seen = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") {
+            if first_content_seen {
+                starts.push(i + 2);
+            } else {
+                starts[0] = i + 2;
+            }
+            first_content_seen = true;
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            first_content_seen = true;
+        }
+    }
+    starts
+}
+
+/// Best-effort line of a dotted field path inside the document starting at `base_line`:
+/// follows the keys by indentation. Falls back to the document's first line.
+fn find_field_line(text: &str, base_line: usize, field: &str) -> usize {
+    let keys: Vec<&str> = field
+        .split('.')
+        .filter(|k| !k.is_empty())
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .collect();
+    let mut line_no = base_line;
+    let mut min_indent = 0usize;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut idx = base_line.saturating_sub(1);
+    for key in keys {
+        let mut found = false;
+        while idx < lines.len() {
+            let l = lines[idx];
+            if l.starts_with("---") && idx + 1 > base_line {
+                return line_no;
+            }
+            let trimmed = l.trim_start().trim_start_matches("- ");
+            let indent = l.len() - trimmed.len();
+            if indent >= min_indent
+                && (trimmed.starts_with(&format!("{key}:"))
+                    || trimmed.starts_with(&format!("\"{key}\":")))
+            {
+                line_no = idx + 1;
+                min_indent = indent + 1;
+                found = true;
+                idx += 1;
+                break;
+            }
+            idx += 1;
+        }
+        if !found {
+            break;
+        }
+    }
+    line_no
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: registry.local/busybox:1\n  resources:\n    memory: 64Mi\n";
+
+    #[test]
+    fn good_document_parses() {
+        let docs = parse_documents(GOOD).unwrap();
+        assert!(matches!(&docs[0], ParsedDocument::Workload(w) if w.metadata.name == "web" && w.spec.replicas == 1));
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let text = GOOD.replace("    memory: 64Mi", "    memory: 64Mi\n    gpus: 2");
+        let docs = parse_documents(&text).unwrap();
+        let ParsedDocument::Invalid(errs) = &docs[0] else {
+            panic!("expected invalid: {docs:?}")
+        };
+        assert_eq!(errs[0].field, "spec.resources.gpus");
+        assert!(errs[0].message.contains("unknown field `gpus`"), "{errs:?}");
+        assert_eq!(errs[0].line, Some(8));
+    }
+
+    #[test]
+    fn semantic_errors_all_reported_with_lines() {
+        let text = format!(
+            "{GOOD}---\napiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: Bad_Name\nspec:\n  image: x\n  resources:\n    memory: lots\n"
+        );
+        let docs = parse_documents(&text).unwrap();
+        assert!(matches!(docs[0], ParsedDocument::Workload(_)));
+        let ParsedDocument::Invalid(errs) = &docs[1] else {
+            panic!("expected invalid")
+        };
+        let fields: Vec<_> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            vec![("metadata.name", Some(13)), ("spec.resources.memory", Some(17))]
+        );
+    }
+
+    #[test]
+    fn other_kinds_are_skipped_not_errors() {
+        let docs = parse_documents("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n").unwrap();
+        assert!(matches!(&docs[0], ParsedDocument::OtherKind { kind, .. } if kind == "ConfigMap"));
+    }
+
+    #[test]
+    fn alias_bomb_is_refused() {
+        let mut bomb = String::from("a: &a [x,x,x,x,x,x,x,x,x,x]\n");
+        let mut prev = 'a';
+        for c in 'b'..='m' {
+            bomb.push_str(&format!(
+                "{c}: &{c} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+            ));
+            prev = c;
+        }
+        let docs = parse_documents(&bomb).unwrap();
+        assert!(
+            matches!(&docs[0], ParsedDocument::Invalid(e) if e[0].message.contains("invalid yaml")),
+            "{docs:?}"
+        );
+    }
+
+    #[test]
+    fn oversized_file_is_refused() {
+        let big = "#".repeat(MAX_MANIFEST_BYTES + 1);
+        assert!(parse_documents(&big).unwrap_err().message.contains("limit"));
+    }
+
+    #[test]
+    fn mounts_must_name_volumes() {
+        let text = format!("{GOOD}  mounts:\n  - name: data\n    mountPath: /data\n");
+        let docs = parse_documents(&text).unwrap();
+        let ParsedDocument::Invalid(errs) = &docs[0] else {
+            panic!("expected invalid")
+        };
+        assert_eq!(errs[0].field, "spec.mounts[0].name");
+    }
+}
