@@ -426,7 +426,7 @@ mod tests {
         };
         assert_eq!(errs[0].field, "spec.resources.gpus");
         assert!(errs[0].message.contains("unknown field `gpus`"), "{errs:?}");
-        assert_eq!(errs[0].line, Some(8));
+        assert_eq!(errs[0].line, Some(9));
     }
 
     #[test]
