@@ -1,1 +1,227 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hyperbox_api::client::{Endpoint, NodeClient};
+use hyperbox_node::daemon::{serve, ServeOptions};
+use hyperbox_node::supervisor::SupervisorConfig;
+
+/// HyperBox node runtime: runs Workloads as supervised containers on this machine, and is its
+/// own client.
+#[derive(Parser)]
+#[command(name = "hyperbox-node", version)]
+struct Cli {
+    /// Unix socket of the node API.
+    #[arg(long, global = true, default_value = "/run/hyperbox/node.sock", env = "HYPERBOX_SOCKET")]
+    socket: PathBuf,
+    /// Talk to a remote node over TCP instead (http://HOST:PORT); needs --token-file.
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// Bearer token for --server (client) or --listen (daemon).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Log format of the daemon: text or json.
+    #[arg(long, global = true, default_value = "text", env = "HYPERBOX_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon.
+    Serve {
+        #[arg(long, default_value = "/var/lib/hyperbox")]
+        state_dir: PathBuf,
+        /// Also serve the API on TCP (bearer token required).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Serve Prometheus metrics at /metrics on this address.
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Registry reached over plain HTTP (repeatable), e.g. 127.0.0.1:5000.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+        /// docker config.json style registry credentials.
+        #[arg(long)]
+        registry_auth_file: Option<PathBuf>,
+        /// First restart back-off (doubles per crash, like kubelet's CrashLoopBackOff).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        backoff_base: Duration,
+        #[arg(long, default_value = "300s", value_parser = parse_duration)]
+        backoff_max: Duration,
+        /// Keep unused images this long before garbage collection.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        image_keep_for: Duration,
+        /// Per-replica log file cap before rotation.
+        #[arg(long, default_value_t = 10 << 20)]
+        log_max_bytes: u64,
+        /// Cap on an image's unpacked size (decompression bombs).
+        #[arg(long, default_value_t = 16 << 30)]
+        max_image_bytes: u64,
+        /// Allow device nodes in image layers.
+        #[arg(long)]
+        allow_image_devices: bool,
+        #[arg(long, default_value = "/hyperbox")]
+        cgroup_parent: String,
+    },
+    /// Apply Workload documents from a YAML file (- for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Return without waiting for the containers to start.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value = "300s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Show workloads.
+    Get {
+        name: Option<String>,
+        #[arg(short = 'o', long, default_value = "")]
+        output: String,
+    },
+    /// Print a workload's container output.
+    Logs {
+        name: String,
+        #[arg(long)]
+        replica: Option<u32>,
+        /// Last N bytes only.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Stop and remove a workload.
+    Delete { name: String },
+    /// Capacity, allocations, pressure and features of this node.
+    Node {
+        #[arg(short = 'o', long, default_value = "")]
+        output: String,
+    },
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 5m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    let client = || -> Result<NodeClient> {
+        let endpoint = match &cli.server {
+            Some(s) => {
+                let token = match &cli.token_file {
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("read token file {}", f.display()))?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                Endpoint::parse(s, token)
+            }
+            None => Endpoint::Unix(cli.socket.clone()),
+        };
+        Ok(NodeClient::new(endpoint))
+    };
+    match &cli.command {
+        Command::Serve {
+            state_dir,
+            listen,
+            metrics_listen,
+            insecure_registries,
+            registry_auth_file,
+            backoff_base,
+            backoff_max,
+            image_keep_for,
+            log_max_bytes,
+            max_image_bytes,
+            allow_image_devices,
+            cgroup_parent,
+        } => {
+            init_tracing(&cli.log_format);
+            serve(ServeOptions {
+                state_dir: state_dir.clone(),
+                socket: cli.socket.clone(),
+                listen: listen.clone(),
+                token_file: cli.token_file.clone(),
+                metrics_listen: metrics_listen.clone(),
+                insecure_registries: insecure_registries.clone(),
+                auth_file: registry_auth_file.clone(),
+                supervisor: SupervisorConfig {
+                    backoff_base: *backoff_base,
+                    backoff_max: *backoff_max,
+                    image_keep_for: *image_keep_for,
+                    log_max_bytes: *log_max_bytes,
+                    ..Default::default()
+                },
+                max_unpacked_bytes: *max_image_bytes,
+                allow_devices: *allow_image_devices,
+                cgroup_parent: cgroup_parent.clone(),
+            })
+            .await?;
+            Ok(true)
+        }
+        Command::Apply { file, no_wait, timeout } => {
+            hyperbox_node::cli::apply(&client()?, file, !no_wait, *timeout).await
+        }
+        Command::Get { name, output } => {
+            hyperbox_node::cli::get(&client()?, name.as_deref(), output).await?;
+            Ok(true)
+        }
+        Command::Logs { name, replica, tail } => {
+            let body = client()?.logs(name, *replica, *tail).await?;
+            std::io::Write::write_all(&mut std::io::stdout(), &body)?;
+            Ok(true)
+        }
+        Command::Delete { name } => {
+            client()?.delete(name).await?;
+            println!("workload/{name} deleted");
+            Ok(true)
+        }
+        Command::Node { output } => {
+            hyperbox_node::cli::node(&client()?, output).await?;
+            Ok(true)
+        }
+    }
+}

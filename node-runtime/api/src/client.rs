@@ -205,11 +205,16 @@ impl NodeClient {
         Ok(())
     }
 
-    pub async fn logs(&self, name: &str, tail_bytes: Option<u64>) -> Result<Bytes, ClientError> {
-        let path = match tail_bytes {
-            Some(n) => format!("/v1/workloads/{name}/logs?tail={n}"),
-            None => format!("/v1/workloads/{name}/logs"),
-        };
+    pub async fn logs(
+        &self,
+        name: &str,
+        replica: Option<u32>,
+        tail_bytes: Option<u64>,
+    ) -> Result<Bytes, ClientError> {
+        let mut path = format!("/v1/workloads/{name}/logs?replica={}", replica.unwrap_or(0));
+        if let Some(n) = tail_bytes {
+            path.push_str(&format!("&tail={n}"));
+        }
         let (status, bytes) = self.raw(Method::GET, &path, None).await?;
         if !status.is_success() {
             let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_default();

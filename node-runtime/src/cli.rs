@@ -1,0 +1,260 @@
+//! Client commands of `hyperbox-node`: apply, get, logs, delete, node.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hyperbox_api::client::NodeClient;
+use hyperbox_api::validate::{parse_documents, ParsedDocument};
+use hyperbox_api::{ApplyAction, Phase, WorkloadStatus};
+
+/// Reasons after which waiting for a workload to start is pointless.
+const TERMINAL_REASONS: &[&str] = &[
+    "InvalidImage",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "CreateContainerError",
+    "ErrImagePrepare",
+];
+
+pub async fn apply(client: &NodeClient, file: &Path, wait: bool, timeout: Duration) -> Result<bool> {
+    let text = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("read stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?
+    };
+    let shown = file.display().to_string();
+    let docs = parse_documents(&text).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let mut ok = true;
+    let mut workloads = Vec::new();
+    for (i, d) in docs.into_iter().enumerate() {
+        match d {
+            ParsedDocument::Workload(w) => workloads.push(*w),
+            ParsedDocument::OtherKind { api_version, kind } => {
+                eprintln!("{shown}: document {}: skipping {kind} ({api_version}): not a hyperbox Workload", i + 1)
+            }
+            ParsedDocument::Invalid(errs) => {
+                ok = false;
+                for e in errs {
+                    match e.line {
+                        Some(l) => eprintln!("{shown}:{l}: {}: {}", display_field(&e.field), e.message),
+                        None => eprintln!("{shown}: {}: {}", display_field(&e.field), e.message),
+                    }
+                }
+            }
+        }
+    }
+    if workloads.is_empty() {
+        if ok {
+            bail!("{shown}: no Workload documents found");
+        }
+        return Ok(false);
+    }
+    let results = client.apply(workloads).await?;
+    let mut to_watch = Vec::new();
+    for r in &results {
+        let action = match r.action {
+            ApplyAction::Created => "created",
+            ApplyAction::Configured => "configured",
+            ApplyAction::Unchanged => "unchanged",
+        };
+        println!("workload/{} {action}", r.name);
+        if r.action != ApplyAction::Unchanged {
+            to_watch.push(r.name.clone());
+        }
+    }
+    if wait {
+        for name in to_watch {
+            ok &= wait_started(client, &name, timeout).await?;
+        }
+    }
+    Ok(ok)
+}
+
+fn display_field(f: &str) -> &str {
+    if f.is_empty() {
+        "document"
+    } else {
+        f
+    }
+}
+
+/// Follow a workload until its containers run (or it fails), showing pull progress.
+async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = String::new();
+    loop {
+        let s = client.get(name).await?;
+        if let Some(p) = &s.pull {
+            let pct = if p.bytes_total > 0 {
+                p.bytes_done as f64 * 100.0 / p.bytes_total as f64
+            } else {
+                0.0
+            };
+            let line = format!(
+                "{name}: pulling {}: {} layers {}/{}, {:.1}/{:.1} MB ({pct:.0}%)",
+                s.image,
+                p.stage,
+                p.layers_done,
+                p.layers_total,
+                p.bytes_done as f64 / 1e6,
+                p.bytes_total as f64 / 1e6
+            );
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+                let _ = std::io::stderr().flush();
+            } else if line.split(" MB").next() != last_line.split(" MB").next() || (pct as u64 / 25) != progress_bucket(&last_line) {
+                eprintln!("{line}");
+            }
+            last_line = line;
+        }
+        let started = matches!(s.phase, Phase::Running | Phase::Succeeded | Phase::Failed)
+            && s.replicas.iter().all(|r| r.phase != Phase::Pending);
+        if started || s.suspended {
+            if tty && !last_line.is_empty() {
+                eprintln!();
+            }
+            eprintln!("{name}: {:?}{}", s.phase, s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+            return Ok(s.phase != Phase::Failed);
+        }
+        if let Some(r) = s.reason.as_deref() {
+            if TERMINAL_REASONS.contains(&r) {
+                if tty && !last_line.is_empty() {
+                    eprintln!();
+                }
+                eprintln!("{name}: {r}: {}", s.message.unwrap_or_default());
+                return Ok(false);
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("{name}: still {:?} after {:?}", s.phase, timeout);
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(if s.pull.is_some() { 200 } else { 20 })).await;
+    }
+}
+
+fn progress_bucket(line: &str) -> u64 {
+    line.rsplit('(')
+        .next()
+        .and_then(|p| p.trim_end_matches("%)").parse::<u64>().ok())
+        .map(|p| p / 25)
+        .unwrap_or(u64::MAX)
+}
+
+pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Result<()> {
+    let list: Vec<WorkloadStatus> = match name {
+        Some(n) => vec![client.get(n).await?],
+        None => client.list().await?,
+    };
+    match output {
+        "json" => {
+            if name.is_some() {
+                println!("{}", serde_json::to_string_pretty(&list[0])?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            }
+        }
+        "yaml" => {
+            if name.is_some() {
+                print!("{}", serde_norway::to_string(&list[0])?);
+            } else {
+                print!("{}", serde_norway::to_string(&list)?);
+            }
+        }
+        "wide" | "" | "table" => {
+            let wide = output == "wide";
+            let mut rows = vec![];
+            let mut header = vec!["NAME", "PHASE", "READY", "RESTARTS", "REASON"];
+            if wide {
+                header.extend(["EXIT", "CONTAINER", "ROOTFS", "DIGEST", "REVISION", "IMAGE"]);
+            }
+            rows.push(header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+            for s in &list {
+                let ready = s.replicas.iter().filter(|r| r.ready).count();
+                let mut row = vec![
+                    s.name.clone(),
+                    format!("{:?}", s.phase),
+                    format!("{ready}/{}", s.replicas.len()),
+                    s.restarts.to_string(),
+                    s.reason.clone().unwrap_or_else(|| "-".into()),
+                ];
+                if wide {
+                    row.extend([
+                        s.last_exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        s.container_id.clone().unwrap_or_else(|| "-".into()),
+                        s.rootfs.clone().unwrap_or_else(|| "-".into()),
+                        s.image_digest
+                            .as_deref()
+                            .map(|d| d.chars().take(19).collect())
+                            .unwrap_or_else(|| "-".into()),
+                        s.revision.clone().unwrap_or_else(|| "-".into()),
+                        s.image.clone(),
+                    ]);
+                }
+                rows.push(row);
+            }
+            print_table(&rows);
+        }
+        other => bail!("unknown output format {other:?} (use json, yaml or wide)"),
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.len())).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
+pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
+    let n = client.node().await?;
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&n)?),
+        "yaml" => print!("{}", serde_norway::to_string(&n)?),
+        _ => {
+            println!("node:        {} (hyperbox-node {})", n.name, n.version);
+            println!(
+                "capacity:    {} mCPU, {} MiB",
+                n.capacity.cpu_millis,
+                n.capacity.memory_bytes >> 20
+            );
+            println!(
+                "allocated:   {} mCPU, {} MiB ({} containers, {} workloads)",
+                n.allocations.cpu_millis,
+                n.allocations.memory_bytes >> 20,
+                n.containers,
+                n.workloads
+            );
+            match &n.pressure {
+                Some(p) => println!(
+                    "pressure:    cpu some {:.2}%  memory some {:.2}% full {:.2}%  io some {:.2}% full {:.2}% (avg10)",
+                    p.cpu.some.avg10, p.memory.some.avg10, p.memory.full.avg10, p.io.some.avg10, p.io.full.avg10
+                ),
+                None => println!("pressure:    unavailable (no PSI)"),
+            }
+            println!(
+                "features:    erofs={}{} ebpf={} cgroup={} psi={}",
+                n.features.erofs,
+                n.features.erofs_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                n.features.ebpf,
+                n.features.cgroup,
+                n.features.psi
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,621 @@
+//! Containers: the OCI runtime spec for a replica, the overlay rootfs, and the libcontainer
+//! (youki) calls that create, signal and delete them, in process.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
+use hyperbox_api::{NetworkMode, Workload};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use serde_json::{json, Value};
+
+use crate::erofs::mount_overlay;
+use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
+use crate::image::PreparedImage;
+
+/// Where the runtime keeps container state.
+#[derive(Debug, Clone)]
+pub struct RuntimeDirs {
+    /// `<state>/containers/<id>`: bundle (config.json), rootfs, upper, work.
+    pub containers: PathBuf,
+    /// libcontainer's own state root.
+    pub libcontainer_root: PathBuf,
+    /// `<state>/volumes/<workload>/<volume>` for emptyDir volumes.
+    pub volumes: PathBuf,
+    /// cgroup parent, e.g. `/hyperbox`.
+    pub cgroup_parent: String,
+}
+
+impl RuntimeDirs {
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.containers.join(id)
+    }
+}
+
+/// Capabilities granted by default (the same short list container engines use).
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// System calls refused with EPERM by the default seccomp profile: kernel modules, kexec,
+/// reboot, clock changes, swap, accounting, BPF and perf, keyrings, namespace escapes and
+/// cross-process memory access. Everything else is allowed (a deny-list keeps unknown future
+/// syscalls of ordinary programs working; the capability set already blocks most of these).
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+];
+
+/// The process a container runs, resolved from the workload and the image config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn resolve_process(w: &Workload, image: &PreparedImage, rootfs: &Path) -> Result<ProcessSpec> {
+    let s = &w.spec;
+    let ic = &image.config;
+    // Kubernetes semantics: command replaces ENTRYPOINT (and drops CMD), args replace CMD.
+    let mut args = if s.command.is_empty() {
+        ic.entrypoint.clone()
+    } else {
+        s.command.clone()
+    };
+    if !s.args.is_empty() {
+        args.extend(s.args.iter().cloned());
+    } else if s.command.is_empty() {
+        args.extend(ic.cmd.iter().cloned());
+    }
+    if args.is_empty() {
+        bail!("spec.command: the image has no entrypoint or cmd, so command is required");
+    }
+    let mut env: Vec<String> = Vec::new();
+    let mut set = |kv: String| {
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    };
+    set("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    for e in &ic.env {
+        set(e.clone());
+    }
+    set(format!("HOSTNAME={}", w.metadata.name));
+    for e in &s.env {
+        set(format!("{}={}", e.name, e.value));
+    }
+    let cwd = s
+        .working_dir
+        .clone()
+        .or_else(|| Some(ic.working_dir.clone()).filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    let user = s.user.clone().unwrap_or_else(|| ic.user.clone());
+    let (uid, gid) = resolve_user(&user, rootfs)?;
+    Ok(ProcessSpec {
+        args,
+        env,
+        cwd,
+        uid,
+        gid,
+    })
+}
+
+/// `uid[:gid]` or `name[:group]`, names looked up in the image's /etc/passwd and /etc/group.
+fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32)> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(n) => (
+            n,
+            passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && f[2] == u)
+                .and_then(|f| f[3].parse().ok())
+                .unwrap_or(n),
+        ),
+        Err(_) => passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == u)
+            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .ok_or_else(|| anyhow!("spec.user: no user {u:?} in the image's /etc/passwd"))?,
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => fs::read_to_string(rootfs.join("etc/group"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| anyhow!("spec.user: no group {g:?} in the image's /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The OCI runtime spec (config.json) of one replica.
+pub fn oci_spec(
+    w: &Workload,
+    process: &ProcessSpec,
+    dirs: &RuntimeDirs,
+    id: &str,
+) -> Result<Value> {
+    let s = &w.spec;
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    if s.network == NetworkMode::Host {
+        // Name resolution of the node, as with a host-network pod.
+        for f in ["/etc/resolv.conf", "/etc/hosts"] {
+            if Path::new(f).exists() {
+                mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev"]}));
+            }
+        }
+    }
+    for m in &s.mounts {
+        let vol = s
+            .volumes
+            .iter()
+            .find(|v| v.name == m.name)
+            .ok_or_else(|| anyhow!("spec.mounts: no volume named {:?}", m.name))?;
+        let source = if let Some(h) = &vol.host_path {
+            let p = PathBuf::from(&h.path);
+            if !p.exists() {
+                bail!(
+                    "spec.volumes[{}].hostPath.path: {} does not exist on this node",
+                    vol.name,
+                    h.path
+                );
+            }
+            p
+        } else {
+            let p = dirs.volumes.join(&w.metadata.name).join(&vol.name);
+            fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+            p
+        };
+        let mut options = vec!["rbind", "nosuid", "nodev"];
+        if m.read_only {
+            options.push("ro");
+        }
+        mounts.push(json!({"destination": m.mount_path, "type": "bind", "source": source, "options": options}));
+    }
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if s.network == NetworkMode::None {
+        namespaces.push(json!({"type": "network"}));
+    }
+    let mut resources = json!({
+        "devices": [{"allow": false, "access": "rwm"}],
+    });
+    if let Some(m) = &s.resources.memory {
+        let bytes = parse_memory_bytes(m).map_err(|e| anyhow!("spec.resources.memory: {e}"))?;
+        // swap == limit: no swap use beyond the memory limit.
+        resources["memory"] = json!({"limit": bytes, "swap": bytes});
+    }
+    if let Some(c) = &s.resources.cpu {
+        let millis = parse_cpu_millis(c).map_err(|e| anyhow!("spec.resources.cpu: {e}"))?;
+        let period: u64 = 100_000;
+        resources["cpu"] = json!({"quota": (millis * period / 1000).max(1000), "period": period});
+    }
+    if let Some(p) = s.resources.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+    let caps: Vec<&str> = DEFAULT_CAPS.to_vec();
+    // As many open files as this daemon may have (raising beyond it needs more than root has).
+    let nofile = {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_max.min(1 << 20)
+        } else {
+            1024
+        }
+    };
+    let seccomp = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
+    });
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": process.uid, "gid": process.gid},
+            "args": process.args,
+            "env": process.env,
+            "cwd": process.cwd,
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": w.metadata.name,
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": format!("{}/{id}", dirs.cgroup_parent),
+            "namespaces": namespaces,
+            "resources": resources,
+            "seccomp": seccomp,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                "/sys/firmware", "/sys/devices/virtual/powercap"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ],
+        },
+    }))
+}
+
+/// Everything needed to start one replica's container.
+pub struct StartRequest<'a> {
+    pub id: &'a str,
+    pub workload: &'a Workload,
+    pub image: &'a PreparedImage,
+    pub log_file: &'a Path,
+}
+
+/// Create the overlay rootfs and the bundle, then create and start the container. Returns the
+/// pid of the container's init (a child of this process). Blocking: call off the async runtime.
+pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
+    let bundle = dirs.bundle(req.id);
+    let rootfs = bundle.join("rootfs");
+    mount_overlay(
+        &req.image.lower,
+        &bundle.join("upper"),
+        &bundle.join("work"),
+        &rootfs,
+    )?;
+    let result = (|| {
+        let process = resolve_process(req.workload, req.image, &rootfs)?;
+        let spec = oci_spec(req.workload, &process, dirs, req.id)?;
+        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec)?)
+            .context("write config.json")?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(req.log_file)
+            .with_context(|| format!("open log {}", req.log_file.display()))?;
+        let log_err: OwnedFd = log.try_clone().context("dup log fd")?.into();
+        let devnull: OwnedFd = fs::File::open("/dev/null").context("open /dev/null")?.into();
+        let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
+            .with_executor(DefaultExecutor {})
+            .with_root_path(&dirs.libcontainer_root)
+            .map_err(|e| anyhow!("libcontainer root: {e}"))?
+            .with_stdin(devnull)
+            .with_stdout(OwnedFd::from(log))
+            .with_stderr(log_err)
+            .validate_id()
+            .map_err(|e| anyhow!("container id {}: {e}", req.id))?
+            .as_init(&bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| anyhow!("create container {}: {e}", req.id))?;
+        container
+            .start()
+            .map_err(|e| anyhow!("start container {}: {e}", req.id))?;
+        container
+            .pid()
+            .map(|p| p.as_raw())
+            .ok_or_else(|| anyhow!("container {} has no pid after start", req.id))
+    })();
+    if result.is_err() {
+        let _ = destroy(dirs, req.id);
+    }
+    result
+}
+
+/// Load a container's libcontainer state, if it has any.
+pub fn load(dirs: &RuntimeDirs, id: &str) -> Option<Container> {
+    let root = dirs.libcontainer_root.join(id);
+    if !root.exists() {
+        return None;
+    }
+    let mut c = Container::load(root).ok()?;
+    let _ = c.refresh_status();
+    Some(c)
+}
+
+/// Whether the container exists and its init process is alive.
+pub fn running_pid(dirs: &RuntimeDirs, id: &str) -> Option<i32> {
+    let c = load(dirs, id)?;
+    match c.status() {
+        ContainerStatus::Running | ContainerStatus::Created | ContainerStatus::Paused => {
+            c.pid().map(|p| p.as_raw())
+        }
+        _ => None,
+    }
+}
+
+/// Kill everything left, delete the libcontainer state (which removes the cgroup), unmount the
+/// rootfs and remove the bundle. Idempotent: safe on half-created or already-gone containers.
+pub fn destroy(dirs: &RuntimeDirs, id: &str) -> Result<()> {
+    if let Some(mut c) = load(dirs, id) {
+        if let Err(e) = c.delete(true) {
+            tracing::warn!(container = id, error = %e, "libcontainer delete failed, removing state by hand");
+            remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
+        }
+    } else {
+        remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
+    }
+    remove_cgroups(dirs, id);
+    let bundle = dirs.bundle(id);
+    unmount_if_mounted(&bundle.join("rootfs"))?;
+    remove_dir_all_if_exists(&bundle)?;
+    Ok(())
+}
+
+/// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).
+pub fn cgroup_dirs(dirs: &RuntimeDirs, id: &str) -> Vec<PathBuf> {
+    let rel = format!("{}/{id}", dirs.cgroup_parent.trim_start_matches('/'));
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            let p = e.path().join(&rel);
+            if p.exists() {
+                out.push(p);
+            }
+        }
+    }
+    let v2 = Path::new("/sys/fs/cgroup").join(&rel);
+    if v2.exists() && !out.contains(&v2) {
+        out.push(v2);
+    }
+    out
+}
+
+fn remove_cgroups(dirs: &RuntimeDirs, id: &str) {
+    for d in cgroup_dirs(dirs, id) {
+        // Only empty cgroups can be removed; children first.
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir(&d) {
+            tracing::debug!(cgroup = %d.display(), error = %e, "cgroup not removed");
+        }
+    }
+}
+
+/// Number of OOM kills recorded in the container's memory cgroup (v2 `memory.events` or v1
+/// `memory.oom_control`). Read before the container is deleted.
+pub fn oom_kills(dirs: &RuntimeDirs, id: &str) -> u64 {
+    let rel = format!("{}/{id}", dirs.cgroup_parent.trim_start_matches('/'));
+    let candidates = [
+        (Path::new("/sys/fs/cgroup").join(&rel).join("memory.events"), "oom_kill"),
+        (Path::new("/sys/fs/cgroup/memory").join(&rel).join("memory.oom_control"), "oom_kill"),
+    ];
+    for (path, key) in candidates {
+        if let Ok(text) = fs::read_to_string(&path) {
+            for line in text.lines() {
+                let mut parts = line.split_whitespace();
+                if parts.next() == Some(key) {
+                    return parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Run a command inside a running container (exec readiness probe); returns its exit code.
+/// Blocking.
+pub fn exec_in(dirs: &RuntimeDirs, id: &str, command: &[String]) -> Result<i32> {
+    let devnull = || -> Result<OwnedFd> {
+        Ok(fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into())
+    };
+    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(&dirs.libcontainer_root)
+        .map_err(|e| anyhow!("libcontainer root: {e}"))?
+        .with_stdin(devnull()?)
+        .with_stdout(devnull()?)
+        .with_stderr(devnull()?)
+        .as_tenant()
+        .with_container_args(command.to_vec())
+        .with_detach(true)
+        .build()
+        .map_err(|e| anyhow!("exec in {id}: {e}"))?;
+    wait_exit(pid.as_raw())
+}
+
+/// Wait for a child (including CLONE_PARENT siblings, which exit without SIGCHLD: hence
+/// __WALL) and turn its status into a shell-style exit code (128 + signal when killed).
+pub fn wait_exit(pid: i32) -> Result<i32> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: plain waitpid on a pid we created.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return Ok(libc::WEXITSTATUS(status));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Ok(128 + libc::WTERMSIG(status));
+            }
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err(anyhow!("wait for pid {pid}: {err}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageConfig;
+
+    fn workload(yaml: &str) -> Workload {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    fn image(entrypoint: &[&str], cmd: &[&str]) -> PreparedImage {
+        PreparedImage {
+            digest: "sha256:x".into(),
+            lower: PathBuf::from("/nonexistent"),
+            config: ImageConfig {
+                entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/img/bin".into(), "A=image".into()],
+                working_dir: "/srv".into(),
+                user: String::new(),
+            },
+            rootfs_kind: "erofs".into(),
+        }
+    }
+
+    const W: &str = "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata: {name: t}\nspec:\n  image: x\n";
+
+    #[test]
+    fn command_and_args_follow_kubernetes_rules() {
+        let root = tempfile::tempdir().unwrap();
+        let p = resolve_process(&workload(W), &image(&["/ep"], &["c1"]), root.path()).unwrap();
+        assert_eq!(p.args, vec!["/ep", "c1"]);
+        let w = workload(&format!("{W}  args: [a]\n"));
+        assert_eq!(resolve_process(&w, &image(&["/ep"], &["c1"]), root.path()).unwrap().args, vec!["/ep", "a"]);
+        let w = workload(&format!("{W}  command: [/bin/x]\n"));
+        assert_eq!(resolve_process(&w, &image(&["/ep"], &["c1"]), root.path()).unwrap().args, vec!["/bin/x"]);
+        assert!(resolve_process(&workload(W), &image(&[], &[]), root.path()).is_err());
+    }
+
+    #[test]
+    fn env_overrides_and_user_lookup() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("etc")).unwrap();
+        fs::write(root.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n").unwrap();
+        fs::write(root.path().join("etc/group"), "wheel:x:10:\n").unwrap();
+        let w = workload(&format!("{W}  user: app\n  env: [{{name: A, value: spec}}]\n"));
+        let p = resolve_process(&w, &image(&["/ep"], &[]), root.path()).unwrap();
+        assert_eq!((p.uid, p.gid), (1000, 1001));
+        assert!(p.env.contains(&"A=spec".to_string()) && !p.env.contains(&"A=image".to_string()));
+        assert!(p.env.contains(&"PATH=/img/bin".to_string()));
+        assert_eq!(p.cwd, "/srv");
+        assert_eq!(resolve_user("app:wheel", root.path()).unwrap(), (1000, 10));
+        assert_eq!(resolve_user("42", root.path()).unwrap(), (42, 42));
+        assert!(resolve_user("nobody", root.path()).unwrap_err().to_string().contains("spec.user"));
+    }
+
+    #[test]
+    fn spec_carries_limits_and_isolation() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = RuntimeDirs {
+            containers: root.path().join("c"),
+            libcontainer_root: root.path().join("l"),
+            volumes: root.path().join("v"),
+            cgroup_parent: "/hyperbox".into(),
+        };
+        let w = workload(&format!("{W}  network: none\n  resources: {{memory: 64Mi, cpu: 500m, pids: 20}}\n  volumes: [{{name: d, emptyDir: {{}}}}]\n  mounts: [{{name: d, mountPath: /data, readOnly: true}}]\n"));
+        let p = resolve_process(&w, &image(&["/ep"], &[]), root.path()).unwrap();
+        let s = oci_spec(&w, &p, &dirs, "t-0-abc").unwrap();
+        assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 50_000);
+        assert_eq!(s["linux"]["resources"]["pids"]["limit"], 20);
+        assert_eq!(s["linux"]["cgroupsPath"], "/hyperbox/t-0-abc");
+        assert!(s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "network"));
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+        let data = s["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/data").unwrap();
+        assert!(data["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        assert!(root.path().join("v/t/d").is_dir());
+    }
+}

@@ -1,0 +1,126 @@
+//! `hyperbox-node serve`: wires the image store, the supervisor and the API listeners together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::container::RuntimeDirs;
+use crate::erofs::ErofsSupport;
+use crate::image::{ImageStore, StoreConfig, UnpackLimits};
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub listen: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    pub insecure_registries: Vec<String>,
+    pub auth_file: Option<PathBuf>,
+    pub supervisor: SupervisorConfig,
+    pub max_unpacked_bytes: u64,
+    pub allow_devices: bool,
+    pub cgroup_parent: String,
+}
+
+pub async fn serve(opts: ServeOptions) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("hyperbox-node serve must run as root (it creates namespaces, cgroups and mounts)");
+    }
+    let state = &opts.state_dir;
+    std::fs::create_dir_all(state).with_context(|| format!("create state dir {}", state.display()))?;
+    let state = state
+        .canonicalize()
+        .with_context(|| format!("resolve {}", state.display()))?;
+    let erofs = ErofsSupport::detect();
+    match &erofs.reason {
+        None => tracing::info!("erofs enabled: images are mounted as read-only erofs"),
+        Some(r) => tracing::warn!(reason = %r, "erofs unavailable: falling back to plain directories as the image layer"),
+    }
+    let images = Arc::new(ImageStore::open(
+        StoreConfig {
+            root: state.join("images"),
+            insecure_registries: opts.insecure_registries.clone(),
+            auth_file: opts.auth_file.clone(),
+            unpack: UnpackLimits {
+                max_bytes: opts.max_unpacked_bytes,
+                allow_devices: opts.allow_devices,
+            },
+            max_concurrent_downloads: 3,
+        },
+        erofs,
+    )?);
+    let dirs = RuntimeDirs {
+        containers: state.join("containers"),
+        libcontainer_root: state.join("libcontainer"),
+        volumes: state.join("volumes"),
+        cgroup_parent: opts.cgroup_parent.clone(),
+    };
+    let sup = Supervisor::new(&state, dirs, images, opts.supervisor.clone())?;
+    sup.recover().await?;
+
+    let token = match &opts.token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f).with_context(|| format!("read token file {}", f.display()))?;
+            let t = t.trim().as_bytes().to_vec();
+            if t.len() < 16 {
+                bail!("token file {}: the token must be at least 16 characters", f.display());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    {
+        let sup = sup.clone();
+        let socket = opts.socket.clone();
+        servers.spawn(async move { crate::server::serve_unix(sup, &socket).await });
+    }
+    if let Some(addr) = opts.listen.clone() {
+        let Some(token) = token else {
+            bail!("--listen needs --token-file: the tcp api always requires a bearer token");
+        };
+        let sup = sup.clone();
+        servers.spawn(async move { crate::server::serve_tcp(sup, &addr, token).await });
+    }
+    if let Some(addr) = opts.metrics_listen.clone() {
+        let sup = sup.clone();
+        servers.spawn(async move { crate::server::serve_metrics(sup, &addr).await });
+    }
+    {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                sup.rotate_logs().await;
+                n += 1;
+                if n % 30 == 0 {
+                    sup.gc_images().await;
+                }
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = servers.join_next() => {
+            match r {
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => bail!("server task: {e}"),
+                _ => {}
+            }
+        }
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = term.recv() => tracing::info!("terminated"),
+    }
+    // Containers keep running; the next start re-adopts them (live restore).
+    sup.detach_all().await;
+    let _ = std::fs::remove_file(&opts.socket);
+    tracing::info!("node runtime stopped; containers left running for re-adoption");
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Small filesystem helpers: atomic writes, mount table queries.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// Write a file so that readers (and a daemon restarted after `kill -9`) see either the old
+/// or the new content, never a torn write: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    {
+        let mut f = fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        f.write_all(data)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let data = serde_json::to_vec_pretty(value).context("serialize state")?;
+    write_atomic(path, &data)
+}
+
+/// Mount points currently in this mount namespace (decoded from /proc/self/mountinfo).
+pub fn mount_points() -> Result<Vec<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .collect())
+}
+
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_points()
+        .map(|m| m.iter().any(|p| p == path))
+        .unwrap_or(false)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmount (lazily when busy) if mounted; quiet when it is not a mount point.
+pub fn unmount_if_mounted(path: &Path) -> Result<()> {
+    if !is_mount_point(path) {
+        return Ok(());
+    }
+    tracing::debug!(path = %path.display(), "umount");
+    match nix::mount::umount2(path, nix::mount::MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => {
+            nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+                .with_context(|| format!("lazy unmount {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("unmount {}", path.display())),
+    }
+}
+
+/// Remove a directory tree if it exists.
+pub fn remove_dir_all_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+    }
+
+    #[test]
+    fn root_is_a_mount_point() {
+        assert!(is_mount_point(Path::new("/")));
+    }
+}

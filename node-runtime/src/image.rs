@@ -1,0 +1,766 @@
+//! Image store: pulls OCI images with oci-client into a content-addressed blob store, unpacks
+//! their layers safely and turns each image into one read-only EROFS image (or, without EROFS,
+//! a plain directory) that containers use as their overlay lower layer.
+//!
+//! Layout under `<state>/images`:
+//! `blobs/sha256/<hex>` verified compressed layers, shared between images;
+//! `<manifest-hex>/{meta.json,image.erofs|rootfs/}` one prepared image;
+//! `mnt/<manifest-hex>` where an EROFS image is mounted;
+//! `refs.json` reference -> manifest digest, so cached images start with the registry down.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use hyperbox_api::reference::ImageRef;
+use hyperbox_api::PullProgress;
+use hyperbox_unpack::{Compression, UnpackOptions, Unpacker};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::erofs::{self, ErofsSupport};
+use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
+
+/// Errors a user can act on carry a Kubernetes-style reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{0}")]
+    InvalidImage(String),
+    #[error("{0}")]
+    Pull(String),
+    #[error("{0}")]
+    Prepare(String),
+}
+
+impl ImageError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ImageError::InvalidImage(_) => "InvalidImage",
+            ImageError::Pull(_) => "ErrImagePull",
+            ImageError::Prepare(_) => "ErrImagePrepare",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    pub insecure_registries: Vec<String>,
+    /// docker config.json style credentials (`auths.<registry>.auth` = base64 user:pass).
+    pub auth_file: Option<PathBuf>,
+    pub unpack: UnpackLimits,
+    pub max_concurrent_downloads: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UnpackLimits {
+    pub max_bytes: u64,
+    pub allow_devices: bool,
+}
+
+/// The parts of the OCI image config a container needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub working_dir: String,
+    #[serde(default)]
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageMeta {
+    digest: String,
+    reference: String,
+    layers: Vec<String>,
+    config: ImageConfig,
+    /// `erofs` or `directory`
+    rootfs: String,
+    unpacked_bytes: u64,
+    last_used_unix: u64,
+}
+
+/// An image ready to be used as a container's lower layer.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    pub digest: String,
+    pub lower: PathBuf,
+    pub config: ImageConfig,
+    pub rootfs_kind: String,
+}
+
+/// Live progress of one pull, shared with status readers.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub layers_total: AtomicUsize,
+    pub layers_done: AtomicUsize,
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub stage: StdMutex<String>,
+}
+
+impl Progress {
+    pub fn set_stage(&self, s: &str) {
+        *self.stage.lock().unwrap() = s.to_string();
+    }
+    pub fn snapshot(&self) -> PullProgress {
+        PullProgress {
+            layers_total: self.layers_total.load(Ordering::Relaxed),
+            layers_done: self.layers_done.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            stage: self.stage.lock().unwrap().clone(),
+        }
+    }
+}
+
+pub struct ImageStore {
+    cfg: StoreConfig,
+    erofs: ErofsSupport,
+    client: Client,
+    /// One preparation per image reference at a time; later callers wait and reuse it.
+    locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    progress: StdMutex<HashMap<String, Arc<Progress>>>,
+    refs: StdMutex<BTreeMap<String, String>>,
+    /// Serialises mounts and GC so an image is never unmounted while being prepared.
+    mount_lock: tokio::sync::Mutex<()>,
+}
+
+fn hex_of(digest: &str) -> Result<&str, ImageError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| ImageError::InvalidImage(format!("unsupported digest {digest:?}")))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl ImageStore {
+    pub fn open(cfg: StoreConfig, erofs: ErofsSupport) -> Result<ImageStore> {
+        for d in ["blobs/sha256", "mnt", "tmp"] {
+            fs::create_dir_all(cfg.root.join(d))
+                .with_context(|| format!("create {}", cfg.root.join(d).display()))?;
+        }
+        // Half-done work from a killed daemon: staging dirs and partial blobs.
+        remove_dir_all_if_exists(&cfg.root.join("tmp"))?;
+        fs::create_dir_all(cfg.root.join("tmp"))?;
+        let refs = match fs::read(cfg.root.join("refs.json")) {
+            Ok(b) => serde_json::from_slice(&b).context("parse images/refs.json")?,
+            Err(_) => BTreeMap::new(),
+        };
+        let protocol = if cfg.insecure_registries.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(cfg.insecure_registries.clone())
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            max_concurrent_download: cfg.max_concurrent_downloads,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        });
+        Ok(ImageStore {
+            cfg,
+            erofs,
+            client,
+            locks: StdMutex::new(HashMap::new()),
+            progress: StdMutex::new(HashMap::new()),
+            refs: StdMutex::new(refs),
+            mount_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn erofs(&self) -> &ErofsSupport {
+        &self.erofs
+    }
+
+    pub fn progress_of(&self, reference: &str) -> Option<PullProgress> {
+        self.progress
+            .lock()
+            .unwrap()
+            .get(reference)
+            .map(|p| p.snapshot())
+    }
+
+    /// Make `reference` ready for containers: cached images are used as they are (pull policy
+    /// IfNotPresent: a running node does not depend on its registry), others are pulled.
+    pub async fn ensure(&self, reference: &str) -> Result<PreparedImage, ImageError> {
+        let parsed = ImageRef::parse(reference).map_err(ImageError::InvalidImage)?;
+        let lock = self
+            .locks
+            .lock()
+            .unwrap()
+            .entry(reference.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let cached = self.refs.lock().unwrap().get(reference).cloned();
+        if let Some(digest) = cached {
+            if let Some(img) = self.open_prepared(&digest).await? {
+                return Ok(img);
+            }
+        }
+        let progress = Arc::new(Progress::default());
+        progress.set_stage("resolving");
+        self.progress
+            .lock()
+            .unwrap()
+            .insert(reference.to_string(), progress.clone());
+        let result = self.pull_and_prepare(reference, &parsed, &progress).await;
+        self.progress.lock().unwrap().remove(reference);
+        result
+    }
+
+    /// A prepared image, mounted; `None` when it is not (or no longer) prepared.
+    async fn open_prepared(&self, digest: &str) -> Result<Option<PreparedImage>, ImageError> {
+        let hex = hex_of(digest)?;
+        let dir = self.cfg.root.join(hex);
+        let meta_path = dir.join("meta.json");
+        let Ok(bytes) = fs::read(&meta_path) else {
+            return Ok(None);
+        };
+        let mut meta: ImageMeta = serde_json::from_slice(&bytes).map_err(|e| {
+            ImageError::Prepare(format!("parse {}: {e}", meta_path.display()))
+        })?;
+        let _m = self.mount_lock.lock().await;
+        let lower = if meta.rootfs == "erofs" {
+            let mnt = self.cfg.root.join("mnt").join(hex);
+            if !crate::fsutil::is_mount_point(&mnt) {
+                erofs::mount_image(&dir.join("image.erofs"), &mnt)
+                    .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
+            }
+            mnt
+        } else {
+            dir.join("rootfs")
+        };
+        meta.last_used_unix = now_unix();
+        let _ = write_json_atomic(&meta_path, &meta);
+        Ok(Some(PreparedImage {
+            digest: meta.digest,
+            lower,
+            config: meta.config,
+            rootfs_kind: meta.rootfs,
+        }))
+    }
+
+    fn auth_for(&self, registry: &str) -> Result<RegistryAuth, ImageError> {
+        let Some(path) = &self.cfg.auth_file else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let text = fs::read_to_string(path).map_err(|e| {
+            ImageError::Pull(format!("read registry credentials {}: {e}", path.display()))
+        })?;
+        auth_from_docker_config(&text, registry)
+            .map_err(|e| ImageError::Pull(format!("{}: {e}", path.display())))
+    }
+
+    async fn pull_and_prepare(
+        &self,
+        reference: &str,
+        parsed: &ImageRef,
+        progress: &Arc<Progress>,
+    ) -> Result<PreparedImage, ImageError> {
+        let started = Instant::now();
+        let oci_ref: Reference = reference
+            .parse()
+            .map_err(|e| ImageError::InvalidImage(format!("image {reference:?}: {e}")))?;
+        let auth = self.auth_for(&parsed.registry)?;
+        let (manifest, manifest_digest, config_json, list_digest) = self
+            .client
+            .pull_manifest_and_config_and_list_digest(&oci_ref, &auth)
+            .await
+            .map_err(|e| ImageError::Pull(format!("pull manifest of {reference}: {e}")))?;
+        if let Some(want) = &parsed.digest {
+            if *want != manifest_digest && Some(want) != list_digest.as_ref() {
+                return Err(ImageError::Pull(format!(
+                    "pull {reference}: registry returned manifest {manifest_digest}, not the requested digest"
+                )));
+            }
+        }
+        let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(config_json.as_bytes())));
+        if config_digest != manifest.config.digest {
+            return Err(ImageError::Pull(format!(
+                "pull {reference}: config blob digest is {config_digest}, manifest says {}",
+                manifest.config.digest
+            )));
+        }
+        let config = parse_image_config(&config_json)
+            .map_err(|e| ImageError::InvalidImage(format!("image {reference}: config: {e}")))?;
+        let hex = hex_of(&manifest_digest)?.to_string();
+
+        if let Some(img) = self.open_prepared(&manifest_digest).await? {
+            self.remember_ref(reference, &manifest_digest)?;
+            return Ok(img);
+        }
+        for l in &manifest.layers {
+            check_layer_media_type(&l.media_type).map_err(|e| {
+                ImageError::InvalidImage(format!("image {reference}: layer {}: {e}", l.digest))
+            })?;
+            hex_of(&l.digest)?;
+        }
+        progress
+            .layers_total
+            .store(manifest.layers.len(), Ordering::Relaxed);
+        progress.bytes_total.store(
+            manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+            Ordering::Relaxed,
+        );
+        progress.set_stage("downloading");
+
+        // Downloads run concurrently; layers are applied strictly in order as soon as each one
+        // (and every layer below it) is on disk, so downloading and unpacking overlap.
+        let staging = self.cfg.root.join("tmp").join(format!("{hex}.{}", std::process::id()));
+        remove_dir_all_if_exists(&staging).map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
+        let rootfs_tmp = staging.join("rootfs");
+        fs::create_dir_all(&rootfs_tmp)
+            .map_err(|e| ImageError::Prepare(format!("create {}: {e}", rootfs_tmp.display())))?;
+        let semaphore = Arc::new(Semaphore::new(self.cfg.max_concurrent_downloads.max(1)));
+        let mut ready_rx = Vec::new();
+        let mut downloads = Vec::new();
+        for layer in manifest.layers.iter().cloned() {
+            let (tx, rx) = oneshot::channel::<Result<(), String>>();
+            ready_rx.push(rx);
+            let sem = semaphore.clone();
+            let client = self.client.clone();
+            let oci_ref = oci_ref.clone();
+            let blob_path = self.blob_path(&layer.digest)?;
+            let tmp_dir = self.cfg.root.join("tmp");
+            let progress = progress.clone();
+            downloads.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await;
+                let r = fetch_blob(&client, &oci_ref, &layer, &blob_path, &tmp_dir, &progress)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                let _ = tx.send(r);
+            }));
+        }
+        let layers: Vec<(String, String, PathBuf)> = manifest
+            .layers
+            .iter()
+            .map(|l| Ok((l.digest.clone(), l.media_type.clone(), self.blob_path(&l.digest)?)))
+            .collect::<Result<_, ImageError>>()?;
+        let limits = self.cfg.unpack;
+        let progress2 = progress.clone();
+        let target = rootfs_tmp.clone();
+        let unpack = tokio::task::spawn_blocking(move || -> Result<u64, ImageError> {
+            let mut unpacker = Unpacker::new(
+                &target,
+                UnpackOptions {
+                    allow_devices: limits.allow_devices,
+                    max_bytes: limits.max_bytes,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| ImageError::Prepare(e.to_string()))?;
+            for ((digest, media_type, path), rx) in layers.into_iter().zip(ready_rx) {
+                match rx.blocking_recv() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(ImageError::Pull(e)),
+                    Err(_) => return Err(ImageError::Pull(format!("layer {digest}: download aborted"))),
+                }
+                let file = fs::File::open(&path)
+                    .map_err(|e| ImageError::Prepare(format!("open {}: {e}", path.display())))?;
+                let stats = unpacker
+                    .apply_layer(&digest, Compression::from_media_type(&media_type), std::io::BufReader::with_capacity(1 << 20, file))
+                    .map_err(|e| ImageError::InvalidImage(e.to_string()))?;
+                if stats.computed_digest != digest {
+                    // The stored blob changed under us: never trust it again.
+                    let _ = fs::remove_file(&path);
+                    return Err(ImageError::Pull(format!(
+                        "layer {digest}: stored blob hashes to {}",
+                        stats.computed_digest
+                    )));
+                }
+                progress2.layers_done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(unpacker.total_bytes())
+        });
+        let unpack_result = unpack
+            .await
+            .map_err(|e| ImageError::Prepare(format!("unpack task: {e}")));
+        for d in downloads {
+            d.abort();
+        }
+        let unpacked_bytes = match unpack_result.and_then(|r| r) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = remove_dir_all_if_exists(&staging);
+                return Err(e);
+            }
+        };
+        let dir = self.cfg.root.join(&hex);
+        let result = self
+            .finish_image(&staging, &rootfs_tmp, &dir, progress)
+            .await;
+        let _ = remove_dir_all_if_exists(&staging);
+        let rootfs_kind = result?;
+        let meta = ImageMeta {
+            digest: manifest_digest.clone(),
+            reference: reference.to_string(),
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config,
+            rootfs: rootfs_kind,
+            unpacked_bytes,
+            last_used_unix: now_unix(),
+        };
+        // meta.json is written last: its presence is what marks the image as prepared.
+        write_json_atomic(&dir.join("meta.json"), &meta)
+            .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
+        self.remember_ref(reference, &manifest_digest)?;
+        progress.set_stage("mounting");
+        let img = self
+            .open_prepared(&manifest_digest)
+            .await?
+            .ok_or_else(|| ImageError::Prepare(format!("image {manifest_digest} vanished")))?;
+        progress.set_stage("done");
+        tracing::info!(
+            image = reference,
+            digest = %manifest_digest,
+            layers = manifest.layers.len(),
+            unpacked_bytes,
+            rootfs = %img.rootfs_kind,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "image prepared"
+        );
+        Ok(img)
+    }
+
+    /// Turn the unpacked staging tree into the final image: an EROFS image, or the directory.
+    async fn finish_image(
+        &self,
+        staging: &Path,
+        rootfs_tmp: &Path,
+        dir: &Path,
+        progress: &Progress,
+    ) -> Result<String, ImageError> {
+        let prep = |e: anyhow::Error| ImageError::Prepare(format!("{e:#}"));
+        remove_dir_all_if_exists(dir).map_err(prep)?;
+        if let Some(mkfs) = self.erofs.mkfs.clone() {
+            progress.set_stage("building-erofs");
+            let img_tmp = staging.join("image.erofs");
+            let src = rootfs_tmp.to_path_buf();
+            let img2 = img_tmp.clone();
+            tokio::task::spawn_blocking(move || erofs::build_image(&mkfs, &src, &img2))
+                .await
+                .map_err(|e| ImageError::Prepare(e.to_string()))?
+                .map_err(prep)?;
+            fs::create_dir_all(dir)
+                .map_err(|e| ImageError::Prepare(format!("create {}: {e}", dir.display())))?;
+            fs::rename(&img_tmp, dir.join("image.erofs"))
+                .map_err(|e| ImageError::Prepare(format!("move erofs image: {e}")))?;
+            Ok("erofs".into())
+        } else {
+            fs::create_dir_all(dir)
+                .map_err(|e| ImageError::Prepare(format!("create {}: {e}", dir.display())))?;
+            fs::rename(rootfs_tmp, dir.join("rootfs"))
+                .map_err(|e| ImageError::Prepare(format!("move rootfs: {e}")))?;
+            Ok("directory".into())
+        }
+    }
+
+    fn remember_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
+        let mut refs = self.refs.lock().unwrap();
+        refs.insert(reference.to_string(), digest.to_string());
+        write_json_atomic(&self.cfg.root.join("refs.json"), &*refs)
+            .map_err(|e| ImageError::Prepare(format!("{e:#}")))
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.cfg.root.join("blobs/sha256").join(hex_of(digest)?))
+    }
+
+    /// Remove images no workload uses and that have not been used for `keep_for`, then the
+    /// blobs no remaining image references. Returns the digests removed.
+    pub async fn gc(&self, in_use: &HashSet<String>, keep_for: Duration) -> Result<Vec<String>> {
+        let _m = self.mount_lock.lock().await;
+        let mut removed = Vec::new();
+        let mut live_blobs = HashSet::new();
+        let now = now_unix();
+        for entry in fs::read_dir(&self.cfg.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.len() != 64 || !entry.path().is_dir() {
+                continue;
+            }
+            let Ok(bytes) = fs::read(entry.path().join("meta.json")) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_slice::<ImageMeta>(&bytes) else {
+                continue;
+            };
+            let idle = now.saturating_sub(meta.last_used_unix);
+            if in_use.contains(&meta.digest) || idle < keep_for.as_secs() {
+                live_blobs.extend(meta.layers.iter().cloned());
+                continue;
+            }
+            let mnt = self.cfg.root.join("mnt").join(&name);
+            if let Err(e) = unmount_if_mounted(&mnt) {
+                tracing::warn!(image = %meta.digest, error = %format!("{e:#}"), "image still mounted, keeping it");
+                live_blobs.extend(meta.layers.iter().cloned());
+                continue;
+            }
+            let _ = fs::remove_dir(&mnt);
+            // meta.json first: a crash mid-removal leaves an unprepared dir, not a broken image.
+            let _ = fs::remove_file(entry.path().join("meta.json"));
+            remove_dir_all_if_exists(&entry.path())?;
+            tracing::info!(image = %meta.reference, digest = %meta.digest, idle_secs = idle, "garbage collected image");
+            removed.push(meta.digest);
+        }
+        if !removed.is_empty() {
+            let mut refs = self.refs.lock().unwrap();
+            refs.retain(|_, d| !removed.contains(d));
+            write_json_atomic(&self.cfg.root.join("refs.json"), &*refs)?;
+        }
+        for entry in fs::read_dir(self.cfg.root.join("blobs/sha256"))? {
+            let entry = entry?;
+            let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+            if !live_blobs.contains(&digest) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Download one blob into the content store, verifying size and digest before it becomes
+/// visible under its final name. An existing verified blob is reused (layers are shared).
+async fn fetch_blob(
+    client: &Client,
+    image: &Reference,
+    layer: &OciDescriptor,
+    blob_path: &Path,
+    tmp_dir: &Path,
+    progress: &Progress,
+) -> Result<()> {
+    if let Ok(m) = fs::metadata(blob_path) {
+        if m.len() as i64 == layer.size {
+            progress.bytes_done.fetch_add(m.len(), Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+    let tmp = tmp_dir.join(format!(
+        "blob-{}-{}",
+        layer.digest.trim_start_matches("sha256:"),
+        rand::random::<u32>()
+    ));
+    let result = async {
+        let mut stream = client
+            .pull_blob_stream(image, layer)
+            .await
+            .map_err(|e| anyhow!("layer {}: download: {e}", layer.digest))?;
+        let mut file = std::io::BufWriter::with_capacity(
+            1 << 20,
+            fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?,
+        );
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        while let Some(chunk) = stream.stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                // oci-client's verifying stream reports a digest mismatch at the end as an error.
+                anyhow!("layer {}: download: {e}", layer.digest)
+            })?;
+            size += chunk.len() as u64;
+            if layer.size >= 0 && size > layer.size as u64 {
+                bail!(
+                    "layer {}: registry sent more than the {} bytes the manifest declares",
+                    layer.digest,
+                    layer.size
+                );
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .with_context(|| format!("write {}", tmp.display()))?;
+            progress
+                .bytes_done
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        file.flush()?;
+        let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if got != layer.digest {
+            bail!("layer {}: digest mismatch: downloaded content is {got}", layer.digest);
+        }
+        if layer.size >= 0 && size != layer.size as u64 {
+            bail!(
+                "layer {}: size mismatch: got {size} bytes, manifest declares {}",
+                layer.digest,
+                layer.size
+            );
+        }
+        fs::rename(&tmp, blob_path).with_context(|| format!("store {}", blob_path.display()))?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn check_layer_media_type(mt: &str) -> Result<(), String> {
+    const OK: &[&str] = &[
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    ];
+    if OK.contains(&mt) {
+        Ok(())
+    } else {
+        Err(format!("unsupported layer media type {mt:?}"))
+    }
+}
+
+fn parse_image_config(json: &str) -> Result<ImageConfig, String> {
+    #[derive(Deserialize)]
+    struct Outer {
+        #[serde(default)]
+        config: Option<Inner>,
+        #[serde(default)]
+        os: Option<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Inner {
+        #[serde(default)]
+        entrypoint: Option<Vec<String>>,
+        #[serde(default)]
+        cmd: Option<Vec<String>>,
+        #[serde(default)]
+        env: Option<Vec<String>>,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        user: Option<String>,
+    }
+    let o: Outer = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    if let Some(os) = &o.os {
+        if os != "linux" {
+            return Err(format!("image is for {os:?}, this node runs linux"));
+        }
+    }
+    let c = o.config.unwrap_or(Inner {
+        entrypoint: None,
+        cmd: None,
+        env: None,
+        working_dir: None,
+        user: None,
+    });
+    Ok(ImageConfig {
+        entrypoint: c.entrypoint.unwrap_or_default(),
+        cmd: c.cmd.unwrap_or_default(),
+        env: c.env.unwrap_or_default(),
+        working_dir: c.working_dir.unwrap_or_default(),
+        user: c.user.unwrap_or_default(),
+    })
+}
+
+/// Credentials for `registry` from a docker `config.json`: `auths` keyed by host (optionally
+/// with a scheme), each with `auth` (base64 `user:password`) or `username`/`password`.
+pub fn auth_from_docker_config(text: &str, registry: &str) -> Result<RegistryAuth, String> {
+    use base64::Engine;
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        auths: BTreeMap<String, Entry>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        auth: Option<String>,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default, rename = "identitytoken")]
+        identity_token: Option<String>,
+    }
+    let f: File = serde_json::from_str(text).map_err(|e| format!("not a docker config.json: {e}"))?;
+    let host_of = |k: &str| {
+        k.trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let wanted = if registry == "docker.io" { "index.docker.io" } else { registry };
+    let entry = f
+        .auths
+        .iter()
+        .find(|(k, _)| host_of(k) == registry || host_of(k) == wanted)
+        .map(|(_, v)| v);
+    let Some(e) = entry else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    if let Some(token) = &e.identity_token {
+        return Ok(RegistryAuth::Bearer(token.clone()));
+    }
+    if let (Some(u), Some(p)) = (&e.username, &e.password) {
+        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+    }
+    if let Some(a) = &e.auth {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(a.trim())
+            .map_err(|e| format!("auths.{registry}.auth is not base64: {e}"))?;
+        let s = String::from_utf8(decoded).map_err(|_| format!("auths.{registry}.auth is not utf-8"))?;
+        let (u, p) = s
+            .split_once(':')
+            .ok_or_else(|| format!("auths.{registry}.auth must encode user:password"))?;
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    Err(format!("auths.{registry} has no credentials"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_auth_forms() {
+        let cfg = r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYXNz"},"https://reg.example/v2/":{"username":"a","password":"b"}}}"#;
+        assert!(matches!(auth_from_docker_config(cfg, "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass"));
+        assert!(matches!(auth_from_docker_config(cfg, "reg.example").unwrap(), RegistryAuth::Basic(u, _) if u == "a"));
+        assert!(matches!(auth_from_docker_config(cfg, "other:1").unwrap(), RegistryAuth::Anonymous));
+        assert!(auth_from_docker_config("{\"auths\":{\"x\":{\"auth\":\"!!\"}}}", "x").is_err());
+    }
+
+    #[test]
+    fn image_config_parses_and_rejects_other_os() {
+        let c = parse_image_config(r#"{"os":"linux","config":{"Entrypoint":["/bin/sh"],"Cmd":["-c","true"],"Env":["PATH=/bin"],"WorkingDir":"/w","User":"1000"}}"#).unwrap();
+        assert_eq!(c.entrypoint, vec!["/bin/sh"]);
+        assert_eq!(c.user, "1000");
+        assert!(parse_image_config(r#"{"os":"windows"}"#).is_err());
+    }
+
+    #[test]
+    fn layer_media_types() {
+        assert!(check_layer_media_type("application/vnd.oci.image.layer.v1.tar+zstd").is_ok());
+        assert!(check_layer_media_type("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip").is_err());
+    }
+}

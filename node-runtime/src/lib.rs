@@ -1,0 +1,14 @@
+//! HyperBox node runtime: pulls OCI images into EROFS and runs Workloads as supervised
+//! libcontainer containers, behind an HTTP/JSON API.
+
+pub mod cli;
+pub mod container;
+pub mod daemon;
+pub mod erofs;
+pub mod fsutil;
+pub mod image;
+pub mod logs;
+pub mod node;
+pub mod probe;
+pub mod server;
+pub mod supervisor;

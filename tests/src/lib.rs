@@ -1,0 +1,611 @@
+//! Fixtures for the end-to-end tests: a real registry (`docker-registry`), OCI images built
+//! here from a busybox-static rootfs and pushed with `skopeo`, and a real `hyperbox-node`
+//! daemon in its own state dir, socket and cgroup parent.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// A built binary of the workspace (`cargo build` puts them next to the test's deps dir).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn random_suffix() -> String {
+    let mut b = [0u8; 4];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    hex::encode(b)
+}
+
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real OCI registry on a free loopback port, optionally with htpasswd auth.
+pub struct Registry {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub creds: Option<(String, String)>,
+}
+
+impl Registry {
+    pub fn start(auth: bool) -> Result<Registry> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut auth_cfg = String::new();
+        let creds = if auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", "tester", "s3cret-pass"])
+                .output()
+                .context("run htpasswd (apache2-utils)")?;
+            fs::write(dir.path().join("htpasswd"), &out.stdout)?;
+            auth_cfg = format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+            Some(("tester".to_string(), "s3cret-pass".to_string()))
+        } else {
+            None
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
+            dir.path().join("data").display()
+        );
+        fs::write(dir.path().join("config.yml"), config)?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("registry.log"))?)
+            .spawn()
+            .context("start docker-registry")?;
+        let reg = Registry {
+            child,
+            dir,
+            addr,
+            creds,
+        };
+        wait_until(Duration::from_secs(20), "registry to listen", || {
+            std::net::TcpStream::connect(&reg.addr).ok()
+        })?;
+        Ok(reg)
+    }
+
+    /// Push an OCI layout with skopeo; returns the manifest digest in the registry.
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<String> {
+        let digest_file = layout.join("pushed.digest");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
+            .arg(&digest_file);
+        if let Some((u, p)) = &self.creds {
+            cmd.arg(format!("--dest-creds={u}:{p}"));
+        }
+        let out = cmd
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}:{tag}", self.addr))
+            .output()
+            .context("run skopeo")?;
+        if !out.status.success() {
+            bail!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(fs::read_to_string(digest_file)?.trim().to_string())
+    }
+
+    /// Where the registry stores a blob's bytes (to corrupt it on purpose).
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// A docker config.json with this registry's credentials.
+    pub fn write_auth_file(&self, path: &Path) -> Result<()> {
+        let (u, p) = self.creds.clone().context("registry has no auth")?;
+        let b64 = base64_encode(format!("{u}:{p}").as_bytes());
+        fs::write(
+            path,
+            serde_json::to_vec(&json!({"auths": {self.addr.clone(): {"auth": b64}}}))?,
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Compress {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// A layer tarball under construction. Raw entry names are written byte for byte so tests can
+/// build the malicious layers (`..`, absolute paths) that well-behaved tools refuse to make.
+pub struct Layer {
+    tar: tar::Builder<Vec<u8>>,
+}
+
+impl Default for Layer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Layer {
+    pub fn new() -> Layer {
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.mode(tar::HeaderMode::Deterministic);
+        Layer { tar }
+    }
+
+    fn header(name: &str, kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        let bytes = name.as_bytes();
+        assert!(bytes.len() < 100, "test entry names must be short");
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name = [0; 100];
+        gnu.name[..bytes.len()].copy_from_slice(bytes);
+        h.set_cksum();
+        h
+    }
+
+    pub fn dir(mut self, name: &str, mode: u32) -> Layer {
+        let h = Self::header(name, tar::EntryType::Directory, 0, mode);
+        self.tar.append(&h, std::io::empty()).unwrap();
+        self
+    }
+
+    pub fn file(mut self, name: &str, data: &[u8], mode: u32) -> Layer {
+        let h = Self::header(name, tar::EntryType::Regular, data.len() as u64, mode);
+        self.tar.append(&h, data).unwrap();
+        self
+    }
+
+    /// A regular file entry that declares `size` bytes of zeros (streamed, not held in memory).
+    pub fn big_file(mut self, name: &str, size: u64) -> Layer {
+        let h = Self::header(name, tar::EntryType::Regular, size, 0o644);
+        self.tar
+            .append(&h, std::io::Read::take(std::io::repeat(0), size))
+            .unwrap();
+        self
+    }
+
+    fn link_entry(mut self, name: &str, target: &str, kind: tar::EntryType) -> Layer {
+        let mut h = Self::header(name, kind, 0, 0o777);
+        let t = target.as_bytes();
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.linkname = [0; 100];
+        gnu.linkname[..t.len()].copy_from_slice(t);
+        h.set_cksum();
+        self.tar.append(&h, std::io::empty()).unwrap();
+        self
+    }
+
+    pub fn symlink(self, name: &str, target: &str) -> Layer {
+        self.link_entry(name, target, tar::EntryType::Symlink)
+    }
+
+    pub fn hardlink(self, name: &str, target: &str) -> Layer {
+        self.link_entry(name, target, tar::EntryType::Link)
+    }
+
+    pub fn char_device(mut self, name: &str, major: u32, minor: u32) -> Layer {
+        let mut h = Self::header(name, tar::EntryType::Char, 0, 0o666);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_cksum();
+        self.tar.append(&h, std::io::empty()).unwrap();
+        self
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.tar.into_inner().unwrap()
+    }
+}
+
+/// The busybox-static binary and its applet links: a small but real userland.
+pub fn busybox_layer() -> Layer {
+    let busybox = fs::read("/bin/busybox").expect("busybox-static is installed (/bin/busybox)");
+    let mut l = Layer::new()
+        .dir("bin/", 0o755)
+        .dir("etc/", 0o755)
+        .dir("tmp/", 0o1777)
+        .dir("proc/", 0o755)
+        .dir("sys/", 0o755)
+        .dir("dev/", 0o755)
+        .file("bin/busybox", &busybox, 0o755)
+        .file(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+            0o644,
+        )
+        .file("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644);
+    for applet in [
+        "sh", "ls", "cat", "echo", "sleep", "touch", "rm", "test", "true", "false", "dd", "head",
+        "tr", "date", "id", "mkdir", "wc", "env", "grep", "seq", "pwd", "ps", "kill", "stat",
+        "httpd", "nc", "wget", "hostname", "mount", "yes",
+    ] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    l
+}
+
+/// An image config as JSON.
+pub fn image_config(entrypoint: &[&str], cmd: &[&str], diff_ids: &[String]) -> Value {
+    json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": if entrypoint.is_empty() { Value::Null } else { json!(entrypoint) },
+            "Cmd": cmd,
+            "Env": ["PATH=/bin"],
+            "WorkingDir": "/",
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
+    let hex = sha256_hex(data);
+    let p = layout.join("blobs/sha256").join(&hex);
+    fs::create_dir_all(p.parent().unwrap())?;
+    fs::write(p, data)?;
+    Ok(format!("sha256:{hex}"))
+}
+
+/// Write an OCI image layout (`oci-layout`, `index.json`, blobs) for `layers` under `layout`,
+/// tagged `tag`. Returns the manifest digest.
+pub fn write_layout(
+    layout: &Path,
+    tag: &str,
+    layers: Vec<(Vec<u8>, Compress)>,
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> Result<String> {
+    fs::create_dir_all(layout.join("blobs/sha256"))?;
+    fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, compress) in layers {
+        diff_ids.push(format!("sha256:{}", sha256_hex(&tar)));
+        let (data, mt) = match compress {
+            Compress::None => (tar, "application/vnd.oci.image.layer.v1.tar"),
+            Compress::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&tar)?;
+                (e.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
+            }
+            Compress::Zstd => (
+                zstd::encode_all(&tar[..], 3)?,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        };
+        let digest = write_blob(layout, &data)?;
+        descs.push(json!({"mediaType": mt, "digest": digest, "size": data.len()}));
+    }
+    let config = serde_json::to_vec(&image_config(entrypoint, cmd, &diff_ids))?;
+    let config_digest = write_blob(layout, &config)?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    }))?;
+    let manifest_digest = write_blob(layout, &manifest)?;
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(manifest_digest)
+}
+
+/// Build an image from layers and push it; returns (reference by tag, manifest digest).
+pub fn push_image(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: Vec<(Vec<u8>, Compress)>,
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> Result<(String, String)> {
+    let dir = tempfile::tempdir()?;
+    write_layout(dir.path(), tag, layers, entrypoint, cmd)?;
+    let digest = reg.push(dir.path(), tag, repo)?;
+    Ok((format!("{}/{repo}:{tag}", reg.addr), digest))
+}
+
+/// A busybox image in `reg` (`<addr>/busybox:1`).
+pub fn push_busybox(reg: &Registry) -> Result<String> {
+    Ok(push_image(
+        reg,
+        "busybox",
+        "1",
+        vec![(busybox_layer().finish(), Compress::Gzip)],
+        &[],
+        &["sh"],
+    )?
+    .0)
+}
+
+/// A running `hyperbox-node serve` with its own state dir, socket and cgroup parent.
+pub struct Node {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub cgroup_parent: String,
+    pub extra: Vec<String>,
+}
+
+impl Node {
+    pub fn start(extra: &[&str]) -> Result<Node> {
+        let dir = tempfile::Builder::new().prefix("hbnode").tempdir()?;
+        let mut n = Node {
+            child: None,
+            socket: dir.path().join("node.sock"),
+            state: dir.path().join("state"),
+            cgroup_parent: format!("/hyperbox-test-{}", random_suffix()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))?;
+        let child = Command::new(bin("hyperbox-node"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .args(&self.extra)
+            .env("RUST_LOG", "info,hyperbox_node=debug,libcgroups=error,libcontainer=warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start hyperbox-node")?;
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        wait_until(Duration::from_secs(30), "node socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        })
+        .with_context(|| self.daemon_log())?;
+        Ok(())
+    }
+
+    pub fn daemon_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("hyperbox-node"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run hyperbox-node client")
+    }
+
+    /// Apply YAML text; panics with the output when it fails.
+    pub fn apply(&self, yaml: &str) -> Output {
+        let f = self.dir.path().join(format!("apply-{}.yaml", random_suffix()));
+        fs::write(&f, yaml).unwrap();
+        self.cli(&["apply", "--no-wait", "-f", f.to_str().unwrap()])
+    }
+
+    pub fn get(&self, name: &str) -> Option<Value> {
+        let out = self.cli(&["get", name, "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn wait_for(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut last = Value::Null;
+        let r = wait_until(timeout, what, || {
+            let v = self.get(name)?;
+            last = v.clone();
+            pred(&v).then_some(v)
+        });
+        r.with_context(|| format!("last status of {name}: {last:#}\ndaemon log:\n{}", tail(&self.daemon_log(), 4000)))
+    }
+
+    /// Mount points under this node's state dir.
+    pub fn mounts(&self) -> Vec<String> {
+        let state = self.state.to_string_lossy().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(|s| s.to_string()))
+            .filter(|m| m.starts_with(&state))
+            .collect()
+    }
+
+    /// cgroup directories of this node's containers, over all hierarchies.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let rel = self.cgroup_parent.trim_start_matches('/');
+        for c in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            if let Ok(entries) = fs::read_dir(c.path().join(rel)) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        out.push(e.path());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Pids of processes inside this node's containers (from the pids cgroups).
+    pub fn container_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for cg in self.cgroups() {
+            if let Ok(t) = fs::read_to_string(cg.join("cgroup.procs")) {
+                pids.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        pids.sort();
+        pids.dedup();
+        pids
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        s
+    } else {
+        let mut i = s.len() - n;
+        while !s.is_char_boundary(i) {
+            i += 1;
+        }
+        &s[i..]
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Ok(list) = serde_json::from_slice::<Vec<Value>>(&self.cli(&["get", "-o", "json"]).stdout) {
+                for w in list {
+                    if let Some(n) = w["name"].as_str() {
+                        let _ = self.cli(&["delete", n]);
+                    }
+                }
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        // Whatever a failed test left behind must not outlive it.
+        for pid in self.container_pids() {
+            // SAFETY: plain kill.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: umount2 with a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        for cg in self.cgroups() {
+            let _ = fs::remove_dir(cg);
+        }
+        let rel = self.cgroup_parent.trim_start_matches('/');
+        for c in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let _ = fs::remove_dir(c.path().join(rel));
+        }
+    }
+}
+
+/// A Workload document.
+pub fn workload(name: &str, image: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n{extra_spec}"
+    )
+}

@@ -1,0 +1,531 @@
+//! End-to-end tests of `hyperbox-node` with a real registry, real containers, real mounts and
+//! cgroups. They need root (CI runs as root).
+
+use std::fs;
+use std::time::Duration;
+
+use hyperbox_e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn phase(v: &Value) -> &str {
+    v["phase"].as_str().unwrap_or("")
+}
+
+fn reason(v: &Value) -> &str {
+    v["reason"].as_str().unwrap_or("")
+}
+
+fn insecure(reg: &Registry) -> Vec<String> {
+    vec!["--insecure-registry".into(), reg.addr.clone()]
+}
+
+fn start_node(reg: &Registry, more: &[&str]) -> Node {
+    let mut args: Vec<String> = insecure(reg);
+    args.extend(["--backoff-base".into(), "200ms".into(), "--backoff-max".into(), "5s".into()]);
+    args.extend(more.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    Node::start(&refs).expect("start node")
+}
+
+#[test]
+fn output_and_exit_code_of_a_container() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    let out = node.apply(&workload(
+        "exit3",
+        &image,
+        "  command: [sh, -c, 'echo hello from $(hostname); echo to-stderr >&2; exit 3']\n  restartPolicy: Never\n",
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = node
+        .wait_for("exit3", T, "container to finish", |v| phase(v) == "Failed")
+        .unwrap();
+    assert_eq!(v["lastExitCode"], 3);
+    assert_eq!(reason(&v), "Error");
+    assert!(v["imageDigest"].as_str().unwrap().starts_with("sha256:"));
+    let logs = node.cli(&["logs", "exit3"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("hello from exit3"), "logs: {text}");
+    assert!(text.contains("to-stderr"), "logs: {text}");
+
+    // Exit 0 with Never: Succeeded.
+    node.apply(&workload("ok", &image, "  command: ['true']\n  restartPolicy: Never\n"));
+    let v = node
+        .wait_for("ok", T, "success", |v| phase(v) == "Succeeded")
+        .unwrap();
+    assert_eq!(v["lastExitCode"], 0);
+    // Nothing of finished containers is left mounted.
+    assert!(node.mounts().iter().all(|m| !m.contains("/containers/")), "{:?}", node.mounts());
+}
+
+#[test]
+fn pull_by_tag_and_digest_with_auth() {
+    let reg = Registry::start(true).unwrap();
+    let (by_tag, digest) = push_image(
+        &reg,
+        "private/bb",
+        "v1",
+        vec![(busybox_layer().finish(), Compress::Zstd)],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
+    let auth = tempfile::NamedTempFile::new().unwrap();
+    reg.write_auth_file(auth.path()).unwrap();
+
+    // Without credentials the registry says no, and the status says why.
+    let anon = start_node(&reg, &[]);
+    anon.apply(&workload("anon", &by_tag, "  command: [sleep, '100']\n"));
+    let v = anon
+        .wait_for("anon", T, "pull failure", |v| {
+            matches!(reason(v), "ErrImagePull" | "ImagePullBackOff")
+        })
+        .unwrap();
+    assert!(
+        v["message"].as_str().unwrap().to_lowercase().contains("auth")
+            || v["message"].as_str().unwrap().contains("401"),
+        "{v}"
+    );
+
+    let node = start_node(&reg, &["--registry-auth-file", auth.path().to_str().unwrap()]);
+    node.apply(&workload("bytag", &by_tag, "  command: [sleep, '100']\n"));
+    let v = node
+        .wait_for("bytag", T, "running by tag", |v| phase(v) == "Running")
+        .unwrap();
+    assert_eq!(v["imageDigest"], digest.as_str());
+    let by_digest = format!("{}/private/bb@{digest}", reg.addr);
+    node.apply(&workload("bydigest", &by_digest, "  command: [sleep, '100']\n"));
+    let v = node
+        .wait_for("bydigest", T, "running by digest", |v| phase(v) == "Running")
+        .unwrap();
+    assert_eq!(v["imageDigest"], digest.as_str());
+    // A digest that does not exist fails cleanly.
+    let missing = format!("{}/private/bb@sha256:{}", reg.addr, "0".repeat(64));
+    node.apply(&workload("missing", &missing, ""));
+    node.wait_for("missing", T, "missing digest", |v| {
+        matches!(reason(v), "ErrImagePull" | "ImagePullBackOff")
+    })
+    .unwrap();
+    // Both workloads share one prepared image.
+    let images: Vec<_> = fs::read_dir(node.state.join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().len() == 64)
+        .collect();
+    assert_eq!(images.len(), 1);
+}
+
+#[test]
+fn corrupted_layer_is_refused() {
+    let reg = Registry::start(false).unwrap();
+    let layer = Layer::new().file("hello.txt", b"good content", 0o644).finish();
+    let dir = tempfile::tempdir().unwrap();
+    write_layout(dir.path(), "1", vec![(busybox_layer().finish(), Compress::Gzip), (layer, Compress::None)], &[], &["sh"]).unwrap();
+    reg.push(dir.path(), "1", "corrupt").unwrap();
+    // Flip bytes of the second layer as stored in the registry: it now serves wrong content.
+    let index: Value = serde_json::from_slice(&fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &fs::read(dir.path().join("blobs/sha256").join(mdigest.trim_start_matches("sha256:"))).unwrap(),
+    )
+    .unwrap();
+    let layer_digest = manifest["layers"][1]["digest"].as_str().unwrap().to_string();
+    let data_path = reg.blob_data(&layer_digest);
+    let mut data = fs::read(&data_path).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 0xff;
+    fs::write(&data_path, data).unwrap();
+
+    let node = start_node(&reg, &[]);
+    node.apply(&workload("corrupt", &format!("{}/corrupt:1", reg.addr), "  command: [sleep, '10']\n"));
+    let v = node
+        .wait_for("corrupt", T, "digest failure", |v| {
+            matches!(reason(v), "ErrImagePull" | "ImagePullBackOff")
+        })
+        .unwrap();
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains(&layer_digest), "message names the layer: {msg}");
+    assert!(msg.to_lowercase().contains("digest"), "{msg}");
+    // The bad blob never made it into the store, and no image was prepared.
+    let blob = node.state.join("images/blobs/sha256").join(layer_digest.trim_start_matches("sha256:"));
+    assert!(!blob.exists());
+    assert_eq!(v["phase"], "Pending");
+}
+
+/// Each malicious layer is refused with the layer and entry named, and nothing lands outside.
+#[test]
+fn malicious_layers_are_refused() {
+    let reg = Registry::start(false).unwrap();
+    let canary_dir = tempfile::tempdir().unwrap();
+    let canary = canary_dir.path().join("pwned");
+    // Relative path from the staging rootfs up to `/`: deep enough for any state dir.
+    let up = "../".repeat(30);
+    let canary_rel = canary.to_str().unwrap().trim_start_matches('/');
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "traversal",
+            Layer::new().file(&format!("{up}{canary_rel}"), b"x", 0o644).finish(),
+            "..",
+        ),
+        (
+            "symlink-escape",
+            Layer::new()
+                .symlink("evil", canary_dir.path().to_str().unwrap())
+                .file("evil/pwned", b"x", 0o644)
+                .finish(),
+            "evil/pwned",
+        ),
+        (
+            "absolute-hardlink",
+            Layer::new().hardlink("shadow", "/etc/shadow").finish(),
+            "shadow",
+        ),
+        (
+            "device",
+            Layer::new().dir("dev/", 0o755).char_device("dev/mem", 1, 1).finish(),
+            "dev/mem",
+        ),
+        (
+            "oversized",
+            Layer::new().big_file("big.bin", 64 << 20).finish(),
+            "big.bin",
+        ),
+    ];
+    let mut images = Vec::new();
+    for (name, tar, entry) in cases {
+        let (r, _) = push_image(
+            &reg,
+            &format!("evil/{name}"),
+            "1",
+            vec![(busybox_layer().finish(), Compress::Gzip), (tar, Compress::Gzip)],
+            &[],
+            &["sh"],
+        )
+        .unwrap();
+        images.push((name, r, entry));
+    }
+    let node = start_node(&reg, &["--max-image-bytes", &(32u64 << 20).to_string()]);
+    for (name, image, entry) in &images {
+        node.apply(&workload(name, image, "  command: [sleep, '10']\n"));
+        let v = node
+            .wait_for(name, T, "refusal", |v| reason(v) == "InvalidImage")
+            .unwrap();
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains("layer sha256:"), "{name}: {msg}");
+        assert!(msg.contains(entry) || *name == "oversized", "{name}: {msg}");
+        if *name == "oversized" {
+            assert!(msg.contains("limit"), "{msg}");
+        }
+    }
+    assert!(!canary.exists(), "a layer wrote outside the rootfs");
+    assert!(!canary_dir.path().join("evil").exists());
+    // No staging leftovers and no prepared images.
+    let leftovers: Vec<_> = fs::read_dir(node.state.join("images/tmp")).unwrap().flatten().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn whiteouts_delete_lower_files() {
+    let reg = Registry::start(false).unwrap();
+    let lower = Layer::new()
+        .dir("data/", 0o755)
+        .file("data/keep", b"k", 0o644)
+        .file("data/gone", b"g", 0o644)
+        .dir("data/olddir/", 0o755)
+        .file("data/olddir/x", b"x", 0o644)
+        .dir("opq/", 0o755)
+        .file("opq/lower-only", b"l", 0o644)
+        .finish();
+    let upper = Layer::new()
+        .file("data/.wh.gone", b"", 0o644)
+        .file("data/.wh.olddir", b"", 0o644)
+        .dir("opq/", 0o755)
+        .file("opq/.wh..wh..opq", b"", 0o644)
+        .file("opq/new", b"n", 0o644)
+        .finish();
+    let (image, _) = push_image(
+        &reg,
+        "wh",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (lower, Compress::Gzip),
+            (upper, Compress::Zstd),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
+    let node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "wh",
+        &image,
+        "  command: [sh, -c, 'ls -a /data /opq']\n  restartPolicy: Never\n",
+    ));
+    node.wait_for("wh", T, "ls to finish", |v| phase(v) == "Succeeded")
+        .unwrap();
+    let out = String::from_utf8_lossy(&node.cli(&["logs", "wh"]).stdout).to_string();
+    assert!(out.contains("keep"), "{out}");
+    assert!(!out.contains("gone"), "{out}");
+    assert!(!out.contains("olddir"), "{out}");
+    assert!(!out.contains("lower-only"), "{out}");
+    assert!(out.contains("new"), "{out}");
+    assert!(!out.contains(".wh."), "{out}");
+}
+
+#[test]
+fn memory_limit_is_enforced_as_oomkilled() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "hog",
+        &image,
+        "  command: [dd, if=/dev/zero, of=/dev/null, bs=128M, count=1]\n  resources: {memory: 32Mi}\n  restartPolicy: Never\n",
+    ));
+    let v = node
+        .wait_for("hog", T, "oom kill", |v| phase(v) == "Failed")
+        .unwrap();
+    assert_eq!(reason(&v), "OOMKilled", "{v}");
+    assert_eq!(v["lastExitCode"], 137);
+}
+
+#[test]
+fn restart_backoff_grows() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    // Each start prints the node's uptime; /proc/uptime is not namespaced.
+    node.apply(&workload(
+        "crash",
+        &image,
+        "  command: [sh, -c, 'cat /proc/uptime; exit 1']\n  restartPolicy: Always\n",
+    ));
+    node.wait_for("crash", T, "four restarts", |v| v["restarts"].as_u64().unwrap_or(0) >= 4)
+        .unwrap();
+    let v = node.get("crash").unwrap();
+    assert_eq!(reason(&v), "CrashLoopBackOff");
+    assert_eq!(v["lastExitCode"], 1);
+    let logs = String::from_utf8_lossy(&node.cli(&["logs", "crash"]).stdout).to_string();
+    let starts: Vec<f64> = logs
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(starts.len() >= 4, "{logs}");
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    // 200ms, 400ms, 800ms...: every gap clearly longer than the one before.
+    for g in gaps.windows(2) {
+        assert!(g[1] > g[0] * 1.4, "gaps do not grow: {gaps:?}");
+    }
+}
+
+#[test]
+fn readiness_probe_flips() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "probe",
+        &image,
+        "  command: [sh, -c, 'sleep 1; touch /tmp/ready; sleep 3; rm /tmp/ready; sleep 1000']\n  readinessProbe:\n    exec: {command: [test, -f, /tmp/ready]}\n    periodSeconds: 0.2\n    failureThreshold: 1\n",
+    ));
+    node.wait_for("probe", T, "running, not ready", |v| phase(v) == "Running" && v["ready"] == false)
+        .unwrap();
+    node.wait_for("probe", T, "ready", |v| v["ready"] == true).unwrap();
+    node.wait_for("probe", T, "not ready again", |v| v["ready"] == false).unwrap();
+
+    // HTTP probe from inside the container's own network namespace.
+    node.apply(&workload(
+        "web",
+        &image,
+        "  command: [sh, -c, 'mkdir -p /www; echo ok > /www/index.html; sleep 1; httpd -f -p 8080 -h /www']\n  network: none\n  readinessProbe:\n    httpGet: {path: /index.html, port: 8080}\n    periodSeconds: 0.2\n",
+    ));
+    node.wait_for("web", T, "http ready", |v| v["ready"] == true).unwrap();
+}
+
+#[test]
+fn changed_spec_replaces_unchanged_does_nothing() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    let doc = workload("svc", &image, "  command: [sleep, '1000']\n");
+    node.apply(&doc);
+    let v1 = node.wait_for("svc", T, "running", |v| phase(v) == "Running").unwrap();
+    let out = node.apply(&doc);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = node.get("svc").unwrap();
+    assert_eq!(v1["containerId"], v2["containerId"]);
+    // Annotations alone (a new Git revision) do not restart either, but are reported.
+    let annotated = doc.replace("  name: svc\n", "  name: svc\n  annotations: {hyperbox.dev/revision: abc123}\n");
+    assert!(String::from_utf8_lossy(&node.apply(&annotated).stdout).contains("unchanged"));
+    let v3 = node.get("svc").unwrap();
+    assert_eq!(v3["revision"], "abc123");
+    assert_eq!(v1["containerId"], v3["containerId"]);
+    let changed = workload("svc", &image, "  command: [sleep, '2000']\n  terminationGracePeriodSeconds: 1\n");
+    assert!(String::from_utf8_lossy(&node.apply(&changed).stdout).contains("configured"));
+    let v4 = node
+        .wait_for("svc", T, "replaced", |v| phase(v) == "Running" && v["containerId"] != v1["containerId"] && !v["containerId"].is_null())
+        .unwrap();
+    assert_eq!(v4["restarts"], 0);
+    // The old container is gone: one container process tree only.
+    let distinct = || -> std::collections::HashSet<String> {
+        node.cgroups()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+            .collect()
+    };
+    wait_until(T, "old container's cgroups removed", || (distinct().len() == 1).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {:?}", distinct()));
+    assert!(distinct().contains(v4["containerId"].as_str().unwrap()));
+}
+
+#[test]
+fn invalid_spec_names_file_line_and_field() {
+    let reg = Registry::start(false).unwrap();
+    let node = start_node(&reg, &[]);
+    let yaml = "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: bad\nspec:\n  image: x/y:1\n  resources:\n    memory: lots\n";
+    let f = node.dir.path().join("bad.yaml");
+    fs::write(&f, yaml).unwrap();
+    let out = node.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:8: spec.resources.memory", f.display())), "{err}");
+    // The API itself refuses bad specs with 400 and the field path.
+    let body = r#"{"workloads":[{"apiVersion":"hyperbox.dev/v1alpha1","kind":"Workload","metadata":{"name":"x"},"spec":{"image":"a/b:1","replicas":"two"}}]}"#;
+    let resp = http_over_unix(&node.socket, "POST", "/v1/workloads", body);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("workloads[0].spec.replicas"), "{resp}");
+    assert!(node.get("x").is_none());
+}
+
+fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn http_tcp(addr: &str, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn tcp_api_requires_the_token() {
+    let reg = Registry::start(false).unwrap();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    let token = format!("tok-{}-{}", random_suffix(), random_suffix());
+    fs::write(token_file.path(), &token).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let node = start_node(
+        &reg,
+        &["--listen", &addr, "--token-file", token_file.path().to_str().unwrap(), "--metrics-listen", &metrics],
+    );
+    wait_until(T, "tcp listener", || std::net::TcpStream::connect(&addr).ok()).unwrap();
+    assert!(http_tcp(&addr, "/v1/workloads", None).starts_with("HTTP/1.1 401"));
+    assert!(http_tcp(&addr, "/v1/workloads", Some("wrong-token-wrong-token")).starts_with("HTTP/1.1 401"));
+    assert!(http_tcp(&addr, "/v1/workloads", Some(&token)).starts_with("HTTP/1.1 200"));
+    // The CLI over TCP.
+    let out = std::process::Command::new(bin("hyperbox-node"))
+        .args(["--server", &format!("http://{addr}"), "--token-file", token_file.path().to_str().unwrap(), "node", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let n: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(n["capacity"]["memoryBytes"].as_u64().unwrap() > 0);
+    assert!(n["pressure"]["memory"]["some"]["avg10"].is_number(), "{n}");
+    assert!(n["features"]["erofs"].is_boolean());
+    // Prometheus text at /metrics.
+    wait_until(T, "metrics listener", || std::net::TcpStream::connect(&metrics).ok()).unwrap();
+    let m = http_tcp(&metrics, "/metrics", None);
+    assert!(m.contains("hyperbox_node_pressure_avg10{resource=\"memory\",kind=\"some\"}"), "{m}");
+    // The unix socket is private.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&node.socket).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn kill9_and_restart_converges_without_leaks() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let mut node = start_node(&reg, &[]);
+    node.apply(&workload("a", &image, "  command: [sleep, '1000']\n  replicas: 2\n"));
+    node.apply(&workload("b", &image, "  command: [sh, -c, 'sleep 1000']\n  restartPolicy: Always\n"));
+    node.apply(&workload("c", &image, "  command: [sleep, '1000']\n  restartPolicy: Always\n"));
+    for n in ["a", "b", "c"] {
+        node.wait_for(n, T, "running", |v| phase(v) == "Running" && v["replicas"].as_array().unwrap().iter().all(|r| r["phase"] == "Running"))
+            .unwrap();
+    }
+    let before_a = node.get("a").unwrap();
+    let before_b = node.get("b").unwrap();
+    let before_c = node.get("c").unwrap();
+    let mounts_before = {
+        let mut m = node.mounts();
+        m.sort();
+        m
+    };
+    let cgroups_before = node.cgroups();
+    let pids_before = node.container_pids();
+    assert_eq!(
+        cgroups_before
+            .iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        4
+    );
+
+    node.kill9();
+    // While the daemon is down, one container dies.
+    let dead_pid = before_c["replicas"][0]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: plain kill of a test container.
+    unsafe { libc::kill(dead_pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    node.spawn().unwrap();
+
+    // Survivors are re-adopted: same container ids and pids.
+    let after_a = node.wait_for("a", T, "a adopted", |v| phase(v) == "Running").unwrap();
+    let after_b = node.wait_for("b", T, "b adopted", |v| phase(v) == "Running").unwrap();
+    assert_eq!(before_a["replicas"], after_a["replicas"]);
+    assert_eq!(before_b["containerId"], after_b["containerId"]);
+    // The dead one is restarted as a new container per its policy.
+    let after_c = node
+        .wait_for("c", T, "c restarted", |v| phase(v) == "Running" && v["containerId"] != before_c["containerId"] && !v["containerId"].is_null())
+        .unwrap();
+    assert_eq!(after_c["replicas"][0]["phase"], "Running");
+    // No duplicates, no leaks: same number of mounts, cgroups and container processes.
+    let mut mounts_after = node.mounts();
+    mounts_after.sort();
+    assert_eq!(mounts_before.len(), mounts_after.len(), "{mounts_before:?} vs {mounts_after:?}");
+    assert_eq!(cgroups_before.len(), node.cgroups().len());
+    assert_eq!(pids_before.len(), node.container_pids().len());
+
+    // Kill it again mid-way and delete everything: nothing may remain.
+    node.kill9();
+    node.spawn().unwrap();
+    for n in ["a", "b", "c"] {
+        let out = node.cli(&["delete", n]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(node.container_pids().is_empty());
+    assert!(node.cgroups().is_empty(), "{:?}", node.cgroups());
+    let left: Vec<String> = node.mounts().into_iter().filter(|m| m.contains("/containers/")).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
