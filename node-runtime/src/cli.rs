@@ -18,10 +18,17 @@ const TERMINAL_REASONS: &[&str] = &[
     "ErrImagePrepare",
 ];
 
-pub async fn apply(client: &NodeClient, file: &Path, wait: bool, timeout: Duration) -> Result<bool> {
+pub async fn apply(
+    client: &NodeClient,
+    file: &Path,
+    wait: bool,
+    timeout: Duration,
+) -> Result<bool> {
     let text = if file == Path::new("-") {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("read stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("read stdin")?;
         s
     } else {
         std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?
@@ -40,7 +47,9 @@ pub async fn apply(client: &NodeClient, file: &Path, wait: bool, timeout: Durati
                 ok = false;
                 for e in errs {
                     match e.line {
-                        Some(l) => eprintln!("{shown}:{l}: {}: {}", display_field(&e.field), e.message),
+                        Some(l) => {
+                            eprintln!("{shown}:{l}: {}: {}", display_field(&e.field), e.message)
+                        }
                         None => eprintln!("{shown}: {}: {}", display_field(&e.field), e.message),
                     }
                 }
@@ -107,7 +116,9 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
             if tty {
                 eprint!("\r\x1b[2K{line}");
                 let _ = std::io::stderr().flush();
-            } else if line.split(" MB").next() != last_line.split(" MB").next() || (pct as u64 / 25) != progress_bucket(&last_line) {
+            } else if line.split(" MB").next() != last_line.split(" MB").next()
+                || (pct as u64 / 25) != progress_bucket(&last_line)
+            {
                 eprintln!("{line}");
             }
             last_line = line;
@@ -118,7 +129,14 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
             if tty && !last_line.is_empty() {
                 eprintln!();
             }
-            eprintln!("{name}: {:?}{}", s.phase, s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+            eprintln!(
+                "{name}: {:?}{}",
+                s.phase,
+                s.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
             return Ok(s.phase != Phase::Failed);
         }
         if let Some(r) = s.reason.as_deref() {
@@ -134,7 +152,12 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
             eprintln!("{name}: still {:?} after {:?}", s.phase, timeout);
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(if s.pull.is_some() { 200 } else { 20 })).await;
+        tokio::time::sleep(Duration::from_millis(if s.pull.is_some() {
+            200
+        } else {
+            20
+        }))
+        .await;
     }
 }
 
@@ -185,7 +208,9 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
                 ];
                 if wide {
                     row.extend([
-                        s.last_exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        s.last_exit_code
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         s.container_id.clone().unwrap_or_else(|| "-".into()),
                         s.rootfs.clone().unwrap_or_else(|| "-".into()),
                         s.image_digest
@@ -208,7 +233,12 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.len())).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.len()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for r in rows {
         let line: Vec<String> = r
@@ -249,7 +279,11 @@ pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
             println!(
                 "features:    erofs={}{} ebpf={} cgroup={} psi={}",
                 n.features.erofs,
-                n.features.erofs_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                n.features
+                    .erofs_reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
                 n.features.ebpf,
                 n.features.cgroup,
                 n.features.psi

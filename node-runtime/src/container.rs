@@ -359,15 +359,20 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
     let result = (|| {
         let process = resolve_process(req.workload, req.image, &rootfs)?;
         let spec = oci_spec(req.workload, &process, dirs, req.id)?;
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec)?)
-            .context("write config.json")?;
+        fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&spec)?,
+        )
+        .context("write config.json")?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(req.log_file)
             .with_context(|| format!("open log {}", req.log_file.display()))?;
         let log_err: OwnedFd = log.try_clone().context("dup log fd")?.into();
-        let devnull: OwnedFd = fs::File::open("/dev/null").context("open /dev/null")?.into();
+        let devnull: OwnedFd = fs::File::open("/dev/null")
+            .context("open /dev/null")?
+            .into();
         let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(&dirs.libcontainer_root)
@@ -382,6 +387,12 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
             .with_detach(true)
             .build()
             .map_err(|e| anyhow!("create container {}: {e}", req.id))?;
+        if req.workload.spec.network == NetworkMode::None {
+            let pid = container
+                .pid()
+                .ok_or_else(|| anyhow!("container {} has no pid after create", req.id))?;
+            bring_up_loopback(pid.as_raw())?;
+        }
         container
             .start()
             .map_err(|e| anyhow!("start container {}: {e}", req.id))?;
@@ -394,6 +405,57 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
         let _ = destroy(dirs, req.id);
     }
     result
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A fresh network namespace has its loopback down; services inside expect 127.0.0.1 to work
+/// (runc brings it up too). Done from a short-lived thread: setns only moves that thread.
+fn bring_up_loopback(pid: i32) -> Result<()> {
+    const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+    const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+    std::thread::spawn(move || -> Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+            .with_context(|| format!("open network namespace of pid {pid}"))?;
+        // SAFETY: setns with an fd we own, on this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "enter network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: socket() has no memory arguments; the fd is wrapped right away.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: sock is a fresh fd we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut req = IfReqFlags {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..2].copy_from_slice(b"lo");
+        // SAFETY: ioctl with a properly sized ifreq.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS as _, &mut req) } != 0 {
+            bail!("get flags of lo: {}", std::io::Error::last_os_error());
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS as _, &req) } != 0 {
+            bail!("bring up lo: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("loopback setup thread panicked"))?
 }
 
 /// Load a container's libcontainer state, if it has any.
@@ -476,8 +538,16 @@ fn remove_cgroups(dirs: &RuntimeDirs, id: &str) {
 pub fn oom_kills(dirs: &RuntimeDirs, id: &str) -> u64 {
     let rel = format!("{}/{id}", dirs.cgroup_parent.trim_start_matches('/'));
     let candidates = [
-        (Path::new("/sys/fs/cgroup").join(&rel).join("memory.events"), "oom_kill"),
-        (Path::new("/sys/fs/cgroup/memory").join(&rel).join("memory.oom_control"), "oom_kill"),
+        (
+            Path::new("/sys/fs/cgroup").join(&rel).join("memory.events"),
+            "oom_kill",
+        ),
+        (
+            Path::new("/sys/fs/cgroup/memory")
+                .join(&rel)
+                .join("memory.oom_control"),
+            "oom_kill",
+        ),
     ];
     for (path, key) in candidates {
         if let Ok(text) = fs::read_to_string(&path) {
@@ -573,9 +643,19 @@ mod tests {
         let p = resolve_process(&workload(W), &image(&["/ep"], &["c1"]), root.path()).unwrap();
         assert_eq!(p.args, vec!["/ep", "c1"]);
         let w = workload(&format!("{W}  args: [a]\n"));
-        assert_eq!(resolve_process(&w, &image(&["/ep"], &["c1"]), root.path()).unwrap().args, vec!["/ep", "a"]);
+        assert_eq!(
+            resolve_process(&w, &image(&["/ep"], &["c1"]), root.path())
+                .unwrap()
+                .args,
+            vec!["/ep", "a"]
+        );
         let w = workload(&format!("{W}  command: [/bin/x]\n"));
-        assert_eq!(resolve_process(&w, &image(&["/ep"], &["c1"]), root.path()).unwrap().args, vec!["/bin/x"]);
+        assert_eq!(
+            resolve_process(&w, &image(&["/ep"], &["c1"]), root.path())
+                .unwrap()
+                .args,
+            vec!["/bin/x"]
+        );
         assert!(resolve_process(&workload(W), &image(&[], &[]), root.path()).is_err());
     }
 
@@ -583,9 +663,15 @@ mod tests {
     fn env_overrides_and_user_lookup() {
         let root = tempfile::tempdir().unwrap();
         fs::create_dir_all(root.path().join("etc")).unwrap();
-        fs::write(root.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n").unwrap();
+        fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
         fs::write(root.path().join("etc/group"), "wheel:x:10:\n").unwrap();
-        let w = workload(&format!("{W}  user: app\n  env: [{{name: A, value: spec}}]\n"));
+        let w = workload(&format!(
+            "{W}  user: app\n  env: [{{name: A, value: spec}}]\n"
+        ));
         let p = resolve_process(&w, &image(&["/ep"], &[]), root.path()).unwrap();
         assert_eq!((p.uid, p.gid), (1000, 1001));
         assert!(p.env.contains(&"A=spec".to_string()) && !p.env.contains(&"A=image".to_string()));
@@ -593,7 +679,10 @@ mod tests {
         assert_eq!(p.cwd, "/srv");
         assert_eq!(resolve_user("app:wheel", root.path()).unwrap(), (1000, 10));
         assert_eq!(resolve_user("42", root.path()).unwrap(), (42, 42));
-        assert!(resolve_user("nobody", root.path()).unwrap_err().to_string().contains("spec.user"));
+        assert!(resolve_user("nobody", root.path())
+            .unwrap_err()
+            .to_string()
+            .contains("spec.user"));
     }
 
     #[test]
@@ -612,10 +701,23 @@ mod tests {
         assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 50_000);
         assert_eq!(s["linux"]["resources"]["pids"]["limit"], 20);
         assert_eq!(s["linux"]["cgroupsPath"], "/hyperbox/t-0-abc");
-        assert!(s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "network"));
+        assert!(s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "network"));
         assert_eq!(s["process"]["noNewPrivileges"], true);
-        let data = s["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/data").unwrap();
-        assert!(data["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        let data = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/data")
+            .unwrap();
+        assert!(data["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "ro"));
         assert!(root.path().join("v/t/d").is_dir());
     }
 }

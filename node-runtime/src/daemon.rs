@@ -32,14 +32,17 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         bail!("hyperbox-node serve must run as root (it creates namespaces, cgroups and mounts)");
     }
     let state = &opts.state_dir;
-    std::fs::create_dir_all(state).with_context(|| format!("create state dir {}", state.display()))?;
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("create state dir {}", state.display()))?;
     let state = state
         .canonicalize()
         .with_context(|| format!("resolve {}", state.display()))?;
     let erofs = ErofsSupport::detect();
     match &erofs.reason {
         None => tracing::info!("erofs enabled: images are mounted as read-only erofs"),
-        Some(r) => tracing::warn!(reason = %r, "erofs unavailable: falling back to plain directories as the image layer"),
+        Some(r) => {
+            tracing::warn!(reason = %r, "erofs unavailable: falling back to plain directories as the image layer")
+        }
     }
     let images = Arc::new(ImageStore::open(
         StoreConfig {
@@ -65,10 +68,14 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
 
     let token = match &opts.token_file {
         Some(f) => {
-            let t = std::fs::read_to_string(f).with_context(|| format!("read token file {}", f.display()))?;
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("read token file {}", f.display()))?;
             let t = t.trim().as_bytes().to_vec();
             if t.len() < 16 {
-                bail!("token file {}: the token must be at least 16 characters", f.display());
+                bail!(
+                    "token file {}: the token must be at least 16 characters",
+                    f.display()
+                );
             }
             Some(t)
         }
@@ -100,7 +107,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
                 tick.tick().await;
                 sup.rotate_logs().await;
                 n += 1;
-                if n % 30 == 0 {
+                if n.is_multiple_of(30) {
                     sup.gc_images().await;
                 }
             }

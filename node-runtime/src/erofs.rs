@@ -33,7 +33,10 @@ impl ErofsSupport {
         }
         let in_kernel = || {
             fs::read_to_string("/proc/filesystems")
-                .map(|t| t.lines().any(|l| l.split_whitespace().last() == Some("erofs")))
+                .map(|t| {
+                    t.lines()
+                        .any(|l| l.split_whitespace().last() == Some("erofs"))
+                })
                 .unwrap_or(false)
         };
         if !in_kernel() {
@@ -43,10 +46,14 @@ impl ErofsSupport {
                 return disabled("the kernel has no erofs filesystem (/proc/filesystems)".into());
             }
         }
-        let mkfs = ["/usr/bin/mkfs.erofs", "/usr/sbin/mkfs.erofs", "/sbin/mkfs.erofs"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists());
+        let mkfs = [
+            "/usr/bin/mkfs.erofs",
+            "/usr/sbin/mkfs.erofs",
+            "/sbin/mkfs.erofs",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
         match mkfs {
             Some(p) => ErofsSupport {
                 mkfs: Some(p),
@@ -91,7 +98,9 @@ pub fn mount_image(image: &Path, target: &Path) -> Result<()> {
     // Kernels >= 6.12 mount EROFS straight from a file; older ones need a block device.
     match mount(Some(image), target, Some("erofs"), flags, None::<&str>) {
         Ok(()) => return Ok(()),
-        Err(e) => tracing::debug!(error = %e, "file-backed erofs mount refused, using a loop device"),
+        Err(e) => {
+            tracing::debug!(error = %e, "file-backed erofs mount refused, using a loop device")
+        }
     }
     let loopdev = attach_loop(image)?;
     mount(Some(&loopdev), target, Some("erofs"), flags, None::<&str>).with_context(|| {
@@ -147,7 +156,10 @@ fn attach_loop(image: &Path) -> Result<PathBuf> {
         // SAFETY: ioctl on a valid fd with an integer argument.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
         if n < 0 {
-            bail!("get a free loop device: {}", std::io::Error::last_os_error());
+            bail!(
+                "get a free loop device: {}",
+                std::io::Error::last_os_error()
+            );
         }
         let dev = PathBuf::from(format!("/dev/loop{n}"));
         let devf = OpenOptions::new()

@@ -243,9 +243,8 @@ impl ImageStore {
         let Ok(bytes) = fs::read(&meta_path) else {
             return Ok(None);
         };
-        let mut meta: ImageMeta = serde_json::from_slice(&bytes).map_err(|e| {
-            ImageError::Prepare(format!("parse {}: {e}", meta_path.display()))
-        })?;
+        let mut meta: ImageMeta = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Prepare(format!("parse {}: {e}", meta_path.display())))?;
         let _m = self.mount_lock.lock().await;
         let lower = if meta.rootfs == "erofs" {
             let mnt = self.cfg.root.join("mnt").join(hex);
@@ -301,7 +300,10 @@ impl ImageStore {
                 )));
             }
         }
-        let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(config_json.as_bytes())));
+        let config_digest = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(config_json.as_bytes()))
+        );
         if config_digest != manifest.config.digest {
             return Err(ImageError::Pull(format!(
                 "pull {reference}: config blob digest is {config_digest}, manifest says {}",
@@ -333,7 +335,11 @@ impl ImageStore {
 
         // Downloads run concurrently; layers are applied strictly in order as soon as each one
         // (and every layer below it) is on disk, so downloading and unpacking overlap.
-        let staging = self.cfg.root.join("tmp").join(format!("{hex}.{}", std::process::id()));
+        let staging = self
+            .cfg
+            .root
+            .join("tmp")
+            .join(format!("{hex}.{}", std::process::id()));
         remove_dir_all_if_exists(&staging).map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
         let rootfs_tmp = staging.join("rootfs");
         fs::create_dir_all(&rootfs_tmp)
@@ -361,7 +367,13 @@ impl ImageStore {
         let layers: Vec<(String, String, PathBuf)> = manifest
             .layers
             .iter()
-            .map(|l| Ok((l.digest.clone(), l.media_type.clone(), self.blob_path(&l.digest)?)))
+            .map(|l| {
+                Ok((
+                    l.digest.clone(),
+                    l.media_type.clone(),
+                    self.blob_path(&l.digest)?,
+                ))
+            })
             .collect::<Result<_, ImageError>>()?;
         let limits = self.cfg.unpack;
         let progress2 = progress.clone();
@@ -380,12 +392,20 @@ impl ImageStore {
                 match rx.blocking_recv() {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(ImageError::Pull(e)),
-                    Err(_) => return Err(ImageError::Pull(format!("layer {digest}: download aborted"))),
+                    Err(_) => {
+                        return Err(ImageError::Pull(format!(
+                            "layer {digest}: download aborted"
+                        )))
+                    }
                 }
                 let file = fs::File::open(&path)
                     .map_err(|e| ImageError::Prepare(format!("open {}: {e}", path.display())))?;
                 let stats = unpacker
-                    .apply_layer(&digest, Compression::from_media_type(&media_type), std::io::BufReader::with_capacity(1 << 20, file))
+                    .apply_layer(
+                        &digest,
+                        Compression::from_media_type(&media_type),
+                        std::io::BufReader::with_capacity(1 << 20, file),
+                    )
                     .map_err(|e| ImageError::InvalidImage(e.to_string()))?;
                 if stats.computed_digest != digest {
                     // The stored blob changed under us: never trust it again.
@@ -601,7 +621,10 @@ async fn fetch_blob(
         file.flush()?;
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
         if got != layer.digest {
-            bail!("layer {}: digest mismatch: downloaded content is {got}", layer.digest);
+            bail!(
+                "layer {}: digest mismatch: downloaded content is {got}",
+                layer.digest
+            );
         }
         if layer.size >= 0 && size != layer.size as u64 {
             bail!(
@@ -700,7 +723,8 @@ pub fn auth_from_docker_config(text: &str, registry: &str) -> Result<RegistryAut
         #[serde(default, rename = "identitytoken")]
         identity_token: Option<String>,
     }
-    let f: File = serde_json::from_str(text).map_err(|e| format!("not a docker config.json: {e}"))?;
+    let f: File =
+        serde_json::from_str(text).map_err(|e| format!("not a docker config.json: {e}"))?;
     let host_of = |k: &str| {
         k.trim_start_matches("https://")
             .trim_start_matches("http://")
@@ -709,7 +733,11 @@ pub fn auth_from_docker_config(text: &str, registry: &str) -> Result<RegistryAut
             .unwrap_or("")
             .to_string()
     };
-    let wanted = if registry == "docker.io" { "index.docker.io" } else { registry };
+    let wanted = if registry == "docker.io" {
+        "index.docker.io"
+    } else {
+        registry
+    };
     let entry = f
         .auths
         .iter()
@@ -728,7 +756,8 @@ pub fn auth_from_docker_config(text: &str, registry: &str) -> Result<RegistryAut
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(a.trim())
             .map_err(|e| format!("auths.{registry}.auth is not base64: {e}"))?;
-        let s = String::from_utf8(decoded).map_err(|_| format!("auths.{registry}.auth is not utf-8"))?;
+        let s = String::from_utf8(decoded)
+            .map_err(|_| format!("auths.{registry}.auth is not utf-8"))?;
         let (u, p) = s
             .split_once(':')
             .ok_or_else(|| format!("auths.{registry}.auth must encode user:password"))?;
@@ -744,9 +773,16 @@ mod tests {
     #[test]
     fn docker_config_auth_forms() {
         let cfg = r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYXNz"},"https://reg.example/v2/":{"username":"a","password":"b"}}}"#;
-        assert!(matches!(auth_from_docker_config(cfg, "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass"));
-        assert!(matches!(auth_from_docker_config(cfg, "reg.example").unwrap(), RegistryAuth::Basic(u, _) if u == "a"));
-        assert!(matches!(auth_from_docker_config(cfg, "other:1").unwrap(), RegistryAuth::Anonymous));
+        assert!(
+            matches!(auth_from_docker_config(cfg, "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass")
+        );
+        assert!(
+            matches!(auth_from_docker_config(cfg, "reg.example").unwrap(), RegistryAuth::Basic(u, _) if u == "a")
+        );
+        assert!(matches!(
+            auth_from_docker_config(cfg, "other:1").unwrap(),
+            RegistryAuth::Anonymous
+        ));
         assert!(auth_from_docker_config("{\"auths\":{\"x\":{\"auth\":\"!!\"}}}", "x").is_err());
     }
 
@@ -761,6 +797,9 @@ mod tests {
     #[test]
     fn layer_media_types() {
         assert!(check_layer_media_type("application/vnd.oci.image.layer.v1.tar+zstd").is_ok());
-        assert!(check_layer_media_type("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip").is_err());
+        assert!(check_layer_media_type(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        )
+        .is_err());
     }
 }

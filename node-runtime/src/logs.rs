@@ -16,7 +16,8 @@ pub fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<()> {
         return Ok(());
     }
     let rotated = path.with_extension("log.1");
-    fs::copy(path, &rotated).with_context(|| format!("copy {} to {}", path.display(), rotated.display()))?;
+    fs::copy(path, &rotated)
+        .with_context(|| format!("copy {} to {}", path.display(), rotated.display()))?;
     let f = fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -54,7 +55,11 @@ mod tests {
     fn rotation_keeps_appending_writer_working() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("0.log");
-        let mut w = fs::OpenOptions::new().create(true).append(true).open(&p).unwrap();
+        let mut w = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .unwrap();
         w.write_all(&[b'a'; 100]).unwrap();
         rotate_if_needed(&p, 50).unwrap();
         w.write_all(b"after").unwrap();

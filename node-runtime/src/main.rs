@@ -14,7 +14,12 @@ use hyperbox_node::supervisor::SupervisorConfig;
 #[command(name = "hyperbox-node", version)]
 struct Cli {
     /// Unix socket of the node API.
-    #[arg(long, global = true, default_value = "/run/hyperbox/node.sock", env = "HYPERBOX_SOCKET")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/hyperbox/node.sock",
+        env = "HYPERBOX_SOCKET"
+    )]
     socket: PathBuf,
     /// Talk to a remote node over TCP instead (http://HOST:PORT); needs --token-file.
     #[arg(long, global = true)]
@@ -23,7 +28,12 @@ struct Cli {
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
     /// Log format of the daemon: text or json.
-    #[arg(long, global = true, default_value = "text", env = "HYPERBOX_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "HYPERBOX_LOG_FORMAT"
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -103,8 +113,13 @@ enum Command {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 5m"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 5m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -116,8 +131,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=error"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=error")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -202,14 +218,20 @@ async fn run(cli: Cli) -> Result<bool> {
             .await?;
             Ok(true)
         }
-        Command::Apply { file, no_wait, timeout } => {
-            hyperbox_node::cli::apply(&client()?, file, !no_wait, *timeout).await
-        }
+        Command::Apply {
+            file,
+            no_wait,
+            timeout,
+        } => hyperbox_node::cli::apply(&client()?, file, !no_wait, *timeout).await,
         Command::Get { name, output } => {
             hyperbox_node::cli::get(&client()?, name.as_deref(), output).await?;
             Ok(true)
         }
-        Command::Logs { name, replica, tail } => {
+        Command::Logs {
+            name,
+            replica,
+            tail,
+        } => {
             let body = client()?.logs(name, *replica, *tail).await?;
             std::io::Write::write_all(&mut std::io::stdout(), &body)?;
             Ok(true)

@@ -48,9 +48,7 @@ pub fn pressure() -> Option<Pressure> {
 }
 
 pub fn capacity() -> ResourceAmounts {
-    let memory_bytes = procfs::Meminfo::current()
-        .map(|m| m.mem_total)
-        .unwrap_or(0);
+    let memory_bytes = procfs::Meminfo::current().map(|m| m.mem_total).unwrap_or(0);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u64;

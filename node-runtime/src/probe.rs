@@ -51,7 +51,11 @@ fn http_get_in_netns(pid: i32, host: &str, port: u16, path: &str, timeout: Durat
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return false;
     }
-    let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+    let Some(addr) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
         return false;
     };
     let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
@@ -87,7 +91,10 @@ fn parse_status(head: &[u8]) -> Option<u16> {
 mod tests {
     #[test]
     fn status_line() {
-        assert_eq!(super::parse_status(b"HTTP/1.1 204 No Content\r\n"), Some(204));
+        assert_eq!(
+            super::parse_status(b"HTTP/1.1 204 No Content\r\n"),
+            Some(204)
+        );
         assert_eq!(super::parse_status(b"garbage"), None);
     }
 }

@@ -49,10 +49,20 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
 async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response {
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body is not json: {e}"), vec![]),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("request body is not json: {e}"),
+                vec![],
+            )
+        }
     };
     let Some(items) = value.get("workloads").and_then(|w| w.as_array()).cloned() else {
-        return error(StatusCode::BAD_REQUEST, "request body needs a \"workloads\" array", vec![]);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "request body needs a \"workloads\" array",
+            vec![],
+        );
     };
     let mut workloads = Vec::new();
     let mut fields = Vec::new();
@@ -85,7 +95,11 @@ async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response
     }
     match sup.apply(workloads).await {
         Ok(r) => Json(r).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("apply: {e:#}"), vec![]),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("apply: {e:#}"),
+            vec![],
+        ),
     }
 }
 
@@ -96,22 +110,38 @@ async fn list(State(sup): State<AppState>) -> Response {
 async fn get_one(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
     match sup.status(&name).await {
         Some(s) => Json(s).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("workload {name:?} not found"), vec![]),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {name:?} not found"),
+            vec![],
+        ),
     }
 }
 
 async fn get_spec(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
     match sup.workload(&name).await {
         Some(w) => Json(w).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("workload {name:?} not found"), vec![]),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {name:?} not found"),
+            vec![],
+        ),
     }
 }
 
 async fn delete(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
     match sup.delete(&name).await {
         Ok(true) => Json(serde_json::json!({"deleted": name})).into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("workload {name:?} not found"), vec![]),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("delete {name}: {e:#}"), vec![]),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {name:?} not found"),
+            vec![],
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("delete {name}: {e:#}"),
+            vec![],
+        ),
     }
 }
 
@@ -127,7 +157,11 @@ async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Response {
     if sup.status(&name).await.is_none() {
-        return error(StatusCode::NOT_FOUND, format!("workload {name:?} not found"), vec![]);
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("workload {name:?} not found"),
+            vec![],
+        );
     }
     let path = sup.log_path(&name, q.replica.unwrap_or(0));
     match crate::logs::read(&path, Some(q.tail.unwrap_or(1 << 20).min(64 << 20))) {
@@ -151,11 +185,7 @@ async fn node(State(sup): State<AppState>) -> Response {
 }
 
 /// Constant-time bearer token check for the TCP listener.
-async fn require_token(
-    State(token): State<Arc<Vec<u8>>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(token): State<Arc<Vec<u8>>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -165,14 +195,19 @@ async fn require_token(
         .unwrap_or_default();
     let ok = presented.len() == token.len() && bool::from(presented.ct_eq(&token));
     if !ok {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token", vec![]);
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+            vec![],
+        );
     }
     next.run(req).await
 }
 
 pub async fn serve_unix(sup: Arc<Supervisor>, socket: &Path) -> Result<()> {
     if socket.exists() {
-        std::fs::remove_file(socket).with_context(|| format!("remove stale socket {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("remove stale socket {}", socket.display()))?;
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -182,7 +217,9 @@ pub async fn serve_unix(sup: Arc<Supervisor>, socket: &Path) -> Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "node api listening");
-    axum::serve(listener, router(sup)).await.context("serve unix socket")
+    axum::serve(listener, router(sup))
+        .await
+        .context("serve unix socket")
 }
 
 pub async fn serve_tcp(sup: Arc<Supervisor>, addr: &str, token: Vec<u8>) -> Result<()> {
@@ -190,7 +227,10 @@ pub async fn serve_tcp(sup: Arc<Supervisor>, addr: &str, token: Vec<u8>) -> Resu
         .await
         .with_context(|| format!("bind {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "node api listening on tcp (bearer token required)");
-    let app = router(sup).layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+    let app = router(sup).layer(middleware::from_fn_with_state(
+        Arc::new(token),
+        require_token,
+    ));
     axum::serve(listener, app).await.context("serve tcp")
 }
 
@@ -199,24 +239,46 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if let Some(p) = crate::node::pressure() {
-        let _ = writeln!(out, "# HELP hyperbox_node_pressure_avg10 PSI share of time stalled over 10s (percent).");
+        let _ = writeln!(
+            out,
+            "# HELP hyperbox_node_pressure_avg10 PSI share of time stalled over 10s (percent)."
+        );
         let _ = writeln!(out, "# TYPE hyperbox_node_pressure_avg10 gauge");
         for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
             for (kind, a) in [("some", &r.some), ("full", &r.full)] {
-                let _ = writeln!(out, "hyperbox_node_pressure_avg10{{resource=\"{res}\",kind=\"{kind}\"}} {}", a.avg10);
+                let _ = writeln!(
+                    out,
+                    "hyperbox_node_pressure_avg10{{resource=\"{res}\",kind=\"{kind}\"}} {}",
+                    a.avg10
+                );
             }
         }
     }
     let list = sup.list().await;
-    let _ = writeln!(out, "# HELP hyperbox_workload_ready Whether all replicas of the workload are ready.");
+    let _ = writeln!(
+        out,
+        "# HELP hyperbox_workload_ready Whether all replicas of the workload are ready."
+    );
     let _ = writeln!(out, "# TYPE hyperbox_workload_ready gauge");
     for w in &list {
-        let _ = writeln!(out, "hyperbox_workload_ready{{workload=\"{}\"}} {}", w.name, u8::from(w.ready));
+        let _ = writeln!(
+            out,
+            "hyperbox_workload_ready{{workload=\"{}\"}} {}",
+            w.name,
+            u8::from(w.ready)
+        );
     }
-    let _ = writeln!(out, "# HELP hyperbox_workload_restarts_total Container restarts of the workload.");
+    let _ = writeln!(
+        out,
+        "# HELP hyperbox_workload_restarts_total Container restarts of the workload."
+    );
     let _ = writeln!(out, "# TYPE hyperbox_workload_restarts_total counter");
     for w in &list {
-        let _ = writeln!(out, "hyperbox_workload_restarts_total{{workload=\"{}\"}} {}", w.name, w.restarts);
+        let _ = writeln!(
+            out,
+            "hyperbox_workload_restarts_total{{workload=\"{}\"}} {}",
+            w.name, w.restarts
+        );
     }
     out
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{
-    ApplyAction, ApplyResult, Phase, Probe, ReplicaStatus, RestartPolicy, Workload,
-    WorkloadStatus, REVISION_ANNOTATION,
+    ApplyAction, ApplyResult, Phase, Probe, ReplicaStatus, RestartPolicy, Workload, WorkloadStatus,
+    REVISION_ANNOTATION,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -165,7 +165,9 @@ impl Supervisor {
                 .and_then(|b| Ok(serde_json::from_slice::<WorkloadRecord>(&b)?))
             {
                 Ok(r) => records.push(r),
-                Err(e) => tracing::error!(file = %path.display(), error = %format!("{e:#}"), "unreadable workload record, skipping it"),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %format!("{e:#}"), "unreadable workload record, skipping it")
+                }
             }
         }
         let referenced: HashSet<String> = records
@@ -415,9 +417,7 @@ impl Supervisor {
                 started_at: r.started_at_unix.map(format_rfc3339),
             })
             .collect();
-        let phase = if w.spec.suspend {
-            Phase::Pending
-        } else if replicas.is_empty() {
+        let phase = if w.spec.suspend || replicas.is_empty() {
             Phase::Pending
         } else if replicas.iter().any(|r| r.phase == Phase::Failed) {
             Phase::Failed
@@ -437,16 +437,20 @@ impl Supervisor {
             .or_else(|| replicas.iter().find(|r| r.reason.is_some()))
             .or(replicas.first());
         let (reason, message) = if w.spec.suspend {
-            (Some("Suspended".to_string()), Some("spec.suspend is true".to_string()))
+            (
+                Some("Suspended".to_string()),
+                Some("spec.suspend is true".to_string()),
+            )
         } else {
             (
                 lead.and_then(|r| r.reason.clone()),
                 lead.and_then(|r| r.message.clone()),
             )
         };
-        let pulling = replicas
-            .iter()
-            .any(|r| r.reason.as_deref() == Some("ContainerCreating") || r.reason.as_deref() == Some("Pulling"));
+        let pulling = replicas.iter().any(|r| {
+            r.reason.as_deref() == Some("ContainerCreating")
+                || r.reason.as_deref() == Some("Pulling")
+        });
         WorkloadStatus {
             name: w.metadata.name.clone(),
             phase,
@@ -552,7 +556,8 @@ impl Supervisor {
             }
             // Leftover adoptions (replicas scaled down while we were away) are stopped.
             for (_, (id, pid)) in std::mem::take(&mut adopt) {
-                self.stop_container(&id, pid, Duration::from_secs(10), None).await;
+                self.stop_container(&id, pid, Duration::from_secs(10), None)
+                    .await;
             }
             let _ = desired.changed().await;
             let _ = stop_tx.send(true);
@@ -574,16 +579,15 @@ impl Supervisor {
         mut adopted: Option<(String, i32)>,
     ) {
         let name = w.metadata.name.clone();
-        let grace = Duration::from_secs(w.spec.termination_grace_period_seconds.unwrap_or(10) as u64);
+        let grace =
+            Duration::from_secs(w.spec.termination_grace_period_seconds.unwrap_or(10) as u64);
         let mut consecutive_failures: u32 = 0;
         // A replica that already finished for good (restart policy) stays finished.
-        let finished = adopted.is_none()
-            && record
-                .lock()
-                .unwrap()
-                .replicas
-                .iter()
-                .any(|r| r.index == index && matches!(r.phase, Phase::Succeeded | Phase::Failed));
+        let finished =
+            adopted.is_none()
+                && record.lock().unwrap().replicas.iter().any(|r| {
+                    r.index == index && matches!(r.phase, Phase::Succeeded | Phase::Failed)
+                });
         if finished {
             wait_stop(&mut stop).await;
             return;
@@ -773,7 +777,11 @@ impl Supervisor {
             consecutive_failures += 1;
             self.update_replica(&record, index, |r| {
                 r.phase = Phase::Running;
-                r.reason = Some(if oom { "OOMKilled".into() } else { "CrashLoopBackOff".into() });
+                r.reason = Some(if oom {
+                    "OOMKilled".into()
+                } else {
+                    "CrashLoopBackOff".into()
+                });
                 r.message = Some(format!(
                     "last exit {}; back-off {:.1}s restarting the container",
                     match exit {
@@ -999,7 +1007,7 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T07:46:40Z");
+        assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 
     #[test]

@@ -122,7 +122,10 @@ impl Registry {
             .output()
             .context("run skopeo")?;
         if !out.status.success() {
-            bail!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "skopeo copy failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(fs::read_to_string(digest_file)?.trim().to_string())
     }
@@ -161,7 +164,11 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -335,7 +342,10 @@ pub fn write_layout(
     cmd: &[&str],
 ) -> Result<String> {
     fs::create_dir_all(layout.join("blobs/sha256"))?;
-    fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     for (tar, compress) in layers {
@@ -444,7 +454,10 @@ impl Node {
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
             .args(&self.extra)
-            .env("RUST_LOG", "info,hyperbox_node=debug,libcgroups=error,libcontainer=warn")
+            .env(
+                "RUST_LOG",
+                "info,hyperbox_node=debug,libcgroups=error,libcontainer=warn",
+            )
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -481,7 +494,10 @@ impl Node {
 
     /// Apply YAML text; panics with the output when it fails.
     pub fn apply(&self, yaml: &str) -> Output {
-        let f = self.dir.path().join(format!("apply-{}.yaml", random_suffix()));
+        let f = self
+            .dir
+            .path()
+            .join(format!("apply-{}.yaml", random_suffix()));
         fs::write(&f, yaml).unwrap();
         self.cli(&["apply", "--no-wait", "-f", f.to_str().unwrap()])
     }
@@ -507,7 +523,12 @@ impl Node {
             last = v.clone();
             pred(&v).then_some(v)
         });
-        r.with_context(|| format!("last status of {name}: {last:#}\ndaemon log:\n{}", tail(&self.daemon_log(), 4000)))
+        r.with_context(|| {
+            format!(
+                "last status of {name}: {last:#}\ndaemon log:\n{}",
+                tail(&self.daemon_log(), 4000)
+            )
+        })
     }
 
     /// Mount points under this node's state dir.
@@ -567,7 +588,9 @@ pub fn tail(s: &str, n: usize) -> &str {
 impl Drop for Node {
     fn drop(&mut self) {
         if self.child.is_some() {
-            if let Ok(list) = serde_json::from_slice::<Vec<Value>>(&self.cli(&["get", "-o", "json"]).stdout) {
+            if let Ok(list) =
+                serde_json::from_slice::<Vec<Value>>(&self.cli(&["get", "-o", "json"]).stdout)
+            {
                 for w in list {
                     if let Some(n) = w["name"].as_str() {
                         let _ = self.cli(&["delete", n]);

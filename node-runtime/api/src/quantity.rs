@@ -17,13 +17,17 @@ pub fn parse_memory_bytes(q: &str) -> Result<u64, String> {
         "Mi" => 1024.0 * 1024.0,
         "Gi" => 1024.0 * 1024.0 * 1024.0,
         "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("{q:?} has an unknown unit {suffix:?} (use Ki, Mi, Gi, k, M, G)")),
+        _ => {
+            return Err(format!(
+                "{q:?} has an unknown unit {suffix:?} (use Ki, Mi, Gi, k, M, G)"
+            ))
+        }
     };
     let n: f64 = num
         .parse()
         .map_err(|_| format!("{q:?} is not a quantity like 64Mi"))?;
     let bytes = n * mult;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
         return Err(format!("{q:?} is out of range"));
     }
     Ok(bytes as u64)
@@ -39,7 +43,7 @@ pub fn parse_cpu_millis(q: &str) -> Result<u64, String> {
     let n: f64 = num
         .parse()
         .map_err(|_| format!("{q:?} is not a cpu quantity like 500m or 1.5"))?;
-    if !n.is_finite() || n < 0.0 || n > 1e6 {
+    if !n.is_finite() || !(0.0..=1e6).contains(&n) {
         return Err(format!("{q:?} is out of range"));
     }
     Ok((n * scale).round() as u64)

@@ -20,8 +20,14 @@ impl ImageRef {
                 let hex = d
                     .strip_prefix("sha256:")
                     .ok_or_else(|| format!("{s:?}: only sha256 digests are supported"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                    return Err(format!("{s:?}: digest must be sha256: and 64 lowercase hex digits"));
+                if hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
+                    return Err(format!(
+                        "{s:?}: digest must be sha256: and 64 lowercase hex digits"
+                    ));
                 }
                 (r, Some(d.to_string()))
             }
@@ -47,12 +53,16 @@ impl ImageRef {
                     })
             })
         {
-            return Err(format!("{s:?}: repository {repository:?} is not valid (lowercase path components)"));
+            return Err(format!(
+                "{s:?}: repository {repository:?} is not valid (lowercase path components)"
+            ));
         }
         if let Some(t) = &tag {
             if t.is_empty()
                 || t.len() > 128
-                || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             {
                 return Err(format!("{s:?}: tag {t:?} is not valid"));
             }
@@ -96,9 +106,15 @@ mod tests {
     #[test]
     fn parses_forms() {
         let r = ImageRef::parse("busybox").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("docker.io", "library/busybox", Some("latest")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("docker.io", "library/busybox", Some("latest"))
+        );
         let r = ImageRef::parse("127.0.0.1:5000/test/bb:v1").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "test/bb", Some("v1")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "test/bb", Some("v1"))
+        );
         let d = format!("sha256:{}", "a".repeat(64));
         let r = ImageRef::parse(&format!("localhost/x@{d}")).unwrap();
         assert_eq!((r.tag, r.digest), (None, Some(d)));

@@ -14,7 +14,9 @@ pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// Longest workload name (it becomes part of container ids, paths and cgroup names).
 pub const MAX_NAME_LEN: usize = 53;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct FieldError {
     /// Dotted path of the offending field, e.g. `spec.resources.memory`.
     pub field: String,
@@ -90,10 +92,7 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
             ));
         }
         if e.value.contains('\0') {
-            errors.push(err(
-                format!("spec.env[{i}].value"),
-                "must not contain NUL",
-            ));
+            errors.push(err(format!("spec.env[{i}].value"), "must not contain NUL"));
         }
     }
     if let Some(wd) = &s.working_dir {
@@ -132,10 +131,16 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
     for (i, v) in s.volumes.iter().enumerate() {
         let at = format!("spec.volumes[{i}]");
         if !is_dns_label(&v.name) {
-            errors.push(err(format!("{at}.name"), format!("{:?} is not a valid name", v.name)));
+            errors.push(err(
+                format!("{at}.name"),
+                format!("{:?} is not a valid name", v.name),
+            ));
         }
         if !volume_names.insert(v.name.as_str()) {
-            errors.push(err(format!("{at}.name"), format!("duplicate volume {:?}", v.name)));
+            errors.push(err(
+                format!("{at}.name"),
+                format!("duplicate volume {:?}", v.name),
+            ));
         }
         match (&v.host_path, &v.empty_dir) {
             (Some(h), None) => {
@@ -414,7 +419,9 @@ mod tests {
     #[test]
     fn good_document_parses() {
         let docs = parse_documents(GOOD).unwrap();
-        assert!(matches!(&docs[0], ParsedDocument::Workload(w) if w.metadata.name == "web" && w.spec.replicas == 1));
+        assert!(
+            matches!(&docs[0], ParsedDocument::Workload(w) if w.metadata.name == "web" && w.spec.replicas == 1)
+        );
     }
 
     #[test]
@@ -442,13 +449,17 @@ mod tests {
         let fields: Vec<_> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
         assert_eq!(
             fields,
-            vec![("metadata.name", Some(13)), ("spec.resources.memory", Some(17))]
+            vec![
+                ("metadata.name", Some(13)),
+                ("spec.resources.memory", Some(17))
+            ]
         );
     }
 
     #[test]
     fn other_kinds_are_skipped_not_errors() {
-        let docs = parse_documents("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n").unwrap();
+        let docs =
+            parse_documents("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n").unwrap();
         assert!(matches!(&docs[0], ParsedDocument::OtherKind { kind, .. } if kind == "ConfigMap"));
     }
 
