@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyperbox_api::client::NodeClient;
 use hyperbox_api::validate::{parse_documents, ParsedDocument};
-use hyperbox_api::{ApplyAction, Phase, WorkloadStatus};
+use hyperbox_api::{ApplyAction, Phase, PullProgress, WorkloadStatus};
 
 /// Reasons after which waiting for a workload to start is pointless.
 const TERMINAL_REASONS: &[&str] = &[
@@ -91,82 +91,120 @@ fn display_field(f: &str) -> &str {
     }
 }
 
-/// Follow a workload until its containers run (or it fails), showing pull progress.
+/// Prints pull progress: one redrawn line on a terminal, a line per quarter otherwise.
+struct ProgressPrinter {
+    tty: bool,
+    printed: bool,
+    last_bucket: Option<(String, u64)>,
+}
+
+impl ProgressPrinter {
+    fn new() -> ProgressPrinter {
+        ProgressPrinter {
+            tty: std::io::stderr().is_terminal(),
+            printed: false,
+            last_bucket: None,
+        }
+    }
+
+    fn show(&mut self, who: &str, image: &str, p: &PullProgress) {
+        let pct = if p.bytes_total > 0 {
+            p.bytes_done as f64 * 100.0 / p.bytes_total as f64
+        } else {
+            0.0
+        };
+        let line = format!(
+            "{who}: pulling {image}: {} layers {}/{}, {:.1}/{:.1} MB ({pct:.0}%)",
+            p.stage,
+            p.layers_done,
+            p.layers_total,
+            p.bytes_done as f64 / 1e6,
+            p.bytes_total as f64 / 1e6
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+            let _ = std::io::stderr().flush();
+            self.printed = true;
+        } else {
+            let bucket = (p.stage.clone(), (pct as u64) / 25);
+            if self.last_bucket.as_ref() != Some(&bucket) {
+                eprintln!("{line}");
+                self.last_bucket = Some(bucket);
+            }
+        }
+    }
+
+    fn done(&mut self) {
+        if self.tty && self.printed {
+            eprintln!();
+            self.printed = false;
+        }
+    }
+}
+
+/// Follow a workload until its containers run (or it fails), showing pull progress. Uses the
+/// API's long-poll so it answers as soon as the state changes.
 async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
-    let tty = std::io::stderr().is_terminal();
-    let mut last_line = String::new();
+    let mut printer = ProgressPrinter::new();
+    let mut version = 0;
     loop {
-        let s = client.get(name).await?;
+        let s = if version == 0 {
+            client.get(name).await?
+        } else {
+            client.watch(name, version, Duration::from_millis(250)).await?
+        };
+        version = s.resource_version;
         if let Some(p) = &s.pull {
-            let pct = if p.bytes_total > 0 {
-                p.bytes_done as f64 * 100.0 / p.bytes_total as f64
-            } else {
-                0.0
-            };
-            let line = format!(
-                "{name}: pulling {}: {} layers {}/{}, {:.1}/{:.1} MB ({pct:.0}%)",
-                s.image,
-                p.stage,
-                p.layers_done,
-                p.layers_total,
-                p.bytes_done as f64 / 1e6,
-                p.bytes_total as f64 / 1e6
-            );
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-                let _ = std::io::stderr().flush();
-            } else if line.split(" MB").next() != last_line.split(" MB").next()
-                || (pct as u64 / 25) != progress_bucket(&last_line)
-            {
-                eprintln!("{line}");
-            }
-            last_line = line;
+            printer.show(name, &s.image, p);
         }
         let started = matches!(s.phase, Phase::Running | Phase::Succeeded | Phase::Failed)
             && s.replicas.iter().all(|r| r.phase != Phase::Pending);
         if started || s.suspended {
-            if tty && !last_line.is_empty() {
-                eprintln!();
-            }
+            printer.done();
             eprintln!(
                 "{name}: {:?}{}",
                 s.phase,
-                s.reason
-                    .as_deref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
+                s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
             );
             return Ok(s.phase != Phase::Failed);
         }
         if let Some(r) = s.reason.as_deref() {
             if TERMINAL_REASONS.contains(&r) {
-                if tty && !last_line.is_empty() {
-                    eprintln!();
-                }
+                printer.done();
                 eprintln!("{name}: {r}: {}", s.message.unwrap_or_default());
                 return Ok(false);
             }
         }
         if Instant::now() > deadline {
+            printer.done();
             eprintln!("{name}: still {:?} after {:?}", s.phase, timeout);
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(if s.pull.is_some() {
-            200
-        } else {
-            20
-        }))
-        .await;
     }
 }
 
-fn progress_bucket(line: &str) -> u64 {
-    line.rsplit('(')
-        .next()
-        .and_then(|p| p.trim_end_matches("%)").parse::<u64>().ok())
-        .map(|p| p / 25)
-        .unwrap_or(u64::MAX)
+/// `pull IMAGE`: prepare an image on the node, with progress.
+pub async fn pull(client: &NodeClient, image: &str) -> Result<bool> {
+    let c2 = client.clone();
+    let img = image.to_string();
+    let mut task = tokio::spawn(async move { c2.pull(&img).await });
+    let mut printer = ProgressPrinter::new();
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                printer.done();
+                let r = r.context("pull task")??;
+                println!("{} {} ({}, {} ms)", r.image, r.digest, r.rootfs, r.elapsed_ms);
+                return Ok(true);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Ok(Some(p)) = client.pull_progress(image).await {
+                    printer.show("pull", image, &p);
+                }
+            }
+        }
+    }
 }
 
 pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Result<()> {

@@ -27,7 +27,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::erofs::{self, ErofsSupport};
 use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
@@ -95,7 +95,7 @@ struct ImageMeta {
     /// `erofs` or `directory`
     rootfs: String,
     unpacked_bytes: u64,
-    last_used_unix: u64,
+    prepared_unix: u64,
 }
 
 /// An image ready to be used as a container's lower layer.
@@ -142,6 +142,10 @@ pub struct ImageStore {
     refs: StdMutex<BTreeMap<String, String>>,
     /// Serialises mounts and GC so an image is never unmounted while being prepared.
     mount_lock: tokio::sync::Mutex<()>,
+    /// When each image was last handed to a container (images unseen since start count from
+    /// the start, so a restart never collects them at once).
+    last_used: StdMutex<HashMap<String, Instant>>,
+    opened: Instant,
 }
 
 fn hex_of(digest: &str) -> Result<&str, ImageError> {
@@ -191,6 +195,8 @@ impl ImageStore {
             progress: StdMutex::new(HashMap::new()),
             refs: StdMutex::new(refs),
             mount_lock: tokio::sync::Mutex::new(()),
+            last_used: StdMutex::new(HashMap::new()),
+            opened: Instant::now(),
         })
     }
 
@@ -243,7 +249,7 @@ impl ImageStore {
         let Ok(bytes) = fs::read(&meta_path) else {
             return Ok(None);
         };
-        let mut meta: ImageMeta = serde_json::from_slice(&bytes)
+        let meta: ImageMeta = serde_json::from_slice(&bytes)
             .map_err(|e| ImageError::Prepare(format!("parse {}: {e}", meta_path.display())))?;
         let _m = self.mount_lock.lock().await;
         let lower = if meta.rootfs == "erofs" {
@@ -256,8 +262,11 @@ impl ImageStore {
         } else {
             dir.join("rootfs")
         };
-        meta.last_used_unix = now_unix();
-        let _ = write_json_atomic(&meta_path, &meta);
+        // Last use is tracked in memory: no disk write on the container start path.
+        self.last_used
+            .lock()
+            .unwrap()
+            .insert(meta.digest.clone(), Instant::now());
         Ok(Some(PreparedImage {
             digest: meta.digest,
             lower,
@@ -345,39 +354,62 @@ impl ImageStore {
         fs::create_dir_all(&rootfs_tmp)
             .map_err(|e| ImageError::Prepare(format!("create {}: {e}", rootfs_tmp.display())))?;
         let semaphore = Arc::new(Semaphore::new(self.cfg.max_concurrent_downloads.max(1)));
-        let mut ready_rx = Vec::new();
+        let mut feeds = Vec::new();
         let mut downloads = Vec::new();
         for layer in manifest.layers.iter().cloned() {
-            let (tx, rx) = oneshot::channel::<Result<(), String>>();
-            ready_rx.push(rx);
-            let sem = semaphore.clone();
-            let client = self.client.clone();
-            let oci_ref = oci_ref.clone();
             let blob_path = self.blob_path(&layer.digest)?;
-            let tmp_dir = self.cfg.root.join("tmp");
-            let progress = progress.clone();
-            downloads.push(tokio::spawn(async move {
-                let _permit = sem.acquire().await;
-                let r = fetch_blob(&client, &oci_ref, &layer, &blob_path, &tmp_dir, &progress)
-                    .await
-                    .map_err(|e| format!("{e:#}"));
-                let _ = tx.send(r);
-            }));
+            let feed = match fs::metadata(&blob_path) {
+                // Shared layer already in the store (verified when it was stored).
+                Ok(m) if m.len() as i64 == layer.size => {
+                    progress.bytes_done.fetch_add(m.len(), Ordering::Relaxed);
+                    let f = fs::File::open(&blob_path).map_err(|e| {
+                        ImageError::Prepare(format!("open {}: {e}", blob_path.display()))
+                    })?;
+                    Arc::new(BlobFeed::complete(f, m.len()))
+                }
+                _ => {
+                    let tmp = self.cfg.root.join("tmp").join(format!(
+                        "blob-{}-{:08x}",
+                        hex_of(&layer.digest)?,
+                        rand::random::<u32>()
+                    ));
+                    let writer = fs::File::create(&tmp).map_err(|e| {
+                        ImageError::Prepare(format!("create {}: {e}", tmp.display()))
+                    })?;
+                    let reader = fs::File::open(&tmp).map_err(|e| {
+                        ImageError::Prepare(format!("open {}: {e}", tmp.display()))
+                    })?;
+                    let feed = Arc::new(BlobFeed::growing(reader));
+                    let sem = semaphore.clone();
+                    let client = self.client.clone();
+                    let oci_ref = oci_ref.clone();
+                    let progress = progress.clone();
+                    let feed2 = feed.clone();
+                    downloads.push(tokio::spawn(async move {
+                        let _permit = sem.acquire().await;
+                        let r = fetch_blob(&client, &oci_ref, &layer, writer, &tmp, &blob_path, &feed2, &progress)
+                            .await
+                            .map_err(|e| format!("{e:#}"));
+                        if r.is_err() {
+                            let _ = fs::remove_file(&tmp);
+                        }
+                        feed2.finish(r);
+                    }));
+                    feed
+                }
+            };
+            feeds.push(feed);
         }
-        let layers: Vec<(String, String, PathBuf)> = manifest
+        let layers: Vec<(String, String)> = manifest
             .layers
             .iter()
-            .map(|l| {
-                Ok((
-                    l.digest.clone(),
-                    l.media_type.clone(),
-                    self.blob_path(&l.digest)?,
-                ))
-            })
-            .collect::<Result<_, ImageError>>()?;
+            .map(|l| (l.digest.clone(), l.media_type.clone()))
+            .collect();
         let limits = self.cfg.unpack;
         let progress2 = progress.clone();
         let target = rootfs_tmp.clone();
+        // Layers are applied in order while they download: each layer is read from its blob
+        // file as it grows, so download, hashing, decompression and unpacking overlap.
         let unpack = tokio::task::spawn_blocking(move || -> Result<u64, ImageError> {
             let mut unpacker = Unpacker::new(
                 &target,
@@ -388,30 +420,20 @@ impl ImageStore {
                 },
             )
             .map_err(|e| ImageError::Prepare(e.to_string()))?;
-            for ((digest, media_type, path), rx) in layers.into_iter().zip(ready_rx) {
-                match rx.blocking_recv() {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(ImageError::Pull(e)),
-                    Err(_) => {
-                        return Err(ImageError::Pull(format!(
-                            "layer {digest}: download aborted"
-                        )))
-                    }
+            for ((digest, media_type), feed) in layers.into_iter().zip(feeds) {
+                let applied = unpacker.apply_layer(
+                    &digest,
+                    Compression::from_media_type(&media_type),
+                    std::io::BufReader::with_capacity(1 << 20, FeedReader { feed: &feed, pos: 0 }),
+                );
+                // A failed download is the root cause of whatever the unpacker saw.
+                if let Err(e) = feed.wait_finished() {
+                    return Err(ImageError::Pull(e));
                 }
-                let file = fs::File::open(&path)
-                    .map_err(|e| ImageError::Prepare(format!("open {}: {e}", path.display())))?;
-                let stats = unpacker
-                    .apply_layer(
-                        &digest,
-                        Compression::from_media_type(&media_type),
-                        std::io::BufReader::with_capacity(1 << 20, file),
-                    )
-                    .map_err(|e| ImageError::InvalidImage(e.to_string()))?;
+                let stats = applied.map_err(|e| ImageError::InvalidImage(e.to_string()))?;
                 if stats.computed_digest != digest {
-                    // The stored blob changed under us: never trust it again.
-                    let _ = fs::remove_file(&path);
                     return Err(ImageError::Pull(format!(
-                        "layer {digest}: stored blob hashes to {}",
+                        "layer {digest}: content hashes to {}",
                         stats.computed_digest
                     )));
                 }
@@ -445,7 +467,7 @@ impl ImageStore {
             config,
             rootfs: rootfs_kind,
             unpacked_bytes,
-            last_used_unix: now_unix(),
+            prepared_unix: now_unix(),
         };
         // meta.json is written last: its presence is what marks the image as prepared.
         write_json_atomic(&dir.join("meta.json"), &meta)
@@ -519,7 +541,6 @@ impl ImageStore {
         let _m = self.mount_lock.lock().await;
         let mut removed = Vec::new();
         let mut live_blobs = HashSet::new();
-        let now = now_unix();
         for entry in fs::read_dir(&self.cfg.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().to_string();
@@ -532,8 +553,15 @@ impl ImageStore {
             let Ok(meta) = serde_json::from_slice::<ImageMeta>(&bytes) else {
                 continue;
             };
-            let idle = now.saturating_sub(meta.last_used_unix);
-            if in_use.contains(&meta.digest) || idle < keep_for.as_secs() {
+            let idle = self
+                .last_used
+                .lock()
+                .unwrap()
+                .get(&meta.digest)
+                .copied()
+                .unwrap_or(self.opened)
+                .elapsed();
+            if in_use.contains(&meta.digest) || idle < keep_for {
                 live_blobs.extend(meta.layers.iter().cloned());
                 continue;
             }
@@ -547,7 +575,7 @@ impl ImageStore {
             // meta.json first: a crash mid-removal leaves an unprepared dir, not a broken image.
             let _ = fs::remove_file(entry.path().join("meta.json"));
             remove_dir_all_if_exists(&entry.path())?;
-            tracing::info!(image = %meta.reference, digest = %meta.digest, idle_secs = idle, "garbage collected image");
+            tracing::info!(image = %meta.reference, digest = %meta.digest, idle_secs = idle.as_secs(), "garbage collected image");
             removed.push(meta.digest);
         }
         if !removed.is_empty() {
@@ -566,81 +594,157 @@ impl ImageStore {
     }
 }
 
+/// A layer blob as the unpacker sees it: a file that may still be growing while its download
+/// runs, with the download's outcome once it ends.
+struct BlobFeed {
+    file: fs::File,
+    state: StdMutex<FeedState>,
+    changed: std::sync::Condvar,
+}
+
+struct FeedState {
+    written: u64,
+    finished: Option<Result<(), String>>,
+}
+
+impl BlobFeed {
+    fn complete(file: fs::File, len: u64) -> BlobFeed {
+        BlobFeed {
+            file,
+            state: StdMutex::new(FeedState {
+                written: len,
+                finished: Some(Ok(())),
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn growing(file: fs::File) -> BlobFeed {
+        BlobFeed {
+            file,
+            state: StdMutex::new(FeedState {
+                written: 0,
+                finished: None,
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn publish(&self, written: u64) {
+        self.state.lock().unwrap().written = written;
+        self.changed.notify_all();
+    }
+
+    fn finish(&self, r: Result<(), String>) {
+        self.state.lock().unwrap().finished = Some(r);
+        self.changed.notify_all();
+    }
+
+    fn wait_finished(&self) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if let Some(r) = &st.finished {
+                return r.clone();
+            }
+            st = self.changed.wait(st).unwrap();
+        }
+    }
+}
+
+/// Reads a [`BlobFeed`] from the start, blocking while the download catches up.
+struct FeedReader<'a> {
+    feed: &'a BlobFeed,
+    pos: u64,
+}
+
+impl std::io::Read for FeedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let available = {
+            let mut st = self.feed.state.lock().unwrap();
+            loop {
+                if st.written > self.pos {
+                    break st.written - self.pos;
+                }
+                match &st.finished {
+                    Some(Ok(())) => return Ok(0),
+                    Some(Err(e)) => return Err(std::io::Error::other(e.clone())),
+                    None => st = self.feed.changed.wait(st).unwrap(),
+                }
+            }
+        };
+        let n = buf.len().min(available as usize);
+        let got = self.feed.file.read_at(&mut buf[..n], self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
 /// Download one blob into the content store, verifying size and digest before it becomes
-/// visible under its final name. An existing verified blob is reused (layers are shared).
+/// visible under its final name (layers are shared between images). Bytes are published to
+/// `feed` as they land so unpacking can follow the download.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
     client: &Client,
     image: &Reference,
     layer: &OciDescriptor,
+    mut file: fs::File,
+    tmp: &Path,
     blob_path: &Path,
-    tmp_dir: &Path,
+    feed: &BlobFeed,
     progress: &Progress,
 ) -> Result<()> {
-    if let Ok(m) = fs::metadata(blob_path) {
-        if m.len() as i64 == layer.size {
-            progress.bytes_done.fetch_add(m.len(), Ordering::Relaxed);
-            return Ok(());
-        }
-    }
-    let tmp = tmp_dir.join(format!(
-        "blob-{}-{}",
-        layer.digest.trim_start_matches("sha256:"),
-        rand::random::<u32>()
-    ));
-    let result = async {
-        let mut stream = client
-            .pull_blob_stream(image, layer)
-            .await
-            .map_err(|e| anyhow!("layer {}: download: {e}", layer.digest))?;
-        let mut file = std::io::BufWriter::with_capacity(
-            1 << 20,
-            fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?,
-        );
-        let mut hasher = Sha256::new();
-        let mut size: u64 = 0;
-        while let Some(chunk) = stream.stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                // oci-client's verifying stream reports a digest mismatch at the end as an error.
-                anyhow!("layer {}: download: {e}", layer.digest)
-            })?;
-            size += chunk.len() as u64;
-            if layer.size >= 0 && size > layer.size as u64 {
-                bail!(
-                    "layer {}: registry sent more than the {} bytes the manifest declares",
-                    layer.digest,
-                    layer.size
-                );
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .with_context(|| format!("write {}", tmp.display()))?;
-            progress
-                .bytes_done
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
-        file.flush()?;
-        let got = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if got != layer.digest {
+    let mut stream = client
+        .pull_blob_stream(image, layer)
+        .await
+        .map_err(|e| anyhow!("layer {}: download: {e}", layer.digest))?;
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let flush = |buf: &mut Vec<u8>, size: u64, file: &mut fs::File| -> Result<()> {
+        file.write_all(buf)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        buf.clear();
+        feed.publish(size);
+        Ok(())
+    };
+    while let Some(chunk) = stream.stream.next().await {
+        // oci-client's verifying stream also reports a digest mismatch at the end as an error.
+        let chunk = chunk.map_err(|e| anyhow!("layer {}: download: {e}", layer.digest))?;
+        size += chunk.len() as u64;
+        if layer.size >= 0 && size > layer.size as u64 {
             bail!(
-                "layer {}: digest mismatch: downloaded content is {got}",
-                layer.digest
-            );
-        }
-        if layer.size >= 0 && size != layer.size as u64 {
-            bail!(
-                "layer {}: size mismatch: got {size} bytes, manifest declares {}",
+                "layer {}: registry sent more than the {} bytes the manifest declares",
                 layer.digest,
                 layer.size
             );
         }
-        fs::rename(&tmp, blob_path).with_context(|| format!("store {}", blob_path.display()))?;
-        Ok(())
+        hasher.update(&chunk);
+        buf.extend_from_slice(&chunk);
+        progress
+            .bytes_done
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if buf.len() >= 1 << 20 {
+            flush(&mut buf, size, &mut file)?;
+        }
     }
-    .await;
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    flush(&mut buf, size, &mut file)?;
+    let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+    if got != layer.digest {
+        bail!(
+            "layer {}: digest mismatch: downloaded content is {got}",
+            layer.digest
+        );
     }
-    result
+    if layer.size >= 0 && size != layer.size as u64 {
+        bail!(
+            "layer {}: size mismatch: got {size} bytes, manifest declares {}",
+            layer.digest,
+            layer.size
+        );
+    }
+    fs::rename(tmp, blob_path).with_context(|| format!("store {}", blob_path.display()))?;
+    Ok(())
 }
 
 fn check_layer_media_type(mt: &str) -> Result<(), String> {

@@ -87,6 +87,8 @@ enum Command {
         #[arg(long, default_value = "300s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Pull and prepare an image (pull, unpack, EROFS, mount) without running it.
+    Pull { image: String },
     /// Show workloads.
     Get {
         name: Option<String>,
@@ -223,6 +225,7 @@ async fn run(cli: Cli) -> Result<bool> {
             no_wait,
             timeout,
         } => hyperbox_node::cli::apply(&client()?, file, !no_wait, *timeout).await,
+        Command::Pull { image } => hyperbox_node::cli::pull(&client()?, image).await,
         Command::Get { name, output } => {
             hyperbox_node::cli::get(&client()?, name.as_deref(), output).await?;
             Ok(true)

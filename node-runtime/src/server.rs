@@ -42,6 +42,8 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/workloads/{name}/spec", get(get_spec))
         .route("/v1/workloads/{name}/logs", get(logs))
         .route("/v1/node", get(node))
+        .route("/v1/images/pull", axum::routing::post(pull))
+        .route("/v1/images/progress", get(pull_progress))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(sup)
 }
@@ -107,7 +109,23 @@ async fn list(State(sup): State<AppState>) -> Response {
     Json(sup.list().await).into_response()
 }
 
-async fn get_one(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WatchQuery {
+    /// Long-poll: answer once the node's resourceVersion passes this value.
+    after: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+async fn get_one(
+    State(sup): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<WatchQuery>,
+) -> Response {
+    if let Some(after) = q.after {
+        let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(60_000));
+        sup.wait_change(after, timeout).await;
+    }
     match sup.status(&name).await {
         Some(s) => Json(s).into_response(),
         None => error(
@@ -168,6 +186,46 @@ async fn logs(
         Ok(bytes) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), vec![]),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct PullRequest {
+    image: String,
+}
+
+async fn pull(State(sup): State<AppState>, Json(req): Json<PullRequest>) -> Response {
+    if let Err(e) = hyperbox_api::reference::ImageRef::parse(&req.image) {
+        let field = FieldError {
+            field: "image".into(),
+            message: e,
+            line: None,
+        };
+        return error(StatusCode::BAD_REQUEST, "invalid image reference", vec![field]);
+    }
+    let started = std::time::Instant::now();
+    match sup.images().ensure(&req.image).await {
+        Ok(img) => Json(hyperbox_api::PullResult {
+            image: req.image,
+            digest: img.digest,
+            rootfs: img.rootfs_kind,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+        .into_response(),
+        Err(e) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{}: {e}", e.reason()),
+            vec![],
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ProgressQuery {
+    image: String,
+}
+
+async fn pull_progress(State(sup): State<AppState>, Query(q): Query<ProgressQuery>) -> Response {
+    Json(sup.images().progress_of(&q.image)).into_response()
 }
 
 async fn node(State(sup): State<AppState>) -> Response {

@@ -89,6 +89,8 @@ pub struct Supervisor {
     images: Arc<ImageStore>,
     cfg: SupervisorConfig,
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
+    /// Bumped on every state change; clients long-poll on it instead of sleeping.
+    changes: watch::Sender<u64>,
 }
 
 fn now_unix() -> u64 {
@@ -136,6 +138,7 @@ impl Supervisor {
             images,
             cfg,
             entries: tokio::sync::Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
         }))
     }
 
@@ -268,6 +271,7 @@ impl Supervisor {
                 ApplyAction::Created
             };
             drop(entries);
+            self.bump();
             results.push(ApplyResult { name, action });
         }
         Ok(results)
@@ -306,6 +310,10 @@ impl Supervisor {
         remove_dir_all_if_exists(&self.logs_dir.join(name))?;
         remove_dir_all_if_exists(&self.dirs.volumes.join(name))?;
         tracing::info!(workload = %name, "deleted");
+        self.bump();
+        // The image may have just become unused.
+        let sup = self.clone();
+        tokio::spawn(async move { sup.gc_images().await });
         Ok(true)
     }
 
@@ -467,6 +475,7 @@ impl Supervisor {
             container_id: lead.and_then(|r| r.container_id.clone()),
             revision: w.metadata.annotations.get(REVISION_ANNOTATION).cloned(),
             spec_hash: rec.spec_hash.clone(),
+            resource_version: self.version(),
             rootfs: rec.rootfs.clone(),
             pull: if pulling {
                 self.images.progress_of(&w.spec.image)
@@ -478,7 +487,23 @@ impl Supervisor {
         }
     }
 
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The current change counter.
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// Wait until the change counter passes `after`, or `timeout` elapses.
+    pub async fn wait_change(&self, after: u64, timeout: Duration) {
+        let mut rx = self.changes.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > after)).await;
+    }
+
     fn persist(&self, record: &StdMutex<WorkloadRecord>) {
+        self.bump();
         let rec = record.lock().unwrap().clone();
         if let Err(e) = write_json_atomic(&self.record_path(&rec.workload.metadata.name), &rec) {
             tracing::error!(workload = %rec.workload.metadata.name, error = %format!("{e:#}"), "persist state");

@@ -109,10 +109,16 @@ impl Registry {
 
     /// Push an OCI layout with skopeo; returns the manifest digest in the registry.
     pub fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<String> {
+        self.push_with(layout, tag, repo, &[])
+    }
+
+    /// `push` with extra skopeo arguments (`--all` for a multi-platform index).
+    pub fn push_with(&self, layout: &Path, tag: &str, repo: &str, extra: &[&str]) -> Result<String> {
         let digest_file = layout.join("pushed.digest");
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
-            .arg(&digest_file);
+            .arg(&digest_file)
+            .args(extra);
         if let Some((u, p)) = &self.creds {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
@@ -387,6 +393,56 @@ pub fn write_layout(
     Ok(manifest_digest)
 }
 
+/// Write a multi-platform OCI layout: one image per `(architecture, layers)`, under one image
+/// index tagged `tag`. Push it with `skopeo copy --all`.
+pub fn write_multiarch_layout(
+    layout: &Path,
+    tag: &str,
+    images: Vec<(&str, Vec<(Vec<u8>, Compress)>)>,
+    cmd: &[&str],
+) -> Result<()> {
+    let mut entries = Vec::new();
+    for (arch, layers) in images {
+        // Reuse the single-image writer, then lift its manifest into our index.
+        let manifest_digest = write_layout(layout, tag, layers, &[], cmd)?;
+        let manifest = fs::read(layout.join("blobs/sha256").join(manifest_digest.trim_start_matches("sha256:")))?;
+        let mut m: Value = serde_json::from_slice(&manifest)?;
+        // Each variant's config must carry its own architecture.
+        let cfg_digest = m["config"]["digest"].as_str().unwrap().to_string();
+        let mut cfg: Value = serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(cfg_digest.trim_start_matches("sha256:")))?)?;
+        cfg["architecture"] = json!(arch);
+        let cfg_bytes = serde_json::to_vec(&cfg)?;
+        let new_cfg = write_blob(layout, &cfg_bytes)?;
+        m["config"]["digest"] = json!(new_cfg);
+        m["config"]["size"] = json!(cfg_bytes.len());
+        let mbytes = serde_json::to_vec(&m)?;
+        let mdigest = write_blob(layout, &mbytes)?;
+        entries.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": mdigest,
+            "size": mbytes.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))?;
+    let index_digest = write_blob(layout, &index)?;
+    let top = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest,
+            "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
+    Ok(())
+}
+
 /// Build an image from layers and push it; returns (reference by tag, manifest digest).
 pub fn push_image(
     reg: &Registry,
@@ -423,10 +479,15 @@ pub struct Node {
     pub state: PathBuf,
     pub cgroup_parent: String,
     pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
     pub fn start(extra: &[&str]) -> Result<Node> {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Node> {
         let dir = tempfile::Builder::new().prefix("hbnode").tempdir()?;
         let mut n = Node {
             child: None,
@@ -434,6 +495,10 @@ impl Node {
             state: dir.path().join("state"),
             cgroup_parent: format!("/hyperbox-test-{}", random_suffix()),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         n.spawn()?;
@@ -587,23 +652,9 @@ pub fn tail(s: &str, n: usize) -> &str {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Ok(list) =
-                serde_json::from_slice::<Vec<Value>>(&self.cli(&["get", "-o", "json"]).stdout)
-            {
-                for w in list {
-                    if let Some(n) = w["name"].as_str() {
-                        let _ = self.cli(&["delete", n]);
-                    }
-                }
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-        // Whatever a failed test left behind must not outlive it.
+        // Tests that care about orderly deletion do it themselves; here the daemon goes away and
+        // whatever is left (containers keep running by design) is torn down by hand.
+        self.kill9();
         for pid in self.container_pids() {
             // SAFETY: plain kill.
             unsafe { libc::kill(pid, libc::SIGKILL) };

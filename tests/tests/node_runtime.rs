@@ -22,12 +22,16 @@ fn insecure(reg: &Registry) -> Vec<String> {
 }
 
 fn start_node(reg: &Registry, more: &[&str]) -> Node {
+    start_node_with_backoff(reg, "200ms", more)
+}
+
+fn start_node_with_backoff(reg: &Registry, base: &str, more: &[&str]) -> Node {
     let mut args: Vec<String> = insecure(reg);
     args.extend([
         "--backoff-base".into(),
-        "200ms".into(),
+        base.into(),
         "--backoff-max".into(),
-        "5s".into(),
+        "10s".into(),
     ]);
     args.extend(more.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
@@ -360,7 +364,8 @@ fn memory_limit_is_enforced_as_oomkilled() {
 fn restart_backoff_grows() {
     let reg = Registry::start(false).unwrap();
     let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg, &[]);
+    // A base well above container start time, so the doubling dominates the gaps.
+    let node = start_node_with_backoff(&reg, "400ms", &[]);
     // Each start prints the node's uptime; /proc/uptime is not namespaced.
     node.apply(&workload(
         "crash",
@@ -381,7 +386,7 @@ fn restart_backoff_grows() {
         .collect();
     assert!(starts.len() >= 4, "{logs}");
     let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-    // 200ms, 400ms, 800ms...: every gap clearly longer than the one before.
+    // 400ms, 800ms, 1.6s...: every gap clearly longer than the one before.
     for g in gaps.windows(2) {
         assert!(g[1] > g[0] * 1.4, "gaps do not grow: {gaps:?}");
     }
@@ -695,4 +700,143 @@ fn kill9_and_restart_converges_without_leaks() {
         .filter(|m| m.contains("/containers/"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn process_settings_mounts_and_isolation() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let host_dir = tempfile::tempdir().unwrap();
+    fs::write(host_dir.path().join("from-host"), "host-data\n").unwrap();
+    let node = start_node(&reg, &[]);
+    let spec = format!(
+        "  command: [sh, -c]\n  args: ['id -u; id -g; pwd; echo $GREETING; cat /host/from-host; echo x > /scratch/f && cat /scratch/f; echo y > /host/nope || echo ro-ok; grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status; sleep 1000']\n  user: '1000:1000'\n  workingDir: /tmp\n  env: [{{name: GREETING, value: hi-there}}]\n  network: none\n  volumes:\n  - {{name: host, hostPath: {{path: {}}}}}\n  - {{name: scratch, emptyDir: {{}}}}\n  mounts:\n  - {{name: host, mountPath: /host, readOnly: true}}\n  - {{name: scratch, mountPath: /scratch}}\n",
+        host_dir.path().display()
+    );
+    // The emptyDir must be writable by uid 1000: make the test image's user own nothing special,
+    // so write as that user into a fresh emptyDir created by the runtime (mode 0777 not assumed):
+    let spec = spec.replace("user: '1000:1000'", "user: '0:1000'");
+    node.apply(&workload("proc", &image, &spec));
+    node.wait_for("proc", T, "running", |v| phase(v) == "Running").unwrap();
+    let logs = wait_until(T, "output", || {
+        let l = String::from_utf8_lossy(&node.cli(&["logs", "proc"]).stdout).to_string();
+        l.contains("Seccomp").then_some(l)
+    })
+    .unwrap();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines[0], "0", "{logs}");
+    assert_eq!(lines[1], "1000", "{logs}");
+    assert_eq!(lines[2], "/tmp", "{logs}");
+    assert_eq!(lines[3], "hi-there", "{logs}");
+    assert_eq!(lines[4], "host-data", "{logs}");
+    assert_eq!(lines[5], "x", "{logs}");
+    assert!(logs.contains("ro-ok"), "{logs}");
+    assert!(logs.contains("NoNewPrivs:\t1"), "{logs}");
+    assert!(logs.contains("Seccomp:\t2"), "{logs}");
+    assert!(!host_dir.path().join("nope").exists());
+    // The image layer is read-only EROFS below a writable overlay.
+    let wide = String::from_utf8_lossy(&node.cli(&["get", "-o", "wide"]).stdout).to_string();
+    assert!(wide.contains("erofs"), "{wide}");
+    // Process isolation: the container sees itself as pid 1 and no host network interfaces.
+    let v = node.get("proc").unwrap();
+    let pid = v["replicas"][0]["pid"].as_i64().unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(nspid.trim_end().ends_with("\t1"), "{nspid}");
+    let host_net = fs::read_link("/proc/self/ns/net").unwrap();
+    let ctr_net = fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(host_net, ctr_net);
+}
+
+#[test]
+fn erofs_fallback_and_image_gc() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    // Fallback: without EROFS the image is a plain directory, and get -o wide says so.
+    let mut args = insecure(&reg);
+    args.extend(["--image-keep-for".into(), "0s".into()]);
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let node = Node::start_with_env(&refs, &[("HYPERBOX_DISABLE_EROFS", "1")]).unwrap();
+    node.apply(&workload("plain", &image, "  command: [sleep, '1000']\n"));
+    let v = node.wait_for("plain", T, "running", |v| phase(v) == "Running").unwrap();
+    assert_eq!(v["rootfs"], "directory");
+    let n: Value = serde_json::from_slice(&node.cli(&["node", "-o", "json"]).stdout).unwrap();
+    assert_eq!(n["features"]["erofs"], false);
+    assert!(node.daemon_log().contains("erofs unavailable"));
+    drop(node);
+
+    // With EROFS: the image is mounted once, and collected (unmounted, removed) when unused.
+    let node = Node::start(&refs).unwrap();
+    node.apply(&workload("e1", &image, "  command: [sleep, '1000']\n"));
+    node.apply(&workload("e2", &image, "  command: [sleep, '1000']\n"));
+    for n in ["e1", "e2"] {
+        let v = node.wait_for(n, T, "running", |v| phase(v) == "Running").unwrap();
+        assert_eq!(v["rootfs"], "erofs");
+    }
+    let erofs_mounts = |node: &Node| node.mounts().into_iter().filter(|m| m.contains("/images/mnt/")).count();
+    assert_eq!(erofs_mounts(&node), 1);
+    assert!(node.cli(&["delete", "e1"]).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(erofs_mounts(&node), 1, "still used by e2");
+    assert!(node.cli(&["delete", "e2"]).status.success());
+    wait_until(T, "image collected", || (erofs_mounts(&node) == 0).then_some(())).unwrap();
+    let left: Vec<_> = fs::read_dir(node.state.join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().len() == 64)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let blobs = fs::read_dir(node.state.join("images/blobs/sha256")).unwrap().count();
+    assert_eq!(blobs, 0);
+}
+
+#[test]
+fn multi_arch_index_picks_this_platform() {
+    let reg = Registry::start(false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = |arch: &str| Layer::new().file("arch", arch.as_bytes(), 0o644).finish();
+    write_multiarch_layout(
+        dir.path(),
+        "multi",
+        vec![
+            ("arm64", vec![(busybox_layer().finish(), Compress::Gzip), (marker("arm64"), Compress::Gzip)]),
+            ("amd64", vec![(busybox_layer().finish(), Compress::Gzip), (marker("amd64"), Compress::Gzip)]),
+        ],
+        &["sh"],
+    )
+    .unwrap();
+    reg.push_with(dir.path(), "multi", "multi", &["--all"]).unwrap();
+    let node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "arch",
+        &format!("{}/multi:multi", reg.addr),
+        "  command: [cat, /arch]\n  restartPolicy: Never\n",
+    ));
+    node.wait_for("arch", T, "done", |v| phase(v) == "Succeeded").unwrap();
+    let out = String::from_utf8_lossy(&node.cli(&["logs", "arch"]).stdout).to_string();
+    assert_eq!(out.trim(), std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"));
+}
+
+#[test]
+fn pull_shows_progress_and_logs_rotate() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &["--log-max-bytes", "20000"]);
+    // `pull` prepares the image and reports progress on stderr (not a terminal here: lines).
+    let out = node.cli(&["pull", &image]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sha256:") && stdout.contains("erofs"), "{stdout}");
+    // A chatty container: its log stays capped (current + one rotated file).
+    node.apply(&workload("chatty", &image, "  command: [sh, -c, 'while true; do echo 0123456789abcdefghijklmnopqrstuvwxyz; done']\n"));
+    node.wait_for("chatty", T, "running", |v| phase(v) == "Running").unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let dir = node.state.join("logs/chatty");
+    let cur = fs::metadata(dir.join("0.log")).unwrap().len();
+    let old = fs::metadata(dir.join("0.log.1")).map(|m| m.len()).unwrap_or(0);
+    assert!(old > 0, "log was never rotated");
+    // Rotation runs every 2s: allow what a busy writer adds in between, but not unbounded growth.
+    assert!(cur < 200 << 20, "current log is {cur} bytes");
+    let tail = node.cli(&["logs", "chatty", "--tail", "100"]);
+    assert!(tail.stdout.len() <= 100 && String::from_utf8_lossy(&tail.stdout).contains("xyz"));
 }

@@ -187,6 +187,39 @@ impl NodeClient {
         self.json(Method::GET, "/v1/workloads", None).await
     }
 
+    /// Status once something changed after `after` (a `resourceVersion`), or after `timeout`.
+    pub async fn watch(
+        &self,
+        name: &str,
+        after: u64,
+        timeout: std::time::Duration,
+    ) -> Result<WorkloadStatus, ClientError> {
+        self.json(
+            Method::GET,
+            &format!(
+                "/v1/workloads/{name}?after={after}&timeoutMs={}",
+                timeout.as_millis()
+            ),
+            None,
+        )
+        .await
+    }
+
+    /// Pull and prepare an image (returns when it is ready).
+    pub async fn pull(&self, image: &str) -> Result<crate::status::PullResult, ClientError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "image": image })).expect("json");
+        self.json(Method::POST, "/v1/images/pull", Some(body)).await
+    }
+
+    /// Progress of an ongoing pull of `image`, if any.
+    pub async fn pull_progress(
+        &self,
+        image: &str,
+    ) -> Result<Option<crate::status::PullProgress>, ClientError> {
+        let path = format!("/v1/images/progress?image={}", url_encode(image));
+        self.json(Method::GET, &path, None).await
+    }
+
     pub async fn get(&self, name: &str) -> Result<WorkloadStatus, ClientError> {
         self.json(Method::GET, &format!("/v1/workloads/{name}"), None)
             .await
@@ -243,4 +276,16 @@ where
         let _ = conn.await;
     });
     sender.send_request(req).await
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

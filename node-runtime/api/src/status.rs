@@ -65,6 +65,9 @@ pub struct WorkloadStatus {
     pub revision: Option<String>,
     /// Hash of the spec the node is running; unchanged specs are not restarted.
     pub spec_hash: String,
+    /// Node-wide change counter when this status was taken (for long-polling).
+    #[serde(default)]
+    pub resource_version: u64,
     pub replicas: Vec<ReplicaStatus>,
     /// `erofs` or `directory` (the fallback when EROFS is unavailable).
     pub rootfs: Option<String>,
@@ -154,4 +157,15 @@ pub struct ApiError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<crate::validate::FieldError>,
+}
+
+/// Result of preparing an image on the node.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PullResult {
+    pub image: String,
+    pub digest: String,
+    /// `erofs` or `directory`
+    pub rootfs: String,
+    pub elapsed_ms: u64,
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what HyperBox builds and tests with (Debian 12). Idempotent: only missing packages
+# are installed. Needs root.
+set -euo pipefail
+
+packages=(
+  # build
+  libseccomp-dev pkg-config libssl-dev zlib1g-dev git
+  # runtime: EROFS images
+  erofs-utils
+  # tests: a real registry, image tools, a static userland, htpasswd for registry auth
+  docker-registry skopeo umoci busybox-static apache2-utils
+  # benchmarks: the peer runtime, a timer, load
+  runc hyperfine stress-ng
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a registry service on :5000 where systemd runs; tests start their own.
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi

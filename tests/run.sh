@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit tests, and end-to-end tests against a real registry,
+# real containers, mounts and cgroups. Run as root on Linux (CI does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The e2e tests run the built binaries.
+cargo build --workspace
+cargo test --workspace "$@"
