@@ -152,7 +152,9 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
         let s = if version == 0 {
             client.get(name).await?
         } else {
-            client.watch(name, version, Duration::from_millis(250)).await?
+            client
+                .watch(name, version, Duration::from_millis(250))
+                .await?
         };
         version = s.resource_version;
         if let Some(p) = &s.pull {
@@ -165,7 +167,10 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
             eprintln!(
                 "{name}: {:?}{}",
                 s.phase,
-                s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                s.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
             );
             return Ok(s.phase != Phase::Failed);
         }

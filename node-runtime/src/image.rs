@@ -376,9 +376,8 @@ impl ImageStore {
                     let writer = fs::File::create(&tmp).map_err(|e| {
                         ImageError::Prepare(format!("create {}: {e}", tmp.display()))
                     })?;
-                    let reader = fs::File::open(&tmp).map_err(|e| {
-                        ImageError::Prepare(format!("open {}: {e}", tmp.display()))
-                    })?;
+                    let reader = fs::File::open(&tmp)
+                        .map_err(|e| ImageError::Prepare(format!("open {}: {e}", tmp.display())))?;
                     let feed = Arc::new(BlobFeed::growing(reader));
                     let sem = semaphore.clone();
                     let client = self.client.clone();
@@ -387,9 +386,11 @@ impl ImageStore {
                     let feed2 = feed.clone();
                     downloads.push(tokio::spawn(async move {
                         let _permit = sem.acquire().await;
-                        let r = fetch_blob(&client, &oci_ref, &layer, writer, &tmp, &blob_path, &feed2, &progress)
-                            .await
-                            .map_err(|e| format!("{e:#}"));
+                        let r = fetch_blob(
+                            &client, &oci_ref, &layer, writer, &tmp, &blob_path, &feed2, &progress,
+                        )
+                        .await
+                        .map_err(|e| format!("{e:#}"));
                         if r.is_err() {
                             let _ = fs::remove_file(&tmp);
                         }
@@ -424,7 +425,13 @@ impl ImageStore {
                 let applied = unpacker.apply_layer(
                     &digest,
                     Compression::from_media_type(&media_type),
-                    std::io::BufReader::with_capacity(1 << 20, FeedReader { feed: &feed, pos: 0 }),
+                    std::io::BufReader::with_capacity(
+                        1 << 20,
+                        FeedReader {
+                            feed: &feed,
+                            pos: 0,
+                        },
+                    ),
                 );
                 // A failed download is the root cause of whatever the unpacker saw.
                 if let Err(e) = feed.wait_finished() {

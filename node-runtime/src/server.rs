@@ -200,7 +200,11 @@ async fn pull(State(sup): State<AppState>, Json(req): Json<PullRequest>) -> Resp
             message: e,
             line: None,
         };
-        return error(StatusCode::BAD_REQUEST, "invalid image reference", vec![field]);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid image reference",
+            vec![field],
+        );
     }
     let started = std::time::Instant::now();
     match sup.images().ensure(&req.image).await {

@@ -113,7 +113,13 @@ impl Registry {
     }
 
     /// `push` with extra skopeo arguments (`--all` for a multi-platform index).
-    pub fn push_with(&self, layout: &Path, tag: &str, repo: &str, extra: &[&str]) -> Result<String> {
+    pub fn push_with(
+        &self,
+        layout: &Path,
+        tag: &str,
+        repo: &str,
+        extra: &[&str],
+    ) -> Result<String> {
         let digest_file = layout.join("pushed.digest");
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
@@ -405,11 +411,19 @@ pub fn write_multiarch_layout(
     for (arch, layers) in images {
         // Reuse the single-image writer, then lift its manifest into our index.
         let manifest_digest = write_layout(layout, tag, layers, &[], cmd)?;
-        let manifest = fs::read(layout.join("blobs/sha256").join(manifest_digest.trim_start_matches("sha256:")))?;
+        let manifest = fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(manifest_digest.trim_start_matches("sha256:")),
+        )?;
         let mut m: Value = serde_json::from_slice(&manifest)?;
         // Each variant's config must carry its own architecture.
         let cfg_digest = m["config"]["digest"].as_str().unwrap().to_string();
-        let mut cfg: Value = serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(cfg_digest.trim_start_matches("sha256:")))?)?;
+        let mut cfg: Value = serde_json::from_slice(&fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(cfg_digest.trim_start_matches("sha256:")),
+        )?)?;
         cfg["architecture"] = json!(arch);
         let cfg_bytes = serde_json::to_vec(&cfg)?;
         let new_cfg = write_blob(layout, &cfg_bytes)?;

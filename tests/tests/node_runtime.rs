@@ -717,7 +717,8 @@ fn process_settings_mounts_and_isolation() {
     // so write as that user into a fresh emptyDir created by the runtime (mode 0777 not assumed):
     let spec = spec.replace("user: '1000:1000'", "user: '0:1000'");
     node.apply(&workload("proc", &image, &spec));
-    node.wait_for("proc", T, "running", |v| phase(v) == "Running").unwrap();
+    node.wait_for("proc", T, "running", |v| phase(v) == "Running")
+        .unwrap();
     let logs = wait_until(T, "output", || {
         let l = String::from_utf8_lossy(&node.cli(&["logs", "proc"]).stdout).to_string();
         l.contains("Seccomp").then_some(l)
@@ -758,7 +759,9 @@ fn erofs_fallback_and_image_gc() {
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let node = Node::start_with_env(&refs, &[("HYPERBOX_DISABLE_EROFS", "1")]).unwrap();
     node.apply(&workload("plain", &image, "  command: [sleep, '1000']\n"));
-    let v = node.wait_for("plain", T, "running", |v| phase(v) == "Running").unwrap();
+    let v = node
+        .wait_for("plain", T, "running", |v| phase(v) == "Running")
+        .unwrap();
     assert_eq!(v["rootfs"], "directory");
     let n: Value = serde_json::from_slice(&node.cli(&["node", "-o", "json"]).stdout).unwrap();
     assert_eq!(n["features"]["erofs"], false);
@@ -770,23 +773,35 @@ fn erofs_fallback_and_image_gc() {
     node.apply(&workload("e1", &image, "  command: [sleep, '1000']\n"));
     node.apply(&workload("e2", &image, "  command: [sleep, '1000']\n"));
     for n in ["e1", "e2"] {
-        let v = node.wait_for(n, T, "running", |v| phase(v) == "Running").unwrap();
+        let v = node
+            .wait_for(n, T, "running", |v| phase(v) == "Running")
+            .unwrap();
         assert_eq!(v["rootfs"], "erofs");
     }
-    let erofs_mounts = |node: &Node| node.mounts().into_iter().filter(|m| m.contains("/images/mnt/")).count();
+    let erofs_mounts = |node: &Node| {
+        node.mounts()
+            .into_iter()
+            .filter(|m| m.contains("/images/mnt/"))
+            .count()
+    };
     assert_eq!(erofs_mounts(&node), 1);
     assert!(node.cli(&["delete", "e1"]).status.success());
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(erofs_mounts(&node), 1, "still used by e2");
     assert!(node.cli(&["delete", "e2"]).status.success());
-    wait_until(T, "image collected", || (erofs_mounts(&node) == 0).then_some(())).unwrap();
+    wait_until(T, "image collected", || {
+        (erofs_mounts(&node) == 0).then_some(())
+    })
+    .unwrap();
     let left: Vec<_> = fs::read_dir(node.state.join("images"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().len() == 64)
         .collect();
     assert!(left.is_empty(), "{left:?}");
-    let blobs = fs::read_dir(node.state.join("images/blobs/sha256")).unwrap().count();
+    let blobs = fs::read_dir(node.state.join("images/blobs/sha256"))
+        .unwrap()
+        .count();
     assert_eq!(blobs, 0);
 }
 
@@ -799,22 +814,41 @@ fn multi_arch_index_picks_this_platform() {
         dir.path(),
         "multi",
         vec![
-            ("arm64", vec![(busybox_layer().finish(), Compress::Gzip), (marker("arm64"), Compress::Gzip)]),
-            ("amd64", vec![(busybox_layer().finish(), Compress::Gzip), (marker("amd64"), Compress::Gzip)]),
+            (
+                "arm64",
+                vec![
+                    (busybox_layer().finish(), Compress::Gzip),
+                    (marker("arm64"), Compress::Gzip),
+                ],
+            ),
+            (
+                "amd64",
+                vec![
+                    (busybox_layer().finish(), Compress::Gzip),
+                    (marker("amd64"), Compress::Gzip),
+                ],
+            ),
         ],
         &["sh"],
     )
     .unwrap();
-    reg.push_with(dir.path(), "multi", "multi", &["--all"]).unwrap();
+    reg.push_with(dir.path(), "multi", "multi", &["--all"])
+        .unwrap();
     let node = start_node(&reg, &[]);
     node.apply(&workload(
         "arch",
         &format!("{}/multi:multi", reg.addr),
         "  command: [cat, /arch]\n  restartPolicy: Never\n",
     ));
-    node.wait_for("arch", T, "done", |v| phase(v) == "Succeeded").unwrap();
+    node.wait_for("arch", T, "done", |v| phase(v) == "Succeeded")
+        .unwrap();
     let out = String::from_utf8_lossy(&node.cli(&["logs", "arch"]).stdout).to_string();
-    assert_eq!(out.trim(), std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"));
+    assert_eq!(
+        out.trim(),
+        std::env::consts::ARCH
+            .replace("x86_64", "amd64")
+            .replace("aarch64", "arm64")
+    );
 }
 
 #[test]
@@ -824,16 +858,30 @@ fn pull_shows_progress_and_logs_rotate() {
     let node = start_node(&reg, &["--log-max-bytes", "20000"]);
     // `pull` prepares the image and reports progress on stderr (not a terminal here: lines).
     let out = node.cli(&["pull", &image]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("sha256:") && stdout.contains("erofs"), "{stdout}");
+    assert!(
+        stdout.contains("sha256:") && stdout.contains("erofs"),
+        "{stdout}"
+    );
     // A chatty container: its log stays capped (current + one rotated file).
-    node.apply(&workload("chatty", &image, "  command: [sh, -c, 'while true; do echo 0123456789abcdefghijklmnopqrstuvwxyz; done']\n"));
-    node.wait_for("chatty", T, "running", |v| phase(v) == "Running").unwrap();
+    node.apply(&workload(
+        "chatty",
+        &image,
+        "  command: [sh, -c, 'while true; do echo 0123456789abcdefghijklmnopqrstuvwxyz; done']\n",
+    ));
+    node.wait_for("chatty", T, "running", |v| phase(v) == "Running")
+        .unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let dir = node.state.join("logs/chatty");
     let cur = fs::metadata(dir.join("0.log")).unwrap().len();
-    let old = fs::metadata(dir.join("0.log.1")).map(|m| m.len()).unwrap_or(0);
+    let old = fs::metadata(dir.join("0.log.1"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     assert!(old > 0, "log was never rotated");
     // Rotation runs every 2s: allow what a busy writer adds in between, but not unbounded growth.
     assert!(cur < 200 << 20, "current log is {cur} bytes");
