@@ -545,6 +545,38 @@ impl ImageStore {
     /// Remove images no workload uses and that have not been used for `keep_for`, then the
     /// blobs no remaining image references. Returns the digests removed.
     pub async fn gc(&self, in_use: &HashSet<String>, keep_for: Duration) -> Result<Vec<String>> {
+        self.collect(|meta| {
+            let idle = self
+                .last_used
+                .lock()
+                .unwrap()
+                .get(&meta.digest)
+                .copied()
+                .unwrap_or(self.opened)
+                .elapsed();
+            !in_use.contains(&meta.digest) && idle >= keep_for
+        })
+        .await
+    }
+
+    /// Remove one image (by the reference it was pulled as, or its digest) right away, like
+    /// `crictl rmi`. Refused while a workload uses it.
+    pub async fn remove(&self, image: &str, in_use: &HashSet<String>) -> Result<Option<String>> {
+        let digest = match self.refs.lock().unwrap().get(image) {
+            Some(d) => d.clone(),
+            None if image.starts_with("sha256:") => image.to_string(),
+            None => return Ok(None),
+        };
+        if in_use.contains(&digest) {
+            bail!("image {image} ({digest}) is used by a workload");
+        }
+        let removed = self.collect(|meta| meta.digest == digest).await?;
+        Ok(removed.into_iter().next())
+    }
+
+    /// Remove the prepared images `doomed` selects (unmount, then delete), then every blob no
+    /// remaining image references.
+    async fn collect(&self, doomed: impl Fn(&ImageMeta) -> bool) -> Result<Vec<String>> {
         let _m = self.mount_lock.lock().await;
         let mut removed = Vec::new();
         let mut live_blobs = HashSet::new();
@@ -560,15 +592,7 @@ impl ImageStore {
             let Ok(meta) = serde_json::from_slice::<ImageMeta>(&bytes) else {
                 continue;
             };
-            let idle = self
-                .last_used
-                .lock()
-                .unwrap()
-                .get(&meta.digest)
-                .copied()
-                .unwrap_or(self.opened)
-                .elapsed();
-            if in_use.contains(&meta.digest) || idle < keep_for {
+            if !doomed(&meta) {
                 live_blobs.extend(meta.layers.iter().cloned());
                 continue;
             }
@@ -582,7 +606,8 @@ impl ImageStore {
             // meta.json first: a crash mid-removal leaves an unprepared dir, not a broken image.
             let _ = fs::remove_file(entry.path().join("meta.json"));
             remove_dir_all_if_exists(&entry.path())?;
-            tracing::info!(image = %meta.reference, digest = %meta.digest, idle_secs = idle.as_secs(), "garbage collected image");
+            self.last_used.lock().unwrap().remove(&meta.digest);
+            tracing::info!(image = %meta.reference, digest = %meta.digest, "removed image");
             removed.push(meta.digest);
         }
         if !removed.is_empty() {

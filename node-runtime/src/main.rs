@@ -89,6 +89,8 @@ enum Command {
     },
     /// Pull and prepare an image (pull, unpack, EROFS, mount) without running it.
     Pull { image: String },
+    /// Remove a prepared image (unmount, delete; refused while a workload uses it).
+    Rmi { image: String },
     /// Show workloads.
     Get {
         name: Option<String>,
@@ -226,6 +228,11 @@ async fn run(cli: Cli) -> Result<bool> {
             timeout,
         } => hyperbox_node::cli::apply(&client()?, file, !no_wait, *timeout).await,
         Command::Pull { image } => hyperbox_node::cli::pull(&client()?, image).await,
+        Command::Rmi { image } => {
+            let digest = client()?.remove_image(image).await?;
+            println!("removed {image} ({digest})");
+            Ok(true)
+        }
         Command::Get { name, output } => {
             hyperbox_node::cli::get(&client()?, name.as_deref(), output).await?;
             Ok(true)

@@ -44,6 +44,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/node", get(node))
         .route("/v1/images/pull", axum::routing::post(pull))
         .route("/v1/images/progress", get(pull_progress))
+        .route("/v1/images", axum::routing::delete(remove_image))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(sup)
 }
@@ -230,6 +231,18 @@ struct ProgressQuery {
 
 async fn pull_progress(State(sup): State<AppState>, Query(q): Query<ProgressQuery>) -> Response {
     Json(sup.images().progress_of(&q.image)).into_response()
+}
+
+async fn remove_image(State(sup): State<AppState>, Query(q): Query<ProgressQuery>) -> Response {
+    match sup.remove_image(&q.image).await {
+        Ok(Some(digest)) => Json(serde_json::json!({"removed": digest})).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("image {:?} not found", q.image),
+            vec![],
+        ),
+        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}"), vec![]),
+    }
 }
 
 async fn node(State(sup): State<AppState>) -> Response {

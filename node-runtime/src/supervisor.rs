@@ -939,6 +939,12 @@ impl Supervisor {
         }
     }
 
+    /// `rmi`: remove an image now unless a workload uses it.
+    pub async fn remove_image(&self, image: &str) -> Result<Option<String>> {
+        let in_use = self.images_in_use().await;
+        self.images.remove(image, &in_use).await
+    }
+
     pub async fn gc_images(&self) {
         let in_use = self.images_in_use().await;
         if let Err(e) = self.images.gc(&in_use, self.cfg.image_keep_for).await {

@@ -193,6 +193,9 @@ fn base64_encode(data: &[u8]) -> String {
     out
 }
 
+/// Layer tarballs of one image, with how each is compressed in the registry.
+pub type Layers = Vec<(Vec<u8>, Compress)>;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Compress {
     None,
@@ -349,7 +352,7 @@ fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
 pub fn write_layout(
     layout: &Path,
     tag: &str,
-    layers: Vec<(Vec<u8>, Compress)>,
+    layers: Layers,
     entrypoint: &[&str],
     cmd: &[&str],
 ) -> Result<String> {
@@ -404,7 +407,7 @@ pub fn write_layout(
 pub fn write_multiarch_layout(
     layout: &Path,
     tag: &str,
-    images: Vec<(&str, Vec<(Vec<u8>, Compress)>)>,
+    images: Vec<(&str, Layers)>,
     cmd: &[&str],
 ) -> Result<()> {
     let mut entries = Vec::new();
@@ -462,7 +465,7 @@ pub fn push_image(
     reg: &Registry,
     repo: &str,
     tag: &str,
-    layers: Vec<(Vec<u8>, Compress)>,
+    layers: Layers,
     entrypoint: &[&str],
     cmd: &[&str],
 ) -> Result<(String, String)> {

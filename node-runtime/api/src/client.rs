@@ -211,6 +211,13 @@ impl NodeClient {
         self.json(Method::POST, "/v1/images/pull", Some(body)).await
     }
 
+    /// Remove a prepared image (refused while a workload uses it).
+    pub async fn remove_image(&self, image: &str) -> Result<String, ClientError> {
+        let path = format!("/v1/images?image={}", url_encode(image));
+        let v: serde_json::Value = self.json(Method::DELETE, &path, None).await?;
+        Ok(v["removed"].as_str().unwrap_or_default().to_string())
+    }
+
     /// Progress of an ongoing pull of `image`, if any.
     pub async fn pull_progress(
         &self,
