@@ -203,7 +203,7 @@ pub async fn pull(client: &NodeClient, image: &str) -> Result<bool> {
                 println!("{} {} ({}, {} ms)", r.image, r.digest, r.rootfs, r.elapsed_ms);
                 return Ok(true);
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+            _ = tokio::time::sleep(Duration::from_millis(if printer.printed || printer.last_bucket.is_some() { 200 } else { 50 })) => {
                 if let Ok(Some(p)) = client.pull_progress(image).await {
                     printer.show("pull", image, &p);
                 }

@@ -540,6 +540,7 @@ impl Node {
                 "RUST_LOG",
                 "info,hyperbox_node=debug,libcgroups=error,libcontainer=warn",
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

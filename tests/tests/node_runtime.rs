@@ -789,16 +789,17 @@ fn erofs_fallback_and_image_gc() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(erofs_mounts(&node), 1, "still used by e2");
     assert!(node.cli(&["delete", "e2"]).status.success());
+    let prepared = |node: &Node| {
+        fs::read_dir(node.state.join("images"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().len() == 64)
+            .count()
+    };
     wait_until(T, "image collected", || {
-        (erofs_mounts(&node) == 0).then_some(())
+        (erofs_mounts(&node) == 0 && prepared(&node) == 0).then_some(())
     })
     .unwrap();
-    let left: Vec<_> = fs::read_dir(node.state.join("images"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().len() == 64)
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
     let blobs = fs::read_dir(node.state.join("images/blobs/sha256"))
         .unwrap()
         .count();
@@ -855,9 +856,25 @@ fn multi_arch_index_picks_this_platform() {
 fn pull_shows_progress_and_logs_rotate() {
     let reg = Registry::start(false).unwrap();
     let image = push_busybox(&reg).unwrap();
+    // Big enough (64 MB unpacked) that the pull takes a while to report progress on.
+    let (big, _) = push_image(
+        &reg,
+        "big",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (
+                Layer::new().big_file("zeros", 64 << 20).finish(),
+                Compress::Gzip,
+            ),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
     let node = start_node(&reg, &["--log-max-bytes", "20000"]);
     // `pull` prepares the image and reports progress on stderr (not a terminal here: lines).
-    let out = node.cli(&["pull", &image]);
+    let out = node.cli(&["pull", &big]);
     assert!(
         out.status.success(),
         "{}",
@@ -868,6 +885,15 @@ fn pull_shows_progress_and_logs_rotate() {
         stdout.contains("sha256:") && stdout.contains("erofs"),
         "{stdout}"
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pulling") && stderr.contains("layers"),
+        "no progress shown: {stderr}"
+    );
+    // rmi removes an unused image (unmounted, files gone); a later pull fetches it again.
+    assert!(node.cli(&["rmi", &big]).status.success());
+    assert!(!node.mounts().iter().any(|m| m.contains("/images/mnt/")));
+    assert!(node.cli(&["pull", &big]).status.success());
     // A chatty container: its log stays capped (current + one rotated file).
     node.apply(&workload(
         "chatty",
@@ -876,6 +902,9 @@ fn pull_shows_progress_and_logs_rotate() {
     ));
     node.wait_for("chatty", T, "running", |v| phase(v) == "Running")
         .unwrap();
+    let rmi = node.cli(&["rmi", &image]);
+    assert!(!rmi.status.success());
+    assert!(String::from_utf8_lossy(&rmi.stderr).contains("used by a workload"));
     std::thread::sleep(Duration::from_secs(5));
     let dir = node.state.join("logs/chatty");
     let cur = fs::metadata(dir.join("0.log")).unwrap().len();
