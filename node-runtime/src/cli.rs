@@ -43,16 +43,15 @@ pub async fn apply(
             ParsedDocument::OtherKind { api_version, kind } => {
                 eprintln!("{shown}: document {}: skipping {kind} ({api_version}): not a hyperbox Workload", i + 1)
             }
-            ParsedDocument::Invalid(errs) => {
+            ParsedDocument::Invalid { errors, .. } => {
                 ok = false;
-                for e in errs {
-                    match e.line {
-                        Some(l) => {
-                            eprintln!("{shown}:{l}: {}: {}", display_field(&e.field), e.message)
-                        }
-                        None => eprintln!("{shown}: {}: {}", display_field(&e.field), e.message),
-                    }
+                for e in errors {
+                    print_field_error(&shown, &e);
                 }
+            }
+            ParsedDocument::Unreadable(e) => {
+                ok = false;
+                print_field_error(&shown, &e);
             }
         }
     }
@@ -81,6 +80,13 @@ pub async fn apply(
         }
     }
     Ok(ok)
+}
+
+fn print_field_error(file: &str, e: &hyperbox_api::validate::FieldError) {
+    match e.line {
+        Some(l) => eprintln!("{file}:{l}: {}: {}", display_field(&e.field), e.message),
+        None => eprintln!("{file}: {}: {}", display_field(&e.field), e.message),
+    }
 }
 
 fn display_field(f: &str) -> &str {

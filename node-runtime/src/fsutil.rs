@@ -9,6 +9,16 @@ use anyhow::{Context, Result};
 /// Write a file so that readers (and a daemon restarted after `kill -9`) see either the old
 /// or the new content, never a torn write: temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_with(path, data, true)
+}
+
+/// Like [`write_atomic`] but without the fsyncs: the rename is still atomic for readers, and
+/// the caller makes the batch durable with one [`syncfs`].
+pub fn write_atomic_nosync(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_with(path, data, false)
+}
+
+fn write_atomic_with(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
@@ -22,12 +32,28 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let mut f = fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(data)
             .with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", tmp.display()))?;
+        if durable {
+            f.sync_all()
+                .with_context(|| format!("fsync {}", tmp.display()))?;
+        }
     }
     fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Flush the filesystem holding `path` (one call makes a batch of unsynced writes durable).
+pub fn syncfs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: syncfs on an fd we own.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncfs {}", path.display()));
     }
     Ok(())
 }
@@ -35,6 +61,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let data = serde_json::to_vec_pretty(value).context("serialize state")?;
     write_atomic(path, &data)
+}
+
+pub fn write_json_atomic_nosync<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let data = serde_json::to_vec_pretty(value).context("serialize state")?;
+    write_atomic_nosync(path, &data)
 }
 
 /// Mount points currently in this mount namespace (decoded from /proc/self/mountinfo).

@@ -12,16 +12,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{
-    ApplyAction, ApplyResult, Phase, Probe, ReplicaStatus, RestartPolicy, Workload, WorkloadStatus,
-    REVISION_ANNOTATION,
+    spec_hash, ApplyAction, ApplyResult, Phase, Probe, ReplicaStatus, RestartPolicy, Workload,
+    WorkloadStatus, REVISION_ANNOTATION,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::container::{self, RuntimeDirs, StartRequest};
-use crate::fsutil::{remove_dir_all_if_exists, write_json_atomic};
+use crate::fsutil::{
+    remove_dir_all_if_exists, syncfs, write_json_atomic, write_json_atomic_nosync,
+};
 use crate::image::ImageStore;
 use crate::logs;
 
@@ -100,15 +101,6 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Hash of what decides whether a container must be replaced: the name and the spec.
-/// Labels and annotations (the source revision, say) change without a restart.
-pub fn spec_hash(w: &Workload) -> String {
-    let mut h = Sha256::new();
-    h.update(w.metadata.name.as_bytes());
-    h.update(serde_json::to_vec(&w.spec).expect("serialize spec"));
-    hex::encode(&h.finalize()[..16])
-}
-
 fn short_random() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -182,6 +174,7 @@ impl Supervisor {
         for rec in records {
             let name = rec.workload.metadata.name.clone();
             let mut adopt = BTreeMap::new();
+            let mut died = Vec::new();
             for r in &rec.replicas {
                 if let Some(id) = &r.container_id {
                     match container::running_pid(&self.dirs, id) {
@@ -193,11 +186,32 @@ impl Supervisor {
                             if let Err(e) = container::destroy(&self.dirs, id) {
                                 tracing::warn!(container = %id, error = %format!("{e:#}"), "cleanup of dead container failed");
                             }
+                            died.push(r.index);
                         }
                     }
                 }
             }
-            tracing::info!(workload = %name, adopted = adopt.len(), "recovered workload");
+            // Containers that exited while the daemon was away: their exit code is lost, so
+            // they count as failures for the restart policy.
+            let mut rec = rec;
+            let never = rec.workload.spec.restart_policy == RestartPolicy::Never;
+            for r in rec.replicas.iter_mut().filter(|r| died.contains(&r.index)) {
+                r.container_id = None;
+                r.pid = None;
+                r.ready = false;
+                r.last_exit_code = None;
+                if never {
+                    r.phase = Phase::Failed;
+                    r.reason = Some("Unknown".into());
+                    r.message = Some(
+                        "the container exited while the daemon was down; its exit code is unknown"
+                            .into(),
+                    );
+                } else if r.phase == Phase::Running {
+                    r.restarts += 1;
+                }
+            }
+            tracing::info!(workload = %name, adopted = adopt.len(), died = died.len(), "recovered workload");
             self.start_entry(rec, adopt).await;
         }
         tracing::info!(adopted, "recovery finished");
@@ -246,7 +260,7 @@ impl Supervisor {
                 let same = rec.spec_hash == hash;
                 rec.workload = w.clone();
                 rec.spec_hash = hash;
-                write_json_atomic(&self.record_path(&name), &*rec)?;
+                write_json_atomic_nosync(&self.record_path(&name), &*rec)?;
                 drop(rec);
                 if same {
                     ApplyAction::Unchanged
@@ -264,7 +278,7 @@ impl Supervisor {
                     rootfs: None,
                     replicas: vec![],
                 };
-                write_json_atomic(&self.record_path(&name), &rec)?;
+                write_json_atomic_nosync(&self.record_path(&name), &rec)?;
                 tracing::info!(workload = %name, "created");
                 self.start_entry(rec, BTreeMap::new()).await;
                 entries = self.entries.lock().await;
@@ -274,6 +288,9 @@ impl Supervisor {
             self.bump();
             results.push(ApplyResult { name, action });
         }
+        // One flush for the whole batch: bulk applies (a Git sync of thousands of workloads)
+        // must not pay an fsync per record.
+        syncfs(&self.records_dir)?;
         Ok(results)
     }
 
@@ -502,12 +519,24 @@ impl Supervisor {
         let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > after)).await;
     }
 
-    fn persist(&self, record: &StdMutex<WorkloadRecord>) {
+    /// Write the record. `durable` fsyncs it: needed when a container id is recorded before the
+    /// container exists (crash recovery must find it); phase changes can be rebuilt.
+    fn persist_with(&self, record: &StdMutex<WorkloadRecord>, durable: bool) {
         self.bump();
         let rec = record.lock().unwrap().clone();
-        if let Err(e) = write_json_atomic(&self.record_path(&rec.workload.metadata.name), &rec) {
+        let path = self.record_path(&rec.workload.metadata.name);
+        let r = if durable {
+            write_json_atomic(&path, &rec)
+        } else {
+            write_json_atomic_nosync(&path, &rec)
+        };
+        if let Err(e) = r {
             tracing::error!(workload = %rec.workload.metadata.name, error = %format!("{e:#}"), "persist state");
         }
+    }
+
+    fn persist(&self, record: &StdMutex<WorkloadRecord>) {
+        self.persist_with(record, true)
     }
 
     fn update_replica(
@@ -516,13 +545,18 @@ impl Supervisor {
         index: u32,
         f: impl FnOnce(&mut ReplicaRecord),
     ) {
-        {
+        let id_changed = {
             let mut rec = record.lock().unwrap();
-            if let Some(r) = rec.replicas.iter_mut().find(|r| r.index == index) {
-                f(r);
+            match rec.replicas.iter_mut().find(|r| r.index == index) {
+                Some(r) => {
+                    let before = r.container_id.clone();
+                    f(r);
+                    before != r.container_id
+                }
+                None => false,
             }
-        }
-        self.persist(record);
+        };
+        self.persist_with(record, id_changed);
     }
 
     /// The workload task: runs the replicas of the current spec until the spec changes (then

@@ -670,6 +670,8 @@ fn kill9_and_restart_converges_without_leaks() {
         })
         .unwrap();
     assert_eq!(after_c["replicas"][0]["phase"], "Running");
+    // It died while nobody watched: that counts as a restart (exit code unknown).
+    assert_eq!(after_c["restarts"], 1);
     // No duplicates, no leaks: same number of mounts, cgroups and container processes.
     let mut mounts_after = node.mounts();
     mounts_after.sort();

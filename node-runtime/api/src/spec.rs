@@ -203,3 +203,14 @@ pub struct HttpGetAction {
 fn default_probe_path() -> String {
     "/".to_string()
 }
+
+/// Hash of what decides whether a running container must be replaced: the name and the spec.
+/// Labels and annotations (the source revision, say) change without a restart. Node and
+/// operator both use it to tell "changed" from "unchanged".
+pub fn spec_hash(w: &Workload) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(w.metadata.name.as_bytes());
+    h.update(serde_json::to_vec(&w.spec).expect("serialize spec"));
+    hex::encode(&h.finalize()[..16])
+}

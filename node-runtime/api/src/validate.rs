@@ -235,7 +235,14 @@ pub enum ParsedDocument {
         api_version: String,
         kind: String,
     },
-    Invalid(Vec<FieldError>),
+    /// A Workload document that failed validation; `name` when it could still be read (so a
+    /// source can keep the previously applied version of exactly that workload).
+    Invalid {
+        name: Option<String>,
+        errors: Vec<FieldError>,
+    },
+    /// The YAML stream is broken here: this document and any after it cannot be read.
+    Unreadable(FieldError),
 }
 
 /// Parse a (possibly multi-document) YAML stream of Workloads. Each document is parsed and
@@ -261,11 +268,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
             Ok(v) => v,
             Err(e) => {
                 let line = e.location().map(|l| l.line());
-                out.push(ParsedDocument::Invalid(vec![FieldError {
+                out.push(ParsedDocument::Unreadable(FieldError {
                     field: String::new(),
                     message: format!("invalid yaml: {}", strip_location(&e.to_string())),
                     line,
-                }]));
+                }));
                 // After a syntax error the stream cannot be resynchronised reliably.
                 break;
             }
@@ -287,6 +294,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
             out.push(ParsedDocument::OtherKind { api_version, kind });
             continue;
         }
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
         match serde_path_to_error::deserialize::<_, Workload>(value) {
             Ok(w) => {
                 let errors = validate_workload(&w);
@@ -300,18 +312,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
                             e
                         })
                         .collect();
-                    out.push(ParsedDocument::Invalid(errors));
+                    out.push(ParsedDocument::Invalid { name, errors });
                 }
             }
             Err(e) => {
                 let field = clean_path(&e.path().to_string());
                 let message = strip_location(&e.into_inner().to_string());
                 let line = Some(find_field_line(text, base_line, &field));
-                out.push(ParsedDocument::Invalid(vec![FieldError {
-                    field,
-                    message,
-                    line,
-                }]));
+                out.push(ParsedDocument::Invalid {
+                    name,
+                    errors: vec![FieldError {
+                        field,
+                        message,
+                        line,
+                    }],
+                });
             }
         }
     }
@@ -428,9 +443,10 @@ mod tests {
     fn unknown_field_names_path_and_line() {
         let text = GOOD.replace("    memory: 64Mi", "    memory: 64Mi\n    gpus: 2");
         let docs = parse_documents(&text).unwrap();
-        let ParsedDocument::Invalid(errs) = &docs[0] else {
+        let ParsedDocument::Invalid { name, errors: errs } = &docs[0] else {
             panic!("expected invalid: {docs:?}")
         };
+        assert_eq!(name.as_deref(), Some("web"));
         assert_eq!(errs[0].field, "spec.resources.gpus");
         assert!(errs[0].message.contains("unknown field `gpus`"), "{errs:?}");
         assert_eq!(errs[0].line, Some(9));
@@ -443,7 +459,7 @@ mod tests {
         );
         let docs = parse_documents(&text).unwrap();
         assert!(matches!(docs[0], ParsedDocument::Workload(_)));
-        let ParsedDocument::Invalid(errs) = &docs[1] else {
+        let ParsedDocument::Invalid { errors: errs, .. } = &docs[1] else {
             panic!("expected invalid")
         };
         let fields: Vec<_> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
@@ -475,7 +491,7 @@ mod tests {
         }
         let docs = parse_documents(&bomb).unwrap();
         assert!(
-            matches!(&docs[0], ParsedDocument::Invalid(e) if e[0].message.contains("invalid yaml")),
+            matches!(&docs[0], ParsedDocument::Unreadable(e) if e.message.contains("invalid yaml")),
             "{docs:?}"
         );
     }
@@ -490,7 +506,7 @@ mod tests {
     fn mounts_must_name_volumes() {
         let text = format!("{GOOD}  mounts:\n  - name: data\n    mountPath: /data\n");
         let docs = parse_documents(&text).unwrap();
-        let ParsedDocument::Invalid(errs) = &docs[0] else {
+        let ParsedDocument::Invalid { errors: errs, .. } = &docs[0] else {
             panic!("expected invalid")
         };
         assert_eq!(errs[0].field, "spec.mounts[0].name");

@@ -1,0 +1,9 @@
+//! HyperBox operator: sources of desired state (Git now, Kubernetes next), validation,
+//! reconcile planning and status.
+
+pub mod gitsource;
+pub mod manifests;
+pub mod reconcile;
+pub mod sync;
+pub mod validate;
+pub mod webhook;
