@@ -701,3 +701,255 @@ pub fn workload(name: &str, image: &str, extra_spec: &str) -> String {
         "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n{extra_spec}"
     )
 }
+
+/// A real Git remote (a bare repository) and a working clone to commit and push from.
+pub struct GitRepo {
+    pub dir: tempfile::TempDir,
+    pub bare: PathBuf,
+    pub work: PathBuf,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "HyperBox Test")
+        .env("GIT_AUTHOR_EMAIL", "test@hyperbox.invalid")
+        .env("GIT_COMMITTER_NAME", "HyperBox Test")
+        .env("GIT_COMMITTER_EMAIL", "test@hyperbox.invalid")
+        .output()
+        .context("run git")?;
+    if !out.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl GitRepo {
+    pub fn new() -> Result<GitRepo> {
+        let dir = tempfile::Builder::new().prefix("hbgit").tempdir()?;
+        let bare = dir.path().join("remote.git");
+        let work = dir.path().join("work");
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+        )?;
+        git(
+            dir.path(),
+            &["init", "-q", "-b", "main", work.to_str().unwrap()],
+        )?;
+        git(&work, &["remote", "add", "origin", bare.to_str().unwrap()])?;
+        Ok(GitRepo { dir, bare, work })
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+
+    pub fn write(&self, path: &str, content: &str) {
+        let p = self.work.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+
+    pub fn remove(&self, path: &str) {
+        fs::remove_file(self.work.join(path)).unwrap();
+    }
+
+    /// Commit everything and push; returns the commit id.
+    pub fn commit_push(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]).unwrap();
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", msg]).unwrap();
+        git(&self.work, &["push", "-q", "origin", "main"]).unwrap();
+        git(&self.work, &["rev-parse", "HEAD"]).unwrap()
+    }
+
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        git(&self.work, args)
+    }
+}
+
+/// `git daemon` serving a directory of repositories over git:// on a free port.
+pub struct GitDaemon {
+    child: Child,
+    pub port: u16,
+    base: PathBuf,
+}
+
+impl GitDaemon {
+    pub fn start(base: &Path, port: Option<u16>) -> Result<GitDaemon> {
+        let port = port.unwrap_or_else(free_port);
+        use std::os::unix::process::CommandExt;
+        // Its own process group: `git daemon` runs git-daemon as a child, and stopping the
+        // server must stop both.
+        let child = Command::new("git")
+            .process_group(0)
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start git daemon")?;
+        wait_until(Duration::from_secs(10), "git daemon", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        Ok(GitDaemon {
+            child,
+            port,
+            base: base.to_path_buf(),
+        })
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: signalling the process group we created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        *self = GitDaemon::start(&self.base.clone(), Some(self.port))?;
+        Ok(())
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `hyperbox-operator git` against a node.
+pub struct Operator {
+    child: Option<Child>,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl Operator {
+    pub fn start(node: &Node, repo_url: &str, extra: &[&str]) -> Result<Operator> {
+        let state = node
+            .dir
+            .path()
+            .join(format!("operator-{}", random_suffix()));
+        fs::create_dir_all(&state)?;
+        let mut args = vec![
+            "git".to_string(),
+            "--repo".into(),
+            repo_url.into(),
+            "--node".into(),
+            format!("unix://{}", node.socket.display()),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut op = Operator {
+            child: None,
+            log: state.join("operator.log"),
+            state,
+            args,
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.child = Some(
+            Command::new(bin("hyperbox-operator"))
+                .args(&self.args)
+                .env("RUST_LOG", "info,hyperbox_operator=debug")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("start hyperbox-operator")?,
+        );
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = Command::new(bin("hyperbox-operator"))
+            .args(["status", "-o", "json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn wait_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut last = Value::Null;
+        wait_until(timeout, what, || {
+            let v = self.status()?;
+            last = v.clone();
+            pred(&v).then_some(v)
+        })
+        .with_context(|| {
+            format!(
+                "last operator status: {last:#}\noperator log:\n{}",
+                tail(&fs::read_to_string(&self.log).unwrap_or_default(), 4000)
+            )
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// HMAC-SHA256 signature header value (`sha256=<hex>`) of a webhook body.
+pub fn webhook_signature(secret: &[u8], body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// POST to a local HTTP endpoint; returns the status code.
+pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}

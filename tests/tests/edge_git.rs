@@ -1,0 +1,414 @@
+//! End-to-end tests of edge GitOps: `hyperbox-operator git` against real Git repositories and
+//! servers, reconciling onto a real `hyperbox-node`.
+
+use std::time::Duration;
+
+use hyperbox_e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn start_node(reg: &Registry) -> Node {
+    Node::start(&["--insecure-registry", &reg.addr, "--backoff-base", "200ms"]).unwrap()
+}
+
+fn doc(name: &str, image: &str, cmd: &str) -> String {
+    workload(
+        name,
+        image,
+        &format!("  command: [sh, -c, '{cmd}']\n  terminationGracePeriodSeconds: 1\n"),
+    )
+}
+
+fn outcome<'a>(status: &'a Value, name: &str) -> &'a str {
+    status["workloads"]
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["name"] == name))
+        .and_then(|w| w["outcome"].as_str())
+        .unwrap_or("")
+}
+
+fn applied(status: &Value, rev: &str) -> bool {
+    status["lastAppliedRevision"] == rev
+}
+
+#[test]
+fn push_change_delete_is_reconciled() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    repo.write("apps/web.yaml", &doc("web", &image, "sleep 1000"));
+    repo.write("apps/job.yaml", &doc("job", &image, "sleep 1000"));
+    repo.write("README.md", "not a manifest");
+    let rev1 = repo.commit_push("two workloads");
+    let op = Operator::start(
+        &node,
+        &repo.url(),
+        &["--path", "apps", "--interval", "500ms"],
+    )
+    .unwrap();
+
+    let st = op
+        .wait_status(T, "first sync", |s| applied(s, &rev1))
+        .unwrap();
+    assert_eq!(outcome(&st, "web"), "created");
+    for n in ["web", "job"] {
+        let v = node
+            .wait_for(n, T, "running", |v| v["phase"] == "Running")
+            .unwrap();
+        assert_eq!(
+            v["revision"],
+            rev1.as_str(),
+            "workloads carry the revision that produced them"
+        );
+    }
+    let web1 = node.get("web").unwrap();
+
+    // Change one: only it is replaced; the other keeps its container.
+    let job1 = node.get("job").unwrap();
+    repo.write("apps/web.yaml", &doc("web", &image, "sleep 2000"));
+    let rev2 = repo.commit_push("change web");
+    let st = op
+        .wait_status(T, "second sync", |s| applied(s, &rev2))
+        .unwrap();
+    assert_eq!(outcome(&st, "web"), "updated");
+    assert_eq!(outcome(&st, "job"), "unchanged");
+    node.wait_for("web", T, "replaced", |v| {
+        v["phase"] == "Running"
+            && v["containerId"] != web1["containerId"]
+            && !v["containerId"].is_null()
+    })
+    .unwrap();
+    let job2 = node.get("job").unwrap();
+    assert_eq!(
+        job1["containerId"], job2["containerId"],
+        "unchanged workload was restarted"
+    );
+    assert_eq!(job2["revision"], rev2.as_str());
+
+    // Delete one: pruned from the node.
+    repo.remove("apps/job.yaml");
+    let rev3 = repo.commit_push("remove job");
+    let st = op
+        .wait_status(T, "third sync", |s| applied(s, &rev3))
+        .unwrap();
+    assert_eq!(outcome(&st, "job"), "pruned");
+    wait_until(T, "job gone", || node.get("job").is_none().then_some(())).unwrap();
+    assert!(node.get("web").is_some());
+
+    // Drift: deleted on the node behind the operator's back, restored at the next sync.
+    assert!(node.cli(&["delete", "web"]).status.success());
+    node.wait_for("web", T, "restored", |v| v["phase"] == "Running")
+        .unwrap();
+}
+
+#[test]
+fn broken_file_does_not_block_good_ones() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    repo.write("a.yaml", &doc("a", &image, "sleep 1000"));
+    repo.write("b.yaml", &doc("b", &image, "sleep 1000"));
+    repo.write("c.yaml", &doc("c", &image, "sleep 1000"));
+    let rev1 = repo.commit_push("three");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "500ms"]).unwrap();
+    op.wait_status(T, "first sync", |s| applied(s, &rev1))
+        .unwrap();
+    let c1 = node
+        .wait_for("c", T, "c running", |v| v["phase"] == "Running")
+        .unwrap();
+
+    // One commit: a and b change (good), c gets an unknown field (bad), d is new but a
+    // YAML syntax error, and e is a ConfigMap (not ours).
+    repo.write("a.yaml", &doc("a", &image, "sleep 1001"));
+    repo.write("b.yaml", &doc("b", &image, "sleep 1002"));
+    repo.write(
+        "c.yaml",
+        &doc("c", &image, "sleep 1003").replace("  image:", "  imagePullPolicy: Always\n  image:"),
+    );
+    repo.write(
+        "d.yaml",
+        "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata: {name: d\n",
+    );
+    repo.write(
+        "e.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: e}\n",
+    );
+    let rev2 = repo.commit_push("mixed");
+    let st = op
+        .wait_status(T, "partial apply", |s| {
+            s["lastFetchedRevision"] == rev2.as_str() && outcome(s, "a") == "updated"
+        })
+        .unwrap();
+    assert_eq!(outcome(&st, "b"), "updated");
+    assert_eq!(outcome(&st, "c"), "skipped");
+    let problems: Vec<String> = st["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            f["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("c.yaml:6: spec.imagePullPolicy")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("d.yaml")),
+        "{problems:?}"
+    );
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    let notes = st["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "e.yaml")
+        .unwrap()["notes"]
+        .clone();
+    assert!(notes.to_string().contains("ConfigMap"));
+    // The good ones run their new spec; the broken one keeps its previous container.
+    for n in ["a", "b"] {
+        node.wait_for(n, T, "new spec", |v| {
+            v["revision"] == rev2.as_str() && v["phase"] == "Running"
+        })
+        .unwrap();
+    }
+    let c2 = node.get("c").unwrap();
+    assert_eq!(c1["containerId"], c2["containerId"]);
+    assert_eq!(c2["revision"], rev1.as_str());
+
+    // `validate` finds the same problems offline.
+    let out = std::process::Command::new(bin("hyperbox-operator"))
+        .arg("validate")
+        .arg(&repo.work)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("c.yaml:6: spec.imagePullPolicy"), "{text}");
+    assert!(text.contains("d.yaml"), "{text}");
+}
+
+#[test]
+fn webhook_triggers_sync_and_refuses_bad_signatures() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let rev1 = repo.commit_push("one");
+    let secret_file = node.dir.path().join("hook-secret");
+    std::fs::write(&secret_file, "s3cr3t-hook\n").unwrap();
+    let hook = format!("127.0.0.1:{}", free_port());
+    // A long poll interval: only the webhook can make the second sync happen quickly.
+    let op = Operator::start(
+        &node,
+        &repo.url(),
+        &[
+            "--interval",
+            "1h",
+            "--webhook-listen",
+            &hook,
+            "--webhook-secret-file",
+            secret_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    op.wait_status(T, "first sync", |s| applied(s, &rev1))
+        .unwrap();
+    wait_until(T, "webhook listener", || {
+        std::net::TcpStream::connect(&hook).ok()
+    })
+    .unwrap();
+
+    repo.write("w2.yaml", &doc("w2", &image, "sleep 1000"));
+    let rev2 = repo.commit_push("two");
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    assert_eq!(http_post(&hook, "/hook", &[], body), 401);
+    assert_eq!(
+        http_post(
+            &hook,
+            "/hook",
+            &[("X-Hub-Signature-256", &webhook_signature(b"wrong", body))],
+            body
+        ),
+        401
+    );
+    assert_eq!(
+        http_post(
+            &hook,
+            "/hook",
+            &[("X-Hub-Signature-256", "sha256=00")],
+            body
+        ),
+        401
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        op.status().unwrap()["lastAppliedRevision"],
+        rev1.as_str(),
+        "a refused webhook changed something"
+    );
+    assert!(node.get("w2").is_none());
+
+    let status = http_post(
+        &hook,
+        "/hook",
+        &[(
+            "X-Hub-Signature-256",
+            &webhook_signature(b"s3cr3t-hook", body),
+        )],
+        body,
+    );
+    assert_eq!(status, 202);
+    op.wait_status(Duration::from_secs(10), "webhook sync", |s| {
+        applied(s, &rev2)
+    })
+    .unwrap();
+    node.wait_for("w2", T, "w2 running", |v| v["phase"] == "Running")
+        .unwrap();
+    // The generic header works too.
+    repo.write("w3.yaml", &doc("w3", &image, "sleep 1000"));
+    let rev3 = repo.commit_push("three");
+    assert_eq!(
+        http_post(
+            &hook,
+            "/",
+            &[("X-Signature-256", &webhook_signature(b"s3cr3t-hook", b"x"))],
+            b"x"
+        ),
+        202
+    );
+    op.wait_status(Duration::from_secs(10), "generic webhook sync", |s| {
+        applied(s, &rev3)
+    })
+    .unwrap();
+}
+
+#[test]
+fn git_server_outage_keeps_workloads_running() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let rev1 = repo.commit_push("one");
+    let mut daemon = GitDaemon::start(repo.dir.path(), None).unwrap();
+    let url = format!("git://127.0.0.1:{}/remote.git", daemon.port);
+    let op = Operator::start(&node, &url, &["--interval", "300ms"]).unwrap();
+    op.wait_status(T, "first sync over git://", |s| applied(s, &rev1))
+        .unwrap();
+    let w1 = node
+        .wait_for("w", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+
+    daemon.stop();
+    let st = op.wait_status(T, "stale", |s| s["stale"] == true).unwrap();
+    assert!(st["error"].as_str().unwrap().contains("fetch"), "{st}");
+    std::thread::sleep(Duration::from_secs(2));
+    let w2 = node.get("w").unwrap();
+    assert_eq!(
+        w1["containerId"], w2["containerId"],
+        "an outage must not touch running work"
+    );
+    assert_eq!(w2["phase"], "Running");
+
+    // Work continues in Git meanwhile; the operator catches up when the server is back.
+    repo.write("v.yaml", &doc("v", &image, "sleep 1000"));
+    let rev2 = repo.commit_push("two");
+    daemon.restart().unwrap();
+    op.wait_status(T, "resumed", |s| s["stale"] == false && applied(s, &rev2))
+        .unwrap();
+    node.wait_for("v", T, "v running", |v| v["phase"] == "Running")
+        .unwrap();
+}
+
+#[test]
+fn operator_kill9_mid_sync_converges() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    for i in 0..40 {
+        repo.write(
+            &format!("w{i}.yaml"),
+            &doc(&format!("w{i}"), &image, "sleep 1000")
+                .replace("  command:", "  suspend: true\n  command:"),
+        );
+    }
+    let rev1 = repo.commit_push("forty");
+    let mut op = Operator::start(&node, &repo.url(), &["--interval", "300ms"]).unwrap();
+    // Kill it as soon as it has started acting, then restart.
+    wait_until(T, "first applies", || {
+        let list: Vec<Value> =
+            serde_json::from_slice(&node.cli(&["get", "-o", "json"]).stdout).ok()?;
+        (!list.is_empty()).then_some(())
+    })
+    .unwrap();
+    op.kill9();
+    op.spawn().unwrap();
+    op.wait_status(T, "converged", |s| applied(s, &rev1))
+        .unwrap();
+    let list: Vec<Value> =
+        serde_json::from_slice(&node.cli(&["get", "-o", "json"]).stdout).unwrap();
+    assert_eq!(list.len(), 40);
+    // Prune still works for everything applied before the kill.
+    for i in 0..40 {
+        repo.remove(&format!("w{i}.yaml"));
+    }
+    repo.write(
+        "keep.yaml",
+        &doc("keep", &image, "sleep 1000").replace("  command:", "  suspend: true\n  command:"),
+    );
+    let rev2 = repo.commit_push("prune all but one");
+    op.wait_status(T, "pruned", |s| applied(s, &rev2)).unwrap();
+    let list: Vec<Value> =
+        serde_json::from_slice(&node.cli(&["get", "-o", "json"]).stdout).unwrap();
+    let names: Vec<&str> = list.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["keep"]);
+}
+
+#[test]
+fn thousand_workload_repo_converges() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    // Suspended workloads: the sync path at scale (parse, diff, apply, records) without
+    // starting a thousand containers on a CI box.
+    for i in 0..1000 {
+        repo.write(
+            &format!("apps/{:02}/w{i}.yaml", i % 20),
+            &doc(&format!("w{i}"), &image, "sleep 1000")
+                .replace("  command:", "  suspend: true\n  command:"),
+        );
+    }
+    let rev = repo.commit_push("a thousand");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "1s"]).unwrap();
+    let st = op
+        .wait_status(Duration::from_secs(120), "converged", |s| applied(s, &rev))
+        .unwrap();
+    assert_eq!(st["workloads"].as_array().unwrap().len(), 1000);
+    let list: Vec<Value> =
+        serde_json::from_slice(&node.cli(&["get", "-o", "json"]).stdout).unwrap();
+    assert_eq!(list.len(), 1000);
+    assert!(list
+        .iter()
+        .all(|w| w["revision"] == rev.as_str() && w["suspended"] == true));
+    // The next sync of the same revision is a no-change sync.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        op.log_text().contains("no change"),
+        "{}",
+        tail(&op.log_text(), 2000)
+    );
+}
