@@ -1,67 +1,97 @@
 #!/usr/bin/env bash
-# HyperBox's main job on one machine: start a registry with an example image, start the node
-# runtime, apply the example Workloads and watch them run. Ctrl-C (or the end) cleans up:
-# workloads deleted, daemon and registry stopped. Needs root on Debian 12.
+# HyperBox's main job on one machine (edge mode): a local Git repository of Workload manifests
+# (examples/edge/apps) reconciled onto this node by hyperbox-operator + hyperbox-node.
+#
+#  1. start a local OCI registry and push the example image (busybox-static, umoci + skopeo)
+#  2. start hyperbox-node, create a Git repo from examples/edge, start hyperbox-operator on it
+#  3. show the workloads running
+#  4. commit again: change one workload, remove another; show the node converging
+# Ctrl-C (or the end) stops everything and cleans up. HYPERBOX_DEMO_WAIT=1 keeps it running.
+# Needs root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/install-deps.sh
-cargo build --release -p hyperbox-node
-node=target/release/hyperbox-node
+cargo build --release -p hyperbox-node -p hyperbox-operator
+node_bin=$PWD/target/release/hyperbox-node
+op_bin=$PWD/target/release/hyperbox-operator
 
 work=$(mktemp -d /tmp/hyperbox-demo.XXXXXX)
 sock="$work/node.sock"
-registry_pid="" node_pid=""
+registry_pid="" node_pid="" op_pid=""
+node() { "$node_bin" --socket "$sock" "$@"; }
 cleanup() {
   trap - EXIT INT TERM
-  echo; echo "== cleaning up"
+  echo; echo "== stopping: operator, workloads, node, registry"
+  [ -n "$op_pid" ] && { kill "$op_pid" 2>/dev/null; wait "$op_pid" 2>/dev/null; } || true
   if [ -n "$node_pid" ]; then
-    for w in hello web worker; do "$node" --socket "$sock" delete "$w" 2>/dev/null || true; done
-    kill "$node_pid" 2>/dev/null || true; wait "$node_pid" 2>/dev/null || true
+    for w in $(node get -o json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(w["name"] for w in json.load(sys.stdin)))'); do
+      node delete "$w" >/dev/null 2>&1 || true
+    done
+    kill "$node_pid" 2>/dev/null; wait "$node_pid" 2>/dev/null || true
   fi
   [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
+  grep " $work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 
-echo "== starting a local OCI registry on 127.0.0.1:5050"
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local t=$1 what=$2; shift 2
+  for _ in $(seq $((t * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timed out waiting for $what" >&2; return 1
+}
+
+echo "== local OCI registry on 127.0.0.1:5050"
 mkdir -p "$work/registry"
-cat >"$work/registry/config.yml" <<CFG
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/registry/data}}
-http: {addr: 127.0.0.1:5050}
-CFG
+printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:5050}\n' \
+  "$work/registry/data" >"$work/registry/config.yml"
 docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
 registry_pid=$!
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/5050) 2>/dev/null && break; sleep 0.1; done
-
-echo "== building and pushing the example image (busybox-static, umoci + skopeo)"
+wait_for 10 "the registry" bash -c 'exec 3<>/dev/tcp/127.0.0.1/5050'
 tests/bench/build-busybox-image.sh 127.0.0.1:5050 hyperbox/busybox:demo
 
-echo "== starting hyperbox-node (state in $work/state)"
-"$node" --socket "$sock" serve --state-dir "$work/state" --insecure-registry 127.0.0.1:5050 \
+echo "== hyperbox-node (state in $work/node)"
+"$node_bin" --socket "$sock" serve --state-dir "$work/node" --insecure-registry 127.0.0.1:5050 \
   >"$work/node.log" 2>&1 &
 node_pid=$!
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_for 10 "the node socket" test -S "$sock"
 
-for f in examples/workloads/*.yaml; do
-  echo "== hyperbox-node apply -f $f"
-  "$node" --socket "$sock" apply -f "$f"
-done
-sleep 3
-echo "== hyperbox-node get -o wide"
-"$node" --socket "$sock" get -o wide
-echo "== hyperbox-node logs hello"
-"$node" --socket "$sock" logs hello
-echo "== hyperbox-node logs worker"
-"$node" --socket "$sock" logs worker --tail 200
-echo "== curl the web workload (readiness probe passed)"
-busybox wget -q -O - http://127.0.0.1:8088/index.html || true
-echo "== hyperbox-node node"
-"$node" --socket "$sock" node
-echo "== changing the worker (2 -> 1 replica): the node replaces its containers"
-sed 's/replicas: 2/replicas: 1/' examples/workloads/worker.yaml | "$node" --socket "$sock" apply -f -
-"$node" --socket "$sock" get
+echo "== a Git repository made from examples/edge"
+repo="$work/fleet"
+git init -q -b main "$repo"
+cp -r examples/edge/. "$repo/"
+git -C "$repo" add -A
+git -C "$repo" -c user.name=demo -c user.email=demo@hyperbox.invalid commit -q -m "fleet: hello, web, worker"
+git -C "$repo" log --oneline
+
+echo "== hyperbox-operator git --repo file://$repo --path apps"
+"$op_bin" git --repo "file://$repo" --branch main --path apps --interval 2s \
+  --node "unix://$sock" --state-dir "$work/operator" >"$work/operator.log" 2>&1 &
+op_pid=$!
+rev1=$(git -C "$repo" rev-parse HEAD)
+wait_for 60 "the first sync" bash -c "'$op_bin' status --state-dir '$work/operator' -o json | grep -q '\"lastAppliedRevision\": \"$rev1\"'"
+wait_for 60 "web to be ready" bash -c "'$node_bin' --socket '$sock' get web -o json | grep -q '\"ready\": true'"
+"$op_bin" status --state-dir "$work/operator"
+echo
+node get -o wide
+echo "== logs of hello"
+node logs hello
+echo "== the web workload answers"
+busybox wget -q -O - http://127.0.0.1:8088/index.html
+
+echo
+echo "== second commit: worker scaled to 1 replica, hello removed"
+sed -i 's/replicas: 2/replicas: 1/' "$repo/apps/worker.yaml"
+git -C "$repo" rm -q apps/hello.yaml
+git -C "$repo" -c user.name=demo -c user.email=demo@hyperbox.invalid commit -q -am "fleet: scale worker, drop hello"
+rev2=$(git -C "$repo" rev-parse HEAD)
+wait_for 60 "the second sync" bash -c "'$op_bin' status --state-dir '$work/operator' -o json | grep -q '\"lastAppliedRevision\": \"$rev2\"'"
+wait_for 30 "worker to converge" bash -c "'$node_bin' --socket '$sock' get worker -o json | python3 -c 'import json,sys; w=json.load(sys.stdin); sys.exit(0 if len(w[\"replicas\"])==1 and w[\"phase\"]==\"Running\" else 1)'"
+"$op_bin" status --state-dir "$work/operator"
+echo
+node get -o wide
+
 if [ "${HYPERBOX_DEMO_WAIT:-0}" = 1 ]; then
-  echo "== running; Ctrl-C to stop"; wait "$node_pid"
+  echo "== running; commit to $repo to change the fleet; Ctrl-C to stop"
+  wait "$op_pid"
 fi

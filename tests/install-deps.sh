@@ -11,7 +11,7 @@ packages=(
   # tests: a real registry, image tools, a static userland, htpasswd for registry auth
   docker-registry skopeo umoci busybox-static apache2-utils
   # benchmarks: the peer runtime, a timer, load
-  runc hyperfine stress-ng
+  runc hyperfine stress-ng time
 )
 missing=()
 for p in "${packages[@]}"; do

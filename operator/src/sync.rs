@@ -125,6 +125,7 @@ impl Syncer {
                 return Err(e);
             }
         };
+        let fetch_ms = started.elapsed().as_millis() as u64;
         self.status.last_fetched_revision = Some(revision.clone());
         self.status.last_fetch_unix = Some(now_unix());
         if let Some(keyring) = &self.opts.verify_signatures {
@@ -173,9 +174,12 @@ impl Syncer {
             tracing::debug!(%revision, "no change");
             return Ok(());
         }
+        let parse_started = Instant::now();
         let files = tokio::task::block_in_place(|| self.source.manifests(&revision))?;
         let set = assemble(files);
         let p = plan(&set, &revision, &self.inventory, &observed, self.opts.prune);
+        let parse_ms = parse_started.elapsed().as_millis() as u64;
+        let node_started = Instant::now();
         // Record what we are about to own before acting, so a crash mid-sync can still prune it.
         let mut union = self.inventory.clone();
         union.extend(p.inventory.clone());
@@ -226,6 +230,9 @@ impl Syncer {
             pruned = count(Outcome::Pruned),
             skipped = count(Outcome::Skipped),
             file_errors = errors,
+            fetch_ms,
+            parse_ms,
+            node_ms = node_started.elapsed().as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced"
         );
