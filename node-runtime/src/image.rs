@@ -146,6 +146,8 @@ pub struct ImageStore {
     /// the start, so a restart never collects them at once).
     last_used: StdMutex<HashMap<String, Instant>>,
     opened: Instant,
+    /// Images that did not fit a tmpfs staging area: unpacked on disk from then on.
+    disk_staging: StdMutex<HashSet<String>>,
 }
 
 fn hex_of(digest: &str) -> Result<&str, ImageError> {
@@ -168,8 +170,14 @@ impl ImageStore {
             fs::create_dir_all(cfg.root.join(d))
                 .with_context(|| format!("create {}", cfg.root.join(d).display()))?;
         }
-        // Half-done work from a killed daemon: staging dirs and partial blobs.
-        remove_dir_all_if_exists(&cfg.root.join("tmp"))?;
+        // Half-done work from a killed daemon: staging dirs (maybe tmpfs-mounted), partial blobs.
+        let tmp_root = cfg.root.join("tmp");
+        for m in crate::fsutil::mount_points()? {
+            if m.starts_with(&tmp_root) {
+                unmount_if_mounted(&m)?;
+            }
+        }
+        remove_dir_all_if_exists(&tmp_root)?;
         fs::create_dir_all(cfg.root.join("tmp"))?;
         let refs = match fs::read(cfg.root.join("refs.json")) {
             Ok(b) => serde_json::from_slice(&b).context("parse images/refs.json")?,
@@ -197,6 +205,7 @@ impl ImageStore {
             mount_lock: tokio::sync::Mutex::new(()),
             last_used: StdMutex::new(HashMap::new()),
             opened: Instant::now(),
+            disk_staging: StdMutex::new(HashSet::new()),
         })
     }
 
@@ -353,6 +362,35 @@ impl ImageStore {
         let rootfs_tmp = staging.join("rootfs");
         fs::create_dir_all(&rootfs_tmp)
             .map_err(|e| ImageError::Prepare(format!("create {}: {e}", rootfs_tmp.display())))?;
+        // With EROFS the unpacked tree is only input to mkfs.erofs: build it in memory (tmpfs)
+        // when it fits, so thousands of small files never hit the disk twice (written, then
+        // deleted) and the disk only sees the final image.
+        let compressed: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        let tmpfs = self.erofs.enabled()
+            && !self.disk_staging.lock().unwrap().contains(&manifest_digest)
+            && match tmpfs_budget() {
+                Some(budget) if compressed.saturating_mul(6) + (64 << 20) <= budget => {
+                    let opts = format!("size={budget},mode=0755");
+                    match nix::mount::mount(
+                        Some("hyperbox-staging"),
+                        &rootfs_tmp,
+                        Some("tmpfs"),
+                        nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOSUID,
+                        Some(opts.as_str()),
+                    ) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "tmpfs staging unavailable, unpacking on disk");
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
+        let cleanup_staging = |staging: &Path| {
+            let _ = unmount_if_mounted(&staging.join("rootfs"));
+            let _ = remove_dir_all_if_exists(staging);
+        };
         let semaphore = Arc::new(Semaphore::new(self.cfg.max_concurrent_downloads.max(1)));
         let mut feeds = Vec::new();
         let mut downloads = Vec::new();
@@ -422,6 +460,7 @@ impl ImageStore {
             )
             .map_err(|e| ImageError::Prepare(e.to_string()))?;
             for ((digest, media_type), feed) in layers.into_iter().zip(feeds) {
+                let layer_started = Instant::now();
                 let applied = unpacker.apply_layer(
                     &digest,
                     Compression::from_media_type(&media_type),
@@ -444,6 +483,7 @@ impl ImageStore {
                         stats.computed_digest
                     )));
                 }
+                tracing::debug!(layer = %digest, entries = stats.entries, bytes = stats.bytes, elapsed_ms = layer_started.elapsed().as_millis() as u64, "layer applied");
                 progress2.layers_done.fetch_add(1, Ordering::Relaxed);
             }
             Ok(unpacker.total_bytes())
@@ -457,7 +497,14 @@ impl ImageStore {
         let unpacked_bytes = match unpack_result.and_then(|r| r) {
             Ok(b) => b,
             Err(e) => {
-                let _ = remove_dir_all_if_exists(&staging);
+                cleanup_staging(&staging);
+                if tmpfs && e.to_string().contains("No space left on device") {
+                    // It did not fit in memory after all: the next attempt unpacks on disk.
+                    self.disk_staging
+                        .lock()
+                        .unwrap()
+                        .insert(manifest_digest.clone());
+                }
                 return Err(e);
             }
         };
@@ -465,7 +512,7 @@ impl ImageStore {
         let result = self
             .finish_image(&staging, &rootfs_tmp, &dir, progress)
             .await;
-        let _ = remove_dir_all_if_exists(&staging);
+        cleanup_staging(&staging);
         let rootfs_kind = result?;
         let meta = ImageMeta {
             digest: manifest_digest.clone(),
@@ -626,6 +673,15 @@ impl ImageStore {
     }
 }
 
+/// How much memory an in-memory staging area may use: half of what is available, at most
+/// 16 GiB. `None` when /proc/meminfo cannot tell.
+fn tmpfs_budget() -> Option<u64> {
+    use procfs::Current;
+    let m = procfs::Meminfo::current().ok()?;
+    let available = m.mem_available.unwrap_or(m.mem_free);
+    Some((available / 2).min(16 << 30))
+}
+
 /// A layer blob as the unpacker sees it: a file that may still be growing while its download
 /// runs, with the download's outcome once it ends.
 struct BlobFeed {
@@ -726,6 +782,7 @@ async fn fetch_blob(
     feed: &BlobFeed,
     progress: &Progress,
 ) -> Result<()> {
+    let started = Instant::now();
     let mut stream = client
         .pull_blob_stream(image, layer)
         .await
@@ -776,6 +833,7 @@ async fn fetch_blob(
         );
     }
     fs::rename(tmp, blob_path).with_context(|| format!("store {}", blob_path.display()))?;
+    tracing::debug!(layer = %layer.digest, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "layer downloaded");
     Ok(())
 }
 
