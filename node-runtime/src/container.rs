@@ -18,6 +18,12 @@ use crate::erofs::mount_overlay;
 use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
 use crate::image::PreparedImage;
 
+/// libcontainer changes the *process* working directory while it creates a container (to bind
+/// and connect its notify socket by a short relative path) and changes it back afterwards. In a
+/// multi-threaded daemon two creations at once would race on the cwd, so every libcontainer
+/// create/start/exec runs under this lock (and the daemon itself works from `/`).
+static LIBCONTAINER_CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Where the runtime keeps container state.
 #[derive(Debug, Clone)]
 pub struct RuntimeDirs {
@@ -373,6 +379,7 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
         let devnull: OwnedFd = fs::File::open("/dev/null")
             .context("open /dev/null")?
             .into();
+        let _cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
         let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(&dirs.libcontainer_root)
@@ -572,6 +579,7 @@ pub fn exec_in(dirs: &RuntimeDirs, id: &str, command: &[String]) -> Result<i32> 
             .open("/dev/null")?
             .into())
     };
+    let cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(&dirs.libcontainer_root)
@@ -584,6 +592,7 @@ pub fn exec_in(dirs: &RuntimeDirs, id: &str, command: &[String]) -> Result<i32> 
         .with_detach(true)
         .build()
         .map_err(|e| anyhow!("exec in {id}: {e}"))?;
+    drop(cwd);
     wait_exit(pid.as_raw())
 }
 

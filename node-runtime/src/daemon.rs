@@ -32,6 +32,22 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         bail!("hyperbox-node serve must run as root (it creates namespaces, cgroups and mounts)");
     }
     let state = &opts.state_dir;
+    // Work from `/`: libcontainer returns to the daemon's cwd after each container start, and
+    // that directory must never be one that gets deleted.
+    let state_abs =
+        std::path::absolute(state).with_context(|| format!("resolve {}", state.display()))?;
+    let socket_abs = std::path::absolute(&opts.socket)
+        .with_context(|| format!("resolve {}", opts.socket.display()))?;
+    let abs = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::path::absolute(p).ok());
+    let opts = ServeOptions {
+        state_dir: state_abs,
+        socket: socket_abs,
+        token_file: abs(&opts.token_file),
+        auth_file: abs(&opts.auth_file),
+        ..opts
+    };
+    std::env::set_current_dir("/").context("chdir /")?;
+    let state = &opts.state_dir;
     std::fs::create_dir_all(state)
         .with_context(|| format!("create state dir {}", state.display()))?;
     let state = state
