@@ -953,3 +953,38 @@ pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) 
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
 }
+
+/// `git http-backend` behind a small HTTP server (tests/support/git_http_server.py), optionally
+/// demanding Basic auth.
+pub struct GitHttpServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl GitHttpServer {
+    pub fn start(project_root: &Path, creds: Option<&str>) -> Result<GitHttpServer> {
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/git_http_server.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).arg(port.to_string()).arg(project_root);
+        if let Some(c) = creds {
+            cmd.arg(c);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start git http server")?;
+        wait_until(Duration::from_secs(10), "git http server", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        Ok(GitHttpServer { child, port })
+    }
+}
+
+impl Drop for GitHttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -412,3 +412,107 @@ fn thousand_workload_repo_converges() {
         tail(&op.log_text(), 2000)
     );
 }
+
+#[test]
+fn http_source_with_token_auth() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let rev = repo.commit_push("one");
+    let server = GitHttpServer::start(repo.dir.path(), Some("fleet:tok-5e3c7")).unwrap();
+    let url = format!("http://127.0.0.1:{}/remote.git", server.port);
+
+    // No credentials: the fetch fails and says so; nothing is applied.
+    let anon = Operator::start(&node, &url, &["--interval", "300ms"]).unwrap();
+    let st = anon
+        .wait_status(T, "auth failure", |s| s["error"].is_string())
+        .unwrap();
+    assert!(st["lastAppliedRevision"].is_null());
+    assert!(node.get("w").is_none());
+    drop(anon);
+
+    let token = node.dir.path().join("git-token");
+    std::fs::write(&token, "tok-5e3c7\n").unwrap();
+    let op = Operator::start(
+        &node,
+        &url,
+        &[
+            "--interval",
+            "300ms",
+            "--username",
+            "fleet",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    op.wait_status(T, "sync over http with a token", |s| applied(s, &rev))
+        .unwrap();
+    node.wait_for("w", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+}
+
+#[test]
+fn unsigned_heads_are_refused_when_signatures_are_required() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    let repo = GitRepo::new().unwrap();
+    let key = repo.dir.path().join("signing-key");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "signer", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let signers = repo.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("test@hyperbox.invalid {}", pubkey.trim())).unwrap();
+    repo.git(&["config", "gpg.format", "ssh"]).unwrap();
+    repo.git(&["config", "user.signingkey", key.to_str().unwrap()])
+        .unwrap();
+
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    repo.git(&["add", "-A"]).unwrap();
+    repo.git(&["commit", "-q", "-S", "-m", "signed"]).unwrap();
+    repo.git(&["push", "-q", "origin", "main"]).unwrap();
+    let signed = repo.git(&["rev-parse", "HEAD"]).unwrap();
+
+    let op = Operator::start(
+        &node,
+        &repo.url(),
+        &[
+            "--interval",
+            "300ms",
+            "--verify-signatures",
+            signers.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    op.wait_status(T, "signed head applied", |s| applied(s, &signed))
+        .unwrap();
+    node.wait_for("w", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+
+    // An unsigned commit on top: refused, nothing changes on the node.
+    repo.write("v.yaml", &doc("v", &image, "sleep 1000"));
+    let unsigned = repo.commit_push("unsigned");
+    let st = op
+        .wait_status(T, "refusal", |s| {
+            s["lastFetchedRevision"] == unsigned.as_str() && s["error"].is_string()
+        })
+        .unwrap();
+    assert!(
+        st["error"].as_str().unwrap().contains("no valid signature"),
+        "{st}"
+    );
+    assert_eq!(st["lastAppliedRevision"], signed.as_str());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.get("v").is_none());
+}
