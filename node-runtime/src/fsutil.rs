@@ -46,6 +46,13 @@ fn write_atomic_with(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     Ok(())
 }
 
+/// fsync one file or directory.
+pub fn fsync_path(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync {}", path.display()))
+}
+
 /// Flush the filesystem holding `path` (one call makes a batch of unsynced writes durable).
 pub fn syncfs(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;

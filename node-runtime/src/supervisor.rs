@@ -20,9 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::container::{self, RuntimeDirs, StartRequest};
-use crate::fsutil::{
-    remove_dir_all_if_exists, syncfs, write_json_atomic, write_json_atomic_nosync,
-};
+use crate::fsutil::{fsync_path, remove_dir_all_if_exists, syncfs, write_json_atomic_nosync};
 use crate::image::ImageStore;
 use crate::logs;
 
@@ -288,9 +286,16 @@ impl Supervisor {
             self.bump();
             results.push(ApplyResult { name, action });
         }
-        // One flush for the whole batch: bulk applies (a Git sync of thousands of workloads)
-        // must not pay an fsync per record.
-        syncfs(&self.records_dir)?;
+        // The answer means "recorded": make the batch durable first. A few records are fsynced
+        // one by one; a bulk apply (a Git sync of thousands of workloads) pays one syncfs.
+        if results.len() <= 8 {
+            for r in &results {
+                fsync_path(&self.record_path(&r.name))?;
+            }
+            fsync_path(&self.records_dir)?;
+        } else {
+            syncfs(&self.records_dir)?;
+        }
         Ok(results)
     }
 
@@ -519,24 +524,16 @@ impl Supervisor {
         let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > after)).await;
     }
 
-    /// Write the record. `durable` fsyncs it: needed when a container id is recorded before the
-    /// container exists (crash recovery must find it); phase changes can be rebuilt.
-    fn persist_with(&self, record: &StdMutex<WorkloadRecord>, durable: bool) {
+    /// Write the record. Replica updates are not fsynced: a rename over the existing record is
+    /// atomic, and if a crash loses the newest container id, recovery removes that container
+    /// as unreferenced (no duplicate, no leak) and starts the replica again.
+    fn persist(&self, record: &StdMutex<WorkloadRecord>) {
         self.bump();
         let rec = record.lock().unwrap().clone();
         let path = self.record_path(&rec.workload.metadata.name);
-        let r = if durable {
-            write_json_atomic(&path, &rec)
-        } else {
-            write_json_atomic_nosync(&path, &rec)
-        };
-        if let Err(e) = r {
+        if let Err(e) = write_json_atomic_nosync(&path, &rec) {
             tracing::error!(workload = %rec.workload.metadata.name, error = %format!("{e:#}"), "persist state");
         }
-    }
-
-    fn persist(&self, record: &StdMutex<WorkloadRecord>) {
-        self.persist_with(record, true)
     }
 
     fn update_replica(
@@ -545,18 +542,13 @@ impl Supervisor {
         index: u32,
         f: impl FnOnce(&mut ReplicaRecord),
     ) {
-        let id_changed = {
+        {
             let mut rec = record.lock().unwrap();
-            match rec.replicas.iter_mut().find(|r| r.index == index) {
-                Some(r) => {
-                    let before = r.container_id.clone();
-                    f(r);
-                    before != r.container_id
-                }
-                None => false,
+            if let Some(r) = rec.replicas.iter_mut().find(|r| r.index == index) {
+                f(r);
             }
-        };
-        self.persist_with(record, id_changed);
+        }
+        self.persist(record);
     }
 
     /// The workload task: runs the replicas of the current spec until the spec changes (then

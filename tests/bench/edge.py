@@ -59,7 +59,7 @@ def make_repo(path, n, suspended):
         with open(os.path.join(d, f"w{i}.yaml"), "w") as f:
             f.write(doc(f"w{i}", extra))
     git("add", "-A", cwd=path)
-    git("commit", "-q", "-m", f"{n} workloads", cwd=path)
+    git("commit", "-q", "--allow-empty", "-m", f"{n} workloads", cwd=path)
     return git("rev-parse", "HEAD", cwd=path)
 
 
