@@ -71,7 +71,7 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 }
 
 pub fn write_json_atomic_nosync<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let data = serde_json::to_vec_pretty(value).context("serialize state")?;
+    let data = serde_json::to_vec(value).context("serialize state")?;
     write_atomic_nosync(path, &data)
 }
 

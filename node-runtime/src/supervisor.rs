@@ -567,8 +567,9 @@ impl Supervisor {
                 return;
             };
             let replicas = if w.spec.suspend { 0 } else { w.spec.replicas };
-            {
+            let changed = {
                 let mut rec = record.lock().unwrap();
+                let before = serde_json::to_vec(&rec.replicas).unwrap_or_default();
                 let old: BTreeMap<u32, ReplicaRecord> =
                     rec.replicas.drain(..).map(|r| (r.index, r)).collect();
                 rec.replicas = (0..replicas)
@@ -590,9 +591,13 @@ impl Supervisor {
                         r
                     })
                     .collect();
-            }
+                serde_json::to_vec(&rec.replicas).unwrap_or_default() != before
+            };
             first_round = false;
-            self.persist(&record);
+            // A new suspended or just-recovered workload often has nothing new to record.
+            if changed {
+                self.persist(&record);
+            }
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut tasks = Vec::new();
             for i in 0..replicas {
