@@ -11,13 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/install-deps.sh
+. tests/bench/lib.sh
 cargo build --release -p hyperbox-node -p hyperbox-operator
 node_bin=$PWD/target/release/hyperbox-node
 op_bin=$PWD/target/release/hyperbox-operator
 
 work=$(mktemp -d /tmp/hyperbox-demo.XXXXXX)
 sock="$work/node.sock"
-registry_pid="" node_pid="" op_pid=""
+reg_pid="" node_pid="" op_pid=""
 node() { "$node_bin" --socket "$sock" "$@"; }
 cleanup() {
   trap - EXIT INT TERM
@@ -29,8 +30,8 @@ cleanup() {
     done
     kill "$node_pid" 2>/dev/null; wait "$node_pid" 2>/dev/null || true
   fi
-  [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
-  grep " $work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null || true
+  unmount_under "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -42,12 +43,7 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 echo "== local OCI registry on 127.0.0.1:5050"
-mkdir -p "$work/registry"
-printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:5050}\n' \
-  "$work/registry/data" >"$work/registry/config.yml"
-docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
-registry_pid=$!
-wait_for 10 "the registry" bash -c 'exec 3<>/dev/tcp/127.0.0.1/5050'
+start_registry "$work/registry" 5050
 tests/bench/build-busybox-image.sh 127.0.0.1:5050 hyperbox/busybox:demo
 
 echo "== hyperbox-node (state in $work/node)"

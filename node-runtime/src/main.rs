@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hyperbox_api::client::{Endpoint, NodeClient};
+use hyperbox_api::cliutil::{init_tracing, parse_duration};
 use hyperbox_node::daemon::{serve, ServeOptions};
 use hyperbox_node::supervisor::SupervisorConfig;
 
@@ -115,40 +116,6 @@ enum Command {
     },
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 5m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=error")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -199,7 +166,7 @@ async fn run(cli: Cli) -> Result<bool> {
             allow_image_devices,
             cgroup_parent,
         } => {
-            init_tracing(&cli.log_format);
+            init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
             serve(ServeOptions {
                 state_dir: state_dir.clone(),
                 socket: cli.socket.clone(),

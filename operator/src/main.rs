@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hyperbox_api::client::{Endpoint, NodeClient};
+use hyperbox_api::cliutil::{init_tracing, parse_duration};
 use hyperbox_operator::gitsource::{GitAuth, GitConfig, GitRef, GitSource};
 use hyperbox_operator::sync::{status_path, SourceStatus, SyncOptions, Syncer};
 
@@ -90,39 +91,6 @@ struct GitArgs {
     once: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s or 5m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -178,7 +146,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 verify_signatures,
                 once,
             } = *args;
-            init_tracing(&cli.log_format);
+            init_tracing(&cli.log_format, "info");
             let reference = match (branch, tag, commit) {
                 (Some(b), _, _) => GitRef::Branch(b),
                 (_, Some(t), _) => GitRef::Tag(t),

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tests/install-deps.sh
+. tests/bench/lib.sh
 cargo build --release -p hyperbox-node -p hyperbox-operator
 node=$PWD/target/release/hyperbox-node
 op=$PWD/target/release/hyperbox-operator
@@ -15,18 +16,13 @@ cleanup() {
   [ -n "$node_pid" ] && { kill "$node_pid"; wait "$node_pid"; }
   [ -n "$reg_pid" ] && kill "$reg_pid"
   for p in $(cat /sys/fs/cgroup/pids/hyperbox-edge-bench/*/cgroup.procs 2>/dev/null); do kill -9 "$p"; done
-  grep " $work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  unmount_under "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 reg=127.0.0.1:$port
-mkdir -p "$work/registry"
-printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
-  "$work/registry/data" "$reg" >"$work/registry/config.yml"
-docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+start_registry "$work/registry" "$port"
 tests/bench/build-busybox-image.sh "$reg" bench/busybox:1
 "$node" --socket "$sock" serve --state-dir "$work/node" --insecure-registry "$reg" \
   --cgroup-parent /hyperbox-edge-bench >"$work/node.log" 2>&1 &

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 runs_a=30 runs_b=5
 [ "${1:-}" = --quick ] && runs_a=10 runs_b=2
 tests/install-deps.sh
+. tests/bench/lib.sh
 cargo build --release -p hyperbox-node
 node=$PWD/target/release/hyperbox-node
 out=${OUT:-$PWD/target/bench}
@@ -22,19 +23,14 @@ cleanup() {
   [ -n "$node_pid" ] && { "$node" --socket "$sock" delete bench >/dev/null 2>&1; kill "$node_pid"; wait "$node_pid"; }
   runc delete -f hb-bench-runc >/dev/null 2>&1
   [ -n "$reg_pid" ] && kill "$reg_pid"
-  grep " $work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  unmount_under "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 reg=127.0.0.1:$port
-mkdir -p "$work/registry"
-printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
-  "$work/registry/data" "$reg" >"$work/registry/config.yml"
-docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+start_registry "$work/registry" "$port"
 
 echo "== images"
 tests/bench/build-busybox-image.sh "$reg" bench/busybox:1

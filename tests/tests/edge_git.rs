@@ -12,6 +12,14 @@ fn start_node(reg: &Registry) -> Node {
     Node::start(&["--insecure-registry", &reg.addr, "--backoff-base", "200ms"]).unwrap()
 }
 
+/// A registry with the busybox image, a node using it, and an empty Git repository.
+fn setup() -> (Registry, String, Node, GitRepo) {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg);
+    (reg, image, node, GitRepo::new().unwrap())
+}
+
 fn doc(name: &str, image: &str, cmd: &str) -> String {
     workload(
         name,
@@ -34,10 +42,7 @@ fn applied(status: &Value, rev: &str) -> bool {
 
 #[test]
 fn push_change_delete_is_reconciled() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     repo.write("apps/web.yaml", &doc("web", &image, "sleep 1000"));
     repo.write("apps/job.yaml", &doc("job", &image, "sleep 1000"));
     repo.write("README.md", "not a manifest");
@@ -105,10 +110,7 @@ fn push_change_delete_is_reconciled() {
 
 #[test]
 fn broken_file_does_not_block_good_ones() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     repo.write("a.yaml", &doc("a", &image, "sleep 1000"));
     repo.write("b.yaml", &doc("b", &image, "sleep 1000"));
     repo.write("c.yaml", &doc("c", &image, "sleep 1000"));
@@ -200,10 +202,7 @@ fn broken_file_does_not_block_good_ones() {
 
 #[test]
 fn webhook_triggers_sync_and_refuses_bad_signatures() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
     let rev1 = repo.commit_push("one");
     let secret_file = node.dir.path().join("hook-secret");
@@ -296,10 +295,7 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
 
 #[test]
 fn git_server_outage_keeps_workloads_running() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
     let rev1 = repo.commit_push("one");
     let mut daemon = GitDaemon::start(repo.dir.path(), None).unwrap();
@@ -334,10 +330,7 @@ fn git_server_outage_keeps_workloads_running() {
 
 #[test]
 fn operator_kill9_mid_sync_converges() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     for i in 0..40 {
         repo.write(
             &format!("w{i}.yaml"),
@@ -379,10 +372,7 @@ fn operator_kill9_mid_sync_converges() {
 
 #[test]
 fn thousand_workload_repo_converges() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     // Suspended workloads: the sync path at scale (parse, diff, apply, records) without
     // starting a thousand containers on a CI box.
     for i in 0..1000 {
@@ -415,10 +405,7 @@ fn thousand_workload_repo_converges() {
 
 #[test]
 fn http_source_with_token_auth() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
     let rev = repo.commit_push("one");
     let server = GitHttpServer::start(repo.dir.path(), Some("fleet:tok-5e3c7")).unwrap();
@@ -456,10 +443,7 @@ fn http_source_with_token_auth() {
 
 #[test]
 fn unsigned_heads_are_refused_when_signatures_are_required() {
-    let reg = Registry::start(false).unwrap();
-    let image = push_busybox(&reg).unwrap();
-    let node = start_node(&reg);
-    let repo = GitRepo::new().unwrap();
+    let (_reg, image, node, repo) = setup();
     let key = repo.dir.path().join("signing-key");
     let out = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "signer", "-f"])

@@ -2,6 +2,7 @@
 //! This crate must stay free of Kubernetes dependencies: the node runs without them.
 
 pub mod client;
+pub mod cliutil;
 pub mod quantity;
 pub mod reference;
 pub mod spec;
