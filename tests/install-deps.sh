@@ -10,6 +10,8 @@ packages=(
   erofs-utils
   # tests: a real registry, image tools, a static userland, htpasswd for registry auth
   docker-registry skopeo umoci busybox-static apache2-utils
+  # tests: a real ssh server for git over ssh
+  openssh-server openssh-client
   # benchmarks: the peer runtime, a timer, load
   runc hyperfine stress-ng time
 )

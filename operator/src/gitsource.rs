@@ -100,9 +100,11 @@ impl GitSource {
             // Any commit: fetch the branches (servers rarely serve arbitrary SHAs).
             GitRef::Commit(_) => ("+refs/heads/*:refs/remotes/origin/*".to_string(), false),
         };
+        // libgit2 replaces a refused host key's reason with a generic message: keep ours.
+        let refusal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let mut attempt = |depth: Option<i32>| -> Result<(), git2::Error> {
             let mut fo = FetchOptions::new();
-            fo.remote_callbacks(self.callbacks());
+            fo.remote_callbacks(self.callbacks(refusal.clone()));
             if let Some(d) = depth {
                 fo.depth(d);
             }
@@ -121,7 +123,14 @@ impl GitSource {
         } else {
             attempt(None)
         };
-        result.map_err(|e| anyhow!("fetch {} from {url}: {}", self.cfg.reference, e.message()))?;
+        result.map_err(|e| {
+            let reason = refusal
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| e.message().to_string());
+            anyhow!("fetch {} from {url}: {reason}", self.cfg.reference)
+        })?;
         let oid = match &self.cfg.reference {
             GitRef::Commit(c) => {
                 let oid =
@@ -141,7 +150,10 @@ impl GitSource {
         Ok(oid.to_string())
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'static> {
+    fn callbacks(
+        &self,
+        refusal: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> RemoteCallbacks<'static> {
         let auth = self.cfg.auth.clone();
         let mut cb = RemoteCallbacks::new();
         let mut attempts = 0;
@@ -185,21 +197,23 @@ impl GitSource {
                 // TLS: libgit2 checks the certificate chain against the system roots.
                 return Ok(CertificateCheckStatus::CertificatePassthrough);
             };
-            let Some(key) = hostkey.hostkey() else {
-                return Err(git2::Error::from_str("ssh server sent no host key"));
+            let verdict = match (hostkey.hostkey(), &known_hosts) {
+                (None, _) => Err("ssh server sent no host key".to_string()),
+                (Some(_), None) => {
+                    Err("refusing an unverified ssh host key: pass --known-hosts".to_string())
+                }
+                (Some(key), Some(file)) => match known_hosts_contains(file, host, key) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!("host key of {host} is not in {}", file.display())),
+                    Err(e) => Err(format!("{e:#}")),
+                },
             };
-            let Some(file) = &known_hosts else {
-                return Err(git2::Error::from_str(
-                    "refusing an unverified ssh host key: pass --known-hosts",
-                ));
-            };
-            match known_hosts_contains(file, host, key) {
-                Ok(true) => Ok(CertificateCheckStatus::CertificateOk),
-                Ok(false) => Err(git2::Error::from_str(&format!(
-                    "host key of {host} is not in {}",
-                    file.display()
-                ))),
-                Err(e) => Err(git2::Error::from_str(&format!("{e:#}"))),
+            match verdict {
+                Ok(()) => Ok(CertificateCheckStatus::CertificateOk),
+                Err(reason) => {
+                    *refusal.lock().unwrap() = Some(reason.clone());
+                    Err(git2::Error::from_str(&reason))
+                }
             }
         });
         cb

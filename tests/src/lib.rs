@@ -988,3 +988,85 @@ impl Drop for GitHttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A real OpenSSH server on a free loopback port that accepts one generated client key for
+/// root, serving the repositories on this machine over `ssh://`.
+pub struct SshServer {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub client_key: PathBuf,
+    /// A known_hosts file holding this server's host key.
+    pub known_hosts: PathBuf,
+}
+
+fn keygen(path: &Path) -> Result<()> {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "hyperbox-test", "-f"])
+        .arg(path)
+        .output()
+        .context("run ssh-keygen")?;
+    if !out.status.success() {
+        bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl SshServer {
+    pub fn start() -> Result<SshServer> {
+        let dir = tempfile::Builder::new().prefix("hbssh").tempdir()?;
+        let port = free_port();
+        let host_key = dir.path().join("host_ed25519");
+        let client_key = dir.path().join("client_ed25519");
+        keygen(&host_key)?;
+        keygen(&client_key)?;
+        fs::copy(
+            client_key.with_extension("pub"),
+            dir.path().join("authorized_keys"),
+        )?;
+        let config = dir.path().join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+                host_key.display(),
+                dir.path().join("authorized_keys").display()
+            ),
+        )?;
+        // sshd's privilege separation directory.
+        fs::create_dir_all("/run/sshd")?;
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("sshd.log"))?)
+            .spawn()
+            .context("start sshd (openssh-server)")?;
+        wait_until(Duration::from_secs(10), "sshd", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        let host_pub = fs::read_to_string(host_key.with_extension("pub"))?;
+        let mut parts = host_pub.split_whitespace();
+        let (kind, key) = (parts.next().unwrap(), parts.next().unwrap());
+        let known_hosts = dir.path().join("known_hosts");
+        fs::write(&known_hosts, format!("[127.0.0.1]:{port} {kind} {key}\n"))?;
+        Ok(SshServer {
+            child,
+            dir,
+            port,
+            client_key,
+            known_hosts,
+        })
+    }
+
+    pub fn url(&self, repo: &Path) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.port, repo.display())
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

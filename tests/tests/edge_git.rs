@@ -500,3 +500,113 @@ fn unsigned_heads_are_refused_when_signatures_are_required() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(node.get("v").is_none());
 }
+
+#[test]
+fn ssh_source_checks_the_host_key() {
+    let (_reg, image, node, repo) = setup();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let rev = repo.commit_push("one");
+    let ssh = SshServer::start().unwrap();
+    let url = ssh.url(&repo.bare);
+    let key = ssh.client_key.to_str().unwrap();
+
+    // A known_hosts entry with another key: refused before anything is fetched.
+    let other = ssh.dir.path().join("other_known_hosts");
+    let wrong_key = ssh.dir.path().join("wrong");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&wrong_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let wrong_pub = std::fs::read_to_string(wrong_key.with_extension("pub")).unwrap();
+    let mut p = wrong_pub.split_whitespace();
+    std::fs::write(
+        &other,
+        format!(
+            "[127.0.0.1]:{} {} {}\n",
+            ssh.port,
+            p.next().unwrap(),
+            p.next().unwrap()
+        ),
+    )
+    .unwrap();
+    let bad = Operator::start(
+        &node,
+        &url,
+        &[
+            "--interval",
+            "300ms",
+            "--ssh-key",
+            key,
+            "--known-hosts",
+            other.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let st = bad
+        .wait_status(T, "host key refusal", |s| s["error"].is_string())
+        .unwrap();
+    assert!(st["error"].as_str().unwrap().contains("host key"), "{st}");
+    assert!(node.get("w").is_none());
+    drop(bad);
+
+    let op = Operator::start(
+        &node,
+        &url,
+        &[
+            "--interval",
+            "300ms",
+            "--ssh-key",
+            key,
+            "--known-hosts",
+            ssh.known_hosts.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    op.wait_status(T, "sync over ssh", |s| applied(s, &rev))
+        .unwrap();
+    node.wait_for("w", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+}
+
+#[test]
+fn tag_and_commit_pins() {
+    let (_reg, image, node, repo) = setup();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let v1 = repo.commit_push("v1");
+    repo.git(&["tag", "v1"]).unwrap();
+    repo.git(&["push", "-q", "origin", "v1"]).unwrap();
+    repo.write("later.yaml", &doc("later", &image, "sleep 1000"));
+    let head = repo.commit_push("after v1");
+
+    // Pinned to the tag: HEAD moved on, the node runs what v1 says.
+    let tagged =
+        Operator::start(&node, &repo.url(), &["--tag", "v1", "--interval", "300ms"]).unwrap();
+    tagged
+        .wait_status(T, "tag synced", |s| applied(s, &v1))
+        .unwrap();
+    assert!(node.get("later").is_none());
+    drop(tagged);
+
+    // Pinned to a commit: a commit made after it does not move the node.
+    let pinned = Operator::start(
+        &node,
+        &repo.url(),
+        &["--commit", &head, "--interval", "300ms"],
+    )
+    .unwrap();
+    pinned
+        .wait_status(T, "commit synced", |s| applied(s, &head))
+        .unwrap();
+    node.wait_for("later", T, "later running", |v| v["phase"] == "Running")
+        .unwrap();
+    repo.write("newest.yaml", &doc("newest", &image, "sleep 1000"));
+    repo.commit_push("after the pin");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        pinned.status().unwrap()["lastAppliedRevision"],
+        head.as_str()
+    );
+    assert!(node.get("newest").is_none());
+}
