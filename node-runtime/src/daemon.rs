@@ -20,6 +20,7 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     pub insecure_registries: Vec<String>,
     pub auth_file: Option<PathBuf>,
+    pub registry_ca: Vec<PathBuf>,
     pub supervisor: SupervisorConfig,
     pub max_unpacked_bytes: u64,
     pub allow_devices: bool,
@@ -44,6 +45,11 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         socket: socket_abs,
         token_file: abs(&opts.token_file),
         auth_file: abs(&opts.auth_file),
+        registry_ca: opts
+            .registry_ca
+            .iter()
+            .filter_map(|p| std::path::absolute(p).ok())
+            .collect(),
         ..opts
     };
     std::env::set_current_dir("/").context("chdir /")?;
@@ -70,6 +76,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
                 allow_devices: opts.allow_devices,
             },
             max_concurrent_downloads: 3,
+            registry_ca: opts.registry_ca.clone(),
         },
         erofs,
     )?);

@@ -61,6 +61,8 @@ pub struct StoreConfig {
     pub auth_file: Option<PathBuf>,
     pub unpack: UnpackLimits,
     pub max_concurrent_downloads: usize,
+    /// Extra CA certificates (PEM) trusted for registries, besides the system roots.
+    pub registry_ca: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -188,8 +190,18 @@ impl ImageStore {
         } else {
             ClientProtocol::HttpsExcept(cfg.insecure_registries.clone())
         };
+        let mut extra_root_certificates = Vec::new();
+        for ca in &cfg.registry_ca {
+            let data =
+                fs::read(ca).with_context(|| format!("read registry ca {}", ca.display()))?;
+            extra_root_certificates.push(oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data,
+            });
+        }
         let client = Client::new(ClientConfig {
             protocol,
+            extra_root_certificates,
             max_concurrent_download: cfg.max_concurrent_downloads,
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),

@@ -58,6 +58,9 @@ enum Command {
         /// docker config.json style registry credentials.
         #[arg(long)]
         registry_auth_file: Option<PathBuf>,
+        /// Extra CA certificate (PEM) to trust for HTTPS registries (repeatable).
+        #[arg(long = "registry-ca")]
+        registry_ca: Vec<PathBuf>,
         /// First restart back-off (doubles per crash, like kubelet's CrashLoopBackOff).
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         backoff_base: Duration,
@@ -158,6 +161,7 @@ async fn run(cli: Cli) -> Result<bool> {
             metrics_listen,
             insecure_registries,
             registry_auth_file,
+            registry_ca,
             backoff_base,
             backoff_max,
             image_keep_for,
@@ -175,6 +179,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 metrics_listen: metrics_listen.clone(),
                 insecure_registries: insecure_registries.clone(),
                 auth_file: registry_auth_file.clone(),
+                registry_ca: registry_ca.clone(),
                 supervisor: SupervisorConfig {
                     backoff_base: *backoff_base,
                     backoff_max: *backoff_max,

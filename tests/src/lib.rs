@@ -61,10 +61,33 @@ pub struct Registry {
     pub dir: tempfile::TempDir,
     pub addr: String,
     pub creds: Option<(String, String)>,
+    /// With TLS: the CA certificate (PEM) that signed the registry's certificate.
+    pub ca: Option<PathBuf>,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("run openssl")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 impl Registry {
     pub fn start(auth: bool) -> Result<Registry> {
+        Self::start_with(auth, false)
+    }
+
+    /// A registry serving HTTPS with a certificate from a throwaway CA.
+    pub fn start_tls() -> Result<Registry> {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(auth: bool, tls: bool) -> Result<Registry> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -83,8 +106,81 @@ impl Registry {
         } else {
             None
         };
+        let mut tls_cfg = String::new();
+        let ca = if tls {
+            let d = dir.path();
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=hyperbox-test-ca",
+                ],
+            )?;
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    "srv.key",
+                    "-out",
+                    "srv.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            )?;
+            fs::write(
+                d.join("ext.cnf"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+            )?;
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "srv.csr",
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "srv.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
+                ],
+            )?;
+            tls_cfg = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("srv.crt").display(),
+                d.join("srv.key").display()
+            );
+            Some(d.join("ca.crt"))
+        } else {
+            None
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_cfg}{auth_cfg}",
             dir.path().join("data").display()
         );
         fs::write(dir.path().join("config.yml"), config)?;
@@ -100,6 +196,7 @@ impl Registry {
             dir,
             addr,
             creds,
+            ca,
         };
         wait_until(Duration::from_secs(20), "registry to listen", || {
             std::net::TcpStream::connect(&reg.addr).ok()

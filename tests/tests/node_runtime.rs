@@ -920,3 +920,24 @@ fn pull_shows_progress_and_logs_rotate() {
     let tail = node.cli(&["logs", "chatty", "--tail", "100"]);
     assert!(tail.stdout.len() <= 100 && String::from_utf8_lossy(&tail.stdout).contains("xyz"));
 }
+
+#[test]
+fn https_registry_with_a_private_ca() {
+    let reg = Registry::start_tls().unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let ca = reg.ca.clone().unwrap();
+    // Not listed as insecure: HTTPS with certificate checks.
+    let untrusting = Node::start(&["--backoff-base", "200ms"]).unwrap();
+    untrusting.apply(&workload("tls", &image, "  command: [sleep, '100']\n"));
+    let v = untrusting
+        .wait_for("tls", T, "certificate refusal", |v| {
+            matches!(reason(v), "ErrImagePull" | "ImagePullBackOff")
+        })
+        .unwrap();
+    assert!(v["message"].as_str().unwrap().contains(&reg.addr), "{v}");
+    drop(untrusting);
+    let node = Node::start(&["--registry-ca", ca.to_str().unwrap()]).unwrap();
+    node.apply(&workload("tls", &image, "  command: [sleep, '100']\n"));
+    node.wait_for("tls", T, "pulled over https", |v| phase(v) == "Running")
+        .unwrap();
+}
