@@ -941,3 +941,69 @@ fn https_registry_with_a_private_ca() {
     node.wait_for("tls", T, "pulled over https", |v| phase(v) == "Running")
         .unwrap();
 }
+
+#[test]
+fn kill9_mid_pull_leaves_no_staging_mounts() {
+    let reg = Registry::start(false).unwrap();
+    // Slow enough to interrupt: a few hundred MB of zeros to unpack and turn into EROFS.
+    let (big, _) = push_image(
+        &reg,
+        "slow",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (
+                Layer::new().big_file("a", 200 << 20).finish(),
+                Compress::Gzip,
+            ),
+            (
+                Layer::new().big_file("b", 200 << 20).finish(),
+                Compress::Gzip,
+            ),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
+    let mut node = start_node(&reg, &[]);
+    let client = {
+        let socket = node.socket.clone();
+        let big = big.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin("hyperbox-node"))
+                .arg("--socket")
+                .arg(socket)
+                .args(["pull", &big])
+                .output()
+        })
+    };
+    let staging = node.state.join("images/tmp");
+    // Kill while the in-memory staging area is mounted: the case a restart must clean up.
+    wait_until(T, "tmpfs staging mounted", || {
+        node.mounts()
+            .iter()
+            .any(|m| m.contains("/images/tmp"))
+            .then_some(())
+    })
+    .unwrap();
+    node.kill9();
+    let _ = client.join();
+    node.spawn().unwrap();
+    let stale: Vec<String> = node
+        .mounts()
+        .into_iter()
+        .filter(|m| m.contains("/images/tmp"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "staging mounts left after restart: {stale:?}"
+    );
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+    // And the image can be prepared after all.
+    let out = node.cli(&["pull", &big]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
