@@ -354,6 +354,7 @@ pub struct StartRequest<'a> {
 /// Create the overlay rootfs and the bundle, then create and start the container. Returns the
 /// pid of the container's init (a child of this process). Blocking: call off the async runtime.
 pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
+    let t0 = std::time::Instant::now();
     let bundle = dirs.bundle(req.id);
     let rootfs = bundle.join("rootfs");
     mount_overlay(
@@ -379,6 +380,7 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
         let devnull: OwnedFd = fs::File::open("/dev/null")
             .context("open /dev/null")?
             .into();
+        let prepared = t0.elapsed();
         let _cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
         let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
             .with_executor(DefaultExecutor {})
@@ -400,9 +402,17 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
                 .ok_or_else(|| anyhow!("container {} has no pid after create", req.id))?;
             bring_up_loopback(pid.as_raw())?;
         }
+        let built = t0.elapsed();
         container
             .start()
             .map_err(|e| anyhow!("start container {}: {e}", req.id))?;
+        tracing::debug!(
+            container = req.id,
+            rootfs_and_spec_us = prepared.as_micros() as u64,
+            create_us = (built - prepared).as_micros() as u64,
+            start_us = (t0.elapsed() - built).as_micros() as u64,
+            "container created and started"
+        );
         container
             .pid()
             .map(|p| p.as_raw())

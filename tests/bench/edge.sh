@@ -17,6 +17,7 @@ cleanup() {
   [ -n "$reg_pid" ] && kill "$reg_pid"
   for p in $(cat /sys/fs/cgroup/pids/hyperbox-edge-bench/*/cgroup.procs 2>/dev/null); do kill -9 "$p"; done
   unmount_under "$work"
+  rmdir /sys/fs/cgroup/*/hyperbox-edge-bench/* /sys/fs/cgroup/*/hyperbox-edge-bench 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
