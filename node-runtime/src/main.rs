@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hyperbox_api::client::{Endpoint, NodeClient};
-use hyperbox_api::cliutil::{init_tracing, parse_duration};
+use hyperbox_api::cliutil::{init_tracing, parse_duration, run_main};
 use hyperbox_node::daemon::{serve, ServeOptions};
 use hyperbox_node::supervisor::SupervisorConfig;
 
@@ -120,19 +120,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(run(cli)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main(run(Cli::parse()))
 }
 
 async fn run(cli: Cli) -> Result<bool> {

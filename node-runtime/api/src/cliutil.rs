@@ -39,6 +39,28 @@ pub fn init_tracing(format: &str, default_filter: &str) {
     }
 }
 
+/// Runs a command's async body on a multi-threaded runtime and maps its outcome to the exit
+/// code: `Ok(true)` success, `Ok(false)` failure already reported, `Err` printed as
+/// `error: ...` with its whole context chain.
+pub fn run_main<F, E>(body: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<bool, E>>,
+    E: std::fmt::Display,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(body) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
