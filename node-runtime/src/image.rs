@@ -235,7 +235,18 @@ impl ImageStore {
 
     /// Make `reference` ready for containers: cached images are used as they are (pull policy
     /// IfNotPresent: a running node does not depend on its registry), others are pulled.
-    pub async fn ensure(&self, reference: &str) -> Result<PreparedImage, ImageError> {
+    ///
+    /// The work runs in its own task: a caller that goes away (its workload was deleted) does
+    /// not cancel a pull half-way, which would leave its staging area behind.
+    pub async fn ensure(self: &Arc<Self>, reference: &str) -> Result<PreparedImage, ImageError> {
+        let store = self.clone();
+        let reference = reference.to_string();
+        tokio::spawn(async move { store.ensure_now(&reference).await })
+            .await
+            .map_err(|e| ImageError::Prepare(format!("image preparation task: {e}")))?
+    }
+
+    async fn ensure_now(&self, reference: &str) -> Result<PreparedImage, ImageError> {
         let parsed = ImageRef::parse(reference).map_err(ImageError::InvalidImage)?;
         let lock = self
             .locks

@@ -14,10 +14,10 @@ use crate::status::{ApiError, ApplyResult, NodeSummary, WorkloadStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connect to node api at {endpoint}: {source}")]
+    #[error("connect to node api at {endpoint}: {cause}")]
     Connect {
         endpoint: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("node api request {method} {path}: {message}")]
     Http {
@@ -125,9 +125,9 @@ impl NodeClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| http_err(e.to_string()))?;
-        let connect_err = |source| ClientError::Connect {
+        let connect_err = |cause| ClientError::Connect {
             endpoint: self.endpoint.to_string(),
-            source,
+            cause,
         };
         let resp = match &self.endpoint {
             Endpoint::Unix(p) => {
