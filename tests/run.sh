@@ -8,4 +8,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The e2e tests run the built binaries.
 cargo build --workspace
-cargo test --workspace "$@"
+# With arguments, they pick what to test (e.g. -p hyperbox-e2e --test edge_git).
+if (($#)); then
+  cargo test "$@"
+else
+  cargo test --workspace
+fi
