@@ -41,6 +41,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/workloads/{name}", get(get_one).delete(delete))
         .route("/v1/workloads/{name}/spec", get(get_spec))
         .route("/v1/workloads/{name}/logs", get(logs))
+        .route("/v1/digests", get(digests))
         .route("/v1/node", get(node))
         .route("/v1/images/pull", axum::routing::post(pull))
         .route("/v1/images/progress", get(pull_progress))
@@ -104,6 +105,10 @@ async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response
             vec![],
         ),
     }
+}
+
+async fn digests(State(sup): State<AppState>) -> Response {
+    Json(sup.digests().await).into_response()
 }
 
 async fn list(State(sup): State<AppState>) -> Response {

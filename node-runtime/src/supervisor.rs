@@ -363,6 +363,27 @@ impl Supervisor {
         recs.iter().map(|r| self.render(r)).collect()
     }
 
+    /// What runs, by spec hash and revision, without rendering full statuses.
+    pub async fn digests(&self) -> Vec<hyperbox_api::WorkloadDigest> {
+        let entries = self.entries.lock().await;
+        entries
+            .values()
+            .map(|e| {
+                let rec = e.record.lock().unwrap();
+                hyperbox_api::WorkloadDigest {
+                    name: rec.workload.metadata.name.clone(),
+                    spec_hash: rec.spec_hash.clone(),
+                    revision: rec
+                        .workload
+                        .metadata
+                        .annotations
+                        .get(REVISION_ANNOTATION)
+                        .cloned(),
+                }
+            })
+            .collect()
+    }
+
     /// Limits of running replicas: (cpu millis, memory bytes, containers).
     pub async fn allocations(&self) -> (u64, u64, usize) {
         let entries = self.entries.lock().await;

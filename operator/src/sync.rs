@@ -138,15 +138,15 @@ impl Syncer {
                 return Err(e);
             }
         }
-        let observed: BTreeMap<String, Observed> = match self.node.list().await {
+        let observed: BTreeMap<String, Observed> = match self.node.digests().await {
             Ok(list) => list
                 .into_iter()
-                .map(|s| {
+                .map(|d| {
                     (
-                        s.name,
+                        d.name,
                         Observed {
-                            spec_hash: s.spec_hash,
-                            revision: s.revision,
+                            spec_hash: d.spec_hash,
+                            revision: d.revision,
                         },
                     )
                 })

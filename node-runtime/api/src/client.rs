@@ -183,6 +183,11 @@ impl NodeClient {
         self.json(Method::POST, "/v1/workloads", Some(body)).await
     }
 
+    /// Name, spec hash and revision of every workload: a cheap list for diffing.
+    pub async fn digests(&self) -> Result<Vec<crate::status::WorkloadDigest>, ClientError> {
+        self.json(Method::GET, "/v1/digests", None).await
+    }
+
     pub async fn list(&self) -> Result<Vec<WorkloadStatus>, ClientError> {
         self.json(Method::GET, "/v1/workloads", None).await
     }

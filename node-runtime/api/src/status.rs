@@ -169,3 +169,12 @@ pub struct PullResult {
     pub rootfs: String,
     pub elapsed_ms: u64,
 }
+
+/// The minimum a source needs to diff against the node: what runs, by spec hash and revision.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadDigest {
+    pub name: String,
+    pub spec_hash: String,
+    pub revision: Option<String>,
+}
