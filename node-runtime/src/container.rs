@@ -515,23 +515,36 @@ pub fn destroy(dirs: &RuntimeDirs, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).
-pub fn cgroup_dirs(dirs: &RuntimeDirs, id: &str) -> Vec<PathBuf> {
-    let rel = format!("{}/{id}", dirs.cgroup_parent.trim_start_matches('/'));
-    let mut out = Vec::new();
-    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-        for e in entries.flatten() {
-            let p = e.path().join(&rel);
-            if p.exists() {
-                out.push(p);
-            }
-        }
+/// The cgroup parent directory in every hierarchy where it exists: each v1 controller
+/// (`/sys/fs/cgroup/<controller>/<parent>`, including a hybrid host's `unified`) and a pure
+/// v2 host's root (`/sys/fs/cgroup/<parent>`).
+pub fn cgroup_parent_dirs(parent: &str) -> Vec<PathBuf> {
+    let rel = parent.trim_start_matches('/');
+    if rel.is_empty() {
+        return Vec::new();
     }
-    let v2 = Path::new("/sys/fs/cgroup").join(&rel);
-    if v2.exists() && !out.contains(&v2) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut out: Vec<PathBuf> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(rel))
+        .filter(|p| p.is_dir())
+        .collect();
+    let v2 = root.join(rel);
+    if v2.is_dir() && !out.contains(&v2) {
         out.push(v2);
     }
     out
+}
+
+/// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).
+pub fn cgroup_dirs(dirs: &RuntimeDirs, id: &str) -> Vec<PathBuf> {
+    cgroup_parent_dirs(&dirs.cgroup_parent)
+        .into_iter()
+        .map(|p| p.join(id))
+        .filter(|p| p.exists())
+        .collect()
 }
 
 fn remove_cgroups(dirs: &RuntimeDirs, id: &str) {

@@ -151,13 +151,8 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     // Containers keep running; the next start re-adopts them (live restore).
     sup.detach_all().await;
     // The cgroup parent goes when no container is left in it (rmdir fails otherwise).
-    let rel = opts.cgroup_parent.trim_start_matches('/');
-    if !rel.is_empty() {
-        if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
-            for c in ctrls.flatten() {
-                let _ = std::fs::remove_dir(c.path().join(rel));
-            }
-        }
+    for parent in crate::container::cgroup_parent_dirs(&opts.cgroup_parent) {
+        let _ = std::fs::remove_dir(parent);
     }
     let _ = std::fs::remove_file(&opts.socket);
     tracing::info!("node runtime stopped; containers left running for re-adoption");

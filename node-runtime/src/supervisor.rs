@@ -226,14 +226,11 @@ impl Supervisor {
                 }
             }
         }
-        let rel = self.dirs.cgroup_parent.trim_start_matches('/').to_string();
-        if let Ok(ctrls) = fs::read_dir("/sys/fs/cgroup") {
-            for c in ctrls.flatten() {
-                if let Ok(entries) = fs::read_dir(c.path().join(&rel)) {
-                    for e in entries.flatten() {
-                        if e.path().is_dir() {
-                            ids.insert(e.file_name().to_string_lossy().to_string());
-                        }
+        for parent in container::cgroup_parent_dirs(&self.dirs.cgroup_parent) {
+            if let Ok(entries) = fs::read_dir(parent) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        ids.insert(e.file_name().to_string_lossy().to_string());
                     }
                 }
             }
@@ -675,11 +672,7 @@ impl Supervisor {
             }
             let (id, pid, exit_rx, own_child) = if let Some((id, pid)) = adopted.take() {
                 tracing::info!(workload = %name, replica = index, container = %id, pid, "re-adopted running container");
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(wait_pidfd_exit(pid));
-                });
-                (id, pid, rx, false)
+                (id, pid, watch_exit(pid, false), false)
             } else {
                 // Image.
                 self.update_replica(&record, index, |r| {
@@ -766,11 +759,7 @@ impl Supervisor {
                     }
                 };
                 tracing::info!(workload = %name, replica = index, container = %id, pid, "container started");
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(container::wait_exit(pid).ok());
-                });
-                (id, pid, rx, true)
+                (id, pid, watch_exit(pid, true), true)
             };
             let started_at = Instant::now();
             let has_probe = w.spec.readiness_probe.is_some();
@@ -902,13 +891,7 @@ impl Supervisor {
         );
         let exit_rx = match exit_rx {
             Some(rx) => rx,
-            None => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(wait_pidfd_exit(pid));
-                });
-                rx
-            }
+            None => watch_exit(pid, false),
         };
         let mut exit_rx = exit_rx;
         if tokio::time::timeout(grace, &mut exit_rx).await.is_err() {
@@ -1018,6 +1001,21 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 /// Resolves once the replica is told to stop (holds no watch guard across awaits).
 async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A thread that waits for `pid` to exit and reports its exit code: collected with waitpid for
+/// our own children, unknown (`None`) for re-adopted ones.
+fn watch_exit(pid: i32, own_child: bool) -> tokio::sync::oneshot::Receiver<Option<i32>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let code = if own_child {
+            container::wait_exit(pid).ok()
+        } else {
+            wait_pidfd_exit(pid)
+        };
+        let _ = tx.send(code);
+    });
+    rx
 }
 
 /// Wait for a process that is not our child (re-adopted after a restart) to exit. Its exit
