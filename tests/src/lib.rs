@@ -486,17 +486,35 @@ pub fn write_layout(
         "layers": descs,
     }))?;
     let manifest_digest = write_blob(layout, &manifest)?;
+    write_layout_index(
+        layout,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest_digest,
+        manifest.len(),
+    )?;
+    Ok(manifest_digest)
+}
+
+/// The layout's `index.json`: one entry, tagged `tag`, pointing at a manifest or an index.
+fn write_layout_index(
+    layout: &Path,
+    tag: &str,
+    media_type: &str,
+    digest: &str,
+    size: usize,
+) -> Result<()> {
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
     fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    Ok(manifest_digest)
+    Ok(())
 }
 
 /// Write a multi-platform OCI layout: one image per `(architecture, layers)`, under one image
@@ -544,17 +562,13 @@ pub fn write_multiarch_layout(
         "manifests": entries,
     }))?;
     let index_digest = write_blob(layout, &index)?;
-    let top = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": index_digest,
-            "size": index.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-        }],
-    });
-    fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
-    Ok(())
+    write_layout_index(
+        layout,
+        tag,
+        "application/vnd.oci.image.index.v1+json",
+        &index_digest,
+        index.len(),
+    )
 }
 
 /// Build an image from layers and push it; returns (reference by tag, manifest digest).
