@@ -2,14 +2,13 @@
 //! (youki) calls that create, signal and delete them, in process.
 
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{NetworkMode, Workload};
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use serde_json::{json, Value};
@@ -29,8 +28,12 @@ static LIBCONTAINER_CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub struct RuntimeDirs {
     /// `<state>/containers/<id>`: bundle (config.json), rootfs, upper, work.
     pub containers: PathBuf,
-    /// libcontainer's own state root.
+    /// libcontainer's own state root: per boot, under the run dir (tmpfs), so that nothing
+    /// from before a reboot (a pid above all) is ever taken for current.
     pub libcontainer_root: PathBuf,
+    /// Where an older version kept libcontainer state (in the persistent state dir); only
+    /// cleaned up.
+    pub legacy_libcontainer_root: Option<PathBuf>,
     /// `<state>/volumes/<workload>/<volume>` for emptyDir volumes.
     pub volumes: PathBuf,
     /// cgroup parent, e.g. `/hyperbox`.
@@ -172,6 +175,59 @@ pub fn resolve_process(w: &Workload, image: &PreparedImage, rootfs: &Path) -> Re
     })
 }
 
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_ACCOUNT_FILE_BYTES: u64 = 1 << 20;
+
+/// Read a file of the image by its path inside the rootfs. Symlinks resolve inside the rootfs
+/// (`openat2` with `RESOLVE_IN_ROOT`), only regular files are read, and at most
+/// [`MAX_ACCOUNT_FILE_BYTES`]: a hostile image cannot point us at a host file, `/dev/zero` or
+/// a FIFO. A missing file is `Ok(None)`.
+pub fn read_in_root(rootfs: &Path, rel: &str) -> Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    let root = fs::File::open(rootfs).with_context(|| format!("open {}", rootfs.display()))?;
+    let c_rel = std::ffi::CString::new(std::ffi::OsStr::new(rel).as_bytes())
+        .map_err(|_| anyhow!("{rel}: path has a NUL byte"))?;
+    // SAFETY: open_how is plain data; zeroed is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid dirfd, C string and open_how of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(&root),
+            c_rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    } as i32;
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Ok(None);
+        }
+        return Err(e).with_context(|| format!("image file /{rel}"));
+    }
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { fs::File::from_raw_fd(fd) };
+    let meta = f.metadata().with_context(|| format!("image file /{rel}"))?;
+    if !meta.is_file() {
+        bail!("image file /{rel} is not a regular file");
+    }
+    if meta.len() > MAX_ACCOUNT_FILE_BYTES {
+        bail!(
+            "image file /{rel} is {} bytes, more than the {MAX_ACCOUNT_FILE_BYTES} allowed",
+            meta.len()
+        );
+    }
+    let mut text = String::new();
+    f.take(MAX_ACCOUNT_FILE_BYTES)
+        .read_to_string(&mut text)
+        .with_context(|| format!("read image file /{rel}"))?;
+    Ok(Some(text))
+}
+
 /// `uid[:gid]` or `name[:group]`, names looked up in the image's /etc/passwd and /etc/group.
 fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32)> {
     if user.is_empty() {
@@ -181,7 +237,9 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32)> {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let passwd = read_in_root(rootfs, "etc/passwd")
+        .context("spec.user")?
+        .unwrap_or_default();
     let (uid, primary_gid) = match u.parse::<u32>() {
         Ok(n) => (
             n,
@@ -203,7 +261,8 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32)> {
         None => primary_gid,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => fs::read_to_string(rootfs.join("etc/group"))
+            Err(_) => read_in_root(rootfs, "etc/group")
+                .context("spec.user")?
                 .unwrap_or_default()
                 .lines()
                 .map(|l| l.split(':').collect::<Vec<_>>())
@@ -475,44 +534,88 @@ fn bring_up_loopback(pid: i32) -> Result<()> {
     .map_err(|_| anyhow!("loopback setup thread panicked"))?
 }
 
-/// Load a container's libcontainer state, if it has any.
-pub fn load(dirs: &RuntimeDirs, id: &str) -> Option<Container> {
-    let root = dirs.libcontainer_root.join(id);
-    if !root.exists() {
-        return None;
-    }
-    let mut c = Container::load(root).ok()?;
-    let _ = c.refresh_status();
-    Some(c)
-}
-
-/// Whether the container exists and its init process is alive.
-pub fn running_pid(dirs: &RuntimeDirs, id: &str) -> Option<i32> {
-    let c = load(dirs, id)?;
-    match c.status() {
-        ContainerStatus::Running | ContainerStatus::Created | ContainerStatus::Paused => {
-            c.pid().map(|p| p.as_raw())
-        }
-        _ => None,
-    }
-}
-
-/// Kill everything left, delete the libcontainer state (which removes the cgroup), unmount the
-/// rootfs and remove the bundle. Idempotent: safe on half-created or already-gone containers.
+/// Kill everything in the container's cgroups, delete its libcontainer state, cgroups, rootfs
+/// mount and bundle. Idempotent: safe on half-created or already-gone containers.
+///
+/// Processes are found through the container's cgroups only, never through the pid in the
+/// libcontainer state: after a reboot or a crash that pid may belong to someone else.
 pub fn destroy(dirs: &RuntimeDirs, id: &str) -> Result<()> {
-    if let Some(mut c) = load(dirs, id) {
-        if let Err(e) = c.delete(true) {
-            tracing::warn!(container = id, error = %e, "libcontainer delete failed, removing state by hand");
-            remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
-        }
-    } else {
-        remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
+    kill_cgroup(dirs, id);
+    remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
+    if let Some(legacy) = &dirs.legacy_libcontainer_root {
+        remove_dir_all_if_exists(&legacy.join(id))?;
     }
     remove_cgroups(dirs, id);
     let bundle = dirs.bundle(id);
     unmount_if_mounted(&bundle.join("rootfs"))?;
     remove_dir_all_if_exists(&bundle)?;
     Ok(())
+}
+
+/// Pids in any of the container's cgroups.
+fn cgroup_pids(dirs: &RuntimeDirs, id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for d in cgroup_dirs(dirs, id) {
+        if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// SIGKILL every process in the container's cgroups and wait (briefly) for them to go. A
+/// process cannot leave its cgroup from inside a container, so membership is proof enough.
+pub fn kill_cgroup(dirs: &RuntimeDirs, id: &str) {
+    // cgroup v2 (pure v2 host, or where the container also sits in the unified tree).
+    for d in cgroup_dirs(dirs, id) {
+        let kill = d.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(&kill, "1");
+        }
+    }
+    for _ in 0..200 {
+        let pids = cgroup_pids(dirs, id);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: kill has no memory arguments.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tracing::warn!(
+        container = id,
+        "processes left in the container's cgroups after SIGKILL"
+    );
+}
+
+/// Ids of every container with a bundle, libcontainer state or cgroup here.
+pub fn list_ids(dirs: &RuntimeDirs) -> Vec<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut roots = vec![&dirs.containers, &dirs.libcontainer_root];
+    if let Some(l) = &dirs.legacy_libcontainer_root {
+        roots.push(l);
+    }
+    for dir in roots {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                ids.insert(e.file_name().to_string_lossy().to_string());
+            }
+        }
+    }
+    for parent in cgroup_parent_dirs(&dirs.cgroup_parent) {
+        if let Ok(entries) = fs::read_dir(parent) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    ids.insert(e.file_name().to_string_lossy().to_string());
+                }
+            }
+        }
+    }
+    ids.into_iter().collect()
 }
 
 /// The cgroup parent directory in every hierarchy where it exists: each v1 controller
@@ -593,8 +696,14 @@ pub fn oom_kills(dirs: &RuntimeDirs, id: &str) -> u64 {
 }
 
 /// Run a command inside a running container (exec readiness probe); returns its exit code.
-/// Blocking.
-pub fn exec_in(dirs: &RuntimeDirs, id: &str, command: &[String]) -> Result<i32> {
+/// At the timeout the command is killed and reaped, so a hung probe never leaks a process or
+/// a thread. Blocking.
+pub fn exec_in(
+    dirs: &RuntimeDirs,
+    id: &str,
+    command: &[String],
+    timeout: std::time::Duration,
+) -> Result<i32> {
     let devnull = || -> Result<OwnedFd> {
         Ok(fs::OpenOptions::new()
             .read(true)
@@ -616,7 +725,20 @@ pub fn exec_in(dirs: &RuntimeDirs, id: &str, command: &[String]) -> Result<i32> 
         .build()
         .map_err(|e| anyhow!("exec in {id}: {e}"))?;
     drop(cwd);
-    wait_exit(pid.as_raw())
+    let pid = pid.as_raw();
+    // Our unreaped child: the pid is still it.
+    let proc = crate::runtime::ProcHandle::open_child(pid)
+        .map_err(|e| anyhow!("exec in {id}: pidfd of {pid}: {e}"))?;
+    if !proc.wait_gone(Some(timeout)) {
+        let _ = proc.signal(libc::SIGKILL);
+        let _ = wait_exit(pid);
+        bail!(
+            "exec in {id}: {:?} timed out after {:.1}s and was killed",
+            command,
+            timeout.as_secs_f64()
+        );
+    }
+    wait_exit(pid)
 }
 
 /// Wait for a child (including CLONE_PARENT siblings, which exit without SIGCHLD: hence
@@ -723,6 +845,7 @@ mod tests {
         let dirs = RuntimeDirs {
             containers: root.path().join("c"),
             libcontainer_root: root.path().join("l"),
+            legacy_libcontainer_root: None,
             volumes: root.path().join("v"),
             cgroup_parent: "/hyperbox".into(),
         };

@@ -9,11 +9,14 @@ use anyhow::{bail, Context, Result};
 use crate::container::RuntimeDirs;
 use crate::erofs::ErofsSupport;
 use crate::image::{ImageStore, StoreConfig, UnpackLimits};
+use crate::runtime::LibcontainerRuntime;
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub state_dir: PathBuf,
+    /// Per-boot runtime state (tmpfs): libcontainer state, so nothing outlives a reboot.
+    pub run_dir: PathBuf,
     pub socket: PathBuf,
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -40,8 +43,11 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let socket_abs = std::path::absolute(&opts.socket)
         .with_context(|| format!("resolve {}", opts.socket.display()))?;
     let abs = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::path::absolute(p).ok());
+    let run_abs = std::path::absolute(&opts.run_dir)
+        .with_context(|| format!("resolve {}", opts.run_dir.display()))?;
     let opts = ServeOptions {
         state_dir: state_abs,
+        run_dir: run_abs,
         socket: socket_abs,
         token_file: abs(&opts.token_file),
         auth_file: abs(&opts.auth_file),
@@ -80,14 +86,33 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         },
         erofs,
     )?);
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("create run dir {}", opts.run_dir.display()))?;
+    let legacy = state.join("libcontainer");
     let dirs = RuntimeDirs {
         containers: state.join("containers"),
-        libcontainer_root: state.join("libcontainer"),
+        libcontainer_root: opts.run_dir.join("libcontainer"),
+        legacy_libcontainer_root: legacy.exists().then(|| legacy.clone()),
         volumes: state.join("volumes"),
         cgroup_parent: opts.cgroup_parent.clone(),
     };
-    let sup = Supervisor::new(&state, dirs, images, opts.supervisor.clone())?;
+    for d in [&dirs.containers, &dirs.libcontainer_root] {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    let runtime = Arc::new(LibcontainerRuntime { dirs: dirs.clone() });
+    let sup = Supervisor::new(
+        &state,
+        dirs.volumes.clone(),
+        runtime,
+        images.clone(),
+        Some(images),
+        opts.supervisor.clone(),
+    )?;
     sup.recover().await?;
+    if legacy.exists() {
+        // Containers of the old layout were swept above; what is left is empty.
+        let _ = crate::fsutil::remove_dir_all_if_exists(&legacy);
+    }
 
     let token = match &opts.token_file {
         Some(f) => {
@@ -127,11 +152,15 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             let mut n: u64 = 0;
             loop {
-                tick.tick().await;
-                sup.rotate_logs().await;
-                n += 1;
-                if n.is_multiple_of(30) {
-                    sup.gc_images().await;
+                tokio::select! {
+                    _ = tick.tick() => {
+                        sup.rotate_logs().await;
+                        n += 1;
+                        if n.is_multiple_of(30) {
+                            sup.gc_images().await;
+                        }
+                    }
+                    _ = sup.gc_requested() => sup.gc_images().await,
                 }
             }
         });

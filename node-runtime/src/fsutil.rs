@@ -18,32 +18,50 @@ pub fn write_atomic_nosync(path: &Path, data: &[u8]) -> Result<()> {
     write_atomic_with(path, data, false)
 }
 
+/// Every writer gets its own temporary file (two writers of one path never share one), and
+/// the rename makes the new content visible at once.
 fn write_atomic_with(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(data)
-            .with_context(|| format!("write {}", tmp.display()))?;
-        if durable {
-            f.sync_all()
-                .with_context(|| format!("fsync {}", tmp.display()))?;
-        }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(
+            ".{}.",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("create a temporary file in {}", dir.display()))?;
+    tmp.write_all(data)
+        .with_context(|| format!("write {}", tmp.path().display()))?;
+    if durable {
+        tmp.as_file()
+            .sync_all()
+            .with_context(|| format!("fsync {}", tmp.path().display()))?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("rename into {}", path.display()))?;
     if durable {
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
     Ok(())
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> u64 {
+    now_unix_ms() / 1000
+}
+
+/// Milliseconds since the epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// fsync one file or directory.

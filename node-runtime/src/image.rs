@@ -134,6 +134,28 @@ impl Progress {
     }
 }
 
+/// Where the supervisor gets images from: the [`ImageStore`], or a test double.
+pub trait ImageSource: Send + Sync + 'static {
+    /// Make `reference` ready for containers (pull policy IfNotPresent).
+    fn prepare(self: Arc<Self>, reference: String) -> ImageFuture;
+    /// Progress of a pull in flight.
+    fn progress_of(&self, reference: &str) -> Option<PullProgress>;
+}
+
+pub type ImageFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<PreparedImage, ImageError>> + Send + 'static>,
+>;
+
+impl ImageSource for ImageStore {
+    fn prepare(self: Arc<Self>, reference: String) -> ImageFuture {
+        Box::pin(async move { self.ensure(&reference).await })
+    }
+
+    fn progress_of(&self, reference: &str) -> Option<PullProgress> {
+        ImageStore::progress_of(self, reference)
+    }
+}
+
 pub struct ImageStore {
     cfg: StoreConfig,
     erofs: ErofsSupport,

@@ -10,5 +10,6 @@ pub mod image;
 pub mod logs;
 pub mod node;
 pub mod probe;
+pub mod runtime;
 pub mod server;
 pub mod supervisor;

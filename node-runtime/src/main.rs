@@ -40,12 +40,17 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon.
     Serve {
         #[arg(long, default_value = "/var/lib/hyperbox")]
         state_dir: PathBuf,
+        /// Per-boot runtime state; must not survive a reboot (tmpfs, like runc's /run/runc).
+        #[arg(long, default_value = "/run/hyperbox")]
+        run_dir: PathBuf,
         /// Also serve the API on TCP (bearer token required).
         #[arg(long)]
         listen: Option<String>,
@@ -145,6 +150,7 @@ async fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
         Command::Serve {
             state_dir,
+            run_dir,
             listen,
             metrics_listen,
             insecure_registries,
@@ -161,6 +167,7 @@ async fn run(cli: Cli) -> Result<bool> {
             init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
             serve(ServeOptions {
                 state_dir: state_dir.clone(),
+                run_dir: run_dir.clone(),
                 socket: cli.socket.clone(),
                 listen: listen.clone(),
                 token_file: cli.token_file.clone(),

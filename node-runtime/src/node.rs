@@ -68,7 +68,7 @@ pub fn summary(
     allocations: ResourceAmounts,
     workloads: usize,
     containers: usize,
-    erofs: &crate::erofs::ErofsSupport,
+    erofs: Option<&crate::erofs::ErofsSupport>,
 ) -> NodeSummary {
     let pressure = pressure();
     NodeSummary {
@@ -79,8 +79,8 @@ pub fn summary(
         workloads,
         containers,
         features: Features {
-            erofs: erofs.enabled(),
-            erofs_reason: erofs.reason.clone(),
+            erofs: erofs.is_some_and(|e| e.enabled()),
+            erofs_reason: erofs.and_then(|e| e.reason.clone()),
             ebpf: false,
             cgroup: cgroup_mode(),
             psi: pressure.is_some(),

@@ -1,56 +1,79 @@
 //! Readiness probes: exec inside the container, or HTTP GET from inside its network namespace
-//! (so `network: none` containers can be probed too).
+//! (so `network: none` containers can be probed too). Probes run on blocking threads, at most
+//! [`MAX_CONCURRENT_PROBES`] at once; each is bounded by its timeout, an exec probe is killed
+//! when it overruns.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyperbox_api::Probe;
+use tokio::sync::Semaphore;
 
-use crate::container::{self, RuntimeDirs};
+use crate::runtime::{ProcHandle, Runtime};
+
+/// Probes running at the same time, node-wide. More wait for a slot (and count the wait
+/// against nothing: a slow node delays probes rather than piling up processes).
+pub const MAX_CONCURRENT_PROBES: usize = 8;
 
 /// Run one probe; true when it passed within `timeout`.
-pub async fn run(dirs: &RuntimeDirs, id: &str, pid: i32, probe: &Probe, timeout: Duration) -> bool {
-    let result = if let Some(exec) = &probe.exec {
-        let dirs = dirs.clone();
-        let id = id.to_string();
+pub async fn run(
+    runtime: Arc<dyn Runtime>,
+    slots: Arc<Semaphore>,
+    id: &str,
+    proc: Arc<ProcHandle>,
+    probe: &Probe,
+    timeout: Duration,
+) -> bool {
+    let Ok(_permit) = slots.acquire_owned().await else {
+        return false;
+    };
+    let id2 = id.to_string();
+    let ok = if let Some(exec) = &probe.exec {
         let cmd = exec.command.clone();
-        tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || container::exec_in(&dirs, &id, &cmd)),
-        )
+        tokio::task::spawn_blocking(move || match runtime.exec(&id2, &cmd, timeout) {
+            Ok(code) => code == 0,
+            Err(e) => {
+                tracing::debug!(container = %id2, error = %format!("{e:#}"), "exec probe failed");
+                false
+            }
+        })
         .await
-        .map(|r| matches!(r, Ok(Ok(0))))
+        .unwrap_or(false)
     } else if let Some(http) = &probe.http_get {
         let host = http.host.clone().unwrap_or_else(|| "127.0.0.1".into());
         let port = http.port;
         let path = http.path.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        // A dedicated thread: setns(CLONE_NEWNET) changes only the calling thread.
-        std::thread::spawn(move || {
-            let _ = tx.send(http_get_in_netns(pid, &host, port, &path, timeout));
-        });
-        tokio::time::timeout(timeout + Duration::from_millis(100), rx)
+        tokio::task::spawn_blocking(move || runtime.http_get(&proc, &host, port, &path, timeout))
             .await
-            .map(|r| r.unwrap_or(false))
+            .unwrap_or(false)
     } else {
-        Ok(false)
+        false
     };
-    let ok = result.unwrap_or(false);
     tracing::debug!(container = id, ok, "readiness probe");
     ok
 }
 
-fn http_get_in_netns(pid: i32, host: &str, port: u16, path: &str, timeout: Duration) -> bool {
-    let ns = format!("/proc/{pid}/ns/net");
-    let Ok(f) = std::fs::File::open(&ns) else {
-        return false;
-    };
-    // SAFETY: setns on an fd we own; affects only this thread, which exits afterwards.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return false;
-    }
+/// HTTP GET from inside the network namespace of the process behind `pidfd`. Runs on a thread
+/// of its own: setns(CLONE_NEWNET) changes only the calling thread, which then exits.
+pub fn http_get_in_netns(pidfd: i32, host: &str, port: u16, path: &str, timeout: Duration) -> bool {
+    // The pidfd stays open in the caller while the thread runs (we join it).
+    let (host, path) = (host.to_string(), path.to_string());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a pidfd we hold; affects only this thread, which exits afterwards.
+            if unsafe { libc::setns(pidfd, libc::CLONE_NEWNET) } != 0 {
+                return false;
+            }
+            http_get(&host, port, &path, timeout)
+        })
+        .join()
+        .unwrap_or(false)
+    })
+}
+
+fn http_get(host: &str, port: u16, path: &str, timeout: Duration) -> bool {
     let Some(addr) = (host, port)
         .to_socket_addrs()
         .ok()

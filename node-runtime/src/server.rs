@@ -213,7 +213,7 @@ async fn pull(State(sup): State<AppState>, Json(req): Json<PullRequest>) -> Resp
         );
     }
     let started = std::time::Instant::now();
-    match sup.images().ensure(&req.image).await {
+    match sup.images().prepare(req.image.clone()).await {
         Ok(img) => Json(hyperbox_api::PullResult {
             image: req.image,
             digest: img.digest,
@@ -259,7 +259,7 @@ async fn node(State(sup): State<AppState>) -> Response {
         },
         sup.workload_count().await,
         containers,
-        sup.images().erofs(),
+        sup.store().map(|s| s.erofs()),
     );
     Json(summary).into_response()
 }

@@ -644,6 +644,8 @@ impl Node {
             .arg("serve")
             .arg("--state-dir")
             .arg(&self.state)
+            .arg("--run-dir")
+            .arg(self.dir.path().join("run"))
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
             .args(&self.extra)

@@ -1,0 +1,303 @@
+//! The container runtime behind a trait, in the spirit of youki's `Syscall`: the supervisor
+//! talks to [`Runtime`], libcontainer is the real implementation, and [`fake::FakeRuntime`]
+//! lets the orchestration be tested without root.
+//!
+//! Processes are handled through pidfds: once a container's init has been proven to be ours (it
+//! is our unreaped child, or its boot id, start time and cgroup match what we recorded), every
+//! signal goes through the pidfd, so a pid that the kernel reuses later can never be hit.
+
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::container::{self, RuntimeDirs, StartRequest};
+pub use crate::supervisor::replica::ProcIdentity;
+
+pub mod fake;
+
+/// A process we have proven to be a container's init.
+#[derive(Debug)]
+pub struct ProcHandle {
+    pub pid: i32,
+    /// Started by this daemon: its exit code is ours to collect.
+    pub own_child: bool,
+    pidfd: Option<OwnedFd>,
+}
+
+impl ProcHandle {
+    /// A handle without a pidfd (test doubles).
+    pub fn detached(pid: i32, own_child: bool) -> ProcHandle {
+        ProcHandle {
+            pid,
+            own_child,
+            pidfd: None,
+        }
+    }
+
+    /// A handle on our own, not yet reaped, child.
+    pub fn open_child(pid: i32) -> std::io::Result<ProcHandle> {
+        ProcHandle::open(pid, true)
+    }
+
+    fn open(pid: i32, own_child: bool) -> std::io::Result<ProcHandle> {
+        // SAFETY: pidfd_open has no memory arguments.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ProcHandle {
+            pid,
+            own_child,
+            // SAFETY: a fresh fd we own.
+            pidfd: Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        })
+    }
+
+    /// Send a signal through the pidfd: it reaches this process or nothing.
+    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
+        let Some(fd) = &self.pidfd else {
+            return Ok(());
+        };
+        // SAFETY: pidfd_send_signal with a valid fd and no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // Already exited: nothing to signal.
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Wait until the process exits, up to `timeout` (forever with `None`); true once gone.
+    pub fn wait_gone(&self, timeout: Option<Duration>) -> bool {
+        let Some(fd) = &self.pidfd else {
+            return true;
+        };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                return true;
+            }
+            if r == 0 {
+                return false;
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return true;
+            }
+        }
+    }
+
+    /// The pidfd, for setns into the process's namespaces.
+    pub fn pidfd(&self) -> Option<i32> {
+        self.pidfd.as_ref().map(|f| f.as_raw_fd())
+    }
+}
+
+/// A container just started.
+#[derive(Debug)]
+pub struct Started {
+    pub proc: ProcHandle,
+    pub identity: ProcIdentity,
+}
+
+/// What the supervisor needs from a container runtime. Methods block: call them off the async
+/// runtime's threads.
+pub trait Runtime: Send + Sync + 'static {
+    /// Create the rootfs and bundle, then create and start the container.
+    fn start(&self, req: &StartRequest<'_>) -> Result<Started>;
+    /// Re-attach to a container found after a daemon restart, only if its init is provably the
+    /// process we started (same boot, same start time, in the container's cgroup).
+    fn adopt(&self, id: &str, identity: &ProcIdentity) -> Result<ProcHandle, String>;
+    /// Send a signal to the container's init (through its pidfd).
+    fn signal(&self, id: &str, proc: &ProcHandle, sig: i32);
+    /// Block until the process exits; its exit code when it was our child.
+    fn wait(&self, proc: &ProcHandle) -> Option<i32>;
+    /// SIGKILL every process in the container's cgroups.
+    fn kill_all(&self, id: &str);
+    /// OOM kills recorded for the container (read before destroying it).
+    fn oom_kills(&self, id: &str) -> u64;
+    /// Remove everything of a container: its processes (found by cgroup, never by a bare pid),
+    /// state, cgroups, mounts and bundle. Idempotent.
+    fn destroy(&self, id: &str) -> Result<()>;
+    /// Ids of every container this runtime holds anything of.
+    fn list(&self) -> Vec<String>;
+    /// Run a command inside the container; killed at the timeout. Returns its exit code.
+    fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32>;
+    /// HTTP GET from inside the process's network namespace; true on 2xx/3xx.
+    fn http_get(
+        &self,
+        proc: &ProcHandle,
+        host: &str,
+        port: u16,
+        path: &str,
+        timeout: Duration,
+    ) -> bool;
+}
+
+/// This boot's id (changes on every reboot).
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // After ')' come field 3 (state) onwards; start time is field 22.
+    rest.split(' ').nth(22 - 3)?.parse().ok()
+}
+
+/// Whether `/proc/PID/cgroup` places the process in `<parent>/<id>` in some hierarchy.
+pub fn in_cgroup(pid: i32, cgroup_path: &str) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let want = format!("/{}", cgroup_path.trim_start_matches('/'));
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .any(|p| p == want || p.starts_with(&format!("{want}/")))
+}
+
+/// libcontainer in process.
+pub struct LibcontainerRuntime {
+    pub dirs: RuntimeDirs,
+}
+
+impl LibcontainerRuntime {
+    fn cgroup_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.dirs.cgroup_parent.trim_end_matches('/'))
+    }
+}
+
+impl Runtime for LibcontainerRuntime {
+    fn start(&self, req: &StartRequest<'_>) -> Result<Started> {
+        let pid = container::create_and_start(&self.dirs, req)?;
+        // The init is our child and not yet reaped, so the pid is still it.
+        let proc = match ProcHandle::open(pid, true) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.destroy(req.id);
+                return Err(anyhow!("pidfd of container {} init {pid}: {e}", req.id));
+            }
+        };
+        let identity = ProcIdentity {
+            pid,
+            boot_id: boot_id(),
+            start_ticks: start_ticks(pid).unwrap_or(0),
+        };
+        Ok(Started { proc, identity })
+    }
+
+    fn adopt(&self, id: &str, identity: &ProcIdentity) -> Result<ProcHandle, String> {
+        let current_boot = boot_id();
+        if identity.boot_id != current_boot {
+            return Err(format!(
+                "recorded under boot {}, this is boot {current_boot}",
+                identity.boot_id
+            ));
+        }
+        // Open first, then check: if the checks pass, the pidfd names the checked process.
+        let proc = ProcHandle::open(identity.pid, false)
+            .map_err(|e| format!("pid {} is gone: {e}", identity.pid))?;
+        match start_ticks(identity.pid) {
+            Some(t) if t == identity.start_ticks => {}
+            Some(t) => {
+                return Err(format!(
+                "pid {} started at tick {t}, the container's init at tick {}: the pid was reused",
+                identity.pid, identity.start_ticks
+            ))
+            }
+            None => return Err(format!("pid {} is gone", identity.pid)),
+        }
+        if !in_cgroup(identity.pid, &self.cgroup_path(id)) {
+            return Err(format!(
+                "pid {} is not in cgroup {}",
+                identity.pid,
+                self.cgroup_path(id)
+            ));
+        }
+        if proc.wait_gone(Some(Duration::ZERO)) {
+            return Err(format!("pid {} exited during the check", identity.pid));
+        }
+        Ok(proc)
+    }
+
+    fn signal(&self, id: &str, proc: &ProcHandle, sig: i32) {
+        if let Err(e) = proc.signal(sig) {
+            tracing::warn!(container = id, pid = proc.pid, sig, error = %e, "signal failed");
+        }
+    }
+
+    fn wait(&self, proc: &ProcHandle) -> Option<i32> {
+        proc.wait_gone(None);
+        if proc.own_child {
+            return container::wait_exit(proc.pid).ok();
+        }
+        // Not our child after a restart: the exit code belongs to its new parent.
+        None
+    }
+
+    fn kill_all(&self, id: &str) {
+        container::kill_cgroup(&self.dirs, id);
+    }
+
+    fn oom_kills(&self, id: &str) -> u64 {
+        container::oom_kills(&self.dirs, id)
+    }
+
+    fn destroy(&self, id: &str) -> Result<()> {
+        container::destroy(&self.dirs, id)
+    }
+
+    fn list(&self) -> Vec<String> {
+        container::list_ids(&self.dirs)
+    }
+
+    fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32> {
+        container::exec_in(&self.dirs, id, command, timeout)
+    }
+
+    fn http_get(
+        &self,
+        proc: &ProcHandle,
+        host: &str,
+        port: u16,
+        path: &str,
+        timeout: Duration,
+    ) -> bool {
+        let Some(fd) = proc.pidfd() else {
+            return false;
+        };
+        crate::probe::http_get_in_netns(fd, host, port, path, timeout)
+    }
+}

@@ -1,0 +1,757 @@
+//! One actor per workload. It alone owns the workload's record, its replicas and its files:
+//! applies, deletes and every report from its containers, probes and timers arrive as messages
+//! and are handled one at a time, in order. Decisions are made by the pure replica state
+//! machine; this loop only performs the actions it returns.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use hyperbox_api::{ApplyAction, Workload};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::record::{self, WorkloadRecord};
+use super::replica::{Action, Event, ImageFailure, Policy, Replica, Stage};
+use super::Shared;
+use crate::container::StartRequest;
+use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists, write_json_atomic_nosync};
+use crate::image::{ImageError, PreparedImage};
+use crate::runtime::{ProcHandle, Started};
+
+/// Longest grace period a stop allows before SIGKILL, whatever the spec says.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+
+pub(crate) enum Msg {
+    Apply {
+        workload: Box<Workload>,
+        hash: String,
+        reply: oneshot::Sender<ApplyAction>,
+    },
+    Delete {
+        reply: oneshot::Sender<()>,
+    },
+    Replica {
+        gen: u64,
+        index: u32,
+        event: Event,
+    },
+    ImageDone {
+        gen: u64,
+        index: u32,
+        token: u64,
+        result: Result<PreparedImage, ImageError>,
+    },
+    Created {
+        gen: u64,
+        index: u32,
+        token: u64,
+        container_id: String,
+        result: Result<Started, String>,
+    },
+    Exited {
+        gen: u64,
+        index: u32,
+        token: u64,
+        container_id: String,
+        code: Option<i32>,
+        oom: bool,
+    },
+    /// Daemon shutdown: stop the actor, leave the containers running.
+    Detach,
+}
+
+/// What the supervisor keeps of an actor.
+#[derive(Clone)]
+pub(crate) struct ActorHandle {
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<Msg>,
+    /// The record as of the last change, for readers (status, list, digests).
+    pub snapshot: Arc<StdMutex<Arc<WorkloadRecord>>>,
+    pub deleting: Arc<AtomicBool>,
+    /// Becomes true when the actor is gone (deleted or detached).
+    pub done: watch::Receiver<bool>,
+}
+
+/// How an actor begins.
+pub(crate) enum Begin {
+    /// A new workload: write its record, answer the apply, start.
+    New(oneshot::Sender<ApplyAction>),
+    /// Loaded from the state dir after a restart: re-adopt or replace its containers.
+    Recovered,
+}
+
+pub(crate) struct Actor {
+    shared: Arc<Shared>,
+    id: u64,
+    name: String,
+    rec: WorkloadRecord,
+    /// Generation of the current spec's replicas; replicas of older specs are retiring.
+    gen: u64,
+    retiring: Vec<(u64, Replica)>,
+    policy: Policy,
+    prepared: Option<PreparedImage>,
+    procs: HashMap<String, Arc<ProcHandle>>,
+    probes: HashMap<(u64, u32), JoinHandle<()>>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    snapshot: Arc<StdMutex<Arc<WorkloadRecord>>>,
+    deleting: Arc<AtomicBool>,
+    done: watch::Sender<bool>,
+    apply_replies: Vec<(oneshot::Sender<ApplyAction>, ApplyAction)>,
+    delete_replies: Vec<oneshot::Sender<()>>,
+    dirty: bool,
+}
+
+impl Actor {
+    /// Start the actor task; the handle goes into the supervisor's registry.
+    pub(crate) fn spawn(
+        shared: Arc<Shared>,
+        id: u64,
+        rec: WorkloadRecord,
+        begin: Begin,
+    ) -> ActorHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let snapshot = Arc::new(StdMutex::new(Arc::new(rec.clone())));
+        let deleting = Arc::new(AtomicBool::new(rec.deleting));
+        let (done_tx, done_rx) = watch::channel(false);
+        let handle = ActorHandle {
+            id,
+            tx: tx.clone(),
+            snapshot: snapshot.clone(),
+            deleting: deleting.clone(),
+            done: done_rx,
+        };
+        let actor = Actor {
+            policy: super::policy_for(&shared.cfg, &rec.workload),
+            name: rec.workload.metadata.name.clone(),
+            shared,
+            id,
+            rec,
+            gen: 1,
+            retiring: Vec::new(),
+            prepared: None,
+            procs: HashMap::new(),
+            probes: HashMap::new(),
+            tx,
+            rx,
+            snapshot,
+            deleting,
+            done: done_tx,
+            apply_replies: Vec::new(),
+            delete_replies: Vec::new(),
+            dirty: false,
+        };
+        tokio::spawn(actor.run(begin));
+        handle
+    }
+
+    async fn run(mut self, begin: Begin) {
+        match begin {
+            Begin::New(reply) => {
+                self.dirty = true;
+                self.apply_replies.push((reply, ApplyAction::Created));
+                self.start_idle();
+            }
+            Begin::Recovered => self.recover().await,
+        }
+        self.settle().await;
+        while let Some(msg) = self.rx.recv().await {
+            match msg {
+                Msg::Detach => {
+                    for (_, p) in self.probes.drain() {
+                        p.abort();
+                    }
+                    let _ = self.done.send(true);
+                    return;
+                }
+                msg => self.handle(msg).await,
+            }
+            if self.settle().await {
+                return;
+            }
+        }
+    }
+
+    /// After every message: move on when retiring replicas are gone, write the record if it
+    /// changed, answer waiting clients. True when the actor is finished (deleted).
+    async fn settle(&mut self) -> bool {
+        self.retiring.retain(|(_, r)| !r.is_stopped());
+        if self.retiring.is_empty() {
+            if self.rec.deleting {
+                self.finish_delete().await;
+                return true;
+            }
+            self.start_idle();
+        }
+        if self.dirty {
+            self.persist().await;
+        }
+        for (reply, action) in self.apply_replies.drain(..) {
+            let _ = reply.send(action);
+        }
+        false
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Apply {
+                workload,
+                hash,
+                reply,
+            } => self.apply(*workload, hash, reply).await,
+            Msg::Delete { reply } => {
+                self.delete_replies.push(reply);
+                if !self.rec.deleting {
+                    self.begin_delete().await;
+                }
+            }
+            Msg::Replica { gen, index, event } => self.feed(gen, index, event),
+            Msg::ImageDone {
+                gen,
+                index,
+                token,
+                result,
+            } => {
+                let event = match result {
+                    Ok(img) => {
+                        if gen == self.gen {
+                            self.rec.image_digest = Some(img.digest.clone());
+                            self.rec.rootfs = Some(img.rootfs_kind.clone());
+                            self.prepared = Some(img);
+                        }
+                        Event::ImageReady {
+                            token,
+                            container_id: format!(
+                                "{}-{index}-{:08x}",
+                                self.name,
+                                rand::random::<u32>()
+                            ),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(workload = %self.name, replica = index, error = %e, "image not ready");
+                        Event::ImageFailed {
+                            token,
+                            kind: match e {
+                                ImageError::InvalidImage(_) => ImageFailure::Invalid,
+                                ImageError::Pull(_) => ImageFailure::Pull,
+                                ImageError::Prepare(_) => ImageFailure::Prepare,
+                            },
+                            message: e.to_string(),
+                        }
+                    }
+                };
+                self.feed(gen, index, event);
+            }
+            Msg::Created {
+                gen,
+                index,
+                token,
+                container_id,
+                result,
+            } => match result {
+                Ok(started) => {
+                    let expected = self.replica(gen, index).is_some_and(|r| {
+                        matches!(&r.stage, Stage::Creating { container_id: c, .. } if *c == container_id)
+                    });
+                    if !expected {
+                        // Nobody wants this container any more: it must not run unowned.
+                        self.destroy_later(container_id);
+                        return;
+                    }
+                    tracing::info!(workload = %self.name, replica = index, container = %container_id, pid = started.proc.pid, "container started");
+                    self.procs.insert(container_id, Arc::new(started.proc));
+                    self.feed(
+                        gen,
+                        index,
+                        Event::Started {
+                            token,
+                            identity: started.identity,
+                        },
+                    );
+                }
+                Err(message) => {
+                    tracing::warn!(workload = %self.name, replica = index, error = %message, "container failed to start");
+                    self.feed(gen, index, Event::StartFailed { token, message });
+                }
+            },
+            Msg::Exited {
+                gen,
+                index,
+                token,
+                container_id,
+                code,
+                oom,
+            } => {
+                self.procs.remove(&container_id);
+                tracing::info!(workload = %self.name, replica = index, container = %container_id, exit_code = ?code, oom, "container exited");
+                self.feed(gen, index, Event::Exited { token, code, oom });
+            }
+            Msg::Detach => {}
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        workload: Workload,
+        hash: String,
+        reply: oneshot::Sender<ApplyAction>,
+    ) {
+        if hash == self.rec.spec_hash {
+            // Metadata only (labels, annotations such as the source revision): no restart.
+            if workload != self.rec.workload {
+                self.rec.workload = workload;
+                self.dirty = true;
+            }
+            self.apply_replies.push((reply, ApplyAction::Unchanged));
+            return;
+        }
+        tracing::info!(workload = %self.name, "spec changed, replacing containers");
+        let grace = grace_of(&self.rec.workload);
+        let old_gen = self.gen;
+        self.gen += 1;
+        let old = std::mem::take(&mut self.rec.replicas);
+        self.rec.workload = workload;
+        self.rec.spec_hash = hash;
+        self.policy = super::policy_for(&self.shared.cfg, &self.rec.workload);
+        self.prepared = None;
+        self.rec.replicas = (0..desired_replicas(&self.rec.workload))
+            .map(Replica::new)
+            .collect();
+        for r in old {
+            self.retire(old_gen, r, grace);
+        }
+        self.dirty = true;
+        self.apply_replies.push((reply, ApplyAction::Configured));
+    }
+
+    async fn begin_delete(&mut self) {
+        self.rec.deleting = true;
+        self.deleting.store(true, Ordering::SeqCst);
+        // Durable before anything stops: from here on a restart finishes the delete.
+        let rec = self.rec.clone();
+        let path = self.record_path();
+        let written =
+            tokio::task::spawn_blocking(move || crate::fsutil::write_json_atomic(&path, &rec))
+                .await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(anyhow::Error::from) {
+            tracing::error!(workload = %self.name, error = %format!("{e:#}"), "persist delete");
+        }
+        let grace = grace_of(&self.rec.workload);
+        let gen = self.gen;
+        self.gen += 1;
+        for r in std::mem::take(&mut self.rec.replicas) {
+            self.retire(gen, r, grace);
+        }
+        self.publish();
+    }
+
+    async fn finish_delete(&mut self) {
+        let path = self.record_path();
+        let logs = self.shared.logs_dir.join(&self.name);
+        let volumes = self.shared.volumes_dir.join(&self.name);
+        let name = self.name.clone();
+        let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(dir) = path.parent() {
+                crate::fsutil::fsync_path(dir)?;
+            }
+            remove_dir_all_if_exists(&logs)?;
+            remove_dir_all_if_exists(&volumes)?;
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(anyhow::Error::from) {
+            tracing::error!(workload = %name, error = %format!("{e:#}"), "delete cleanup");
+        }
+        tracing::info!(workload = %name, "deleted");
+        {
+            let mut reg = self.shared.registry.lock().await;
+            if reg.get(&self.name).is_some_and(|h| h.id == self.id) {
+                reg.remove(&self.name);
+            }
+        }
+        self.shared.bump();
+        let _ = self.done.send(true);
+        for r in self.delete_replies.drain(..) {
+            let _ = r.send(());
+        }
+        // The image may have just become unused.
+        self.shared.gc_kick.notify_one();
+    }
+
+    fn retire(&mut self, gen: u64, mut r: Replica, grace: Duration) {
+        if r.is_stopped() {
+            return;
+        }
+        let actions = r.handle(Event::Stop { grace }, now_unix_ms(), &self.policy);
+        let index = r.index;
+        if !r.is_stopped() {
+            self.retiring.push((gen, r));
+        }
+        self.perform(gen, index, actions);
+    }
+
+    /// Start every replica of the current spec that has not started yet.
+    fn start_idle(&mut self) {
+        let gen = self.gen;
+        let idle: Vec<u32> = self
+            .rec
+            .replicas
+            .iter()
+            .filter(|r| r.stage == Stage::Idle)
+            .map(|r| r.index)
+            .collect();
+        for index in idle {
+            self.feed(gen, index, Event::Start);
+        }
+    }
+
+    fn replica(&mut self, gen: u64, index: u32) -> Option<&mut Replica> {
+        if gen == self.gen {
+            self.rec.replicas.iter_mut().find(|r| r.index == index)
+        } else {
+            self.retiring
+                .iter_mut()
+                .find(|(g, r)| *g == gen && r.index == index)
+                .map(|(_, r)| r)
+        }
+    }
+
+    fn feed(&mut self, gen: u64, index: u32, event: Event) {
+        let policy = self.policy.clone();
+        let Some(r) = self.replica(gen, index) else {
+            return;
+        };
+        let actions = r.handle(event, now_unix_ms(), &policy);
+        self.perform(gen, index, actions);
+    }
+
+    fn perform(&mut self, gen: u64, index: u32, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Persist => self.dirty = true,
+                Action::PrepareImage { token } => {
+                    let images = self.shared.images.clone();
+                    let image = self.rec.workload.spec.image.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let result = images.prepare(image).await;
+                        let _ = tx.send(Msg::ImageDone {
+                            gen,
+                            index,
+                            token,
+                            result,
+                        });
+                    });
+                }
+                Action::CreateContainer {
+                    token,
+                    container_id,
+                } => self.create(gen, index, token, container_id),
+                Action::WatchExit {
+                    token,
+                    container_id,
+                } => {
+                    let Some(proc) = self.procs.get(&container_id).cloned() else {
+                        tracing::error!(container = %container_id, "no process handle to watch");
+                        continue;
+                    };
+                    let runtime = self.shared.runtime.clone();
+                    let tx = self.tx.clone();
+                    // A plain thread: it blocks for the container's whole life, and a node
+                    // with many containers must not exhaust the blocking pool.
+                    let spawned = std::thread::Builder::new()
+                        .name("hb-exit".into())
+                        .spawn(move || {
+                            let code = runtime.wait(&proc);
+                            let oom = runtime.oom_kills(&container_id) > 0;
+                            if let Err(e) = runtime.destroy(&container_id) {
+                                tracing::warn!(container = %container_id, error = %format!("{e:#}"), "cleanup after exit failed");
+                            }
+                            let _ = tx.send(Msg::Exited {
+                                gen,
+                                index,
+                                token,
+                                container_id,
+                                code,
+                                oom,
+                            });
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "spawn exit watcher");
+                    }
+                }
+                Action::StartProbe {
+                    token,
+                    container_id,
+                } => self.start_probe(gen, index, token, container_id),
+                Action::StopProbe => {
+                    if let Some(p) = self.probes.remove(&(gen, index)) {
+                        p.abort();
+                    }
+                }
+                Action::Schedule { token, after } => {
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(Msg::Replica {
+                            gen,
+                            index,
+                            event: Event::TimerFired { token },
+                        });
+                    });
+                }
+                Action::Terminate { container_id } => {
+                    tracing::info!(workload = %self.name, container = %container_id, "stopping container");
+                    if let Some(p) = self.procs.get(&container_id) {
+                        self.shared.runtime.signal(&container_id, p, libc::SIGTERM);
+                    }
+                }
+                Action::KillAll { container_id } => {
+                    tracing::info!(container = %container_id, "grace period over, sending SIGKILL");
+                    let runtime = self.shared.runtime.clone();
+                    tokio::task::spawn_blocking(move || runtime.kill_all(&container_id));
+                }
+            }
+        }
+    }
+
+    fn create(&mut self, gen: u64, index: u32, token: u64, container_id: String) {
+        let tx = self.tx.clone();
+        let Some(image) = self.prepared.clone().filter(|_| gen == self.gen) else {
+            let _ = tx.send(Msg::Created {
+                gen,
+                index,
+                token,
+                container_id,
+                result: Err("no prepared image for this spec".into()),
+            });
+            return;
+        };
+        let runtime = self.shared.runtime.clone();
+        let workload = self.rec.workload.clone();
+        let log_file = self.shared.log_path(&self.name, index);
+        tokio::task::spawn_blocking(move || {
+            if let Some(parent) = log_file.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let result = runtime
+                .start(&StartRequest {
+                    id: &container_id,
+                    workload: &workload,
+                    image: &image,
+                    log_file: &log_file,
+                })
+                .map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Msg::Created {
+                gen,
+                index,
+                token,
+                container_id,
+                result,
+            });
+        });
+    }
+
+    fn start_probe(&mut self, gen: u64, index: u32, token: u64, container_id: String) {
+        let Some(probe) = self.rec.workload.spec.readiness_probe.clone() else {
+            return;
+        };
+        let Some(proc) = self.procs.get(&container_id).cloned() else {
+            return;
+        };
+        let runtime = self.shared.runtime.clone();
+        let slots = self.shared.probe_slots.clone();
+        let tx = self.tx.clone();
+        let task = tokio::spawn(async move {
+            let period = Duration::from_secs_f64(probe.period_seconds.unwrap_or(10.0).max(0.05));
+            let timeout = Duration::from_secs_f64(probe.timeout_seconds.unwrap_or(1.0).max(0.05));
+            tokio::time::sleep(Duration::from_secs(
+                probe.initial_delay_seconds.unwrap_or(0) as u64,
+            ))
+            .await;
+            loop {
+                let ok = crate::probe::run(
+                    runtime.clone(),
+                    slots.clone(),
+                    &container_id,
+                    proc.clone(),
+                    &probe,
+                    timeout,
+                )
+                .await;
+                if tx
+                    .send(Msg::Replica {
+                        gen,
+                        index,
+                        event: Event::Probe { token, ok },
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+        if let Some(old) = self.probes.insert((gen, index), task) {
+            old.abort();
+        }
+    }
+
+    fn destroy_later(&self, container_id: String) {
+        let runtime = self.shared.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = runtime.destroy(&container_id) {
+                tracing::warn!(container = %container_id, error = %format!("{e:#}"), "cleanup of an unwanted container failed");
+            }
+        });
+    }
+
+    /// Re-adopt what still runs with a proven identity, clean up the rest, and resume.
+    async fn recover(&mut self) {
+        let grace = grace_of(&self.rec.workload);
+        let gen = self.gen;
+        let (mut adopted, mut replaced) = (0, 0);
+        for i in 0..self.rec.replicas.len() {
+            let old = std::mem::replace(&mut self.rec.replicas[i].stage, Stage::Idle);
+            let index = self.rec.replicas[i].index;
+            let (container_id, identity, started_at_ms, was_stopping) = match old {
+                Stage::Running {
+                    container_id,
+                    identity,
+                    started_at_ms,
+                } => (container_id, identity, started_at_ms, false),
+                Stage::Stopping {
+                    container_id,
+                    identity,
+                    ..
+                } => (container_id, identity, now_unix_ms(), true),
+                Stage::Creating { container_id, .. } => {
+                    // Half-created when the daemon died: never started, so not a restart.
+                    self.destroy_now(container_id).await;
+                    continue;
+                }
+                Stage::Finished => {
+                    self.rec.replicas[i].stage = Stage::Finished;
+                    continue;
+                }
+                _ => continue,
+            };
+            let runtime = self.shared.runtime.clone();
+            let (id2, ident2) = (container_id.clone(), identity.clone());
+            let verdict = tokio::task::spawn_blocking(move || runtime.adopt(&id2, &ident2))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match verdict {
+                Ok(proc) => {
+                    tracing::info!(workload = %self.name, replica = index, container = %container_id, pid = identity.pid, "re-adopted running container");
+                    self.procs.insert(container_id.clone(), Arc::new(proc));
+                    self.feed(
+                        gen,
+                        index,
+                        Event::Adopted {
+                            container_id,
+                            identity,
+                            started_at_ms,
+                        },
+                    );
+                    if was_stopping {
+                        self.feed(gen, index, Event::Stop { grace });
+                    }
+                    adopted += 1;
+                }
+                Err(why) => {
+                    // Never signalled: whatever holds that pid now is not proven to be ours.
+                    tracing::warn!(workload = %self.name, replica = index, container = %container_id, pid = identity.pid, reason = %why, "not adopting container, starting the replica again");
+                    self.destroy_now(container_id).await;
+                    self.feed(gen, index, Event::Lost);
+                    replaced += 1;
+                }
+            }
+        }
+        // The record always matches its spec, but be lenient with a hand-edited one.
+        let want = desired_replicas(&self.rec.workload);
+        let extra: Vec<Replica> = {
+            let (keep, extra) = std::mem::take(&mut self.rec.replicas)
+                .into_iter()
+                .partition(|r| r.index < want);
+            self.rec.replicas = keep;
+            extra
+        };
+        for r in extra {
+            self.retire(u64::MAX, r, grace);
+        }
+        for index in 0..want {
+            if !self.rec.replicas.iter().any(|r| r.index == index) {
+                self.rec.replicas.push(Replica::new(index));
+            }
+        }
+        self.rec.replicas.sort_by_key(|r| r.index);
+        if self.rec.deleting {
+            let g = self.gen;
+            self.gen += 1;
+            for r in std::mem::take(&mut self.rec.replicas) {
+                self.retire(g, r, grace);
+            }
+        }
+        tracing::info!(workload = %self.name, adopted, replaced, "recovered workload");
+        self.publish();
+    }
+
+    async fn destroy_now(&self, container_id: String) {
+        let runtime = self.shared.runtime.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            runtime
+                .destroy(&container_id)
+                .map_err(|e| format!("{container_id}: {e:#}"))
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "cleanup of a dead container failed");
+        }
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.shared.records_dir.join(record::file_name(&self.name))
+    }
+
+    fn publish(&mut self) {
+        *self.snapshot.lock().unwrap() = Arc::new(self.rec.clone());
+        self.shared.bump();
+    }
+
+    /// Write the record (not fsynced: an apply is made durable by the supervisor; a lost
+    /// replica update only means recovery finds an unreferenced container and removes it).
+    async fn persist(&mut self) {
+        self.dirty = false;
+        let rec = self.rec.clone();
+        let path = self.record_path();
+        let name = self.name.clone();
+        let r = tokio::task::spawn_blocking(move || write_json_atomic_nosync(&path, &rec)).await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(anyhow::Error::from) {
+            tracing::error!(workload = %name, error = %format!("{e:#}"), "persist state");
+        }
+        self.publish();
+    }
+}
+
+/// Replicas the spec asks for (none while suspended).
+pub(crate) fn desired_replicas(w: &Workload) -> u32 {
+    if w.spec.suspend {
+        0
+    } else {
+        w.spec.replicas
+    }
+}
+
+fn grace_of(w: &Workload) -> Duration {
+    Duration::from_secs(w.spec.termination_grace_period_seconds.unwrap_or(10) as u64).min(MAX_GRACE)
+}

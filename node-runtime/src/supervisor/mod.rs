@@ -1,0 +1,662 @@
+//! The supervisor: desired workloads in, running containers out.
+//!
+//! It is a registry of workload actors ([`actor`]): one per workload, created under the
+//! registry lock, owning its record, replicas and files. Replica decisions are a pure state
+//! machine ([`replica`]); records and their recovery live in [`record`]. Readers (status, list,
+//! digests) see each actor's last published snapshot and never wait for an actor.
+
+pub mod actor;
+pub mod record;
+pub mod replica;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
+use hyperbox_api::{
+    spec_hash, ApplyAction, ApplyResult, Phase, ReplicaStatus, Workload, WorkloadStatus,
+    REVISION_ANNOTATION,
+};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
+
+use self::actor::{Actor, ActorHandle, Begin, Msg};
+use self::record::{Quarantined, WorkloadRecord};
+use self::replica::{Policy, Stage};
+use crate::fsutil::{fsync_path, syncfs};
+use crate::image::{ImageSource, ImageStore};
+use crate::runtime::Runtime;
+
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// First restart delay; doubles per consecutive failure (kubelet: 10s).
+    pub backoff_base: Duration,
+    /// Longest restart delay (kubelet: 5m).
+    pub backoff_max: Duration,
+    /// A container that ran this long resets the backoff.
+    pub backoff_reset_after: Duration,
+    pub log_max_bytes: u64,
+    pub image_keep_for: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset_after: Duration::from_secs(600),
+            log_max_bytes: 10 << 20,
+            image_keep_for: Duration::from_secs(600),
+        }
+    }
+}
+
+pub(crate) fn policy_for(cfg: &SupervisorConfig, w: &Workload) -> Policy {
+    let probe = w.spec.readiness_probe.as_ref();
+    Policy {
+        restart: w.spec.restart_policy,
+        backoff_base: cfg.backoff_base,
+        backoff_max: cfg.backoff_max,
+        backoff_reset_after: cfg.backoff_reset_after,
+        has_probe: probe.is_some(),
+        success_threshold: probe.and_then(|p| p.success_threshold).unwrap_or(1),
+        failure_threshold: probe.and_then(|p| p.failure_threshold).unwrap_or(3),
+        image: w.spec.image.clone(),
+    }
+}
+
+/// What every actor shares.
+pub(crate) struct Shared {
+    pub runtime: Arc<dyn Runtime>,
+    pub images: Arc<dyn ImageSource>,
+    pub cfg: SupervisorConfig,
+    pub records_dir: PathBuf,
+    pub logs_dir: PathBuf,
+    pub volumes_dir: PathBuf,
+    /// Bumped on every state change; clients long-poll on it instead of sleeping.
+    pub changes: watch::Sender<u64>,
+    pub probe_slots: Arc<Semaphore>,
+    pub registry: tokio::sync::Mutex<BTreeMap<String, ActorHandle>>,
+    /// Asks the daemon to collect unused images soon.
+    pub gc_kick: Notify,
+    next_actor: AtomicU64,
+}
+
+impl Shared {
+    pub fn bump(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    pub fn log_path(&self, name: &str, index: u32) -> PathBuf {
+        self.logs_dir.join(name).join(format!("{index}.log"))
+    }
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    /// The real image store (for pull, rmi, GC and features); absent with a test double.
+    store: Option<Arc<ImageStore>>,
+    quarantined: StdMutex<BTreeMap<String, Quarantined>>,
+}
+
+impl Supervisor {
+    pub fn new(
+        state_dir: &Path,
+        volumes_dir: PathBuf,
+        runtime: Arc<dyn Runtime>,
+        images: Arc<dyn ImageSource>,
+        store: Option<Arc<ImageStore>>,
+        cfg: SupervisorConfig,
+    ) -> Result<Arc<Supervisor>> {
+        let records_dir = state_dir.join("workloads");
+        let logs_dir = state_dir.join("logs");
+        for d in [&records_dir, &logs_dir, &volumes_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        Ok(Arc::new(Supervisor {
+            shared: Arc::new(Shared {
+                runtime,
+                images,
+                cfg,
+                records_dir,
+                logs_dir,
+                volumes_dir,
+                changes: watch::channel(0).0,
+                probe_slots: Arc::new(Semaphore::new(crate::probe::MAX_CONCURRENT_PROBES)),
+                registry: tokio::sync::Mutex::new(BTreeMap::new()),
+                gc_kick: Notify::new(),
+                next_actor: AtomicU64::new(1),
+            }),
+            store,
+            quarantined: StdMutex::new(BTreeMap::new()),
+        }))
+    }
+
+    pub fn store(&self) -> Option<&Arc<ImageStore>> {
+        self.store.as_ref()
+    }
+
+    pub fn images(&self) -> Arc<dyn ImageSource> {
+        self.shared.images.clone()
+    }
+
+    pub fn log_path(&self, name: &str, index: u32) -> PathBuf {
+        self.shared.log_path(name, index)
+    }
+
+    /// Resolves when an actor asks for image garbage collection.
+    pub async fn gc_requested(&self) {
+        self.shared.gc_kick.notified().await
+    }
+
+    /// Load the state dir after a (re)start: quarantine unreadable records, remove containers
+    /// no record references (sparing those of quarantined records), then start one actor per
+    /// workload, which re-adopts its live containers once their identity is proven.
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        let dir = self.shared.records_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || record::load_all(&dir))
+            .await
+            .context("load records")??;
+        let referenced: HashSet<String> = loaded
+            .records
+            .iter()
+            .flat_map(|r| r.replicas.iter().filter_map(|x| x.container_id()))
+            .map(str::to_string)
+            .collect();
+        let spared: Vec<String> = loaded
+            .quarantined
+            .iter()
+            .map(|q| format!("{}-", q.name))
+            .collect();
+        {
+            let mut q = self.quarantined.lock().unwrap();
+            for item in loaded.quarantined {
+                q.insert(item.name.clone(), item);
+            }
+        }
+        let runtime = self.shared.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in runtime.list() {
+                if referenced.contains(&id) {
+                    continue;
+                }
+                if spared.iter().any(|p| id.starts_with(p)) {
+                    tracing::warn!(container = %id, "keeping a container of a quarantined record");
+                    continue;
+                }
+                tracing::warn!(container = %id, "removing leaked container");
+                if let Err(e) = runtime.destroy(&id) {
+                    tracing::warn!(container = %id, error = %format!("{e:#}"), "leak cleanup failed");
+                }
+            }
+        })
+        .await
+        .context("sweep leaked containers")?;
+        let count = loaded.records.len();
+        let mut reg = self.shared.registry.lock().await;
+        for rec in loaded.records {
+            let name = rec.workload.metadata.name.clone();
+            let id = self.shared.next_actor.fetch_add(1, Ordering::Relaxed);
+            let handle = Actor::spawn(self.shared.clone(), id, rec, Begin::Recovered);
+            reg.insert(name, handle);
+        }
+        tracing::info!(workloads = count, "recovery started");
+        Ok(())
+    }
+
+    /// Apply desired workloads. Unchanged specs are left alone (only metadata is refreshed).
+    /// Answers once every record is durable.
+    pub async fn apply(self: &Arc<Self>, workloads: Vec<Workload>) -> Result<Vec<ApplyResult>> {
+        let mut pending = Vec::with_capacity(workloads.len());
+        for w in workloads {
+            let name = w.metadata.name.clone();
+            let hash = spec_hash(&w);
+            let (reply, answer) = oneshot::channel();
+            self.send_apply(w, hash, reply).await?;
+            pending.push((name, answer));
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for (name, answer) in pending {
+            let action = answer
+                .await
+                .with_context(|| format!("workload {name}: its actor stopped"))?;
+            results.push(ApplyResult { name, action });
+        }
+        // The answer means "recorded": make the batch durable first. A few records are fsynced
+        // one by one; a bulk apply (a Git sync of thousands of workloads) pays one syncfs.
+        let dir = self.shared.records_dir.clone();
+        let files: Vec<PathBuf> = results
+            .iter()
+            .map(|r| dir.join(record::file_name(&r.name)))
+            .collect();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if files.len() <= 8 {
+                for f in &files {
+                    fsync_path(f)?;
+                }
+                fsync_path(&dir)
+            } else {
+                syncfs(&dir)
+            }
+        })
+        .await
+        .context("sync records")??;
+        Ok(results)
+    }
+
+    /// Hand one apply to the workload's actor, creating the actor (under the registry lock)
+    /// when there is none. An apply that meets a workload being deleted waits for the delete
+    /// to finish, then creates it afresh.
+    async fn send_apply(
+        self: &Arc<Self>,
+        w: Workload,
+        hash: String,
+        reply: oneshot::Sender<ApplyAction>,
+    ) -> Result<()> {
+        let name = w.metadata.name.clone();
+        loop {
+            let mut reg = self.shared.registry.lock().await;
+            match reg.get(&name) {
+                Some(h) if h.deleting.load(Ordering::SeqCst) => {
+                    let mut done = h.done.clone();
+                    drop(reg);
+                    let _ = done.wait_for(|d| *d).await;
+                    continue;
+                }
+                Some(h) => {
+                    h.tx.send(Msg::Apply {
+                        workload: Box::new(w),
+                        hash,
+                        reply,
+                    })
+                    .map_err(|_| anyhow::anyhow!("workload {name}: its actor stopped"))?;
+                    return Ok(());
+                }
+                None => {
+                    if self.quarantined.lock().unwrap().contains_key(&name) {
+                        drop(reg);
+                        self.clear_quarantined(&name).await;
+                        continue;
+                    }
+                    let id = self.shared.next_actor.fetch_add(1, Ordering::Relaxed);
+                    let replicas = (0..actor::desired_replicas(&w))
+                        .map(replica::Replica::new)
+                        .collect();
+                    let rec = WorkloadRecord {
+                        workload: w,
+                        spec_hash: hash,
+                        image_digest: None,
+                        rootfs: None,
+                        replicas,
+                        deleting: false,
+                    };
+                    tracing::info!(workload = %name, "created");
+                    let handle = Actor::spawn(self.shared.clone(), id, rec, Begin::New(reply));
+                    reg.insert(name, handle);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Remove what a quarantined record left: its containers (by name prefix, unless a live
+    /// record references them) and the report.
+    async fn clear_quarantined(&self, name: &str) {
+        let Some(q) = self.quarantined.lock().unwrap().remove(name) else {
+            return;
+        };
+        let referenced: HashSet<String> = self
+            .snapshots()
+            .await
+            .iter()
+            .flat_map(|r| {
+                r.replicas
+                    .iter()
+                    .filter_map(|x| x.container_id().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let runtime = self.shared.runtime.clone();
+        let prefix = format!("{name}-");
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in runtime.list() {
+                if id.starts_with(&prefix) && !referenced.contains(&id) {
+                    tracing::info!(container = %id, "removing a container of a quarantined record");
+                    let _ = runtime.destroy(&id);
+                }
+            }
+        })
+        .await;
+        tracing::info!(workload = %name, record = %q.moved_to.display(), "quarantined record resolved");
+        self.shared.bump();
+    }
+
+    /// Stop the workload's containers and forget it. Returns false when it does not exist.
+    /// The delete is carried out by the workload's actor: a caller that goes away half-way
+    /// does not stop it, and a restart finishes it.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<bool> {
+        let handle = self.shared.registry.lock().await.get(name).cloned();
+        let Some(h) = handle else {
+            if self.quarantined.lock().unwrap().contains_key(name) {
+                self.clear_quarantined(name).await;
+                return Ok(true);
+            }
+            return Ok(false);
+        };
+        h.deleting.store(true, Ordering::SeqCst);
+        let (reply, answer) = oneshot::channel();
+        if h.tx.send(Msg::Delete { reply }).is_err() {
+            return Ok(true);
+        }
+        let _ = answer.await;
+        Ok(true)
+    }
+
+    async fn snapshots(&self) -> Vec<Arc<WorkloadRecord>> {
+        let reg = self.shared.registry.lock().await;
+        reg.values()
+            .map(|h| h.snapshot.lock().unwrap().clone())
+            .collect()
+    }
+
+    async fn snapshot(&self, name: &str) -> Option<Arc<WorkloadRecord>> {
+        let reg = self.shared.registry.lock().await;
+        reg.get(name).map(|h| h.snapshot.lock().unwrap().clone())
+    }
+
+    pub async fn workload(&self, name: &str) -> Option<Workload> {
+        self.snapshot(name).await.map(|r| r.workload.clone())
+    }
+
+    pub async fn status(&self, name: &str) -> Option<WorkloadStatus> {
+        match self.snapshot(name).await {
+            Some(rec) => Some(self.render(&rec)),
+            None => self
+                .quarantined
+                .lock()
+                .unwrap()
+                .get(name)
+                .map(|q| self.render_quarantined(q)),
+        }
+    }
+
+    pub async fn list(&self) -> Vec<WorkloadStatus> {
+        let mut out: Vec<WorkloadStatus> = self
+            .snapshots()
+            .await
+            .iter()
+            .map(|r| self.render(r))
+            .collect();
+        let q: Vec<WorkloadStatus> = self
+            .quarantined
+            .lock()
+            .unwrap()
+            .values()
+            .map(|q| self.render_quarantined(q))
+            .collect();
+        out.extend(q);
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// What runs, by spec hash and revision, without rendering full statuses.
+    pub async fn digests(&self) -> Vec<hyperbox_api::WorkloadDigest> {
+        self.snapshots()
+            .await
+            .iter()
+            .filter(|r| !r.deleting)
+            .map(|rec| hyperbox_api::WorkloadDigest {
+                name: rec.workload.metadata.name.clone(),
+                spec_hash: rec.spec_hash.clone(),
+                revision: rec
+                    .workload
+                    .metadata
+                    .annotations
+                    .get(REVISION_ANNOTATION)
+                    .cloned(),
+            })
+            .collect()
+    }
+
+    /// Limits of running replicas: (cpu millis, memory bytes, containers).
+    pub async fn allocations(&self) -> (u64, u64, usize) {
+        let (mut cpu, mut mem, mut n) = (0, 0, 0);
+        for rec in self.snapshots().await {
+            let running = rec
+                .replicas
+                .iter()
+                .filter(|r| matches!(r.stage, Stage::Running { .. }))
+                .count() as u64;
+            let res = &rec.workload.spec.resources;
+            cpu += running
+                * res
+                    .cpu
+                    .as_deref()
+                    .and_then(|c| parse_cpu_millis(c).ok())
+                    .unwrap_or(0);
+            mem += running
+                * res
+                    .memory
+                    .as_deref()
+                    .and_then(|m| parse_memory_bytes(m).ok())
+                    .unwrap_or(0);
+            n += running as usize;
+        }
+        (cpu, mem, n)
+    }
+
+    pub async fn workload_count(&self) -> usize {
+        self.shared.registry.lock().await.len()
+    }
+
+    /// Image digests used by current workloads (for image GC).
+    pub async fn images_in_use(&self) -> HashSet<String> {
+        self.snapshots()
+            .await
+            .iter()
+            .filter_map(|r| r.image_digest.clone())
+            .collect()
+    }
+
+    /// Rotate oversized log files of every replica (off the async threads).
+    pub async fn rotate_logs(&self) {
+        let paths: Vec<PathBuf> = self
+            .snapshots()
+            .await
+            .iter()
+            .flat_map(|rec| {
+                let name = rec.workload.metadata.name.clone();
+                rec.replicas
+                    .iter()
+                    .map(|r| self.log_path(&name, r.index))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let max = self.shared.cfg.log_max_bytes;
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                if let Err(e) = crate::logs::rotate_if_needed(&p, max) {
+                    tracing::warn!(file = %p.display(), error = %format!("{e:#}"), "log rotation failed");
+                }
+            }
+        })
+        .await;
+    }
+
+    fn render_quarantined(&self, q: &Quarantined) -> WorkloadStatus {
+        WorkloadStatus {
+            name: q.name.clone(),
+            phase: Phase::Unknown,
+            reason: Some("RecordUnreadable".into()),
+            message: Some(format!(
+                "the node's record of this workload could not be read ({}); it was moved to {} and its containers were left running; apply or delete the workload to resolve",
+                q.error,
+                q.moved_to.display()
+            )),
+            resource_version: self.version(),
+            ..Default::default()
+        }
+    }
+
+    fn render(&self, rec: &WorkloadRecord) -> WorkloadStatus {
+        let w = &rec.workload;
+        let replicas: Vec<ReplicaStatus> = rec
+            .replicas
+            .iter()
+            .map(|r| ReplicaStatus {
+                index: r.index,
+                phase: r.phase,
+                reason: r.reason.map(|x| x.as_str().to_string()),
+                message: r.message.clone(),
+                ready: r.ready,
+                restarts: r.restarts,
+                last_exit_code: r.last_exit_code,
+                container_id: r.container_id().map(str::to_string),
+                pid: r.pid(),
+                started_at: r.started_at_ms().map(|ms| format_rfc3339(ms / 1000)),
+            })
+            .collect();
+        let phase = if w.spec.suspend || replicas.is_empty() {
+            Phase::Pending
+        } else if replicas.iter().any(|r| r.phase == Phase::Failed) {
+            Phase::Failed
+        } else if replicas.iter().any(|r| r.phase == Phase::Pending) {
+            Phase::Pending
+        } else if replicas.iter().all(|r| r.phase == Phase::Succeeded) {
+            Phase::Succeeded
+        } else if replicas.iter().any(|r| r.phase == Phase::Unknown) {
+            Phase::Unknown
+        } else {
+            Phase::Running
+        };
+        // The replica most in need of attention speaks for the workload.
+        let lead = replicas
+            .iter()
+            .find(|r| !r.ready && r.reason.is_some())
+            .or_else(|| replicas.iter().find(|r| r.reason.is_some()))
+            .or(replicas.first());
+        let (reason, message) = if rec.deleting {
+            (
+                Some("Terminating".to_string()),
+                Some("the workload is being deleted".to_string()),
+            )
+        } else if w.spec.suspend {
+            (
+                Some("Suspended".to_string()),
+                Some("spec.suspend is true".to_string()),
+            )
+        } else {
+            (
+                lead.and_then(|r| r.reason.clone()),
+                lead.and_then(|r| r.message.clone()),
+            )
+        };
+        let pulling = replicas
+            .iter()
+            .any(|r| r.reason.as_deref() == Some("ContainerCreating"));
+        WorkloadStatus {
+            name: w.metadata.name.clone(),
+            phase,
+            reason,
+            message,
+            ready: !w.spec.suspend
+                && !replicas.is_empty()
+                && replicas.len() == w.spec.replicas as usize
+                && replicas.iter().all(|r| r.ready),
+            restarts: replicas.iter().map(|r| r.restarts).sum(),
+            last_exit_code: lead.and_then(|r| r.last_exit_code),
+            image: w.spec.image.clone(),
+            image_digest: rec.image_digest.clone(),
+            container_id: lead.and_then(|r| r.container_id.clone()),
+            revision: w.metadata.annotations.get(REVISION_ANNOTATION).cloned(),
+            spec_hash: rec.spec_hash.clone(),
+            resource_version: self.version(),
+            rootfs: rec.rootfs.clone(),
+            pull: if pulling {
+                self.shared.images.progress_of(&w.spec.image)
+            } else {
+                None
+            },
+            suspended: w.spec.suspend,
+            replicas,
+        }
+    }
+
+    /// The current change counter.
+    pub fn version(&self) -> u64 {
+        *self.shared.changes.borrow()
+    }
+
+    /// Wait until the change counter passes `after`, or `timeout` elapses.
+    pub async fn wait_change(&self, after: u64, timeout: Duration) {
+        let mut rx = self.shared.changes.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > after)).await;
+    }
+
+    /// Stop every actor without touching the containers (daemon shutdown): they keep running
+    /// and are re-adopted on the next start.
+    pub async fn detach_all(&self) {
+        let handles: Vec<ActorHandle> = self
+            .shared
+            .registry
+            .lock()
+            .await
+            .values()
+            .cloned()
+            .collect();
+        for h in &handles {
+            let _ = h.tx.send(Msg::Detach);
+        }
+        for h in handles {
+            let mut done = h.done.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d)).await;
+        }
+    }
+
+    /// `rmi`: remove an image now unless a workload uses it.
+    pub async fn remove_image(&self, image: &str) -> Result<Option<String>> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let in_use = self.images_in_use().await;
+        store.remove(image, &in_use).await
+    }
+
+    pub async fn gc_images(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let in_use = self.images_in_use().await;
+        if let Err(e) = store.gc(&in_use, self.shared.cfg.image_keep_for).await {
+            tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed");
+        }
+    }
+}
+
+fn format_rfc3339(unix: u64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm), UTC.
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests;

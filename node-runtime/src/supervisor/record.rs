@@ -1,0 +1,245 @@
+//! What the state dir holds for one workload, and how it is read back after a restart.
+//!
+//! Each record has one writer (its workload actor) and is replaced atomically through a unique
+//! temporary file. A record that cannot be read is never taken as "this workload does not
+//! exist": it is moved aside into `quarantine/`, its containers are left alone, and the
+//! workload is reported until someone applies or deletes it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use hyperbox_api::{Phase, Workload};
+use serde::{Deserialize, Serialize};
+
+use super::replica::Replica;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRecord {
+    pub workload: Workload,
+    pub spec_hash: String,
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    #[serde(default)]
+    pub rootfs: Option<String>,
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+    /// A delete was accepted: a restart finishes it, it never brings the workload back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+/// The record format before replicas became state machines: kept readable so an upgrade
+/// keeps its workloads (their old containers are replaced).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyRecord {
+    workload: Workload,
+    spec_hash: String,
+    #[serde(default)]
+    replicas: Vec<LegacyReplica>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyReplica {
+    index: u32,
+    #[serde(default)]
+    phase: Phase,
+    #[serde(default)]
+    restarts: u32,
+    #[serde(default)]
+    last_exit_code: Option<i32>,
+}
+
+/// Parse a record (current or legacy format).
+pub fn parse(bytes: &[u8]) -> Result<WorkloadRecord> {
+    match serde_json::from_slice::<WorkloadRecord>(bytes) {
+        Ok(r) => Ok(r),
+        Err(current) => {
+            let Ok(legacy) = serde_json::from_slice::<LegacyRecord>(bytes) else {
+                return Err(current.into());
+            };
+            Ok(WorkloadRecord {
+                workload: legacy.workload,
+                spec_hash: legacy.spec_hash,
+                image_digest: None,
+                rootfs: None,
+                replicas: legacy
+                    .replicas
+                    .into_iter()
+                    .map(|l| {
+                        let mut r = Replica::new(l.index);
+                        r.restarts = l.restarts;
+                        r.last_exit_code = l.last_exit_code;
+                        if matches!(l.phase, Phase::Succeeded | Phase::Failed) {
+                            r.phase = l.phase;
+                            r.stage = super::replica::Stage::Finished;
+                        }
+                        r
+                    })
+                    .collect(),
+                deleting: false,
+            })
+        }
+    }
+}
+
+/// File name of a workload's record. Names are DNS labels today; anything else is hashed so
+/// it can never form a path.
+pub fn file_name(name: &str) -> String {
+    if !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with('.')
+    {
+        format!("{name}.json")
+    } else {
+        use sha2::{Digest, Sha256};
+        format!(
+            "h-{}.json",
+            hex::encode(&Sha256::digest(name.as_bytes())[..16])
+        )
+    }
+}
+
+/// A record that could not be read at start.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    /// The workload name, from the file name.
+    pub name: String,
+    pub moved_to: PathBuf,
+    pub error: String,
+}
+
+/// Everything found in the records directory.
+pub struct Loaded {
+    pub records: Vec<WorkloadRecord>,
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// Read every record; move unreadable ones to `quarantine/` (and leftover temporary files of a
+/// crashed writer away).
+pub fn load_all(dir: &Path) -> Result<Loaded> {
+    let mut out = Loaded {
+        records: Vec::new(),
+        quarantined: Vec::new(),
+    };
+    let qdir = dir.join("quarantine");
+    for e in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let e = e?;
+        let path = e.path();
+        let fname = e.file_name().to_string_lossy().to_string();
+        if fname.starts_with('.') && fname.ends_with(".tmp") {
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        let Some(stem) = fname.strip_suffix(".json") else {
+            continue;
+        };
+        let parsed = fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| parse(&b));
+        match parsed {
+            Ok(r) if file_name(&r.workload.metadata.name) == fname => out.records.push(r),
+            other => {
+                let error = match other {
+                    Ok(r) => format!(
+                        "the record names workload {:?}, not the file's",
+                        r.workload.metadata.name
+                    ),
+                    Err(e) => format!("{e:#}"),
+                };
+                fs::create_dir_all(&qdir).with_context(|| format!("create {}", qdir.display()))?;
+                let moved_to = qdir.join(format!("{fname}.{}", crate::fsutil::now_unix()));
+                fs::rename(&path, &moved_to)
+                    .with_context(|| format!("move {} aside", path.display()))?;
+                tracing::error!(
+                    file = %path.display(),
+                    moved_to = %moved_to.display(),
+                    error = %error,
+                    "unreadable workload record quarantined; its containers are left running"
+                );
+                out.quarantined.push(Quarantined {
+                    name: stem.to_string(),
+                    moved_to,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: &str = r#"{"apiVersion":"hyperbox.dev/v1alpha1","kind":"Workload","metadata":{"name":"a"},"spec":{"image":"x"}}"#;
+
+    #[test]
+    fn legacy_records_still_load() {
+        let legacy = format!(
+            r#"{{"workload":{W},"specHash":"h","imageDigest":null,"rootfs":null,"replicas":[{{"index":0,"phase":"Running","reason":null,"message":null,"ready":true,"restarts":3,"lastExitCode":1,"containerId":"a-0-x","pid":5,"startedAtUnix":1}}]}}"#
+        );
+        let r = parse(legacy.as_bytes()).unwrap();
+        assert_eq!(r.replicas[0].restarts, 3);
+        assert_eq!(r.replicas[0].container_id(), None);
+    }
+
+    #[test]
+    fn unreadable_records_are_quarantined_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.json"), b"{\"workload\": tru").unwrap();
+        fs::write(dir.path().join(".b.json.x1.tmp"), b"partial").unwrap();
+        let good = WorkloadRecord {
+            workload: serde_json::from_str(W).unwrap(),
+            spec_hash: "h".into(),
+            image_digest: None,
+            rootfs: None,
+            replicas: vec![],
+            deleting: false,
+        };
+        let mut other = good.clone();
+        other.workload.metadata.name = "c".into();
+        crate::fsutil::write_json_atomic(&dir.path().join("c.json"), &other).unwrap();
+        let loaded = load_all(dir.path()).unwrap();
+        assert_eq!(loaded.records.len(), 1);
+        assert_eq!(loaded.quarantined.len(), 1);
+        assert_eq!(loaded.quarantined[0].name, "a");
+        assert!(loaded.quarantined[0].moved_to.exists());
+        assert!(!dir.path().join("a.json").exists());
+        assert!(!dir.path().join(".b.json.x1.tmp").exists());
+    }
+
+    #[test]
+    fn concurrent_writers_never_tear_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let path = path.clone();
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        crate::fsutil::write_atomic_nosync(&path, &vec![b'a' + i; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let data = fs::read(&path).unwrap();
+        assert_eq!(data.len(), 4096);
+        assert!(data.iter().all(|b| *b == data[0]));
+        // No temporary files left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn odd_names_get_hashed_file_names() {
+        assert_eq!(file_name("web"), "web.json");
+        assert!(file_name("../etc").starts_with("h-"));
+        assert!(file_name(&"a".repeat(253)).starts_with("h-"));
+    }
+}

@@ -1,0 +1,336 @@
+//! Orchestration tests without root: the real supervisor and actors over the in-memory
+//! runtime and an instant image source.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperbox_api::{ApplyAction, Phase, Workload};
+
+use super::*;
+use crate::image::{ImageConfig, ImageError, ImageFuture, ImageSource, PreparedImage};
+use crate::runtime::fake::FakeRuntime;
+
+struct InstantImages;
+
+impl ImageSource for InstantImages {
+    fn prepare(self: Arc<Self>, reference: String) -> ImageFuture {
+        Box::pin(async move {
+            if reference.contains("missing") {
+                return Err(ImageError::Pull(format!("{reference}: not found")));
+            }
+            Ok(PreparedImage {
+                digest: format!("sha256:{:0>64}", reference.len()),
+                lower: "/nonexistent".into(),
+                config: ImageConfig::default(),
+                rootfs_kind: "directory".into(),
+            })
+        })
+    }
+
+    fn progress_of(&self, _: &str) -> Option<hyperbox_api::PullProgress> {
+        None
+    }
+}
+
+fn cfg() -> SupervisorConfig {
+    SupervisorConfig {
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+fn sup(dir: &std::path::Path, rt: &Arc<FakeRuntime>) -> Arc<Supervisor> {
+    Supervisor::new(
+        dir,
+        dir.join("volumes"),
+        rt.clone(),
+        Arc::new(InstantImages),
+        None,
+        cfg(),
+    )
+    .unwrap()
+}
+
+fn workload(name: &str, extra: &str) -> Workload {
+    serde_norway::from_str(&format!(
+        "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  image: reg/img:1\n  terminationGracePeriodSeconds: 1\n{extra}"
+    ))
+    .unwrap()
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn phase_of(s: &Arc<Supervisor>, name: &str) -> Option<Phase> {
+    s.status(name).await.map(|st| st.phase)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_applies_of_a_new_name_make_one_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.apply(vec![workload("a", "  replicas: 2\n")])
+                .await
+                .unwrap()
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        if t.await.unwrap()[0].action == ApplyAction::Created {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1, "exactly one apply creates the workload");
+    eventually("two running containers", || rt.running().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rt.running().len(), 2);
+    assert_eq!(rt.starts(), 2, "no replica started twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_then_quick_reapply_keeps_the_new_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "")]).await.unwrap();
+    eventually("running", || rt.running().len() == 1).await;
+    let old = rt.running();
+    let d = {
+        let s = s.clone();
+        tokio::spawn(async move { s.delete("a").await.unwrap() })
+    };
+    // Re-apply while the delete is in flight: it waits for the delete, then creates afresh.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let r = s.apply(vec![workload("a", "")]).await.unwrap();
+    assert!(d.await.unwrap());
+    assert_eq!(r[0].action, ApplyAction::Created);
+    eventually("new container running", || {
+        let now = rt.running();
+        now.len() == 1 && now != old
+    })
+    .await;
+    // Its record survived the delete's cleanup.
+    assert!(dir.path().join("workloads/a.json").exists());
+    let mut phase = None;
+    for _ in 0..200 {
+        phase = phase_of(&s, "a").await;
+        if phase == Some(Phase::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(phase, Some(Phase::Running));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_delete_completes_and_never_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    {
+        let s = sup(dir.path(), &rt);
+        s.apply(vec![workload("a", "")]).await.unwrap();
+        eventually("running", || rt.running().len() == 1).await;
+        // The client goes away at once.
+        let _ = tokio::time::timeout(Duration::ZERO, s.delete("a")).await;
+        eventually("stopped", || rt.running().is_empty()).await;
+        eventually("record removed", || {
+            !dir.path().join("workloads/a.json").exists()
+        })
+        .await;
+        s.detach_all().await;
+    }
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s.status("a").await.is_none());
+    assert!(rt.running().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_cut_short_by_a_crash_is_finished_by_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "")]).await.unwrap();
+    eventually("running", || rt.running().len() == 1).await;
+    s.detach_all().await;
+    // What a crash right after the delete was accepted leaves: the record says deleting.
+    let path = dir.path().join("workloads/a.json");
+    let mut rec: WorkloadRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec.deleting = true;
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    eventually("container stopped", || rt.running().is_empty()).await;
+    eventually("record removed", || !path.exists()).await;
+    assert!(s.status("a").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_adopts_proven_containers_and_replaces_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "  replicas: 2\n")])
+        .await
+        .unwrap();
+    eventually("running", || rt.running().len() == 2).await;
+    s.detach_all().await;
+    let before = rt.running();
+    // One container dies while the daemon is away.
+    rt.exit(&before[0], 1);
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    eventually("two running again", || rt.running().len() == 2).await;
+    let after = rt.running();
+    assert!(
+        after.contains(&before[1]),
+        "the live one is adopted, not restarted"
+    );
+    assert!(!after.contains(&before[0]));
+    let st = s.status("a").await.unwrap();
+    assert_eq!(st.restarts, 1, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_keeps_its_containers_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("web", ""), workload("other", "")])
+        .await
+        .unwrap();
+    eventually("running", || rt.running().len() == 2).await;
+    s.detach_all().await;
+    std::fs::write(dir.path().join("workloads/web.json"), b"{not json").unwrap();
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rt.running().len(), 2, "nothing killed");
+    let st = s.status("web").await.unwrap();
+    assert_eq!(st.phase, Phase::Unknown);
+    assert_eq!(st.reason.as_deref(), Some("RecordUnreadable"));
+    assert!(s.list().await.iter().any(|w| w.name == "web"));
+    // Applying it again replaces the orphan with a managed container.
+    s.apply(vec![workload("web", "")]).await.unwrap();
+    eventually("one web container", || {
+        rt.running()
+            .iter()
+            .filter(|i| i.starts_with("web-"))
+            .count()
+            == 1
+            && rt.starts() == 3
+    })
+    .await;
+    let mut st = None;
+    for _ in 0..200 {
+        st = s.status("web").await;
+        if st.as_ref().is_some_and(|x| x.phase == Phase::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let st = st.unwrap();
+    assert_eq!(
+        (st.phase, st.reason),
+        (Phase::Running, None),
+        "managed again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_stops_old_containers_before_new_ones_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "  replicas: 2\n")])
+        .await
+        .unwrap();
+    eventually("running", || rt.running().len() == 2).await;
+    let old = rt.running();
+    let r = s
+        .apply(vec![workload("a", "  replicas: 2\n  args: [x]\n")])
+        .await
+        .unwrap();
+    assert_eq!(r[0].action, ApplyAction::Configured);
+    eventually("replaced", || {
+        let now = rt.running();
+        now.len() == 2 && now.iter().all(|i| !old.contains(i))
+    })
+    .await;
+    // Old containers are destroyed, not just stopped.
+    let all = rt.containers();
+    assert!(old.iter().all(|i| !all.contains_key(i)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loops_restart_with_backoff_and_failed_starts_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "")]).await.unwrap();
+    for round in 0..3 {
+        eventually("running", || rt.running().len() == 1).await;
+        let id = rt.running()[0].clone();
+        rt.exit(&id, 3);
+        let s2 = s.clone();
+        let want = round + 1;
+        let mut ok = false;
+        for _ in 0..200 {
+            if s2.status("a").await.unwrap().restarts == want {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(ok, "restart {want} counted");
+    }
+    eventually("running", || rt.running().len() == 1).await;
+    rt.fail_starts(Some("boom"));
+    let id = rt.running()[0].clone();
+    rt.exit(&id, 1);
+    let mut reason = None;
+    for _ in 0..200 {
+        reason = s.status("a").await.unwrap().reason;
+        if reason.as_deref() == Some("CreateContainerError") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(reason.as_deref(), Some("CreateContainerError"));
+    rt.fail_starts(None);
+    eventually("running after the failures", || rt.running().len() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_failures_back_off_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    let mut w = workload("a", "");
+    w.spec.image = "reg/missing:1".into();
+    s.apply(vec![w]).await.unwrap();
+    let mut reason = None;
+    for _ in 0..200 {
+        reason = s.status("a").await.unwrap().reason;
+        if reason.as_deref() == Some("ImagePullBackOff") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(reason.as_deref(), Some("ImagePullBackOff"));
+    assert_eq!(rt.starts(), 0);
+}
