@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::spec::Workload;
 use crate::status::{ApiError, ApplyResult, NodeSummary, WorkloadStatus};
+use crate::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -373,9 +374,19 @@ impl NodeClient {
             .await
     }
 
+    /// Delete a workload. The node answers once its containers have stopped, which takes up to
+    /// the workload's grace period, so the bound is the request timeout plus the longest grace
+    /// period a workload may have. Cutting it shorter would not stop the deletion: it would
+    /// only cut the node's handler short halfway through.
     pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
+        let stop = Duration::from_secs(MAX_TERMINATION_GRACE_PERIOD_SECONDS.into());
         let _: serde_json::Value = self
-            .json(Method::DELETE, &format!("/v1/workloads/{name}"), None)
+            .json_within(
+                Method::DELETE,
+                &format!("/v1/workloads/{name}"),
+                None,
+                self.request_timeout + stop,
+            )
             .await?;
         Ok(())
     }
@@ -547,9 +558,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn long_poll_gets_its_poll_timeout_plus_a_margin() {
+    async fn long_poll_and_delete_get_longer_bounds() {
         // Answers each request 600 ms late: longer than the request timeout, shorter than the
-        // long poll plus its margin.
+        // long poll plus its margin, or a delete's bound.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -577,6 +588,9 @@ mod tests {
             .watch("w", 1, Duration::from_millis(500))
             .await
             .unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e:?}");
+        // A delete waits for the containers to stop (up to their grace period).
+        let e = within_5s(client.delete("w")).await.unwrap_err();
         assert_eq!(e.status(), Some(404), "{e:?}");
     }
 
