@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use git2::{
@@ -64,6 +66,50 @@ pub struct GitSource {
 
 const TRACKING_REF: &str = "refs/hyperbox/source";
 
+/// Defaults for libgit2's network timeouts: a server that accepts and then stalls fails the
+/// fetch (and so the sync, which is retried) instead of hanging it.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What `set_network_timeouts` set, in milliseconds, for error messages.
+static CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+static READ_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+fn timeout_ms(what: &str, d: Duration) -> Result<libc::c_int> {
+    match libc::c_int::try_from(d.as_millis()) {
+        Ok(0) => bail!("{what} must be at least 1ms (0 would mean no timeout)"),
+        Ok(ms) => Ok(ms),
+        Err(_) => bail!("{what} of {d:?} is too long"),
+    }
+}
+
+/// Set libgit2's server connect timeout and server (read and write) timeout, for every fetch
+/// in this process. They apply to the socket under git://, http(s):// and ssh://.
+///
+/// # Safety
+/// libgit2 keeps these in unsynchronized globals: call this before any other thread exists
+/// (before the async runtime starts), and never while a fetch may be running.
+pub unsafe fn set_network_timeouts(connect: Duration, read: Duration) -> Result<()> {
+    let connect_ms = timeout_ms("the git connect timeout", connect)?;
+    let read_ms = timeout_ms("the git timeout", read)?;
+    // SAFETY: the caller guarantees no other thread touches libgit2 meanwhile.
+    unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(connect_ms)
+            .context("set the git server connect timeout")?;
+        git2::opts::set_server_timeout_in_milliseconds(read_ms)
+            .context("set the git server timeout")?;
+    }
+    CONNECT_TIMEOUT_MS.store(connect_ms as u64, Ordering::Relaxed);
+    READ_TIMEOUT_MS.store(read_ms as u64, Ordering::Relaxed);
+    tracing::debug!(?connect, ?read, "git network timeouts set");
+    Ok(())
+}
+
+/// Whether libgit2 gave up waiting for the server.
+fn is_timeout(e: &git2::Error) -> bool {
+    e.code() == git2::ErrorCode::Timeout || e.message().contains("timed out")
+}
+
 impl GitSource {
     pub fn open(dir: &Path, cfg: GitConfig) -> Result<GitSource> {
         let repo = match Repository::open_bare(dir) {
@@ -115,6 +161,8 @@ impl GitSource {
         let result = if shallow && !url.starts_with("file://") && !url.starts_with('/') {
             match attempt(Some(1)) {
                 Ok(()) => Ok(()),
+                // A server that does not answer will not answer a full fetch either.
+                Err(e) if is_timeout(&e) => Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "shallow fetch refused, fetching full history");
                     attempt(None)
@@ -124,11 +172,19 @@ impl GitSource {
             attempt(None)
         };
         result.map_err(|e| {
-            let reason = refusal
+            let mut reason = refusal
                 .lock()
                 .unwrap()
                 .clone()
                 .unwrap_or_else(|| e.message().to_string());
+            if is_timeout(&e) {
+                let ms = |a: &AtomicU64| Duration::from_millis(a.load(Ordering::Relaxed));
+                reason.push_str(&format!(
+                    " (git timeouts: connect {:?}, read {:?}; see --git-connect-timeout, --git-timeout)",
+                    ms(&CONNECT_TIMEOUT_MS),
+                    ms(&READ_TIMEOUT_MS)
+                ));
+            }
             anyhow!("fetch {} from {url}: {reason}", self.cfg.reference)
         })?;
         let oid = match &self.cfg.reference {

@@ -1,6 +1,7 @@
 //! HyperBox operator: sources of desired state (Git now, Kubernetes next), validation,
 //! reconcile planning and status.
 
+pub mod apply;
 pub mod gitsource;
 pub mod manifests;
 pub mod reconcile;

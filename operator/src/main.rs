@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hyperbox_api::client::{Endpoint, NodeClient};
-use hyperbox_api::cliutil::{init_tracing, parse_duration, run_main};
-use hyperbox_operator::gitsource::{GitAuth, GitConfig, GitRef, GitSource};
+use hyperbox_api::cliutil::{init_tracing, parse_duration};
+use hyperbox_operator::apply::Limits;
+use hyperbox_operator::gitsource::{set_network_timeouts, GitAuth, GitConfig, GitRef, GitSource};
 use hyperbox_operator::sync::{status_path, SourceStatus, SyncOptions, Syncer};
 
 /// HyperBox operator: reconciles desired Workloads from a source onto node runtimes.
@@ -64,6 +65,19 @@ struct GitArgs {
     node: String,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
+    /// Bound on connecting to the node API.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    node_connect_timeout: Duration,
+    /// Bound on one node API request (send it, read the whole answer).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    node_timeout: Duration,
+    /// Bound on connecting to the Git server.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    git_connect_timeout: Duration,
+    /// Bound on each wait for the Git server (a read or a write of the fetch): a server that
+    /// stalls this long fails the sync, which is retried with backoff.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    git_timeout: Duration,
     #[arg(long, default_value = "/var/lib/hyperbox-operator")]
     state_dir: PathBuf,
     #[arg(long)]
@@ -91,8 +105,35 @@ struct GitArgs {
     once: bool,
 }
 
+/// How long an exiting operator waits for blocking work (a Git fetch that is stuck on the
+/// network) before leaving it behind: the fetch is abandoned, never awaited.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
-    run_main(run(Cli::parse()))
+    let cli = Cli::parse();
+    if let Command::Git(args) = &cli.command {
+        // SAFETY: no other thread exists yet (the runtime starts below) and nothing fetches.
+        if let Err(e) = unsafe { set_network_timeouts(args.git_connect_timeout, args.git_timeout) }
+        {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = rt.block_on(run(cli));
+    // Dropping the runtime would wait for every blocking thread, a hung fetch included.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<bool> {
@@ -123,6 +164,10 @@ async fn run(cli: Cli) -> Result<bool> {
                 interval,
                 node,
                 node_token_file,
+                node_connect_timeout,
+                node_timeout,
+                git_connect_timeout: _,
+                git_timeout: _,
                 state_dir,
                 webhook_listen,
                 webhook_secret_file,
@@ -150,7 +195,8 @@ async fn run(cli: Cli) -> Result<bool> {
                 ),
                 None => None,
             };
-            let client = NodeClient::new(Endpoint::parse(&node, token));
+            let client = NodeClient::new(Endpoint::parse(&node, token))
+                .with_timeouts(node_connect_timeout, node_timeout);
             let source = GitSource::open(
                 &state_dir.join("repo.git"),
                 GitConfig {
@@ -173,6 +219,7 @@ async fn run(cli: Cli) -> Result<bool> {
                     interval,
                     prune,
                     verify_signatures,
+                    apply_limits: Limits::default(),
                 },
             )?;
             if once {
@@ -206,10 +253,12 @@ async fn run(cli: Cli) -> Result<bool> {
             }
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            // The sync's blocking Git work runs on blocking threads, so these are answered even
+            // while a fetch hangs; the fetch is then left behind (see SHUTDOWN_GRACE).
             tokio::select! {
                 _ = syncer.run(trigger) => {}
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-                _ = term.recv() => tracing::info!("terminated"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+                _ = term.recv() => tracing::info!("terminated; stopping"),
             }
             Ok(true)
         }
@@ -231,6 +280,12 @@ fn print_status(s: &SourceStatus) {
     println!("applied:   {}", rev(&s.last_applied_revision));
     if let Some(e) = &s.error {
         println!("error:     {e}");
+    }
+    if s.consecutive_failures > 0 {
+        println!(
+            "failing:   {} sync(s) in a row; retrying with backoff",
+            s.consecutive_failures
+        );
     }
     if let Some(ms) = s.last_sync_ms {
         println!("last sync: {ms} ms");

@@ -47,6 +47,9 @@ pub enum Outcome {
     Pruned,
     /// Removed from the source but kept running (prune off, or the workload opted out).
     Orphaned,
+    /// The node did not take it (unreachable, refused, or too large to send): the previous
+    /// version, if any, keeps running.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::{anyhow, Context, Result};
 use hyperbox_api::client::NodeClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::apply::{deliver, Delivery, Limits};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport};
 use crate::reconcile::{plan, Inventory, Observed, Outcome, WorkloadResult};
-
-/// Workloads per apply request (the node caps request bodies).
-const APPLY_CHUNK: usize = 500;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,9 +29,12 @@ pub struct SourceStatus {
     pub last_fetch_unix: Option<u64>,
     pub last_applied_revision: Option<String>,
     pub last_applied_unix: Option<u64>,
-    /// True when the last fetch failed: what runs is from an older revision.
+    /// True when the last sync failed (fetch, manifests, node, state dir): what runs may be
+    /// from an older revision than the source's.
     pub stale: bool,
+    /// Why the last sync failed.
     pub error: Option<String>,
+    /// Failed syncs in a row; retries back off with it.
     pub consecutive_failures: u32,
     pub last_sync_ms: Option<u64>,
     pub files: Vec<FileReport>,
@@ -43,14 +46,45 @@ pub struct SyncOptions {
     pub interval: Duration,
     pub prune: bool,
     pub verify_signatures: Option<PathBuf>,
+    /// How applies are cut into requests the node accepts.
+    pub apply_limits: Limits,
 }
 
 pub struct Syncer {
-    source: GitSource,
+    /// Shared with the blocking threads that fetch and read manifests: a hung fetch then holds
+    /// a thread, never the task that answers signals.
+    source: Arc<Mutex<GitSource>>,
     node: NodeClient,
     opts: SyncOptions,
     status: SourceStatus,
     inventory: Inventory,
+}
+
+/// What a sync attempt that got to the end did.
+enum Synced {
+    /// Same revision and no drift: nothing to do.
+    Unchanged { revision: String },
+    Applied {
+        revision: String,
+        files: Vec<FileReport>,
+        workloads: Vec<WorkloadResult>,
+        /// Node operations (applies, prunes) that failed; retried at the next sync.
+        failed: usize,
+    },
+}
+
+/// Shortest and longest wait before retrying a failed sync.
+const MIN_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// How long to wait after `failures` consecutive failed syncs: doubling from 1 s, capped at the
+/// poll interval (within 1 s..5 min: a failing source is retried at least as often as a healthy
+/// one is polled), then shortened by up to half (`unit` is uniform in 0..1) so a fleet that
+/// failed together does not retry in lockstep.
+pub fn retry_delay(failures: u32, interval: Duration, unit: f64) -> Duration {
+    let cap = interval.clamp(MIN_RETRY, MAX_RETRY);
+    let doubled = MIN_RETRY.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    doubled.min(cap).mul_f64(1.0 - 0.5 * unit.clamp(0.0, 1.0))
 }
 
 fn now_unix() -> u64 {
@@ -71,14 +105,19 @@ fn inventory_path(state_dir: &Path) -> PathBuf {
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let data = serde_json::to_vec_pretty(value)?;
-    {
+    let written = (|| {
         use std::io::Write;
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(&data)?;
-        f.sync_all()?;
+        f.write_all(&data)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))
+    written
 }
 
 impl Syncer {
@@ -98,12 +137,16 @@ impl Syncer {
         status.reference = cfg.reference.to_string();
         status.path = cfg.path.clone();
         Ok(Syncer {
-            source,
+            source: Arc::new(Mutex::new(source)),
             node,
             opts,
             status,
             inventory,
         })
+    }
+
+    pub fn status(&self) -> &SourceStatus {
+        &self.status
     }
 
     fn save_status(&self) {
@@ -112,52 +155,105 @@ impl Syncer {
         }
     }
 
-    /// One sync: fetch, parse, diff against the node, act, record. Errors leave what runs alone.
+    /// Run blocking Git work (network, object database, parsing) on a blocking thread.
+    async fn with_source<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut GitSource) -> Result<T> + Send + 'static,
+    {
+        let source = self.source.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic mid-parse leaves nothing half-written that matters: the cache is keyed
+            // by content.
+            let mut s = source.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut s)
+        })
+        .await
+        .with_context(|| format!("git source: {what}"))?
+    }
+
+    /// One sync: fetch, parse, diff against the node, act, record. Errors leave what runs
+    /// alone. Every attempt, failed or not, is recorded in one place (`record`).
     pub async fn sync_once(&mut self) -> Result<()> {
         let started = Instant::now();
-        let revision = match tokio::task::block_in_place(|| self.source.fetch()) {
-            Ok(r) => r,
+        let attempt = self.attempt(started).await;
+        self.record(started, attempt)
+    }
+
+    /// Status, error and failure count from one attempt; a failure comes back as `Err`.
+    fn record(&mut self, started: Instant, attempt: Result<Synced>) -> Result<()> {
+        let result = match attempt {
+            Ok(Synced::Unchanged { revision }) => {
+                tracing::debug!(%revision, "no change");
+                Ok(())
+            }
+            Ok(Synced::Applied {
+                revision,
+                files,
+                workloads,
+                failed,
+            }) => {
+                self.status.files = files;
+                self.status.workloads = workloads;
+                if failed == 0 {
+                    self.status.last_applied_revision = Some(revision);
+                    self.status.last_applied_unix = Some(now_unix());
+                    Ok(())
+                } else {
+                    Err(anyhow!(
+                        "{failed} node operations failed at {}; retrying",
+                        short(&revision)
+                    ))
+                }
+            }
+            Err(e) => Err(e),
+        };
+        self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
+        match &result {
+            Ok(()) => {
+                self.status.stale = false;
+                self.status.error = None;
+                self.status.consecutive_failures = 0;
+            }
             Err(e) => {
                 self.status.stale = true;
                 self.status.error = Some(format!("{e:#}"));
-                self.status.consecutive_failures += 1;
-                self.save_status();
-                return Err(e);
+                self.status.consecutive_failures =
+                    self.status.consecutive_failures.saturating_add(1);
             }
-        };
+        }
+        self.save_status();
+        result
+    }
+
+    async fn attempt(&mut self, started: Instant) -> Result<Synced> {
+        let revision = self.with_source("fetch", |s| s.fetch()).await?;
         let fetch_ms = started.elapsed().as_millis() as u64;
         self.status.last_fetched_revision = Some(revision.clone());
         self.status.last_fetch_unix = Some(now_unix());
-        if let Some(keyring) = &self.opts.verify_signatures {
-            if let Err(e) =
-                tokio::task::block_in_place(|| self.source.verify_signature(&revision, keyring))
-            {
-                self.status.error = Some(format!("{e:#}"));
-                self.status.consecutive_failures += 1;
-                self.save_status();
-                return Err(e);
-            }
+        if let Some(keyring) = self.opts.verify_signatures.clone() {
+            let rev = revision.clone();
+            self.with_source("verify signature", move |s| {
+                s.verify_signature(&rev, &keyring)
+            })
+            .await?;
         }
-        let observed: BTreeMap<String, Observed> = match self.node.digests().await {
-            Ok(list) => list
-                .into_iter()
-                .map(|d| {
-                    (
-                        d.name,
-                        Observed {
-                            spec_hash: d.spec_hash,
-                            revision: d.revision,
-                        },
-                    )
-                })
-                .collect(),
-            Err(e) => {
-                self.status.error = Some(format!("node: {e}"));
-                self.status.consecutive_failures += 1;
-                self.save_status();
-                return Err(e.into());
-            }
-        };
+        let observed: BTreeMap<String, Observed> = self
+            .node
+            .digests()
+            .await
+            .context("node")?
+            .into_iter()
+            .map(|d| {
+                (
+                    d.name,
+                    Observed {
+                        spec_hash: d.spec_hash,
+                        revision: d.revision,
+                    },
+                )
+            })
+            .collect();
         // Nothing new and no drift: a no-change sync costs one fetch and one list.
         let unchanged = self.status.last_applied_revision.as_deref() == Some(revision.as_str())
             && self.status.error.is_none()
@@ -167,36 +263,53 @@ impl Syncer {
                 })
             });
         if unchanged {
-            self.status.stale = false;
-            self.status.consecutive_failures = 0;
-            self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
-            self.save_status();
-            tracing::debug!(%revision, "no change");
-            return Ok(());
+            return Ok(Synced::Unchanged { revision });
         }
         let parse_started = Instant::now();
-        let files = tokio::task::block_in_place(|| self.source.manifests(&revision))?;
-        let set = assemble(files);
+        let rev = revision.clone();
+        let set = self
+            .with_source("read manifests", move |s| {
+                s.manifests(&rev)
+                    .map(assemble)
+                    .with_context(|| format!("read manifests at {}", short(&rev)))
+            })
+            .await?;
         let p = plan(&set, &revision, &self.inventory, &observed, self.opts.prune);
         let parse_ms = parse_started.elapsed().as_millis() as u64;
         let node_started = Instant::now();
         // Record what we are about to own before acting, so a crash mid-sync can still prune it.
         let mut union = self.inventory.clone();
         union.extend(p.inventory.clone());
-        write_json(&inventory_path(&self.opts.state_dir), &union)?;
+        write_json(&inventory_path(&self.opts.state_dir), &union)
+            .context("record the inventory before applying")?;
 
         let mut results = p.results.clone();
         let mut failed = 0usize;
-        for chunk in p.apply.chunks(APPLY_CHUNK) {
-            if let Err(e) = self.node.apply(chunk.to_vec()).await {
-                failed += chunk.len();
-                tracing::error!(error = %e, "apply to node failed");
-                for w in chunk {
-                    if let Some(r) = results.iter_mut().find(|r| r.name == w.metadata.name) {
-                        r.outcome = Outcome::Skipped;
-                        r.message = Some(format!("node refused it: {e}"));
-                    }
+        let docs: Vec<Vec<u8>> = p
+            .apply
+            .iter()
+            .map(|w| serde_json::to_vec(w).context("serialize workload"))
+            .collect::<Result<_>>()?;
+        let limits = self.opts.apply_limits;
+        let node = &self.node;
+        let deliveries = deliver(&docs, &limits, |body| async move {
+            node.apply_json(body).await.map(drop)
+        })
+        .await;
+        let mut not_applied = Vec::new();
+        for (w, d) in p.apply.iter().zip(&deliveries) {
+            let name = &w.metadata.name;
+            match d {
+                Delivery::Applied => continue,
+                Delivery::TooLarge { .. } => {
+                    not_applied.push(name.clone());
+                    tracing::warn!(workload = %name, "workload too large for the node; not applied");
                 }
+                Delivery::Failed(_) => failed += 1,
+            }
+            if let Some(r) = results.iter_mut().find(|r| &r.name == name) {
+                r.outcome = Outcome::Failed;
+                r.message = d.message(name, &limits);
             }
         }
         let deletes = p.delete.iter().map(|name| {
@@ -218,7 +331,15 @@ impl Syncer {
             // Keep ownership of everything we may have touched; the next sync retries.
             final_inventory = union;
         }
-        write_json(&inventory_path(&self.opts.state_dir), &final_inventory)?;
+        // What was never applied is owned as before: its previous version, or nothing.
+        for name in &not_applied {
+            match self.inventory.get(name) {
+                Some(previous) => final_inventory.insert(name.clone(), previous.clone()),
+                None => final_inventory.remove(name),
+            };
+        }
+        write_json(&inventory_path(&self.opts.state_dir), &final_inventory)
+            .context("record the inventory after applying")?;
         self.inventory = final_inventory;
         let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
         tracing::info!(
@@ -229,6 +350,7 @@ impl Syncer {
             restored = count(Outcome::Restored),
             pruned = count(Outcome::Pruned),
             skipped = count(Outcome::Skipped),
+            failed = count(Outcome::Failed),
             file_errors = errors,
             fetch_ms,
             parse_ms,
@@ -241,32 +363,29 @@ impl Syncer {
                 tracing::warn!(error = %e, "manifest skipped");
             }
         }
-        self.status.files = set.files;
-        self.status.workloads = results;
-        self.status.stale = false;
-        self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
-        if failed == 0 {
-            self.status.last_applied_revision = Some(revision);
-            self.status.last_applied_unix = Some(now_unix());
-            self.status.error = None;
-            self.status.consecutive_failures = 0;
-        } else {
-            self.status.error = Some(format!("{failed} node operations failed; retrying"));
-            self.status.consecutive_failures += 1;
-        }
-        self.save_status();
-        Ok(())
+        Ok(Synced::Applied {
+            revision,
+            files: set.files,
+            workloads: results,
+            failed,
+        })
     }
 
-    /// Poll forever (with jitter), syncing at once when `trigger` fires.
+    /// Poll forever (with jitter), syncing at once when `trigger` fires; after a failure, retry
+    /// with a jittered exponential backoff.
     pub async fn run(&mut self, trigger: Arc<Notify>) {
         loop {
             let wait = match self.sync_once().await {
                 Ok(()) => jitter(self.opts.interval),
                 Err(e) => {
-                    let backoff = Duration::from_secs(1 << self.status.consecutive_failures.min(6))
-                        .min(self.opts.interval.max(Duration::from_secs(1)));
-                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "sync failed; running workloads are left alone");
+                    let failures = self.status.consecutive_failures;
+                    let backoff = retry_delay(failures, self.opts.interval, rand::random());
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        failures,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "sync failed; running workloads are left alone"
+                    );
                     backoff
                 }
             };
@@ -276,6 +395,10 @@ impl Syncer {
             }
         }
     }
+}
+
+fn short(revision: &str) -> &str {
+    revision.get(..12).unwrap_or(revision)
 }
 
 /// ±10% so many edge boxes polling one server spread out.
@@ -297,4 +420,33 @@ where
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_interval() {
+        let no_jitter = |n| retry_delay(n, S(30), 0.0);
+        let got: Vec<Duration> = (1..=7).map(no_jitter).collect();
+        assert_eq!(got, vec![S(1), S(2), S(4), S(8), S(16), S(30), S(30)]);
+        // Never slower than 5 minutes, never faster than 1 s.
+        assert_eq!(retry_delay(20, S(3600), 0.0), S(300));
+        assert_eq!(retry_delay(u32::MAX, S(3600), 0.0), S(300));
+        assert_eq!(retry_delay(5, Duration::from_millis(300), 0.0), S(1));
+        assert_eq!(retry_delay(0, S(30), 0.0), S(1));
+    }
+
+    #[test]
+    fn retry_delay_is_jittered_down_by_at_most_half() {
+        assert_eq!(retry_delay(4, S(30), 1.0), S(4));
+        assert_eq!(retry_delay(4, S(30), 0.5), S(6));
+        for _ in 0..100 {
+            let d = retry_delay(6, S(60), rand::random());
+            assert!(d >= S(16) && d <= S(32), "{d:?}");
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! End-to-end tests of edge GitOps: `hyperbox-operator git` against real Git repositories and
 //! servers, reconciling onto a real `hyperbox-node`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hyperbox_e2e::operator_fixtures::{operator_status_text, OperatorProcess, SilentServer};
 use hyperbox_e2e::*;
 use serde_json::Value;
 
@@ -609,4 +610,211 @@ fn tag_and_commit_pins() {
         head.as_str()
     );
     assert!(node.get("newest").is_none());
+}
+
+fn error_of(status: &Value) -> &str {
+    status["error"].as_str().unwrap_or("")
+}
+
+/// A node endpoint nobody listens on: these syncs fail before they reach the node.
+fn no_node(dir: &std::path::Path) -> String {
+    format!("unix://{}", dir.join("no-node.sock").display())
+}
+
+#[test]
+fn git_fetch_from_a_silent_server_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    for scheme in ["git", "http"] {
+        let silent = SilentServer::start().unwrap();
+        let url = format!("{scheme}://{}/remote.git", silent.addr());
+        let started = Instant::now();
+        let op = OperatorProcess::start(
+            dir.path(),
+            &no_node(dir.path()),
+            &url,
+            &["--interval", "300ms", "--git-timeout", "2s"],
+        )
+        .unwrap();
+        let st = op
+            .wait_status(Duration::from_secs(20), "a timed-out fetch", |s| {
+                error_of(s).contains("timed out")
+            })
+            .unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(15), "{scheme}: {took:?}");
+        assert!(
+            silent.accepted() >= 1,
+            "{scheme}: the fetch never connected"
+        );
+        let error = error_of(&st);
+        assert!(error.contains("fetch") && error.contains(&url), "{error}");
+        assert!(error.contains("--git-timeout"), "{error}");
+        assert_eq!(st["stale"], true);
+        assert!(st["consecutiveFailures"].as_u64().unwrap() >= 1, "{st}");
+        let text = operator_status_text(&op.state);
+        assert!(
+            text.contains("timed out") && text.contains("failing:"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_the_operator_during_a_hung_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = SilentServer::start().unwrap();
+    // Default Git timeouts (60 s): the fetch is still waiting when SIGTERM comes.
+    let mut op = OperatorProcess::start(
+        dir.path(),
+        &no_node(dir.path()),
+        &format!("git://{}/remote.git", silent.addr()),
+        &["--interval", "300ms"],
+    )
+    .unwrap();
+    wait_until(T, "the fetch to connect", || {
+        (silent.accepted() > 0).then_some(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(op.wait_exit(Duration::ZERO).is_none(), "{}", op.log_text());
+    let signalled = Instant::now();
+    op.sigterm();
+    let exit = op.wait_exit(Duration::from_secs(10));
+    let took = signalled.elapsed();
+    let exit =
+        exit.unwrap_or_else(|| panic!("still running 10 s after SIGTERM\n{}", op.log_text()));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // It handled the signal (a clean exit), rather than dying of it.
+    assert!(exit.success(), "{exit:?}\n{}", op.log_text());
+    assert!(op.log_text().contains("terminated"), "{}", op.log_text());
+}
+
+#[test]
+fn unwritable_inventory_fails_the_sync_in_status_and_backs_off() {
+    let (_reg, image, node, repo) = setup();
+    let suspended =
+        |n: &str| doc(n, &image, "sleep 1000").replace("  command:", "  suspend: true\n  command:");
+    repo.write("a.yaml", &suspended("a"));
+    let rev1 = repo.commit_push("one");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "5s"]).unwrap();
+    op.wait_status(T, "first sync", |s| applied(s, &rev1))
+        .unwrap();
+
+    // A directory where the inventory goes: the next sync cannot record what it will own.
+    let inventory = op.state.join("inventory.json");
+    std::fs::remove_file(&inventory).unwrap();
+    std::fs::create_dir(&inventory).unwrap();
+    repo.write("b.yaml", &suspended("b"));
+    let rev2 = repo.commit_push("two");
+    let st = op
+        .wait_status(T, "three failed syncs", |s| {
+            s["consecutiveFailures"].as_u64() >= Some(3)
+        })
+        .unwrap();
+    assert!(error_of(&st).contains("inventory.json"), "{st}");
+    assert_eq!(st["stale"], true);
+    assert_eq!(st["lastFetchedRevision"], rev2.as_str());
+    assert_eq!(st["lastAppliedRevision"], rev1.as_str());
+    assert!(
+        node.get("b").is_none(),
+        "applied without recording the inventory"
+    );
+    let text = operator_status_text(&op.state);
+    assert!(
+        text.contains("inventory.json") && text.contains("failing:"),
+        "{text}"
+    );
+    // Retries back off: the third failure waits at least 2 s (4 s, jittered down by half).
+    let log = op.log_text();
+    let delays: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("sync failed"))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(delays.len() >= 3, "{}", tail(&log, 3000));
+    assert!(delays[0] <= 1000 && delays[2] >= 2000, "{delays:?}");
+
+    std::fs::remove_dir(&inventory).unwrap();
+    let st = op
+        .wait_status(T, "recovered", |s| applied(s, &rev2))
+        .unwrap();
+    assert_eq!(st["consecutiveFailures"], 0);
+    assert_eq!(st["stale"], false);
+    assert!(st["error"].is_null());
+    assert!(node.get("b").is_some());
+}
+
+#[test]
+fn large_workloads_are_applied_within_the_node_body_cap() {
+    let (_reg, image, node, repo) = setup();
+    // 500 workloads with ~20 KiB of env each: ~10 MiB of apply, over the node's 4 MiB cap
+    // for one request. Suspended: the sync path, without 500 containers.
+    let env: String = (0..10)
+        .map(|i| format!("  - name: V{i}\n    value: {}\n", "v".repeat(2048)))
+        .collect();
+    for i in 0..500 {
+        repo.write(
+            &format!("apps/w{i}.yaml"),
+            &workload(
+                &format!("w{i}"),
+                &image,
+                &format!("  suspend: true\n  env:\n{env}"),
+            ),
+        );
+    }
+    // One workload that alone is over the cap (a 500 KiB value, anchored and repeated ten
+    // times by YAML aliases: ~5 MiB as JSON). It is reported and never blocks the others.
+    let big = "h".repeat(500 << 10);
+    let mut huge_env = format!("  - name: V0\n    value: &big {big}\n");
+    for i in 1..10 {
+        huge_env.push_str(&format!("  - name: V{i}\n    value: *big\n"));
+    }
+    repo.write(
+        "apps/huge.yaml",
+        &workload(
+            "huge",
+            &image,
+            &format!("  suspend: true\n  env:\n{huge_env}"),
+        ),
+    );
+    let rev = repo.commit_push("large workloads");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "2s"]).unwrap();
+    let st = op
+        .wait_status(Duration::from_secs(180), "applied", |s| applied(s, &rev))
+        .unwrap();
+    assert!(st["error"].is_null(), "{}", error_of(&st));
+    assert_eq!(st["workloads"].as_array().unwrap().len(), 501);
+    assert_eq!(outcome(&st, "w499"), "created");
+    assert_eq!(outcome(&st, "huge"), "failed");
+    let huge = st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "huge")
+        .unwrap();
+    let msg = huge["message"].as_str().unwrap();
+    assert!(
+        msg.contains("workload huge is") && msg.contains("MiB") && msg.contains("not applied"),
+        "{msg}"
+    );
+    let list: Vec<Value> =
+        serde_json::from_slice(&node.cli(&["get", "-o", "json"]).stdout).unwrap();
+    assert_eq!(list.len(), 500);
+    assert!(list
+        .iter()
+        .all(|w| w["revision"] == rev.as_str() && w["suspended"] == true));
+    assert!(node.get("huge").is_none());
+    // The batches fit the node's cap: none had to be split after a 413.
+    assert!(
+        !op.log_text().contains("refused the batch as too large"),
+        "{}",
+        tail(&op.log_text(), 2000)
+    );
 }

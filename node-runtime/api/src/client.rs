@@ -1,6 +1,11 @@
 //! Client of the node API: HTTP/1.1 + JSON over a unix socket, or TCP with a bearer token.
+//!
+//! Every request is bounded in time: a node that accepts a connection and then never answers
+//! (hung, stopped with SIGSTOP, a half-open TCP peer) must fail the caller's request instead of
+//! holding it forever.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -11,6 +16,7 @@ use serde::Serialize;
 
 use crate::spec::Workload;
 use crate::status::{ApiError, ApplyResult, NodeSummary, WorkloadStatus};
+use crate::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,6 +24,15 @@ pub enum ClientError {
     Connect {
         endpoint: String,
         cause: std::io::Error,
+    },
+    #[error("node api {method} {path} at {endpoint}: {stage} timed out after {timeout:?}")]
+    Timeout {
+        endpoint: String,
+        method: String,
+        path: String,
+        /// `connect` or `request` (send and read the whole answer).
+        stage: &'static str,
+        timeout: Duration,
     },
     #[error("node api request {method} {path}: {message}")]
     Http {
@@ -78,9 +93,54 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// Default bound on establishing a connection to the node.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on one request, from sending it to reading the whole answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on `pull`, which answers only once the image is ready (a cold pull of a large
+/// image over a slow link takes minutes; the node's own progress is visible meanwhile).
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Added to a long-poll's own timeout: the node answers when the poll expires, and the answer
+/// still has to travel and be serialized on a busy node.
+pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
+
+/// Largest request body `hyperbox-node serve` accepts (its server's `MAX_BODY_BYTES`). Clients
+/// that batch keep each request under it.
+pub const NODE_MAX_BODY_BYTES: usize = 4 << 20;
+
+/// `{"workloads":[` and `]}` around the comma-separated workload documents of an apply.
+const APPLY_PREFIX: &[u8] = b"{\"workloads\":[";
+const APPLY_SUFFIX: &[u8] = b"]}";
+
+/// Size of the apply request body holding workload documents of these serialized sizes.
+pub fn apply_body_len(sizes: impl IntoIterator<Item = usize>) -> usize {
+    let (count, total) = sizes
+        .into_iter()
+        .fold((0usize, 0usize), |(n, t), s| (n + 1, t + s));
+    APPLY_PREFIX.len() + APPLY_SUFFIX.len() + total + count.saturating_sub(1)
+}
+
+/// The apply request body (`{"workloads":[...]}`) from workload documents already serialized
+/// as JSON, so a caller can size its batches exactly and serialize each workload once.
+pub fn apply_body<T: AsRef<[u8]>>(workloads: &[T]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(apply_body_len(workloads.iter().map(|w| w.as_ref().len())));
+    body.extend_from_slice(APPLY_PREFIX);
+    for (i, w) in workloads.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(w.as_ref());
+    }
+    body.extend_from_slice(APPLY_SUFFIX);
+    body
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     endpoint: Endpoint,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    pull_timeout: Duration,
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -89,21 +149,60 @@ pub struct ApplyRequest {
 }
 
 impl NodeClient {
+    /// A client with the default timeouts (5 s to connect, 30 s per request).
     pub fn new(endpoint: Endpoint) -> NodeClient {
-        NodeClient { endpoint }
+        NodeClient {
+            endpoint,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
+        }
+    }
+
+    /// Bound connecting by `connect` and each request (send, answer, whole body) by `request`.
+    /// Long polls get their own poll timeout plus [`LONG_POLL_MARGIN`] instead.
+    pub fn with_timeouts(mut self, connect: Duration, request: Duration) -> NodeClient {
+        self.connect_timeout = connect;
+        self.request_timeout = request;
+        self
+    }
+
+    /// Bound `pull`, which answers only when the image is ready.
+    pub fn with_pull_timeout(mut self, pull: Duration) -> NodeClient {
+        self.pull_timeout = pull;
+        self
     }
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
-    /// One request on a fresh connection; returns status and body bytes.
+    /// One request on a fresh connection, bounded by the request timeout; returns status and
+    /// body bytes.
     pub async fn raw(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.raw_within(method, path, body, self.request_timeout)
+            .await
+    }
+
+    async fn raw_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let timeout_err = |stage, timeout| ClientError::Timeout {
+            endpoint: self.endpoint.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            stage,
+            timeout,
+        };
         let http_err = |message: String| ClientError::Http {
             method: method.to_string(),
             path: path.to_string(),
@@ -129,29 +228,37 @@ impl NodeClient {
             endpoint: self.endpoint.to_string(),
             cause,
         };
-        let resp = match &self.endpoint {
-            Endpoint::Unix(p) => {
-                let stream = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(connect_err)?;
-                send(stream, req).await
+        let connect_timeout = self.connect_timeout;
+        let connecting = async {
+            match &self.endpoint {
+                Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.map(Stream::Unix),
+                Endpoint::Tcp { addr, .. } => {
+                    tokio::net::TcpStream::connect(addr).await.map(Stream::Tcp)
+                }
             }
-            Endpoint::Tcp { addr, .. } => {
-                let stream = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(connect_err)?;
-                send(stream, req).await
-            }
-        }
-        .map_err(|e| http_err(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
+        };
+        let stream = tokio::time::timeout(connect_timeout, connecting)
             .await
-            .map_err(|e| http_err(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+            .map_err(|_| timeout_err("connect", connect_timeout))?
+            .map_err(connect_err)?;
+        let exchange = async {
+            let (resp, _conn) = match stream {
+                Stream::Unix(s) => send(s, req).await,
+                Stream::Tcp(s) => send(s, req).await,
+            }
+            .map_err(|e| http_err(e.to_string()))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| http_err(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| timeout_err("request", timeout))?
     }
 
     async fn json<T: DeserializeOwned>(
@@ -160,7 +267,18 @@ impl NodeClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let (status, bytes) = self.raw(method.clone(), path, body).await?;
+        self.json_within(method, path, body, self.request_timeout)
+            .await
+    }
+
+    async fn json_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.raw_within(method.clone(), path, body, timeout).await?;
         if !status.is_success() {
             let body = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
                 error: String::from_utf8_lossy(&bytes).trim().to_string(),
@@ -180,6 +298,12 @@ impl NodeClient {
 
     pub async fn apply(&self, workloads: Vec<Workload>) -> Result<Vec<ApplyResult>, ClientError> {
         let body = serde_json::to_vec(&ApplyRequest { workloads }).expect("serialize workloads");
+        self.apply_json(body).await
+    }
+
+    /// Apply a request body built by [`apply_body`] (the node refuses bodies over
+    /// [`NODE_MAX_BODY_BYTES`] with 413).
+    pub async fn apply_json(&self, body: Vec<u8>) -> Result<Vec<ApplyResult>, ClientError> {
         self.json(Method::POST, "/v1/workloads", Some(body)).await
     }
 
@@ -197,15 +321,16 @@ impl NodeClient {
         &self,
         name: &str,
         after: u64,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<WorkloadStatus, ClientError> {
-        self.json(
+        self.json_within(
             Method::GET,
             &format!(
                 "/v1/workloads/{name}?after={after}&timeoutMs={}",
                 timeout.as_millis()
             ),
             None,
+            timeout + LONG_POLL_MARGIN,
         )
         .await
     }
@@ -213,7 +338,13 @@ impl NodeClient {
     /// Pull and prepare an image (returns when it is ready).
     pub async fn pull(&self, image: &str) -> Result<crate::status::PullResult, ClientError> {
         let body = serde_json::to_vec(&serde_json::json!({ "image": image })).expect("json");
-        self.json(Method::POST, "/v1/images/pull", Some(body)).await
+        self.json_within(
+            Method::POST,
+            "/v1/images/pull",
+            Some(body),
+            self.pull_timeout,
+        )
+        .await
     }
 
     /// Remove a prepared image (refused while a workload uses it).
@@ -243,9 +374,19 @@ impl NodeClient {
             .await
     }
 
+    /// Delete a workload. The node answers once its containers have stopped, which takes up to
+    /// the workload's grace period, so the bound is the request timeout plus the longest grace
+    /// period a workload may have. Cutting it shorter would not stop the deletion: it would
+    /// only cut the node's handler short halfway through.
     pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
+        let stop = Duration::from_secs(MAX_TERMINATION_GRACE_PERIOD_SECONDS.into());
         let _: serde_json::Value = self
-            .json(Method::DELETE, &format!("/v1/workloads/{name}"), None)
+            .json_within(
+                Method::DELETE,
+                &format!("/v1/workloads/{name}"),
+                None,
+                self.request_timeout + stop,
+            )
             .await?;
         Ok(())
     }
@@ -276,18 +417,34 @@ impl NodeClient {
     }
 }
 
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// Aborts the task driving a connection when the request using it is done or given up (a
+/// timed-out request must not leave its connection open in the background).
+struct ConnectionTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnectionTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn send<S>(
     stream: S,
     req: Request<Full<Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+) -> Result<(hyper::Response<hyper::body::Incoming>, ConnectionTask), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
+    let task = ConnectionTask(tokio::spawn(async move {
         let _ = conn.await;
-    });
-    sender.send_request(req).await
+    }));
+    let resp = sender.send_request(req).await?;
+    Ok((resp, task))
 }
 
 fn url_encode(s: &str) -> String {
@@ -300,4 +457,151 @@ fn url_encode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A socket path of its own under the temp dir (this crate has no tempfile dependency).
+    fn socket_path(tag: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::env::temp_dir().join(format!("hb-client-{tag}-{}-{n}.sock", std::process::id()))
+    }
+
+    /// Accepts connections and holds them open without ever reading or answering.
+    fn hold_connections<S: Send + 'static>(
+        mut accept: impl FnMut() -> Option<S> + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while let Some(s) = accept() {
+                held.push(s);
+            }
+        })
+    }
+
+    /// Fails (instead of hanging) when the client does not give up by itself.
+    async fn within_5s<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("the client must give up on its own, within its timeouts")
+    }
+
+    fn assert_timeout(e: &ClientError, stage: &str, endpoint: &str, path: &str) {
+        let text = e.to_string();
+        assert!(
+            matches!(e, ClientError::Timeout { stage: s, .. } if *s == stage),
+            "{e:?}"
+        );
+        for part in [endpoint, "GET", path, "timed out"] {
+            assert!(text.contains(part), "{part:?} missing from {text:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_unix_socket_times_out() {
+        let path = socket_path("silent");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        hold_connections(move || listener.accept().ok().map(|(s, _)| s));
+        let client = NodeClient::new(Endpoint::Unix(path.clone()))
+            .with_timeouts(Duration::from_secs(1), Duration::from_millis(300));
+        let started = Instant::now();
+        let e = within_5s(client.digests()).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{e}");
+        assert_timeout(&e, "request", &path.display().to_string(), "/v1/digests");
+        assert!(e.to_string().contains("300ms"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test]
+    async fn silent_tcp_port_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        hold_connections(move || listener.accept().ok().map(|(s, _)| s));
+        let client = NodeClient::new(Endpoint::parse(&format!("http://{addr}"), None))
+            .with_timeouts(Duration::from_secs(1), Duration::from_millis(300));
+        let started = Instant::now();
+        let e = within_5s(client.list()).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{e}");
+        assert_timeout(&e, "request", &addr, "/v1/workloads");
+    }
+
+    #[tokio::test]
+    async fn connect_to_a_full_backlog_times_out() {
+        // A listener that never accepts, its backlog filled: the kernel drops further SYNs, so
+        // connecting hangs the way it does to a host that went away.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => fillers.push(s),
+                _ => break,
+            }
+        }
+        let client = NodeClient::new(Endpoint::parse(&format!("http://{addr}"), None))
+            .with_timeouts(Duration::from_millis(300), Duration::from_secs(5));
+        let started = Instant::now();
+        let e = within_5s(client.node()).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{e}");
+        assert_timeout(&e, "connect", &addr.to_string(), "/v1/node");
+    }
+
+    #[tokio::test]
+    async fn long_poll_and_delete_get_longer_bounds() {
+        // Answers each request 600 ms late: longer than the request timeout, shorter than the
+        // long poll plus its margin, or a delete's bound.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    let body = br#"{"error":"workload \"w\" not found"}"#;
+                    let head = format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body).await;
+                });
+            }
+        });
+        let client = NodeClient::new(Endpoint::parse(&format!("http://{addr}"), None))
+            .with_timeouts(Duration::from_secs(1), Duration::from_millis(200));
+        let e = within_5s(client.get("w")).await.unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+        let e = client
+            .watch("w", 1, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e:?}");
+        // A delete waits for the containers to stop (up to their grace period).
+        let e = within_5s(client.delete("w")).await.unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e:?}");
+    }
+
+    #[test]
+    fn apply_body_is_the_serialized_request() {
+        let docs: Vec<Vec<u8>> = vec![br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()];
+        let body = apply_body(&docs);
+        assert_eq!(body, br#"{"workloads":[{"a":1},{"b":2}]}"#);
+        assert_eq!(apply_body_len(docs.iter().map(Vec::len)), body.len());
+        let empty: [&[u8]; 0] = [];
+        assert_eq!(apply_body(&empty), br#"{"workloads":[]}"#);
+        assert_eq!(apply_body_len([]), br#"{"workloads":[]}"#.len());
+    }
 }

@@ -70,7 +70,8 @@ pub struct WorkloadSpec {
     pub mounts: Vec<VolumeMount>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
-    /// Seconds between SIGTERM and SIGKILL when stopping (default 10).
+    /// Seconds between SIGTERM and SIGKILL when stopping (default 10, at most 3600: a stop
+    /// never waits longer than an hour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_grace_period_seconds: Option<u32>,
     /// A suspended workload keeps its definition but runs no container.

@@ -11,6 +11,10 @@ use crate::spec::{Workload, API_VERSION, KIND_WORKLOAD};
 
 /// Largest manifest file accepted (bytes). Manifests come from outside: cap before parsing.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Longest `spec.terminationGracePeriodSeconds` accepted: a stop (update, delete, node
+/// shutdown) waits this long at most before SIGKILL, so an unbounded value could hold a
+/// rollout or a node drain forever.
+pub const MAX_TERMINATION_GRACE_PERIOD_SECONDS: u32 = 3600;
 /// Longest workload name (it becomes part of container ids, paths and cgroup names).
 pub const MAX_NAME_LEN: usize = 53;
 
@@ -180,6 +184,16 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
             errors.push(err(
                 format!("{at}.mountPath"),
                 format!("{:?} is mounted twice", m.mount_path),
+            ));
+        }
+    }
+    if let Some(g) = s.termination_grace_period_seconds {
+        if g > MAX_TERMINATION_GRACE_PERIOD_SECONDS {
+            errors.push(err(
+                "spec.terminationGracePeriodSeconds",
+                format!(
+                    "must be at most {MAX_TERMINATION_GRACE_PERIOD_SECONDS} (one hour), got {g}"
+                ),
             ));
         }
     }
@@ -500,6 +514,27 @@ mod tests {
     fn oversized_file_is_refused() {
         let big = "#".repeat(MAX_MANIFEST_BYTES + 1);
         assert!(parse_documents(&big).unwrap_err().message.contains("limit"));
+    }
+
+    #[test]
+    fn termination_grace_period_is_capped_at_an_hour() {
+        let with = |secs: u64| format!("{GOOD}  terminationGracePeriodSeconds: {secs}\n");
+        for ok in [0, 1, 3600] {
+            let docs = parse_documents(&with(ok)).unwrap();
+            assert!(
+                matches!(docs[0], ParsedDocument::Workload(_)),
+                "{ok}: {docs:?}"
+            );
+        }
+        for bad in [3601, 86400, u32::MAX as u64] {
+            let docs = parse_documents(&with(bad)).unwrap();
+            let ParsedDocument::Invalid { errors: errs, .. } = &docs[0] else {
+                panic!("{bad} must be refused: {docs:?}")
+            };
+            assert_eq!(errs[0].field, "spec.terminationGracePeriodSeconds");
+            assert!(errs[0].message.contains("at most 3600"), "{errs:?}");
+            assert_eq!(errs[0].line, Some(9));
+        }
     }
 
     #[test]
