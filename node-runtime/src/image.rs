@@ -162,6 +162,9 @@ pub struct ImageStore {
     client: Client,
     /// One preparation per image reference at a time; later callers wait and reuse it.
     locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One preparation per manifest digest at a time, whatever spelling of the reference
+    /// (tag, digest, short or long registry name) asked for it.
+    digest_locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     progress: StdMutex<HashMap<String, Arc<Progress>>>,
     refs: StdMutex<BTreeMap<String, String>>,
     /// Serialises mounts and GC so an image is never unmounted while being prepared.
@@ -203,6 +206,15 @@ impl ImageStore {
         }
         remove_dir_all_if_exists(&tmp_root)?;
         fs::create_dir_all(cfg.root.join("tmp"))?;
+        // An image directory without meta.json was never published (an older version built
+        // images in place): it is never used, so remove it.
+        for e in fs::read_dir(&cfg.root)?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.len() == 64 && e.path().is_dir() && !e.path().join("meta.json").exists() {
+                tracing::warn!(dir = %e.path().display(), "removing an incomplete image");
+                remove_dir_all_if_exists(&e.path())?;
+            }
+        }
         let refs = match fs::read(cfg.root.join("refs.json")) {
             Ok(b) => serde_json::from_slice(&b).context("parse images/refs.json")?,
             Err(_) => BTreeMap::new(),
@@ -234,6 +246,7 @@ impl ImageStore {
             erofs,
             client,
             locks: StdMutex::new(HashMap::new()),
+            digest_locks: StdMutex::new(HashMap::new()),
             progress: StdMutex::new(HashMap::new()),
             refs: StdMutex::new(refs),
             mount_lock: tokio::sync::Mutex::new(()),
@@ -377,6 +390,14 @@ impl ImageStore {
             .map_err(|e| ImageError::InvalidImage(format!("image {reference}: config: {e}")))?;
         let hex = hex_of(&manifest_digest)?.to_string();
 
+        let digest_lock = self
+            .digest_locks
+            .lock()
+            .unwrap()
+            .entry(manifest_digest.clone())
+            .or_default()
+            .clone();
+        let _digest_guard = digest_lock.lock().await;
         if let Some(img) = self.open_prepared(&manifest_digest).await? {
             self.remember_ref(reference, &manifest_digest)?;
             return Ok(img);
@@ -398,12 +419,12 @@ impl ImageStore {
 
         // Downloads run concurrently; layers are applied strictly in order as soon as each one
         // (and every layer below it) is on disk, so downloading and unpacking overlap.
+        // A staging area of its own: nothing else ever writes or removes it.
         let staging = self
             .cfg
             .root
             .join("tmp")
-            .join(format!("{hex}.{}", std::process::id()));
-        remove_dir_all_if_exists(&staging).map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
+            .join(format!("{hex}.{:016x}", rand::random::<u64>()));
         let rootfs_tmp = staging.join("rootfs");
         fs::create_dir_all(&rootfs_tmp)
             .map_err(|e| ImageError::Prepare(format!("create {}: {e}", rootfs_tmp.display())))?;
@@ -554,23 +575,20 @@ impl ImageStore {
             }
         };
         let dir = self.cfg.root.join(&hex);
-        let result = self
-            .finish_image(&staging, &rootfs_tmp, &dir, progress)
-            .await;
-        cleanup_staging(&staging);
-        let rootfs_kind = result?;
         let meta = ImageMeta {
             digest: manifest_digest.clone(),
             reference: reference.to_string(),
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
             config,
-            rootfs: rootfs_kind,
+            rootfs: String::new(),
             unpacked_bytes,
             prepared_unix: now_unix(),
         };
-        // meta.json is written last: its presence is what marks the image as prepared.
-        write_json_atomic(&dir.join("meta.json"), &meta)
-            .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
+        let result = self
+            .finish_image(&staging, &rootfs_tmp, &dir, meta, progress)
+            .await;
+        cleanup_staging(&staging);
+        result?;
         self.remember_ref(reference, &manifest_digest)?;
         progress.set_stage("mounting");
         let img = self
@@ -590,37 +608,47 @@ impl ImageStore {
         Ok(img)
     }
 
-    /// Turn the unpacked staging tree into the final image: an EROFS image, or the directory.
+    /// Turn the unpacked staging tree into the final image (an EROFS image, or the directory)
+    /// with its meta.json, all inside the staging area, then publish it with one rename. An
+    /// image directory therefore exists only complete; a crash before the rename leaves only
+    /// staging, which the next start removes.
     async fn finish_image(
         &self,
         staging: &Path,
         rootfs_tmp: &Path,
         dir: &Path,
+        mut meta: ImageMeta,
         progress: &Progress,
-    ) -> Result<String, ImageError> {
+    ) -> Result<(), ImageError> {
         let prep = |e: anyhow::Error| ImageError::Prepare(format!("{e:#}"));
-        remove_dir_all_if_exists(dir).map_err(prep)?;
+        let ready = staging.join("image");
+        fs::create_dir_all(&ready)
+            .map_err(|e| ImageError::Prepare(format!("create {}: {e}", ready.display())))?;
         if let Some(mkfs) = self.erofs.mkfs.clone() {
             progress.set_stage("building-erofs");
-            let img_tmp = staging.join("image.erofs");
             let src = rootfs_tmp.to_path_buf();
-            let img2 = img_tmp.clone();
-            tokio::task::spawn_blocking(move || erofs::build_image(&mkfs, &src, &img2))
+            let img = ready.join("image.erofs");
+            tokio::task::spawn_blocking(move || erofs::build_image(&mkfs, &src, &img))
                 .await
                 .map_err(|e| ImageError::Prepare(e.to_string()))?
                 .map_err(prep)?;
-            fs::create_dir_all(dir)
-                .map_err(|e| ImageError::Prepare(format!("create {}: {e}", dir.display())))?;
-            fs::rename(&img_tmp, dir.join("image.erofs"))
-                .map_err(|e| ImageError::Prepare(format!("move erofs image: {e}")))?;
-            Ok("erofs".into())
+            meta.rootfs = "erofs".into();
         } else {
-            fs::create_dir_all(dir)
-                .map_err(|e| ImageError::Prepare(format!("create {}: {e}", dir.display())))?;
-            fs::rename(rootfs_tmp, dir.join("rootfs"))
+            fs::rename(rootfs_tmp, ready.join("rootfs"))
                 .map_err(|e| ImageError::Prepare(format!("move rootfs: {e}")))?;
-            Ok("directory".into())
+            meta.rootfs = "directory".into();
         }
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            write_json_atomic(&ready.join("meta.json"), &meta)?;
+            // Under the digest lock, an existing directory here is an unpublished leftover.
+            remove_dir_all_if_exists(&dir)?;
+            fs::rename(&ready, &dir).with_context(|| format!("publish {}", dir.display()))?;
+            crate::fsutil::fsync_path(dir.parent().unwrap_or(&dir))
+        })
+        .await
+        .map_err(|e| ImageError::Prepare(e.to_string()))?
+        .map_err(prep)
     }
 
     fn remember_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {

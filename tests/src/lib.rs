@@ -669,6 +669,11 @@ impl Node {
         Ok(())
     }
 
+    /// Pid of the running daemon.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
     pub fn daemon_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
