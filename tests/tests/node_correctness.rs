@@ -71,7 +71,7 @@ fn a_reused_pid_is_never_adopted_or_signalled() {
     // SAFETY: plain kill of our test container's init.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until(T, "the old init to be reaped", || {
-        (!fs::metadata(format!("/proc/{pid}")).is_ok()).then_some(())
+        fs::metadata(format!("/proc/{pid}")).is_err().then_some(())
     })
     .unwrap();
     let mut decoy = decoy_at(pid).expect("a decoy process at the container's old pid");
