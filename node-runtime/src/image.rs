@@ -321,10 +321,17 @@ impl ImageStore {
         let _m = self.mount_lock.lock().await;
         let lower = if meta.rootfs == "erofs" {
             let mnt = self.cfg.root.join("mnt").join(hex);
-            if !crate::fsutil::is_mount_point(&mnt) {
-                erofs::mount_image(&dir.join("image.erofs"), &mnt)
-                    .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
-            }
+            let (img, target) = (dir.join("image.erofs"), mnt.clone());
+            // Mount-table reads and loop setup block: keep them off the async threads.
+            tokio::task::spawn_blocking(move || {
+                if crate::fsutil::is_mount_point(&target) {
+                    return Ok(());
+                }
+                erofs::mount_image(&img, &target)
+            })
+            .await
+            .map_err(|e| ImageError::Prepare(format!("mount task: {e}")))?
+            .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
             mnt
         } else {
             dir.join("rootfs")

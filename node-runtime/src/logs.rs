@@ -3,8 +3,7 @@
 //! `<file>.1` and truncating it, like logrotate's copytruncate.
 
 use std::fs;
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -28,22 +27,68 @@ pub fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// The previous file (if any) followed by the current one, keeping at most `tail` bytes.
-pub fn read(path: &Path, tail: Option<u64>) -> Result<Vec<u8>> {
+/// Where to read the last `tail` bytes of a replica's output: the previous file (if any) then
+/// the current one, each with the offset to start from. The files are streamed from there, so
+/// a large log is never held in memory.
+pub fn tail_segments(path: &Path, tail: u64) -> Vec<(PathBuf, u64)> {
+    let files = [path.with_extension("log.1"), path.to_path_buf()];
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    let mut skip = sizes.iter().sum::<u64>().saturating_sub(tail);
     let mut out = Vec::new();
-    for p in [path.with_extension("log.1"), path.to_path_buf()] {
-        if let Ok(mut f) = fs::File::open(&p) {
-            f.read_to_end(&mut out)
-                .with_context(|| format!("read {}", p.display()))?;
+    for (p, size) in files.iter().zip(sizes) {
+        if size == 0 {
+            continue;
         }
-    }
-    if let Some(t) = tail {
-        let t = t as usize;
-        if out.len() > t {
-            out.drain(..out.len() - t);
+        if skip >= size {
+            skip -= size;
+            continue;
         }
+        out.push((p.clone(), skip));
+        skip = 0;
     }
-    Ok(out)
+    out
+}
+
+/// Stream at most `limit` bytes of the segments as HTTP body chunks (64 KiB reads, async
+/// file I/O). The limit holds even while a busy container keeps appending.
+pub fn stream(
+    segments: Vec<(PathBuf, u64)>,
+    limit: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    futures_util::stream::unfold(
+        (segments.into_iter(), None::<tokio::fs::File>, limit),
+        |(mut segments, mut current, left)| async move {
+            loop {
+                if left == 0 {
+                    return None;
+                }
+                if current.is_none() {
+                    let (p, offset) = segments.next()?;
+                    let Ok(mut f) = tokio::fs::File::open(&p).await else {
+                        continue;
+                    };
+                    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+                        continue;
+                    }
+                    current = Some(f);
+                }
+                let mut buf = vec![0u8; (64 << 10).min(left) as usize];
+                match current.as_mut()?.read(&mut buf).await {
+                    Ok(0) => current = None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        let left = left - n as u64;
+                        return Some((Ok(bytes::Bytes::from(buf)), (segments, current, left)));
+                    }
+                    Err(e) => return Some((Err(e), (segments, None, 0))),
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]
@@ -65,7 +110,23 @@ mod tests {
         w.write_all(b"after").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"after");
         assert_eq!(fs::metadata(p.with_extension("log.1")).unwrap().len(), 100);
-        let all = read(&p, Some(8)).unwrap();
+        let segments = tail_segments(&p, 8);
+        assert_eq!(
+            segments,
+            vec![(p.with_extension("log.1"), 97), (p.clone(), 0)]
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let all: Vec<u8> = rt.block_on(async {
+            use futures_util::StreamExt;
+            let chunks: Vec<_> = stream(segments, 8).collect().await;
+            chunks
+                .into_iter()
+                .flat_map(|c| c.unwrap().to_vec())
+                .collect()
+        });
         assert_eq!(all, b"aaaafter");
     }
 }

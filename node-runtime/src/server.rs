@@ -188,10 +188,17 @@ async fn logs(
         );
     }
     let path = sup.log_path(&name, q.replica.unwrap_or(0));
-    match crate::logs::read(&path, Some(q.tail.unwrap_or(1 << 20).min(64 << 20))) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), vec![]),
-    }
+    let tail = q.tail.unwrap_or(1 << 20).min(64 << 20);
+    let segments =
+        match tokio::task::spawn_blocking(move || crate::logs::tail_segments(&path, tail)).await {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}"), vec![]),
+        };
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(crate::logs::stream(segments, tail)),
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
