@@ -1005,12 +1005,7 @@ impl Operator {
     }
 
     pub fn status(&self) -> Option<Value> {
-        let out = Command::new(bin("hyperbox-operator"))
-            .args(["status", "-o", "json", "--state-dir"])
-            .arg(&self.state)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        operator_fixtures::operator_status(&self.state)
     }
 
     pub fn wait_status(
@@ -1019,18 +1014,7 @@ impl Operator {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let mut last = Value::Null;
-        wait_until(timeout, what, || {
-            let v = self.status()?;
-            last = v.clone();
-            pred(&v).then_some(v)
-        })
-        .with_context(|| {
-            format!(
-                "last operator status: {last:#}\noperator log:\n{}",
-                tail(&fs::read_to_string(&self.log).unwrap_or_default(), 4000)
-            )
-        })
+        operator_fixtures::wait_operator_status(&self.state, &self.log, timeout, what, pred)
     }
 
     pub fn log_text(&self) -> String {

@@ -95,6 +95,29 @@ pub fn operator_status(state: &Path) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Wait until the operator status of `state` satisfies `pred`; the error carries the last
+/// status and the tail of the operator's log.
+pub fn wait_operator_status(
+    state: &Path,
+    log: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let mut last = Value::Null;
+    wait_until(timeout, what, || {
+        let v = operator_status(state)?;
+        last = v.clone();
+        pred(&v).then_some(v)
+    })
+    .with_context(|| {
+        format!(
+            "last operator status: {last:#}\noperator log:\n{}",
+            tail(&fs::read_to_string(log).unwrap_or_default(), 4000)
+        )
+    })
+}
+
 /// `hyperbox-operator status` (the text form) of a state dir.
 pub fn operator_status_text(state: &Path) -> String {
     let out = Command::new(bin("hyperbox-operator"))
@@ -164,18 +187,7 @@ impl OperatorProcess {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let mut last = Value::Null;
-        wait_until(timeout, what, || {
-            let v = self.status()?;
-            last = v.clone();
-            pred(&v).then_some(v)
-        })
-        .with_context(|| {
-            format!(
-                "last operator status: {last:#}\noperator log:\n{}",
-                tail(&self.log_text(), 4000)
-            )
-        })
+        wait_operator_status(&self.state, &self.log, timeout, what, pred)
     }
 
     pub fn log_text(&self) -> String {

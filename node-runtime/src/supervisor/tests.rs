@@ -69,8 +69,24 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-async fn phase_of(s: &Arc<Supervisor>, name: &str) -> Option<Phase> {
-    s.status(name).await.map(|st| st.phase)
+/// Poll the workload's status until `pred` holds; returns that status.
+async fn wait_status(
+    s: &Arc<Supervisor>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&hyperbox_api::WorkloadStatus) -> bool,
+) -> hyperbox_api::WorkloadStatus {
+    let mut last = None;
+    for _ in 0..400 {
+        last = s.status(name).await;
+        if let Some(st) = &last {
+            if pred(st) {
+                return st.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}: {last:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,15 +140,7 @@ async fn delete_then_quick_reapply_keeps_the_new_workload() {
     .await;
     // Its record survived the delete's cleanup.
     assert!(dir.path().join("workloads/a.json").exists());
-    let mut phase = None;
-    for _ in 0..200 {
-        phase = phase_of(&s, "a").await;
-        if phase == Some(Phase::Running) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(phase, Some(Phase::Running));
+    wait_status(&s, "a", "running", |st| st.phase == Phase::Running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,31 +294,17 @@ async fn crash_loops_restart_with_backoff_and_failed_starts_retry() {
         eventually("running", || rt.running().len() == 1).await;
         let id = rt.running()[0].clone();
         rt.exit(&id, 3);
-        let s2 = s.clone();
         let want = round + 1;
-        let mut ok = false;
-        for _ in 0..200 {
-            if s2.status("a").await.unwrap().restarts == want {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(ok, "restart {want} counted");
+        wait_status(&s, "a", "restart counted", |st| st.restarts == want).await;
     }
     eventually("running", || rt.running().len() == 1).await;
     rt.fail_starts(Some("boom"));
     let id = rt.running()[0].clone();
     rt.exit(&id, 1);
-    let mut reason = None;
-    for _ in 0..200 {
-        reason = s.status("a").await.unwrap().reason;
-        if reason.as_deref() == Some("CreateContainerError") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(reason.as_deref(), Some("CreateContainerError"));
+    wait_status(&s, "a", "a start failure", |st| {
+        st.reason.as_deref() == Some("CreateContainerError")
+    })
+    .await;
     rt.fail_starts(None);
     eventually("running after the failures", || rt.running().len() == 1).await;
 }
@@ -323,14 +317,10 @@ async fn image_failures_back_off_and_report() {
     let mut w = workload("a", "");
     w.spec.image = "reg/missing:1".into();
     s.apply(vec![w]).await.unwrap();
-    let mut reason = None;
-    for _ in 0..200 {
-        reason = s.status("a").await.unwrap().reason;
-        if reason.as_deref() == Some("ImagePullBackOff") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(reason.as_deref(), Some("ImagePullBackOff"));
+    let st = wait_status(&s, "a", "pull back-off", |st| {
+        st.reason.as_deref() == Some("ImagePullBackOff")
+    })
+    .await;
+    assert_eq!(st.phase, Phase::Pending);
     assert_eq!(rt.starts(), 0);
 }
