@@ -47,7 +47,8 @@ start_registry "$work/registry" 5050
 tests/bench/build-busybox-image.sh 127.0.0.1:5050 hyperbox/busybox:demo
 
 echo "== hyperbox-node (state in $work/node)"
-"$node_bin" --socket "$sock" serve --state-dir "$work/node" --insecure-registry 127.0.0.1:5050 \
+"$node_bin" --socket "$sock" serve --state-dir "$work/node" --run-dir "$work/run" \
+  --insecure-registry 127.0.0.1:5050 --allow-host-path /etc/os-release \
   >"$work/node.log" 2>&1 &
 node_pid=$!
 wait_for 10 "the node socket" test -S "$sock"

@@ -9,13 +9,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{NetworkMode, Workload};
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
-use serde_json::{json, Value};
 
 use crate::erofs::mount_overlay;
 use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
 use crate::image::PreparedImage;
+use crate::policy::NodePolicy;
 
 /// libcontainer changes the *process* working directory while it creates a container (to bind
 /// and connect its notify socket by a short relative path) and changes it back afterwards. In a
@@ -46,77 +52,31 @@ impl RuntimeDirs {
     }
 }
 
-/// Capabilities granted by default (the same short list container engines use).
-const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
-/// System calls refused with EPERM by the default seccomp profile: kernel modules, kexec,
-/// reboot, clock changes, swap, accounting, BPF and perf, keyrings, namespace escapes and
-/// cross-process memory access. Everything else is allowed (a deny-list keeps unknown future
-/// syscalls of ordinary programs working; the capability set already blocks most of these).
-const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "get_kernel_syms",
-    "init_module",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mount",
-    "move_mount",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "fsopen",
-    "fsmount",
-    "fsconfig",
-    "fspick",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
-    "query_module",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "setns",
-    "settimeofday",
-    "swapoff",
-    "swapon",
-    "sysfs",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-];
+/// Capabilities granted by default: the short list container engines use, without
+/// `CAP_NET_RAW` (raw sockets) unless the node's policy allows it.
+fn default_caps(net_raw: bool) -> Capabilities {
+    let mut caps: Capabilities = [
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::Fsetid,
+        Capability::Fowner,
+        Capability::Mknod,
+        Capability::Setgid,
+        Capability::Setuid,
+        Capability::Setfcap,
+        Capability::Setpcap,
+        Capability::NetBindService,
+        Capability::SysChroot,
+        Capability::Kill,
+        Capability::AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    if net_raw {
+        caps.insert(Capability::NetRaw);
+    }
+    caps
+}
 
 /// The process a container runs, resolved from the workload and the image config.
 #[derive(Debug, Clone, PartialEq)]
@@ -274,46 +234,100 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+fn mount(destination: &str, typ: &str, source: impl Into<PathBuf>, options: &[&str]) -> Mount {
+    MountBuilder::default()
+        .destination(destination)
+        .typ(typ)
+        .source(source.into())
+        .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+        .build()
+        .expect("mount")
+}
+
+fn spec_err(e: libcontainer::oci_spec::OciSpecError) -> anyhow::Error {
+    anyhow!("build the runtime spec: {e}")
+}
+
 /// The OCI runtime spec (config.json) of one replica.
 pub fn oci_spec(
     w: &Workload,
     process: &ProcessSpec,
     dirs: &RuntimeDirs,
+    policy: &NodePolicy,
     id: &str,
-) -> Result<Value> {
+) -> Result<Spec> {
     let s = &w.spec;
     let mut mounts = vec![
-        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
-        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+            ],
+        ),
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        ),
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        ),
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ),
     ];
     if s.network == NetworkMode::Host {
         // Name resolution of the node, as with a host-network pod.
         for f in ["/etc/resolv.conf", "/etc/hosts"] {
             if Path::new(f).exists() {
-                mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev"]}));
+                mounts.push(mount(f, "bind", f, &["rbind", "ro", "nosuid", "nodev"]));
             }
         }
     }
     for m in &s.mounts {
-        let vol = s
+        let (index, vol) = s
             .volumes
             .iter()
-            .find(|v| v.name == m.name)
+            .enumerate()
+            .find(|(_, v)| v.name == m.name)
             .ok_or_else(|| anyhow!("spec.mounts: no volume named {:?}", m.name))?;
         let source = if let Some(h) = &vol.host_path {
-            let p = PathBuf::from(&h.path);
-            if !p.exists() {
-                bail!(
-                    "spec.volumes[{}].hostPath.path: {} does not exist on this node",
-                    vol.name,
+            // Checked again with symlinks resolved: admission saw only the path as written.
+            let real = fs::canonicalize(&h.path).map_err(|e| {
+                anyhow!(
+                    "spec.volumes[{index}].hostPath.path: {} on this node: {e}",
                     h.path
+                )
+            })?;
+            if !policy.host_path_allowed(&real) {
+                bail!(
+                    "spec.volumes[{index}].hostPath.path: {} resolves to {}, outside the host paths this node allows ({})",
+                    h.path,
+                    real.display(),
+                    policy.allowed_list()
                 );
             }
-            p
+            real
         } else {
             let p = dirs.volumes.join(&w.metadata.name).join(&vol.name);
             fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
@@ -323,34 +337,59 @@ pub fn oci_spec(
         if m.read_only {
             options.push("ro");
         }
-        mounts.push(json!({"destination": m.mount_path, "type": "bind", "source": source, "options": options}));
+        mounts.push(mount(&m.mount_path, "bind", source, &options));
     }
     let mut namespaces = vec![
-        json!({"type": "pid"}),
-        json!({"type": "ipc"}),
-        json!({"type": "uts"}),
-        json!({"type": "mount"}),
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
     ];
     if s.network == NetworkMode::None {
-        namespaces.push(json!({"type": "network"}));
+        namespaces.push(LinuxNamespaceType::Network);
     }
-    let mut resources = json!({
-        "devices": [{"allow": false, "access": "rwm"}],
-    });
+    let namespaces = namespaces
+        .into_iter()
+        .map(|t| LinuxNamespaceBuilder::default().typ(t).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(spec_err)?;
+    let mut resources =
+        LinuxResourcesBuilder::default().devices(vec![LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()
+            .map_err(spec_err)?]);
     if let Some(m) = &s.resources.memory {
         let bytes = parse_memory_bytes(m).map_err(|e| anyhow!("spec.resources.memory: {e}"))?;
         // swap == limit: no swap use beyond the memory limit.
-        resources["memory"] = json!({"limit": bytes, "swap": bytes});
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(bytes as i64)
+                .swap(bytes as i64)
+                .build()
+                .map_err(spec_err)?,
+        );
     }
     if let Some(c) = &s.resources.cpu {
         let millis = parse_cpu_millis(c).map_err(|e| anyhow!("spec.resources.cpu: {e}"))?;
         let period: u64 = 100_000;
-        resources["cpu"] = json!({"quota": (millis * period / 1000).max(1000), "period": period});
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota((millis * period / 1000).max(1000) as i64)
+                .period(period)
+                .build()
+                .map_err(spec_err)?,
+        );
     }
     if let Some(p) = s.resources.pids {
-        resources["pids"] = json!({"limit": p});
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(p)
+                .build()
+                .map_err(spec_err)?,
+        );
     }
-    let caps: Vec<&str> = DEFAULT_CAPS.to_vec();
+    let caps = default_caps(policy.allow_net_raw);
     // As many open files as this daemon may have (raising beyond it needs more than root has).
     let nofile = {
         let mut lim = libc::rlimit {
@@ -364,42 +403,78 @@ pub fn oci_spec(
             1024
         }
     };
-    let seccomp = json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
-    });
-    Ok(json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": process.uid, "gid": process.gid},
-            "args": process.args,
-            "env": process.env,
-            "cwd": process.cwd,
-            "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps,
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": true,
-        },
-        "root": {"path": "rootfs", "readonly": false},
-        "hostname": w.metadata.name,
-        "mounts": mounts,
-        "linux": {
-            "cgroupsPath": format!("{}/{id}", dirs.cgroup_parent),
-            "namespaces": namespaces,
-            "resources": resources,
-            "seccomp": seccomp,
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-                "/sys/firmware", "/sys/devices/virtual/powercap"
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ],
-        },
-    }))
+    let to_paths = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    let process_spec = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(process.uid)
+                .gid(process.gid)
+                .build()
+                .map_err(spec_err)?,
+        )
+        .args(process.args.clone())
+        .env(process.env.clone())
+        .cwd(&process.cwd)
+        .capabilities(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps)
+                .build()
+                .map_err(spec_err)?,
+        )
+        .rlimits(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .hard(nofile)
+            .soft(nofile)
+            .build()
+            .map_err(spec_err)?])
+        .no_new_privileges(true)
+        .build()
+        .map_err(spec_err)?;
+    let linux = LinuxBuilder::default()
+        .cgroups_path(PathBuf::from(format!("{}/{id}", dirs.cgroup_parent)))
+        .namespaces(namespaces)
+        .resources(resources.build().map_err(spec_err)?)
+        .seccomp(crate::seccomp::default_profile())
+        .masked_paths(to_paths(&[
+            "/proc/acpi",
+            "/proc/asound",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/proc/scsi",
+            "/sys/firmware",
+            "/sys/devices/virtual/powercap",
+        ]))
+        .readonly_paths(to_paths(&[
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+        ]))
+        .build()
+        .map_err(spec_err)?;
+    SpecBuilder::default()
+        .version("1.0.2")
+        .process(process_spec)
+        .root(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()
+                .map_err(spec_err)?,
+        )
+        .hostname(w.metadata.name.clone())
+        .mounts(mounts)
+        .linux(linux)
+        .build()
+        .map_err(spec_err)
 }
 
 /// Everything needed to start one replica's container.
@@ -412,7 +487,11 @@ pub struct StartRequest<'a> {
 
 /// Create the overlay rootfs and the bundle, then create and start the container. Returns the
 /// pid of the container's init (a child of this process). Blocking: call off the async runtime.
-pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
+pub fn create_and_start(
+    dirs: &RuntimeDirs,
+    policy: &NodePolicy,
+    req: &StartRequest,
+) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let bundle = dirs.bundle(req.id);
     let rootfs = bundle.join("rootfs");
@@ -424,12 +503,9 @@ pub fn create_and_start(dirs: &RuntimeDirs, req: &StartRequest) -> Result<i32> {
     )?;
     let result = (|| {
         let process = resolve_process(req.workload, req.image, &rootfs)?;
-        let spec = oci_spec(req.workload, &process, dirs, req.id)?;
-        fs::write(
-            bundle.join("config.json"),
-            serde_json::to_vec_pretty(&spec)?,
-        )
-        .context("write config.json")?;
+        let spec = oci_spec(req.workload, &process, dirs, policy, req.id)?;
+        fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)
+            .context("write config.json")?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -851,7 +927,15 @@ mod tests {
         };
         let w = workload(&format!("{W}  network: none\n  resources: {{memory: 64Mi, cpu: 500m, pids: 20}}\n  volumes: [{{name: d, emptyDir: {{}}}}]\n  mounts: [{{name: d, mountPath: /data, readOnly: true}}]\n"));
         let p = resolve_process(&w, &image(&["/ep"], &[]), root.path()).unwrap();
-        let s = oci_spec(&w, &p, &dirs, "t-0-abc").unwrap();
+        let policy = NodePolicy {
+            host_path_allow: vec![],
+            allow_net_raw: false,
+        };
+        let s = serde_json::to_value(oci_spec(&w, &p, &dirs, &policy, "t-0-abc").unwrap()).unwrap();
+        let caps = s["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(!caps.iter().any(|c| c == "CAP_NET_RAW"), "{caps:?}");
+        assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
+        assert_eq!(s["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
         assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 50_000);
         assert_eq!(s["linux"]["resources"]["pids"]["limit"], 20);

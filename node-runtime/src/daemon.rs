@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::container::RuntimeDirs;
 use crate::erofs::ErofsSupport;
 use crate::image::{ImageStore, StoreConfig, UnpackLimits};
+use crate::policy::NodePolicy;
 use crate::runtime::LibcontainerRuntime;
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
@@ -28,6 +29,9 @@ pub struct ServeOptions {
     pub max_unpacked_bytes: u64,
     pub allow_devices: bool,
     pub cgroup_parent: String,
+    /// Directories hostPath volumes may use, besides HyperBox's own volumes dir.
+    pub allow_host_paths: Vec<PathBuf>,
+    pub allow_net_raw: bool,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -45,9 +49,16 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let abs = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::path::absolute(p).ok());
     let run_abs = std::path::absolute(&opts.run_dir)
         .with_context(|| format!("resolve {}", opts.run_dir.display()))?;
+    let allow_host_paths = opts
+        .allow_host_paths
+        .iter()
+        .map(std::path::absolute)
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("resolve --allow-host-path")?;
     let opts = ServeOptions {
         state_dir: state_abs,
         run_dir: run_abs,
+        allow_host_paths,
         socket: socket_abs,
         token_file: abs(&opts.token_file),
         auth_file: abs(&opts.auth_file),
@@ -99,7 +110,25 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     for d in [&dirs.containers, &dirs.libcontainer_root] {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
-    let runtime = Arc::new(LibcontainerRuntime { dirs: dirs.clone() });
+    let mut host_path_allow = vec![dirs.volumes.clone()];
+    for p in &opts.allow_host_paths {
+        // Admission compares the path as written, the runtime compares it with symlinks
+        // resolved: keep both spellings of each allowed directory.
+        let real = std::fs::canonicalize(p)
+            .with_context(|| format!("--allow-host-path {}", p.display()))?;
+        host_path_allow.push(p.clone());
+        host_path_allow.push(real);
+    }
+    host_path_allow.dedup();
+    let policy = NodePolicy {
+        host_path_allow,
+        allow_net_raw: opts.allow_net_raw,
+    };
+    tracing::info!(host_paths = %policy.allowed_list(), net_raw = policy.allow_net_raw, "node policy");
+    let runtime = Arc::new(LibcontainerRuntime {
+        dirs: dirs.clone(),
+        policy: policy.clone(),
+    });
     let sup = Supervisor::new(
         &state,
         dirs.volumes.clone(),
@@ -108,6 +137,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         Some(images),
         opts.supervisor.clone(),
     )?;
+    sup.set_policy(policy);
     sup.recover().await?;
     if legacy.exists() {
         // Containers of the old layout were swept above; what is left is empty.

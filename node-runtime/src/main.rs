@@ -85,6 +85,13 @@ enum Command {
         allow_image_devices: bool,
         #[arg(long, default_value = "/hyperbox")]
         cgroup_parent: String,
+        /// Let hostPath volumes use this directory (repeatable). Without it, only HyperBox's
+        /// own volumes dir is allowed.
+        #[arg(long = "allow-host-path")]
+        allow_host_paths: Vec<PathBuf>,
+        /// Grant containers CAP_NET_RAW (raw sockets, ping). Off by default.
+        #[arg(long)]
+        allow_net_raw: bool,
     },
     /// Apply Workload documents from a YAML file (- for stdin).
     Apply {
@@ -163,6 +170,8 @@ async fn run(cli: Cli) -> Result<bool> {
             max_image_bytes,
             allow_image_devices,
             cgroup_parent,
+            allow_host_paths,
+            allow_net_raw,
         } => {
             init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
             serve(ServeOptions {
@@ -185,6 +194,8 @@ async fn run(cli: Cli) -> Result<bool> {
                 max_unpacked_bytes: *max_image_bytes,
                 allow_devices: *allow_image_devices,
                 cgroup_parent: cgroup_parent.clone(),
+                allow_host_paths: allow_host_paths.clone(),
+                allow_net_raw: *allow_net_raw,
             })
             .await?;
             Ok(true)

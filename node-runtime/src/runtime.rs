@@ -191,6 +191,7 @@ pub fn in_cgroup(pid: i32, cgroup_path: &str) -> bool {
 /// libcontainer in process.
 pub struct LibcontainerRuntime {
     pub dirs: RuntimeDirs,
+    pub policy: crate::policy::NodePolicy,
 }
 
 impl LibcontainerRuntime {
@@ -201,7 +202,7 @@ impl LibcontainerRuntime {
 
 impl Runtime for LibcontainerRuntime {
     fn start(&self, req: &StartRequest<'_>) -> Result<Started> {
-        let pid = container::create_and_start(&self.dirs, req)?;
+        let pid = container::create_and_start(&self.dirs, &self.policy, req)?;
         // The init is our child and not yet reaped, so the pid is still it.
         let proc = match ProcHandle::open(pid, true) {
             Ok(p) => p,

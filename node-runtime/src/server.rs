@@ -93,6 +93,13 @@ async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response
             });
         }
     }
+    // The node's own policy (host paths): a refusal names the field and the rule.
+    for (i, w) in workloads.iter().enumerate() {
+        fields.extend(sup.admit(w).into_iter().map(|mut e| {
+            e.field = format!("workloads[{i}].{}", e.field);
+            e
+        }));
+    }
     if !fields.is_empty() {
         // Nothing of an invalid request is applied.
         return error(StatusCode::BAD_REQUEST, "invalid workload", fields);

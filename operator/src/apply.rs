@@ -79,8 +79,11 @@ pub enum Delivery {
         /// The node's answer when it refused it; `None` when it was never sent.
         refusal: Option<String>,
     },
-    /// The request holding it failed (node down, timeout, refused as invalid): retried at the
-    /// next sync.
+    /// The node refused this workload itself (its policy, or its validation): the fields and
+    /// rules it named. Not retried until the manifest or the node changes.
+    Refused(String),
+    /// The request holding it failed (node down, timeout, an unexplained refusal): retried at
+    /// the next sync.
     Failed(String),
 }
 
@@ -103,6 +106,9 @@ impl Delivery {
             } => Some(format!(
                 "workload {name} is {} as JSON, too large for the node ({e}): not applied; the previously applied version, if any, keeps running",
                 human_bytes(*bytes)
+            )),
+            Delivery::Refused(e) => Some(format!(
+                "node refused it: {e}; the previously applied version, if any, keeps running"
             )),
             Delivery::Failed(e) => Some(format!("node refused it: {e}")),
         }
@@ -154,12 +160,62 @@ where
                     refusal: Some(format!("{e}")),
                 };
             }
+            Err(e) if e.status() == Some(400) && !refused_positions(&e, batch.len()).is_empty() => {
+                // The node names the refused workloads (`workloads[i].…`): set those aside and
+                // send the rest again, so one refused workload never blocks the others.
+                let refused = refused_positions(&e, batch.len());
+                let mut rest = Vec::new();
+                for (pos, &i) in batch.iter().enumerate() {
+                    match refused.iter().find(|(p, _)| *p == pos) {
+                        Some((_, why)) => {
+                            tracing::warn!(reason = %why, "node refused a workload");
+                            out[i] = Delivery::Refused(why.clone());
+                        }
+                        None => rest.push(i),
+                    }
+                }
+                if !rest.is_empty() {
+                    queue.push_front(rest);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, workloads = batch.len(), bytes, "apply to node failed");
                 for &i in &batch {
                     out[i] = Delivery::Failed(format!("{e}"));
                 }
             }
+        }
+    }
+    out
+}
+
+/// Positions in a batch of `len` that a 400 answer's field errors name (`workloads[3].spec…`),
+/// each with the errors for it joined. Empty when the answer names no workload.
+fn refused_positions(e: &ClientError, len: usize) -> Vec<(usize, String)> {
+    let ClientError::Api { body, .. } = e else {
+        return Vec::new();
+    };
+    let mut out: Vec<(usize, String)> = Vec::new();
+    for f in &body.fields {
+        let Some(rest) = f.field.strip_prefix("workloads[") else {
+            continue;
+        };
+        let Some((n, field)) = rest.split_once(']') else {
+            continue;
+        };
+        let Ok(pos) = n.parse::<usize>() else {
+            continue;
+        };
+        if pos >= len {
+            continue;
+        }
+        let text = format!("{}: {}", field.trim_start_matches('.'), f.message);
+        match out.iter_mut().find(|(p, _)| *p == pos) {
+            Some((_, t)) => {
+                t.push_str("; ");
+                t.push_str(&text);
+            }
+            None => out.push((pos, text)),
         }
     }
     out
@@ -346,5 +402,54 @@ mod tests {
         assert_eq!(human_bytes(812), "812 B");
         assert_eq!(human_bytes(20 * KIB + 512), "20.5 KiB");
         assert_eq!(human_bytes(9 << 19), "4.5 MiB");
+    }
+
+    #[tokio::test]
+    async fn workloads_the_node_refuses_are_set_aside_and_the_rest_applied() {
+        let docs: Vec<Vec<u8>> = (0..5).map(|i| format!("doc{i}").into_bytes()).collect();
+        let applied = RefCell::new(Vec::new());
+        // The node refuses any request that holds doc1 or doc3, naming them by position.
+        let out = deliver(&docs, &Limits::default(), |body| {
+            let text = String::from_utf8(body).unwrap();
+            let items: Vec<&str> = text
+                .trim_start_matches("{\"workloads\":[")
+                .trim_end_matches("]}")
+                .split(',')
+                .collect();
+            let fields: Vec<hyperbox_api::validate::FieldError> = items
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| **d == "doc1" || **d == "doc3")
+                .map(|(i, _)| hyperbox_api::validate::FieldError {
+                    field: format!("workloads[{i}].spec.volumes[0].hostPath.path"),
+                    message: "/etc is outside the host paths this node allows".into(),
+                    line: None,
+                })
+                .collect();
+            let r = if fields.is_empty() {
+                applied
+                    .borrow_mut()
+                    .extend(items.iter().map(|s| s.to_string()));
+                Ok(())
+            } else {
+                Err(ClientError::Api {
+                    status: 400,
+                    body: ApiError {
+                        error: "invalid workload".into(),
+                        fields,
+                    },
+                })
+            };
+            async move { r }
+        })
+        .await;
+        assert!(
+            matches!(&out[1], Delivery::Refused(m) if m.contains("spec.volumes[0].hostPath.path: /etc"))
+        );
+        assert!(matches!(&out[3], Delivery::Refused(_)));
+        for i in [0, 2, 4] {
+            assert_eq!(out[i], Delivery::Applied);
+        }
+        assert_eq!(applied.into_inner(), vec!["doc0", "doc2", "doc4"]);
     }
 }

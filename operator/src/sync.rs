@@ -305,6 +305,10 @@ impl Syncer {
                     not_applied.push(name.clone());
                     tracing::warn!(workload = %name, "workload too large for the node; not applied");
                 }
+                Delivery::Refused(_) => {
+                    not_applied.push(name.clone());
+                    tracing::warn!(workload = %name, "node refused the workload; not applied");
+                }
                 Delivery::Failed(_) => failed += 1,
             }
             if let Some(r) = results.iter_mut().find(|r| &r.name == name) {

@@ -818,3 +818,47 @@ fn large_workloads_are_applied_within_the_node_body_cap() {
         tail(&op.log_text(), 2000)
     );
 }
+
+#[test]
+fn a_workload_the_node_refuses_does_not_block_the_others() {
+    let (_reg, image, node, repo) = setup();
+    repo.write("a.yaml", &doc("a", &image, "sleep 1000"));
+    repo.write("b.yaml", &doc("b", &image, "sleep 1000"));
+    // Valid YAML, but this node does not allow host paths outside its volumes dir.
+    repo.write(
+        "c.yaml",
+        &workload(
+            "c",
+            &image,
+            "  command: [sleep, '1000']\n  volumes: [{name: h, hostPath: {path: /etc}}]\n  mounts: [{name: h, mountPath: /h}]\n",
+        ),
+    );
+    let rev = repo.commit_push("one refused");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "500ms"]).unwrap();
+    let st = op
+        .wait_status(T, "sync with a refusal", |s| {
+            outcome(s, "a") == "created" && outcome(s, "c") == "failed"
+        })
+        .unwrap();
+    assert_eq!(outcome(&st, "b"), "created");
+    let c = st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "c")
+        .unwrap();
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hostPath.path"),
+        "{c}"
+    );
+    for n in ["a", "b"] {
+        node.wait_for(n, T, "running", |v| v["phase"] == "Running")
+            .unwrap();
+    }
+    assert!(node.get("c").is_none());
+    // Good workloads count as applied at this revision.
+    assert!(node.get("a").unwrap()["revision"] == rev.as_str());
+}

@@ -721,7 +721,10 @@ fn process_settings_mounts_and_isolation() {
     let image = push_busybox(&reg).unwrap();
     let host_dir = tempfile::tempdir().unwrap();
     fs::write(host_dir.path().join("from-host"), "host-data\n").unwrap();
-    let node = start_node(&reg, &[]);
+    let node = start_node(
+        &reg,
+        &["--allow-host-path", host_dir.path().to_str().unwrap()],
+    );
     let spec = format!(
         "  command: [sh, -c]\n  args: ['id -u; id -g; pwd; echo $GREETING; cat /host/from-host; echo x > /scratch/f && cat /scratch/f; echo y > /host/nope || echo ro-ok; grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status; sleep 1000']\n  user: '1000:1000'\n  workingDir: /tmp\n  env: [{{name: GREETING, value: hi-there}}]\n  network: none\n  volumes:\n  - {{name: host, hostPath: {{path: {}}}}}\n  - {{name: scratch, emptyDir: {{}}}}\n  mounts:\n  - {{name: host, mountPath: /host, readOnly: true}}\n  - {{name: scratch, mountPath: /scratch}}\n",
         host_dir.path().display()

@@ -100,9 +100,23 @@ pub struct Supervisor {
     /// The real image store (for pull, rmi, GC and features); absent with a test double.
     store: Option<Arc<ImageStore>>,
     quarantined: StdMutex<BTreeMap<String, Quarantined>>,
+    /// The node's policy for admission (none in tests that do not care).
+    policy: StdMutex<Option<crate::policy::NodePolicy>>,
 }
 
 impl Supervisor {
+    pub fn set_policy(&self, policy: crate::policy::NodePolicy) {
+        *self.policy.lock().unwrap() = Some(policy);
+    }
+
+    /// Field errors for what the node's policy refuses in `w` (relative to the workload).
+    pub fn admit(&self, w: &Workload) -> Vec<hyperbox_api::validate::FieldError> {
+        match &*self.policy.lock().unwrap() {
+            Some(p) => p.check(w),
+            None => Vec::new(),
+        }
+    }
+
     pub fn new(
         state_dir: &Path,
         volumes_dir: PathBuf,
@@ -132,6 +146,7 @@ impl Supervisor {
             }),
             store,
             quarantined: StdMutex::new(BTreeMap::new()),
+            policy: StdMutex::new(None),
         }))
     }
 
