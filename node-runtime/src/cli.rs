@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hyperbox_api::client::NodeClient;
 use hyperbox_api::validate::{parse_documents, ParsedDocument};
 use hyperbox_api::{ApplyAction, Phase, PullProgress, WorkloadStatus};
+use hyperbox_client::NodeClient;
 
 /// Reasons after which waiting for a workload to start is pointless.
 const TERMINAL_REASONS: &[&str] = &[

@@ -569,19 +569,13 @@ struct IfReqFlags {
 /// A fresh network namespace has its loopback down; services inside expect 127.0.0.1 to work
 /// (runc brings it up too). Done from a short-lived thread: setns only moves that thread.
 fn bring_up_loopback(pid: i32) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
     const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
     const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
-    std::thread::spawn(move || -> Result<()> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
-            .with_context(|| format!("open network namespace of pid {pid}"))?;
-        // SAFETY: setns with an fd we own, on this thread only.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "enter network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    // The init is our unreaped child here, so the pid is still it.
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("open network namespace of pid {pid}"))?;
+    crate::fsutil::in_network_namespace(ns.as_fd(), || {
         // SAFETY: socket() has no memory arguments; the fd is wrapped right away.
         let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if sock < 0 {
@@ -606,8 +600,6 @@ fn bring_up_loopback(pid: i32) -> Result<()> {
         }
         Ok(())
     })
-    .join()
-    .map_err(|_| anyhow!("loopback setup thread panicked"))?
 }
 
 /// Kill everything in the container's cgroups, delete its libcontainer state, cgroups, rootfs

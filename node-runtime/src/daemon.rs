@@ -146,9 +146,9 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
 
     let token = match &opts.token_file {
         Some(f) => {
-            let t = std::fs::read_to_string(f)
-                .with_context(|| format!("read token file {}", f.display()))?;
-            let t = t.trim().as_bytes().to_vec();
+            let t = hyperbox_api::util::read_secret_file(f, "token")
+                .map_err(anyhow::Error::msg)?
+                .into_bytes();
             if t.len() < 16 {
                 bail!(
                     "token file {}: the token must be at least 16 characters",

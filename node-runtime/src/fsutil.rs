@@ -1,7 +1,6 @@
 //! Small filesystem helpers: atomic writes, mount table queries.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -18,50 +17,36 @@ pub fn write_atomic_nosync(path: &Path, data: &[u8]) -> Result<()> {
     write_atomic_with(path, data, false)
 }
 
-/// Every writer gets its own temporary file (two writers of one path never share one), and
-/// the rename makes the new content visible at once.
 fn write_atomic_with(path: &Path, data: &[u8], durable: bool) -> Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{}.",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("create a temporary file in {}", dir.display()))?;
-    tmp.write_all(data)
-        .with_context(|| format!("write {}", tmp.path().display()))?;
-    if durable {
-        tmp.as_file()
-            .sync_all()
-            .with_context(|| format!("fsync {}", tmp.path().display()))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("rename into {}", path.display()))?;
-    if durable {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    hyperbox_api::util::write_atomic(path, data, durable)
+        .with_context(|| format!("write {}", path.display()))
 }
 
-/// Seconds since the epoch.
-pub fn now_unix() -> u64 {
-    now_unix_ms() / 1000
-}
+pub use hyperbox_api::util::{now_unix, now_unix_ms};
 
-/// Milliseconds since the epoch.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Run `f` on a short-lived thread that first joins the network namespace behind `ns_fd` (a
+/// `/proc/PID/ns/net` file or a pidfd). setns(CLONE_NEWNET) moves only the calling thread,
+/// and that thread ends with `f`, so no other code ever runs in the wrong namespace.
+pub fn in_network_namespace<T: Send>(
+    ns_fd: std::os::fd::BorrowedFd<'_>,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let raw = ns_fd.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on an fd the caller keeps open while we run; this thread only.
+            if unsafe { libc::setns(raw, libc::CLONE_NEWNET) } != 0 {
+                anyhow::bail!(
+                    "enter network namespace: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("network namespace thread panicked"))?
+    })
 }
 
 /// fsync one file or directory.

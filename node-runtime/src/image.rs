@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::erofs::{self, ErofsSupport};
-use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
+use crate::fsutil::{now_unix, remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
 
 /// Errors a user can act on carry a Kubernetes-style reason.
 #[derive(Debug, thiserror::Error)]
@@ -182,13 +182,6 @@ fn hex_of(digest: &str) -> Result<&str, ImageError> {
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         .ok_or_else(|| ImageError::InvalidImage(format!("unsupported digest {digest:?}")))
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl ImageStore {

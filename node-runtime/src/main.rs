@@ -2,10 +2,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use hyperbox_api::client::{Endpoint, NodeClient};
-use hyperbox_api::cliutil::{init_tracing, parse_duration, run_main};
+use hyperbox_api::util::{parse_duration, read_secret_file};
+use hyperbox_client::cli::{init_tracing, run_main};
+use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_node::daemon::{serve, ServeOptions};
 use hyperbox_node::supervisor::SupervisorConfig;
 
@@ -140,12 +141,7 @@ async fn run(cli: Cli) -> Result<bool> {
         let endpoint = match &cli.server {
             Some(s) => {
                 let token = match &cli.token_file {
-                    Some(f) => Some(
-                        std::fs::read_to_string(f)
-                            .with_context(|| format!("read token file {}", f.display()))?
-                            .trim()
-                            .to_string(),
-                    ),
+                    Some(f) => Some(read_secret_file(f, "token").map_err(anyhow::Error::msg)?),
                     None => None,
                 };
                 Endpoint::parse(s, token)

@@ -55,22 +55,16 @@ pub async fn run(
     ok
 }
 
-/// HTTP GET from inside the network namespace of the process behind `pidfd`. Runs on a thread
-/// of its own: setns(CLONE_NEWNET) changes only the calling thread, which then exits.
-pub fn http_get_in_netns(pidfd: i32, host: &str, port: u16, path: &str, timeout: Duration) -> bool {
-    // The pidfd stays open in the caller while the thread runs (we join it).
-    let (host, path) = (host.to_string(), path.to_string());
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a pidfd we hold; affects only this thread, which exits afterwards.
-            if unsafe { libc::setns(pidfd, libc::CLONE_NEWNET) } != 0 {
-                return false;
-            }
-            http_get(&host, port, &path, timeout)
-        })
-        .join()
+/// HTTP GET from inside the network namespace of the process behind `pidfd`.
+pub fn http_get_in_netns(
+    pidfd: std::os::fd::BorrowedFd<'_>,
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> bool {
+    crate::fsutil::in_network_namespace(pidfd, || Ok(http_get(host, port, path, timeout)))
         .unwrap_or(false)
-    })
 }
 
 fn http_get(host: &str, port: u16, path: &str, timeout: Duration) -> bool {

@@ -115,8 +115,9 @@ impl ProcHandle {
     }
 
     /// The pidfd, for setns into the process's namespaces.
-    pub fn pidfd(&self) -> Option<i32> {
-        self.pidfd.as_ref().map(|f| f.as_raw_fd())
+    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.pidfd.as_ref().map(|f| f.as_fd())
     }
 }
 

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use crate::supervisor::Supervisor;
 
 /// Largest request body accepted (a batch of workloads).
-pub const MAX_BODY_BYTES: usize = hyperbox_api::client::NODE_MAX_BODY_BYTES;
+pub const MAX_BODY_BYTES: usize = hyperbox_api::NODE_MAX_BODY_BYTES;
 
 type AppState = Arc<Supervisor>;
 

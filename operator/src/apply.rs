@@ -7,7 +7,10 @@
 use std::collections::VecDeque;
 use std::future::Future;
 
-use hyperbox_api::client::{apply_body, apply_body_len, ClientError, NODE_MAX_BODY_BYTES};
+use hyperbox_client::{apply_body, apply_body_len, ClientError, NODE_MAX_BODY_BYTES};
+
+/// Bodies above this size can be cut off by a node that refuses them before reading them all.
+const EARLY_REFUSAL_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -143,12 +146,22 @@ where
         let bytes = body.len();
         match send(body).await {
             Ok(()) => {}
-            Err(e) if e.status() == Some(413) && batch.len() > 1 => {
+            // A node that refuses a large body early may close the connection while the body
+            // is still being written, so the 413 is lost and only a write error is seen: a
+            // transport error on a large batch is treated the same way (smaller is never
+            // worse). Small requests are written at once, so there it is a real failure.
+            Err(e)
+                if batch.len() > 1
+                    && (e.status() == Some(413)
+                        || (matches!(e, ClientError::Http { .. })
+                            && bytes > EARLY_REFUSAL_BYTES)) =>
+            {
                 let (first, second) = batch.split_at(batch.len() / 2);
                 tracing::info!(
                     workloads = batch.len(),
                     bytes,
-                    "node refused the batch as too large; splitting it"
+                    error = %e,
+                    "node refused the batch or dropped the connection while it was sent; splitting it"
                 );
                 queue.push_front(second.to_vec());
                 queue.push_front(first.to_vec());
@@ -237,8 +250,8 @@ pub fn human_bytes(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyperbox_api::client::ClientError;
     use hyperbox_api::ApiError;
+    use hyperbox_client::ClientError;
     use std::cell::RefCell;
 
     const KIB: usize = 1024;

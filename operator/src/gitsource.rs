@@ -232,15 +232,14 @@ impl GitSource {
             }
             if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
                 if let Some(f) = &auth.token_file {
-                    let token = std::fs::read_to_string(f).map_err(|e| {
-                        git2::Error::from_str(&format!("read token file {}: {e}", f.display()))
-                    })?;
+                    let token = hyperbox_api::util::read_secret_file(f, "token")
+                        .map_err(|e| git2::Error::from_str(&e))?;
                     let user = auth
                         .username
                         .as_deref()
                         .or(username_from_url)
                         .unwrap_or("git");
-                    return Cred::userpass_plaintext(user, token.trim());
+                    return Cred::userpass_plaintext(user, &token);
                 }
             }
             Err(git2::Error::from_str(

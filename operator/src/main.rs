@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hyperbox_api::client::{Endpoint, NodeClient};
-use hyperbox_api::cliutil::{init_tracing, parse_duration};
+use hyperbox_api::util::{parse_duration, read_secret_file};
+use hyperbox_client::cli::init_tracing;
+use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_operator::apply::Limits;
 use hyperbox_operator::gitsource::{set_network_timeouts, GitAuth, GitConfig, GitRef, GitSource};
 use hyperbox_operator::sync::{status_path, SourceStatus, SyncOptions, Syncer};
@@ -187,12 +188,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 _ => GitRef::Head,
             };
             let token = match &node_token_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("read {}", f.display()))?
-                        .trim()
-                        .to_string(),
-                ),
+                Some(f) => Some(read_secret_file(f, "node token").map_err(anyhow::Error::msg)?),
                 None => None,
             };
             let client = NodeClient::new(Endpoint::parse(&node, token))

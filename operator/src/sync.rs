@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{anyhow, Context, Result};
-use hyperbox_api::client::NodeClient;
+use hyperbox_client::NodeClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -87,13 +87,6 @@ pub fn retry_delay(failures: u32, interval: Duration, unit: f64) -> Duration {
     doubled.min(cap).mul_f64(1.0 - 0.5 * unit.clamp(0.0, 1.0))
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn status_path(state_dir: &Path) -> PathBuf {
     state_dir.join("status.json")
 }
@@ -103,21 +96,9 @@ fn inventory_path(state_dir: &Path) -> PathBuf {
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let data = serde_json::to_vec_pretty(value)?;
-    let written = (|| {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(&data)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    hyperbox_api::util::write_atomic(path, &data, true)
+        .with_context(|| format!("write {}", path.display()))
 }
 
 impl Syncer {
@@ -197,7 +178,7 @@ impl Syncer {
                 self.status.workloads = workloads;
                 if failed == 0 {
                     self.status.last_applied_revision = Some(revision);
-                    self.status.last_applied_unix = Some(now_unix());
+                    self.status.last_applied_unix = Some(hyperbox_api::util::now_unix());
                     Ok(())
                 } else {
                     Err(anyhow!(
@@ -230,7 +211,7 @@ impl Syncer {
         let revision = self.with_source("fetch", |s| s.fetch()).await?;
         let fetch_ms = started.elapsed().as_millis() as u64;
         self.status.last_fetched_revision = Some(revision.clone());
-        self.status.last_fetch_unix = Some(now_unix());
+        self.status.last_fetch_unix = Some(hyperbox_api::util::now_unix());
         if let Some(keyring) = self.opts.verify_signatures.clone() {
             let rev = revision.clone();
             self.with_source("verify signature", move |s| {

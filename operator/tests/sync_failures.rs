@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use hyperbox_api::client::{Endpoint, NodeClient};
+use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_operator::reconcile::Outcome;
 use support::*;
 

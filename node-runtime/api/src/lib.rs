@@ -1,13 +1,18 @@
-//! Types shared by the HyperBox node runtime and the operator, and the node API client.
-//! This crate must stay free of Kubernetes dependencies: the node runs without them.
+//! Types shared by the HyperBox node runtime and the operator: the Workload schema, its
+//! validation, statuses and small shared helpers. No Kubernetes and no async runtime here
+//! (the node API client is `hyperbox-client`).
 
-pub mod client;
-pub mod cliutil;
 pub mod quantity;
 pub mod reference;
 pub mod spec;
 pub mod status;
+pub mod util;
 pub mod validate;
 
 pub use spec::*;
+
+/// Largest request body `hyperbox-node serve` accepts (its server's `MAX_BODY_BYTES`). Clients
+/// that batch keep each request under it.
+pub const NODE_MAX_BODY_BYTES: usize = 4 << 20;
+
 pub use status::*;

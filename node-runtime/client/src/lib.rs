@@ -14,9 +14,10 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::spec::Workload;
-use crate::status::{ApiError, ApplyResult, NodeSummary, WorkloadStatus};
-use crate::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
+use hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
+use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadStatus};
+
+pub mod cli;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -104,9 +105,7 @@ pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(3600);
 /// still has to travel and be serialized on a busy node.
 pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
-/// Largest request body `hyperbox-node serve` accepts (its server's `MAX_BODY_BYTES`). Clients
-/// that batch keep each request under it.
-pub const NODE_MAX_BODY_BYTES: usize = 4 << 20;
+pub use hyperbox_api::NODE_MAX_BODY_BYTES;
 
 /// `{"workloads":[` and `]}` around the comma-separated workload documents of an apply.
 const APPLY_PREFIX: &[u8] = b"{\"workloads\":[";
@@ -308,7 +307,7 @@ impl NodeClient {
     }
 
     /// Name, spec hash and revision of every workload: a cheap list for diffing.
-    pub async fn digests(&self) -> Result<Vec<crate::status::WorkloadDigest>, ClientError> {
+    pub async fn digests(&self) -> Result<Vec<hyperbox_api::WorkloadDigest>, ClientError> {
         self.json(Method::GET, "/v1/digests", None).await
     }
 
@@ -336,7 +335,7 @@ impl NodeClient {
     }
 
     /// Pull and prepare an image (returns when it is ready).
-    pub async fn pull(&self, image: &str) -> Result<crate::status::PullResult, ClientError> {
+    pub async fn pull(&self, image: &str) -> Result<hyperbox_api::PullResult, ClientError> {
         let body = serde_json::to_vec(&serde_json::json!({ "image": image })).expect("json");
         self.json_within(
             Method::POST,
@@ -358,7 +357,7 @@ impl NodeClient {
     pub async fn pull_progress(
         &self,
         image: &str,
-    ) -> Result<Option<crate::status::PullProgress>, ClientError> {
+    ) -> Result<Option<hyperbox_api::PullProgress>, ClientError> {
         let path = format!("/v1/images/progress?image={}", url_encode(image));
         self.json(Method::GET, &path, None).await
     }
