@@ -37,6 +37,10 @@ pub struct SourceStatus {
     /// Failed syncs in a row; retries back off with it.
     pub consecutive_failures: u32,
     pub last_sync_ms: Option<u64>,
+    /// Sync attempts since the operator started (each one recorded here, success or not):
+    /// lets a watcher wait for "a sync has run since" instead of sleeping.
+    #[serde(default)]
+    pub syncs: u64,
     pub files: Vec<FileReport>,
     pub workloads: Vec<WorkloadResult>,
 }
@@ -190,6 +194,7 @@ impl Syncer {
             Err(e) => Err(e),
         };
         self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
+        self.status.syncs += 1;
         match &result {
             Ok(()) => {
                 self.status.stale = false;

@@ -28,12 +28,50 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A port nobody listens on right now. Another process may take it before ours binds it: start
+/// servers through [`spawn_on_free_port`], which retries on another port when that happens.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Start a server on a free loopback port: `spawn` gets the port and starts the process. When
+/// the process exits before it listens (the port was taken between choosing and binding), it
+/// is tried again on another port.
+pub fn spawn_on_free_port(
+    what: &str,
+    mut spawn: impl FnMut(u16) -> Result<Child>,
+) -> Result<(Child, u16)> {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours, not someone else's that won the port: ours is still running.
+                std::thread::sleep(Duration::from_millis(20));
+                if child.try_wait()?.is_none() {
+                    return Ok((child, port));
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("timed out waiting for {what} to listen on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    bail!("{what} could not bind a free port in 5 tries")
 }
 
 pub fn random_suffix() -> String {
@@ -91,8 +129,6 @@ impl Registry {
 
     fn start_with(auth: bool, tls: bool) -> Result<Registry> {
         let dir = tempfile::tempdir()?;
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let mut auth_cfg = String::new();
         let creds = if auth {
             let out = Command::new("htpasswd")
@@ -181,29 +217,27 @@ impl Registry {
         } else {
             None
         };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_cfg}{auth_cfg}",
-            dir.path().join("data").display()
-        );
-        fs::write(dir.path().join("config.yml"), config)?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("registry.log"))?)
-            .spawn()
-            .context("start docker-registry")?;
-        let reg = Registry {
+        let (child, port) = spawn_on_free_port("docker-registry", |port| {
+            let config = format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_cfg}{auth_cfg}",
+                dir.path().join("data").display()
+            );
+            fs::write(dir.path().join("config.yml"), config)?;
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(dir.path().join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(dir.path().join("registry.log"))?)
+                .spawn()
+                .context("start docker-registry")
+        })?;
+        Ok(Registry {
             child,
             dir,
-            addr,
+            addr: format!("127.0.0.1:{port}"),
             creds,
             ca,
-        };
-        wait_until(Duration::from_secs(20), "registry to listen", || {
-            std::net::TcpStream::connect(&reg.addr).ok()
-        })?;
-        Ok(reg)
+        })
     }
 
     /// Push an OCI layout with skopeo; returns the manifest digest in the registry.
@@ -899,26 +933,35 @@ pub struct GitDaemon {
 
 impl GitDaemon {
     pub fn start(base: &Path, port: Option<u16>) -> Result<GitDaemon> {
-        let port = port.unwrap_or_else(free_port);
         use std::os::unix::process::CommandExt;
         // Its own process group: `git daemon` runs git-daemon as a child, and stopping the
         // server must stop both.
-        let child = Command::new("git")
-            .process_group(0)
-            .arg("daemon")
-            .arg("--reuseaddr")
-            .arg("--export-all")
-            .arg("--listen=127.0.0.1")
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", base.display()))
-            .arg(base)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start git daemon")?;
-        wait_until(Duration::from_secs(10), "git daemon", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        })?;
+        let spawn = |port: u16| {
+            Command::new("git")
+                .process_group(0)
+                .arg("daemon")
+                .arg("--reuseaddr")
+                .arg("--export-all")
+                .arg("--listen=127.0.0.1")
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg(base)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start git daemon")
+        };
+        let (child, port) = match port {
+            // A restart keeps its port (clients know it); --reuseaddr makes that safe.
+            Some(port) => {
+                let child = spawn(port)?;
+                wait_until(Duration::from_secs(10), "git daemon", || {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+                })?;
+                (child, port)
+            }
+            None => spawn_on_free_port("git daemon", spawn)?,
+        };
         Ok(GitDaemon {
             child,
             port,
@@ -1067,20 +1110,17 @@ pub struct GitHttpServer {
 
 impl GitHttpServer {
     pub fn start(project_root: &Path, creds: Option<&str>) -> Result<GitHttpServer> {
-        let port = free_port();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/git_http_server.py");
-        let mut cmd = Command::new("python3");
-        cmd.arg(script).arg(port.to_string()).arg(project_root);
-        if let Some(c) = creds {
-            cmd.arg(c);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start git http server")?;
-        wait_until(Duration::from_secs(10), "git http server", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        let (child, port) = spawn_on_free_port("git http server", |port| {
+            let mut cmd = Command::new("python3");
+            cmd.arg(&script).arg(port.to_string()).arg(project_root);
+            if let Some(c) = creds {
+                cmd.arg(c);
+            }
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start git http server")
         })?;
         Ok(GitHttpServer { child, port })
     }
@@ -1119,7 +1159,6 @@ fn keygen(path: &Path) -> Result<()> {
 impl SshServer {
     pub fn start() -> Result<SshServer> {
         let dir = tempfile::Builder::new().prefix("hbssh").tempdir()?;
-        let port = free_port();
         let host_key = dir.path().join("host_ed25519");
         let client_key = dir.path().join("client_ed25519");
         keygen(&host_key)?;
@@ -1129,25 +1168,24 @@ impl SshServer {
             dir.path().join("authorized_keys"),
         )?;
         let config = dir.path().join("sshd_config");
-        fs::write(
-            &config,
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
-                host_key.display(),
-                dir.path().join("authorized_keys").display()
-            ),
-        )?;
         // sshd's privilege separation directory.
         fs::create_dir_all("/run/sshd")?;
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("sshd.log"))?)
-            .spawn()
-            .context("start sshd (openssh-server)")?;
-        wait_until(Duration::from_secs(10), "sshd", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        let (child, port) = spawn_on_free_port("sshd", |port| {
+            fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+                    host_key.display(),
+                    dir.path().join("authorized_keys").display()
+                ),
+            )?;
+            Command::new("/usr/sbin/sshd")
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(dir.path().join("sshd.log"))?)
+                .spawn()
+                .context("start sshd (openssh-server)")
         })?;
         let host_pub = fs::read_to_string(host_key.with_extension("pub"))?;
         let mut parts = host_pub.split_whitespace();

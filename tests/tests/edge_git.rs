@@ -41,6 +41,16 @@ fn applied(status: &Value, rev: &str) -> bool {
     status["lastAppliedRevision"] == rev
 }
 
+/// Wait until the operator has recorded `n` more sync attempts than it had when `op` was
+/// last seen: the event a negative check ("nothing changed") waits for instead of a sleep.
+fn wait_more_syncs(op: &Operator, n: u64) -> Value {
+    let start = op.status().and_then(|s| s["syncs"].as_u64()).unwrap_or(0);
+    op.wait_status(T, "further sync attempts", |s| {
+        s["syncs"].as_u64().unwrap_or(0) >= start + n
+    })
+    .unwrap()
+}
+
 #[test]
 fn push_change_delete_is_reconciled() {
     let (_reg, image, node, repo) = setup();
@@ -232,6 +242,7 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
 
     repo.write("w2.yaml", &doc("w2", &image, "sleep 1000"));
     let rev2 = repo.commit_push("two");
+    let syncs_before = op.status().unwrap()["syncs"].as_u64().unwrap();
     let body = br#"{"ref":"refs/heads/main"}"#;
     assert_eq!(http_post(&hook, "/hook", &[], body), 401);
     assert_eq!(
@@ -252,9 +263,9 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
         ),
         401
     );
-    std::thread::sleep(Duration::from_secs(2));
+    let st = op.status().unwrap();
     assert_eq!(
-        op.status().unwrap()["lastAppliedRevision"],
+        st["lastAppliedRevision"],
         rev1.as_str(),
         "a refused webhook changed something"
     );
@@ -270,10 +281,14 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
         body,
     );
     assert_eq!(status, 202);
-    op.wait_status(Duration::from_secs(10), "webhook sync", |s| {
-        applied(s, &rev2)
-    })
-    .unwrap();
+    let st = op
+        .wait_status(Duration::from_secs(10), "webhook sync", |s| {
+            applied(s, &rev2)
+        })
+        .unwrap();
+    // Exactly one sync ran since the refused webhooks (the poll interval is an hour): the
+    // signed one. The refused ones triggered nothing.
+    assert_eq!(st["syncs"].as_u64().unwrap(), syncs_before + 1, "{st}");
     node.wait_for("w2", T, "w2 running", |v| v["phase"] == "Running")
         .unwrap();
     // The generic header works too.
@@ -311,7 +326,8 @@ fn git_server_outage_keeps_workloads_running() {
     daemon.stop();
     let st = op.wait_status(T, "stale", |s| s["stale"] == true).unwrap();
     assert!(st["error"].as_str().unwrap().contains("fetch"), "{st}");
-    std::thread::sleep(Duration::from_secs(2));
+    // Several failed syncs into the outage, the container is untouched.
+    wait_more_syncs(&op, 3);
     let w2 = node.get("w").unwrap();
     assert_eq!(
         w1["containerId"], w2["containerId"],
@@ -396,7 +412,7 @@ fn thousand_workload_repo_converges() {
         .iter()
         .all(|w| w["revision"] == rev.as_str() && w["suspended"] == true));
     // The next sync of the same revision is a no-change sync.
-    std::thread::sleep(Duration::from_secs(3));
+    wait_more_syncs(&op, 1);
     assert!(
         op.log_text().contains("no change"),
         "{}",
@@ -498,7 +514,8 @@ fn unsigned_heads_are_refused_when_signatures_are_required() {
         "{st}"
     );
     assert_eq!(st["lastAppliedRevision"], signed.as_str());
-    std::thread::sleep(Duration::from_secs(1));
+    let st = wait_more_syncs(&op, 2);
+    assert_eq!(st["lastAppliedRevision"], signed.as_str());
     assert!(node.get("v").is_none());
 }
 
@@ -604,11 +621,8 @@ fn tag_and_commit_pins() {
         .unwrap();
     repo.write("newest.yaml", &doc("newest", &image, "sleep 1000"));
     repo.commit_push("after the pin");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        pinned.status().unwrap()["lastAppliedRevision"],
-        head.as_str()
-    );
+    let st = wait_more_syncs(&pinned, 2);
+    assert_eq!(st["lastAppliedRevision"], head.as_str());
     assert!(node.get("newest").is_none());
 }
 

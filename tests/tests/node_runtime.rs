@@ -443,8 +443,9 @@ fn changed_spec_replaces_unchanged_does_nothing() {
         .wait_for("svc", T, "running", |v| phase(v) == "Running")
         .unwrap();
     let out = node.apply(&doc);
+    // The answer is the event: the workload's actor decided "unchanged" before answering, and
+    // took no action.
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
-    std::thread::sleep(Duration::from_millis(300));
     let v2 = node.get("svc").unwrap();
     assert_eq!(v1["containerId"], v2["containerId"]);
     // Annotations alone (a new Git revision) do not restart either, but are reported.
@@ -660,7 +661,12 @@ fn kill9_and_restart_converges_without_leaks() {
     let dead_pid = before_c["replicas"][0]["pid"].as_i64().unwrap() as i32;
     // SAFETY: plain kill of a test container.
     unsafe { libc::kill(dead_pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(T, "the killed container to be reaped", || {
+        fs::metadata(format!("/proc/{dead_pid}"))
+            .is_err()
+            .then_some(())
+    })
+    .unwrap();
     node.spawn().unwrap();
 
     // Survivors are re-adopted: same container ids and pids.
@@ -801,8 +807,18 @@ fn erofs_fallback_and_image_gc() {
             .count()
     };
     assert_eq!(erofs_mounts(&node), 1);
+    let gc_runs = |node: &Node| {
+        node.daemon_log()
+            .matches("image garbage collection ran")
+            .count()
+    };
+    let before = gc_runs(&node);
     assert!(node.cli(&["delete", "e1"]).status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    // The delete asks for a collection; once it has run, the image must still be there.
+    wait_until(T, "a collection after the delete", || {
+        (gc_runs(&node) > before).then_some(())
+    })
+    .unwrap();
     assert_eq!(erofs_mounts(&node), 1, "still used by e2");
     assert!(node.cli(&["delete", "e2"]).status.success());
     let prepared = |node: &Node| {
@@ -922,8 +938,13 @@ fn pull_shows_progress_and_logs_rotate() {
     let rmi = node.cli(&["rmi", &image]);
     assert!(!rmi.status.success());
     assert!(String::from_utf8_lossy(&rmi.stderr).contains("used by a workload"));
-    std::thread::sleep(Duration::from_secs(5));
     let dir = node.state.join("logs/chatty");
+    wait_until(T, "a rotation", || {
+        fs::metadata(dir.join("0.log.1"))
+            .is_ok_and(|m| m.len() > 0)
+            .then_some(())
+    })
+    .unwrap();
     let cur = fs::metadata(dir.join("0.log")).unwrap().len();
     let old = fs::metadata(dir.join("0.log.1"))
         .map(|m| m.len())

@@ -645,8 +645,15 @@ impl Supervisor {
             return;
         };
         let in_use = self.images_in_use().await;
-        if let Err(e) = store.gc(&in_use, self.shared.cfg.image_keep_for).await {
-            tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed");
+        match store.gc(&in_use, self.shared.cfg.image_keep_for).await {
+            Ok(removed) => {
+                tracing::debug!(
+                    removed = removed.len(),
+                    in_use = in_use.len(),
+                    "image garbage collection ran"
+                )
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "image garbage collection failed"),
         }
     }
 }
