@@ -453,9 +453,16 @@ impl ImageStore {
                 }
                 _ => false,
             };
+        // Unmount and removal of a tree of thousands of files: on a blocking thread.
         let cleanup_staging = |staging: &Path| {
-            let _ = unmount_if_mounted(&staging.join("rootfs"));
-            let _ = remove_dir_all_if_exists(staging);
+            let staging = staging.to_path_buf();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = unmount_if_mounted(&staging.join("rootfs"));
+                    let _ = remove_dir_all_if_exists(&staging);
+                })
+                .await;
+            }
         };
         let semaphore = Arc::new(Semaphore::new(self.cfg.max_concurrent_downloads.max(1)));
         let mut feeds = Vec::new();
@@ -563,7 +570,7 @@ impl ImageStore {
         let unpacked_bytes = match unpack_result.and_then(|r| r) {
             Ok(b) => b,
             Err(e) => {
-                cleanup_staging(&staging);
+                cleanup_staging(&staging).await;
                 if tmpfs && e.to_string().contains("No space left on device") {
                     // It did not fit in memory after all: the next attempt unpacks on disk.
                     self.disk_staging
@@ -587,7 +594,7 @@ impl ImageStore {
         let result = self
             .finish_image(&staging, &rootfs_tmp, &dir, meta, progress)
             .await;
-        cleanup_staging(&staging);
+        cleanup_staging(&staging).await;
         result?;
         self.remember_ref(reference, &manifest_digest)?;
         progress.set_stage("mounting");
@@ -698,52 +705,85 @@ impl ImageStore {
     /// remaining image references.
     async fn collect(&self, doomed: impl Fn(&ImageMeta) -> bool) -> Result<Vec<String>> {
         let _m = self.mount_lock.lock().await;
-        let mut removed = Vec::new();
-        let mut live_blobs = HashSet::new();
-        for entry in fs::read_dir(&self.cfg.root)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.len() != 64 || !entry.path().is_dir() {
-                continue;
+        // Directory scans, unmounts and removals block: they run on a blocking thread, and
+        // only the decision (which needs the in-memory last-use times) runs here.
+        let root = self.cfg.root.clone();
+        let images = tokio::task::spawn_blocking(move || prepared_images(&root))
+            .await
+            .context("image scan task")??;
+        let (doomed, kept): (Vec<_>, Vec<_>) =
+            images.into_iter().partition(|(_, meta)| doomed(meta));
+        let root = self.cfg.root.clone();
+        let removed = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut live_blobs: HashSet<String> =
+                kept.iter().flat_map(|(_, m)| m.layers.iter().cloned()).collect();
+            let mut removed = Vec::new();
+            for (dir, meta) in doomed {
+                let name = dir.file_name().unwrap_or_default().to_owned();
+                let mnt = root.join("mnt").join(&name);
+                if let Err(e) = unmount_if_mounted(&mnt) {
+                    tracing::warn!(image = %meta.digest, error = %format!("{e:#}"), "image still mounted, keeping it");
+                    live_blobs.extend(meta.layers.iter().cloned());
+                    continue;
+                }
+                let _ = fs::remove_dir(&mnt);
+                // meta.json first: a crash mid-removal leaves an unpublished dir (removed at
+                // the next start), never a broken image.
+                let _ = fs::remove_file(dir.join("meta.json"));
+                remove_dir_all_if_exists(&dir)?;
+                tracing::info!(image = %meta.reference, digest = %meta.digest, "removed image");
+                removed.push(meta.digest);
             }
-            let Ok(bytes) = fs::read(entry.path().join("meta.json")) else {
-                continue;
-            };
-            let Ok(meta) = serde_json::from_slice::<ImageMeta>(&bytes) else {
-                continue;
-            };
-            if !doomed(&meta) {
-                live_blobs.extend(meta.layers.iter().cloned());
-                continue;
+            for entry in fs::read_dir(root.join("blobs/sha256"))? {
+                let entry = entry?;
+                let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+                if !live_blobs.contains(&digest) {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
-            let mnt = self.cfg.root.join("mnt").join(&name);
-            if let Err(e) = unmount_if_mounted(&mnt) {
-                tracing::warn!(image = %meta.digest, error = %format!("{e:#}"), "image still mounted, keeping it");
-                live_blobs.extend(meta.layers.iter().cloned());
-                continue;
-            }
-            let _ = fs::remove_dir(&mnt);
-            // meta.json first: a crash mid-removal leaves an unprepared dir, not a broken image.
-            let _ = fs::remove_file(entry.path().join("meta.json"));
-            remove_dir_all_if_exists(&entry.path())?;
-            self.last_used.lock().unwrap().remove(&meta.digest);
-            tracing::info!(image = %meta.reference, digest = %meta.digest, "removed image");
-            removed.push(meta.digest);
-        }
+            Ok(removed)
+        })
+        .await
+        .context("image removal task")??;
         if !removed.is_empty() {
-            let mut refs = self.refs.lock().unwrap();
-            refs.retain(|_, d| !removed.contains(d));
-            write_json_atomic(&self.cfg.root.join("refs.json"), &*refs)?;
-        }
-        for entry in fs::read_dir(self.cfg.root.join("blobs/sha256"))? {
-            let entry = entry?;
-            let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
-            if !live_blobs.contains(&digest) {
-                let _ = fs::remove_file(entry.path());
+            {
+                let mut last_used = self.last_used.lock().unwrap();
+                for d in &removed {
+                    last_used.remove(d);
+                }
             }
+            let refs = {
+                let mut refs = self.refs.lock().unwrap();
+                refs.retain(|_, d| !removed.contains(d));
+                refs.clone()
+            };
+            let path = self.cfg.root.join("refs.json");
+            tokio::task::spawn_blocking(move || write_json_atomic(&path, &refs))
+                .await
+                .context("refs write task")??;
         }
         Ok(removed)
     }
+}
+
+/// Every published image under `root`: its directory and meta.json.
+fn prepared_images(root: &Path) -> Result<Vec<(PathBuf, ImageMeta)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.len() != 64 || !entry.path().is_dir() {
+            continue;
+        }
+        let Ok(bytes) = fs::read(entry.path().join("meta.json")) else {
+            continue;
+        };
+        let Ok(meta) = serde_json::from_slice::<ImageMeta>(&bytes) else {
+            continue;
+        };
+        out.push((entry.path(), meta));
+    }
+    Ok(out)
 }
 
 /// How much memory an in-memory staging area may use: half of what is available, at most
@@ -864,7 +904,9 @@ async fn fetch_blob(
     let mut size: u64 = 0;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let flush = |buf: &mut Vec<u8>, size: u64, file: &mut fs::File| -> Result<()> {
-        file.write_all(buf)
+        // A write can stall on dirty-page throttling: let the runtime move its other tasks
+        // off this thread meanwhile.
+        tokio::task::block_in_place(|| file.write_all(buf))
             .with_context(|| format!("write {}", tmp.display()))?;
         buf.clear();
         feed.publish(size);
