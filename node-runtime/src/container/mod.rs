@@ -1,0 +1,405 @@
+//! Containers: the overlay rootfs, and the libcontainer (youki) calls that create, signal and
+//! delete them, in process. The runtime spec itself is built in [`spec`].
+
+use std::fs;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hyperbox_api::{NetworkMode, Workload};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+
+use crate::erofs::mount_overlay;
+use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
+use crate::image::PreparedImage;
+use crate::policy::NodePolicy;
+
+/// libcontainer changes the *process* working directory while it creates a container (to bind
+/// and connect its notify socket by a short relative path) and changes it back afterwards. In a
+/// multi-threaded daemon two creations at once would race on the cwd, so every libcontainer
+/// create/start/exec runs under this lock (and the daemon itself works from `/`).
+static LIBCONTAINER_CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Where the runtime keeps container state.
+#[derive(Debug, Clone)]
+pub struct RuntimeDirs {
+    /// `<state>/containers/<id>`: bundle (config.json), rootfs, upper, work.
+    pub containers: PathBuf,
+    /// libcontainer's own state root: per boot, under the run dir (tmpfs), so that nothing
+    /// from before a reboot (a pid above all) is ever taken for current.
+    pub libcontainer_root: PathBuf,
+    /// Where an older version kept libcontainer state (in the persistent state dir); only
+    /// cleaned up.
+    pub legacy_libcontainer_root: Option<PathBuf>,
+    /// `<state>/volumes/<workload>/<volume>` for emptyDir volumes.
+    pub volumes: PathBuf,
+    /// cgroup parent, e.g. `/hyperbox`.
+    pub cgroup_parent: String,
+}
+
+impl RuntimeDirs {
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.containers.join(id)
+    }
+}
+
+mod spec;
+pub use spec::{oci_spec, read_in_root, resolve_process, ProcessSpec};
+
+/// Everything needed to start one replica's container.
+pub struct StartRequest<'a> {
+    pub id: &'a str,
+    pub workload: &'a Workload,
+    pub image: &'a PreparedImage,
+    pub log_file: &'a Path,
+}
+
+/// Create the overlay rootfs and the bundle, then create and start the container. Returns the
+/// pid of the container's init (a child of this process). Blocking: call off the async runtime.
+pub fn create_and_start(
+    dirs: &RuntimeDirs,
+    policy: &NodePolicy,
+    req: &StartRequest,
+) -> Result<i32> {
+    let t0 = std::time::Instant::now();
+    let bundle = dirs.bundle(req.id);
+    let rootfs = bundle.join("rootfs");
+    mount_overlay(
+        &req.image.lower,
+        &bundle.join("upper"),
+        &bundle.join("work"),
+        &rootfs,
+    )?;
+    let result = (|| {
+        let process = resolve_process(req.workload, req.image, &rootfs)?;
+        let spec = oci_spec(req.workload, &process, dirs, policy, req.id)?;
+        fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)
+            .context("write config.json")?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(req.log_file)
+            .with_context(|| format!("open log {}", req.log_file.display()))?;
+        let log_err: OwnedFd = log.try_clone().context("dup log fd")?.into();
+        let devnull: OwnedFd = fs::File::open("/dev/null")
+            .context("open /dev/null")?
+            .into();
+        let prepared = t0.elapsed();
+        let _cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
+        let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
+            .with_executor(DefaultExecutor {})
+            .with_root_path(&dirs.libcontainer_root)
+            .map_err(|e| anyhow!("libcontainer root: {e}"))?
+            .with_stdin(devnull)
+            .with_stdout(OwnedFd::from(log))
+            .with_stderr(log_err)
+            .validate_id()
+            .map_err(|e| anyhow!("container id {}: {e}", req.id))?
+            .as_init(&bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| anyhow!("create container {}: {e}", req.id))?;
+        if req.workload.spec.network == NetworkMode::None {
+            let pid = container
+                .pid()
+                .ok_or_else(|| anyhow!("container {} has no pid after create", req.id))?;
+            bring_up_loopback(pid.as_raw())?;
+        }
+        let built = t0.elapsed();
+        container
+            .start()
+            .map_err(|e| anyhow!("start container {}: {e}", req.id))?;
+        tracing::debug!(
+            container = req.id,
+            rootfs_and_spec_us = prepared.as_micros() as u64,
+            create_us = (built - prepared).as_micros() as u64,
+            start_us = (t0.elapsed() - built).as_micros() as u64,
+            "container created and started"
+        );
+        container
+            .pid()
+            .map(|p| p.as_raw())
+            .ok_or_else(|| anyhow!("container {} has no pid after start", req.id))
+    })();
+    if result.is_err() {
+        let _ = destroy(dirs, req.id);
+    }
+    result
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A fresh network namespace has its loopback down; services inside expect 127.0.0.1 to work
+/// (runc brings it up too). Done from a short-lived thread: setns only moves that thread.
+fn bring_up_loopback(pid: i32) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+    const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+    // The init is our unreaped child here, so the pid is still it.
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("open network namespace of pid {pid}"))?;
+    crate::fsutil::in_network_namespace(ns.as_fd(), || {
+        // SAFETY: socket() has no memory arguments; the fd is wrapped right away.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: sock is a fresh fd we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut req = IfReqFlags {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..2].copy_from_slice(b"lo");
+        // SAFETY: ioctl with a properly sized ifreq.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS as _, &mut req) } != 0 {
+            bail!("get flags of lo: {}", std::io::Error::last_os_error());
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS as _, &req) } != 0 {
+            bail!("bring up lo: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
+/// Kill everything in the container's cgroups, delete its libcontainer state, cgroups, rootfs
+/// mount and bundle. Idempotent: safe on half-created or already-gone containers.
+///
+/// Processes are found through the container's cgroups only, never through the pid in the
+/// libcontainer state: after a reboot or a crash that pid may belong to someone else.
+pub fn destroy(dirs: &RuntimeDirs, id: &str) -> Result<()> {
+    kill_cgroup(dirs, id);
+    remove_dir_all_if_exists(&dirs.libcontainer_root.join(id))?;
+    if let Some(legacy) = &dirs.legacy_libcontainer_root {
+        remove_dir_all_if_exists(&legacy.join(id))?;
+    }
+    remove_cgroups(dirs, id);
+    let bundle = dirs.bundle(id);
+    unmount_if_mounted(&bundle.join("rootfs"))?;
+    remove_dir_all_if_exists(&bundle)?;
+    Ok(())
+}
+
+/// Pids in any of the container's cgroups.
+fn cgroup_pids(dirs: &RuntimeDirs, id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for d in cgroup_dirs(dirs, id) {
+        if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// SIGKILL every process in the container's cgroups and wait (briefly) for them to go. A
+/// process cannot leave its cgroup from inside a container, so membership is proof enough.
+pub fn kill_cgroup(dirs: &RuntimeDirs, id: &str) {
+    // cgroup v2 (pure v2 host, or where the container also sits in the unified tree).
+    for d in cgroup_dirs(dirs, id) {
+        let kill = d.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(&kill, "1");
+        }
+    }
+    for _ in 0..200 {
+        let pids = cgroup_pids(dirs, id);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: kill has no memory arguments.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tracing::warn!(
+        container = id,
+        "processes left in the container's cgroups after SIGKILL"
+    );
+}
+
+/// Ids of every container with a bundle, libcontainer state or cgroup here.
+pub fn list_ids(dirs: &RuntimeDirs) -> Vec<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut roots = vec![&dirs.containers, &dirs.libcontainer_root];
+    if let Some(l) = &dirs.legacy_libcontainer_root {
+        roots.push(l);
+    }
+    for dir in roots {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                ids.insert(e.file_name().to_string_lossy().to_string());
+            }
+        }
+    }
+    for parent in cgroup_parent_dirs(&dirs.cgroup_parent) {
+        if let Ok(entries) = fs::read_dir(parent) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    ids.insert(e.file_name().to_string_lossy().to_string());
+                }
+            }
+        }
+    }
+    ids.into_iter().collect()
+}
+
+/// The cgroup parent directory in every hierarchy where it exists: each v1 controller
+/// (`/sys/fs/cgroup/<controller>/<parent>`, including a hybrid host's `unified`) and a pure
+/// v2 host's root (`/sys/fs/cgroup/<parent>`).
+pub fn cgroup_parent_dirs(parent: &str) -> Vec<PathBuf> {
+    let rel = parent.trim_start_matches('/');
+    if rel.is_empty() {
+        return Vec::new();
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut out: Vec<PathBuf> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(rel))
+        .filter(|p| p.is_dir())
+        .collect();
+    let v2 = root.join(rel);
+    if v2.is_dir() && !out.contains(&v2) {
+        out.push(v2);
+    }
+    out
+}
+
+/// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).
+pub fn cgroup_dirs(dirs: &RuntimeDirs, id: &str) -> Vec<PathBuf> {
+    cgroup_parent_dirs(&dirs.cgroup_parent)
+        .into_iter()
+        .map(|p| p.join(id))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+fn remove_cgroups(dirs: &RuntimeDirs, id: &str) {
+    for d in cgroup_dirs(dirs, id) {
+        // Only empty cgroups can be removed; children first.
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir(&d) {
+            tracing::debug!(cgroup = %d.display(), error = %e, "cgroup not removed");
+        }
+    }
+}
+
+/// Number of OOM kills recorded in the container's memory cgroup (v2 `memory.events` or v1
+/// `memory.oom_control`). Read before the container is deleted.
+pub fn oom_kills(dirs: &RuntimeDirs, id: &str) -> u64 {
+    let rel = format!("{}/{id}", dirs.cgroup_parent.trim_start_matches('/'));
+    let candidates = [
+        (
+            Path::new("/sys/fs/cgroup").join(&rel).join("memory.events"),
+            "oom_kill",
+        ),
+        (
+            Path::new("/sys/fs/cgroup/memory")
+                .join(&rel)
+                .join("memory.oom_control"),
+            "oom_kill",
+        ),
+    ];
+    for (path, key) in candidates {
+        if let Ok(text) = fs::read_to_string(&path) {
+            for line in text.lines() {
+                let mut parts = line.split_whitespace();
+                if parts.next() == Some(key) {
+                    return parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Run a command inside a running container (exec readiness probe); returns its exit code.
+/// At the timeout the command is killed and reaped, so a hung probe never leaks a process or
+/// a thread. Blocking.
+pub fn exec_in(
+    dirs: &RuntimeDirs,
+    id: &str,
+    command: &[String],
+    timeout: std::time::Duration,
+) -> Result<i32> {
+    let devnull = || -> Result<OwnedFd> {
+        Ok(fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into())
+    };
+    let cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(&dirs.libcontainer_root)
+        .map_err(|e| anyhow!("libcontainer root: {e}"))?
+        .with_stdin(devnull()?)
+        .with_stdout(devnull()?)
+        .with_stderr(devnull()?)
+        .as_tenant()
+        .with_container_args(command.to_vec())
+        .with_detach(true)
+        .build()
+        .map_err(|e| anyhow!("exec in {id}: {e}"))?;
+    drop(cwd);
+    let pid = pid.as_raw();
+    // Our unreaped child: the pid is still it.
+    let proc = crate::runtime::ProcHandle::open_child(pid)
+        .map_err(|e| anyhow!("exec in {id}: pidfd of {pid}: {e}"))?;
+    if !proc.wait_gone(Some(timeout)) {
+        let _ = proc.signal(libc::SIGKILL);
+        let _ = wait_exit(pid);
+        bail!(
+            "exec in {id}: {:?} timed out after {:.1}s and was killed",
+            command,
+            timeout.as_secs_f64()
+        );
+    }
+    wait_exit(pid)
+}
+
+/// Wait for a child (including CLONE_PARENT siblings, which exit without SIGCHLD: hence
+/// __WALL) and turn its status into a shell-style exit code (128 + signal when killed).
+pub fn wait_exit(pid: i32) -> Result<i32> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: plain waitpid on a pid we created.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return Ok(libc::WEXITSTATUS(status));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Ok(128 + libc::WTERMSIG(status));
+            }
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err(anyhow!("wait for pid {pid}: {err}"));
+    }
+}
