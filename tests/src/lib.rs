@@ -74,6 +74,16 @@ pub fn spawn_on_free_port(
     bail!("{what} could not bind a free port in 5 tries")
 }
 
+/// The address a server bound to port 0 reports in its log: the `addr=` of the first line
+/// that contains `message` (tracing's text format).
+pub fn logged_addr(log: &str, message: &str) -> Option<String> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .find_map(|l| l.split("addr=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+        .filter(|a| !a.is_empty())
+}
+
 pub fn random_suffix() -> String {
     let mut b = [0u8; 4];
     fs::File::open("/dev/urandom")

@@ -218,8 +218,8 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
     let rev1 = repo.commit_push("one");
     let secret_file = node.dir.path().join("hook-secret");
     std::fs::write(&secret_file, "s3cr3t-hook\n").unwrap();
-    let hook = format!("127.0.0.1:{}", free_port());
-    // A long poll interval: only the webhook can make the second sync happen quickly.
+    // A long poll interval: only the webhook can make the second sync happen quickly. Port 0:
+    // the kernel picks a free port, the log says which.
     let op = Operator::start(
         &node,
         &repo.url(),
@@ -227,11 +227,15 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
             "--interval",
             "1h",
             "--webhook-listen",
-            &hook,
+            "127.0.0.1:0",
             "--webhook-secret-file",
             secret_file.to_str().unwrap(),
         ],
     )
+    .unwrap();
+    let hook = wait_until(T, "webhook listener address", || {
+        logged_addr(&op.log_text(), "webhook receiver listening")
+    })
     .unwrap();
     op.wait_status(T, "first sync", |s| applied(s, &rev1))
         .unwrap();

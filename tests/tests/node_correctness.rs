@@ -345,7 +345,8 @@ fn an_unreadable_record_never_kills_its_containers() {
         .unwrap();
     assert_eq!(phase(&v), "Unknown");
     assert!(v["message"].as_str().unwrap().contains("quarantine"), "{v}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Recovery (with its sweep of unreferenced containers) finishes before the API answers,
+    // so the answer above means the sweep has already run.
     assert!(
         alive(pid),
         "the container of the unreadable record was killed"
@@ -376,8 +377,12 @@ fn exec_probes_are_killed_at_their_timeout() {
     ));
     node.wait_for("slowprobe", T, "running", |v| phase(v) == "Running")
         .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    // Without the kill, every period would leave one more `sleep 60` behind (about 40 now).
+    // Let 20 probes time out (each is logged), then count what is left in the container.
+    wait_until(T, "20 probe runs", || {
+        (node.daemon_log().matches("readiness probe").count() >= 20).then_some(())
+    })
+    .unwrap();
+    // Without the kill, every period would leave one more `sleep 60` behind.
     let procs = node.container_pids().len();
     assert!(procs <= 3, "{procs} processes in the container");
     let v = node.get("slowprobe").unwrap();

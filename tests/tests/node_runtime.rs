@@ -543,19 +543,26 @@ fn tcp_api_requires_the_token() {
     let token_file = tempfile::NamedTempFile::new().unwrap();
     let token = format!("tok-{}-{}", random_suffix(), random_suffix());
     fs::write(token_file.path(), &token).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
+    // Port 0: the kernel picks free ports (no choose-then-bind race); the log says which.
     let node = start_node(
         &reg,
         &[
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--token-file",
             token_file.path().to_str().unwrap(),
             "--metrics-listen",
-            &metrics,
+            "127.0.0.1:0",
         ],
     );
+    let addr = wait_until(T, "tcp listener address", || {
+        logged_addr(&node.daemon_log(), "node api listening on tcp")
+    })
+    .unwrap();
+    let metrics = wait_until(T, "metrics listener address", || {
+        logged_addr(&node.daemon_log(), "metrics listening")
+    })
+    .unwrap();
     wait_until(T, "tcp listener", || {
         std::net::TcpStream::connect(&addr).ok()
     })
