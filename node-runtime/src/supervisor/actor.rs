@@ -300,6 +300,14 @@ impl Actor {
         hash: String,
         reply: oneshot::Sender<ApplyAction>,
     ) {
+        if self.rec.deleting {
+            // Cannot happen (the supervisor orders applies and deletes under one lock); if it
+            // did, dropping the reply makes the apply fail instead of answering for a workload
+            // about to disappear.
+            tracing::error!(workload = %self.name, "apply reached a workload being deleted");
+            drop(reply);
+            return;
+        }
         if hash == self.rec.spec_hash {
             // Metadata only (labels, annotations such as the source revision): no restart.
             if workload != self.rec.workload {

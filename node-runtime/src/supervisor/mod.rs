@@ -353,18 +353,23 @@ impl Supervisor {
     /// The delete is carried out by the workload's actor: a caller that goes away half-way
     /// does not stop it, and a restart finishes it.
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<bool> {
-        let handle = self.shared.registry.lock().await.get(name).cloned();
-        let Some(h) = handle else {
-            if self.quarantined.lock().unwrap().contains_key(name) {
-                self.clear_quarantined(name).await;
+        let (reply, answer) = oneshot::channel();
+        {
+            // Flag and message under the registry lock: an apply (which checks the flag under
+            // the same lock) is then either queued before the delete, or waits for it.
+            let reg = self.shared.registry.lock().await;
+            let Some(h) = reg.get(name) else {
+                drop(reg);
+                if self.quarantined.lock().unwrap().contains_key(name) {
+                    self.clear_quarantined(name).await;
+                    return Ok(true);
+                }
+                return Ok(false);
+            };
+            h.deleting.store(true, Ordering::SeqCst);
+            if h.tx.send(Msg::Delete { reply }).is_err() {
                 return Ok(true);
             }
-            return Ok(false);
-        };
-        h.deleting.store(true, Ordering::SeqCst);
-        let (reply, answer) = oneshot::channel();
-        if h.tx.send(Msg::Delete { reply }).is_err() {
-            return Ok(true);
         }
         let _ = answer.await;
         Ok(true)

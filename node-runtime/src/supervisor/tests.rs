@@ -332,3 +332,33 @@ async fn image_failures_back_off_and_report() {
     assert_eq!(st.phase, Phase::Pending);
     assert_eq!(rt.starts(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_applies_and_deletes_never_fail_or_leave_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    for round in 0..40 {
+        let a = {
+            let s = s.clone();
+            tokio::spawn(async move { s.apply(vec![workload("a", "")]).await })
+        };
+        let d = {
+            let s = s.clone();
+            tokio::spawn(async move { s.delete("a").await })
+        };
+        let applied = a.await.unwrap();
+        assert!(applied.is_ok(), "round {round}: {applied:?}");
+        assert!(d.await.unwrap().is_ok());
+        // Whatever the order was, the node ends consistent: the workload exists with one
+        // container, or it does not exist and nothing runs.
+        let exists = s.status("a").await.is_some();
+        let want = usize::from(exists);
+        eventually("containers match the workload", || rt.running().len() == want).await;
+        assert_eq!(
+            dir.path().join("workloads/a.json").exists(),
+            exists,
+            "round {round}: record and registry disagree"
+        );
+    }
+}
