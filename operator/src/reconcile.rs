@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use hyperbox_api::{spec_hash, Workload, REVISION_ANNOTATION};
+use hyperbox_api::{config_hash, Workload, REVISION_ANNOTATION};
 use serde::{Deserialize, Serialize};
 
 use crate::manifests::ManifestSet;
@@ -24,7 +24,8 @@ pub struct InventoryEntry {
 
 pub type Inventory = BTreeMap<String, InventoryEntry>;
 
-/// A workload as the node reports it.
+/// A workload as the node reports it. `spec_hash` holds its config hash (the whole desired
+/// state, replica count included), the same hash the inventory records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub spec_hash: String,
@@ -84,7 +85,7 @@ pub fn plan(
         w.metadata
             .annotations
             .insert(REVISION_ANNOTATION.to_string(), revision.to_string());
-        let hash = spec_hash(&w);
+        let hash = config_hash(&w);
         let previous = inventory.get(name);
         let outcome = match observed.get(name) {
             None if previous.is_some() => Outcome::Restored,
@@ -208,7 +209,7 @@ mod tests {
                 (
                     w.metadata.name.clone(),
                     Observed {
-                        spec_hash: spec_hash(w),
+                        spec_hash: config_hash(w),
                         revision: Some(rev.into()),
                     },
                 )
@@ -250,7 +251,7 @@ mod tests {
         let p2 = plan(&s, "r2", &p1.inventory, &obs, true);
         assert_eq!(p2.apply.len(), 1, "the node must learn the new revision");
         assert_eq!(outcome(&p2, "a"), Outcome::Unchanged);
-        assert_eq!(spec_hash(&p2.apply[0]), obs["a"].spec_hash);
+        assert_eq!(config_hash(&p2.apply[0]), obs["a"].spec_hash);
     }
 
     #[test]

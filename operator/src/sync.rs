@@ -234,7 +234,12 @@ impl Syncer {
                 (
                     d.name,
                     Observed {
-                        spec_hash: d.spec_hash,
+                        // Nodes older than config_hash only have the spec hash.
+                        spec_hash: if d.config_hash.is_empty() {
+                            d.spec_hash
+                        } else {
+                            d.config_hash
+                        },
                         revision: d.revision,
                     },
                 )

@@ -880,3 +880,49 @@ fn a_workload_the_node_refuses_does_not_block_the_others() {
     // Good workloads count as applied at this revision.
     assert!(node.get("a").unwrap()["revision"] == rev.as_str());
 }
+
+#[test]
+fn scaling_in_git_keeps_survivors_and_scale_drift_is_restored() {
+    let (_reg, image, node, repo) = setup();
+    let doc_n = |n: u32| {
+        doc("w", &image, "sleep 1000")
+            .replace("  command:", &format!("  replicas: {n}\n  command:"))
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["containerId"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let running = |n: usize| {
+        move |v: &Value| {
+            let r = v["replicas"].as_array().unwrap();
+            r.len() == n && r.iter().all(|x| x["phase"] == "Running")
+        }
+    };
+    repo.write("w.yaml", &doc_n(2));
+    let rev1 = repo.commit_push("two");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "300ms"]).unwrap();
+    op.wait_status(T, "first sync", |s| applied(s, &rev1))
+        .unwrap();
+    let two = ids(&node.wait_for("w", T, "2 running", running(2)).unwrap());
+    repo.write("w.yaml", &doc_n(3));
+    let rev2 = repo.commit_push("three");
+    op.wait_status(T, "scaled in git", |s| applied(s, &rev2))
+        .unwrap();
+    let three = ids(&node.wait_for("w", T, "3 running", running(3)).unwrap());
+    assert_eq!(&three[..2], &two[..], "scaling up restarted a survivor");
+    // Someone scales it down on the node, keeping the revision: drift, restored at the next
+    // sync, and the survivor is still the same container.
+    let drifted = node.apply(&doc_n(1).replace(
+        "  name: w\n",
+        &format!("  name: w\n  annotations: {{hyperbox.dev/revision: {rev2}}}\n"),
+    ));
+    assert!(drifted.status.success());
+    let back = ids(&node.wait_for("w", T, "restored to 3", running(3)).unwrap());
+    assert_eq!(back[0], two[0]);
+    let st = op.status().unwrap();
+    assert_eq!(outcome(&st, "w"), "restored", "{st}");
+}

@@ -1049,3 +1049,67 @@ fn kill9_mid_pull_leaves_no_staging_mounts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn scaling_keeps_the_survivors_running() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    let doc = |n: u32| {
+        workload(
+            "scaled",
+            &image,
+            &format!(
+                "  command: [sleep, '1000']\n  replicas: {n}\n  terminationGracePeriodSeconds: 1\n"
+            ),
+        )
+    };
+    let ids = |v: &Value| -> Vec<(u64, String)> {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["index"].as_u64().unwrap(),
+                    r["containerId"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let all_running = |n: usize| {
+        move |v: &Value| {
+            let reps = v["replicas"].as_array().unwrap();
+            reps.len() == n && reps.iter().all(|r| r["phase"] == "Running")
+        }
+    };
+    node.apply(&doc(2));
+    let two = ids(&node
+        .wait_for("scaled", T, "2 running", all_running(2))
+        .unwrap());
+    let out = node.apply(&doc(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configured"));
+    let three = ids(&node
+        .wait_for("scaled", T, "3 running", all_running(3))
+        .unwrap());
+    assert_eq!(&three[..2], &two[..], "survivors keep their containers");
+    assert_eq!(three[2].0, 2, "the new replica is ordinal 2");
+    node.apply(&doc(1));
+    let one = ids(&node
+        .wait_for("scaled", T, "1 running", all_running(1))
+        .unwrap());
+    assert_eq!(one, two[..1].to_vec(), "ordinal 0 survives, untouched");
+    // The removed replicas' containers are gone.
+    wait_until(T, "one container left", || {
+        (node
+            .cgroups()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            == 1)
+            .then_some(())
+    })
+    .unwrap();
+    assert_eq!(node.get("scaled").unwrap()["restarts"], 0);
+}

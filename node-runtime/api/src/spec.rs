@@ -205,13 +205,70 @@ fn default_probe_path() -> String {
     "/".to_string()
 }
 
-/// Hash of what decides whether a running container must be replaced: the name and the spec.
-/// Labels and annotations (the source revision, say) change without a restart. Node and
-/// operator both use it to tell "changed" from "unchanged".
+/// Hash of what decides whether running containers must be replaced: the name and the spec,
+/// without what only says how many run and where (`replicas`, `priority`, `nodeSelector`).
+/// Labels and annotations (the source revision, say) change without a restart either, and a
+/// new replica count scales without touching the survivors.
 pub fn spec_hash(w: &Workload) -> String {
+    let mut spec = w.spec.clone();
+    spec.replicas = 1;
+    spec.priority = 0;
+    spec.node_selector.clear();
+    hash_of(&w.metadata.name, &spec)
+}
+
+/// Hash of the whole desired state of a workload (name and full spec, still without labels and
+/// annotations): a source compares it to tell whether the node has what it wants, scaling
+/// included.
+pub fn config_hash(w: &Workload) -> String {
+    hash_of(&w.metadata.name, &w.spec)
+}
+
+fn hash_of(name: &str, spec: &WorkloadSpec) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(w.metadata.name.as_bytes());
-    h.update(serde_json::to_vec(&w.spec).expect("serialize spec"));
+    h.update(name.as_bytes());
+    h.update(serde_json::to_vec(spec).expect("serialize spec"));
     hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(extra: &str) -> Workload {
+        serde_norway::from_str(&format!(
+            "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata: {{name: a}}\nspec:\n  image: x\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn spec_hash_ignores_metadata_and_placement_config_hash_does_not() {
+        let base = w("");
+        let h = spec_hash(&base);
+        let mut annotated = base.clone();
+        annotated
+            .metadata
+            .annotations
+            .insert(REVISION_ANNOTATION.into(), "abc".into());
+        assert_eq!(h, spec_hash(&annotated));
+        assert_eq!(config_hash(&base), config_hash(&annotated));
+        for extra in [
+            "  replicas: 3\n",
+            "  priority: 5\n",
+            "  nodeSelector: {zone: a}\n",
+        ] {
+            let scaled = w(extra);
+            assert_eq!(h, spec_hash(&scaled), "{extra}");
+            assert_ne!(config_hash(&base), config_hash(&scaled), "{extra}");
+        }
+        for extra in [
+            "  args: [x]\n",
+            "  suspend: true\n",
+            "  env: [{name: A, value: b}]\n",
+        ] {
+            assert_ne!(h, spec_hash(&w(extra)), "{extra}");
+        }
+    }
 }

@@ -175,6 +175,11 @@ pub struct PullResult {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadDigest {
     pub name: String,
+    /// What decides a restart (see [`crate::spec_hash`]).
     pub spec_hash: String,
+    /// The whole desired state, replica count included (see [`crate::config_hash`]); empty
+    /// from nodes older than this field.
+    #[serde(default)]
+    pub config_hash: String,
     pub revision: Option<String>,
 }

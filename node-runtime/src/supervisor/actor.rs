@@ -34,25 +34,25 @@ pub(crate) enum Msg {
         reply: oneshot::Sender<()>,
     },
     Replica {
-        gen: u64,
+        slot: u64,
         index: u32,
         event: Event,
     },
     ImageDone {
-        gen: u64,
+        slot: u64,
         index: u32,
         token: u64,
         result: Result<PreparedImage, ImageError>,
     },
     Created {
-        gen: u64,
+        slot: u64,
         index: u32,
         token: u64,
         container_id: String,
         result: Result<Started, String>,
     },
     Exited {
-        gen: u64,
+        slot: u64,
         index: u32,
         token: u64,
         container_id: String,
@@ -88,13 +88,16 @@ pub(crate) struct Actor {
     id: u64,
     name: String,
     rec: WorkloadRecord,
-    /// Generation of the current spec's replicas; replicas of older specs are retiring.
-    gen: u64,
-    retiring: Vec<(u64, Replica)>,
+    /// Source of replica slots: every replica (of any spec) gets its own, and every report
+    /// from its effects is addressed by it.
+    next_slot: u64,
+    /// Replicas being stopped; `true` for those of an older spec, which must be gone before the
+    /// current spec's replicas start (Recreate). Scaled-down replicas do not hold anyone up.
+    retiring: Vec<(bool, Replica)>,
     policy: Policy,
     prepared: Option<PreparedImage>,
     procs: HashMap<String, Arc<ProcHandle>>,
-    probes: HashMap<(u64, u32), JoinHandle<()>>,
+    probes: HashMap<u64, JoinHandle<()>>,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
     snapshot: Arc<StdMutex<Arc<WorkloadRecord>>>,
@@ -130,7 +133,7 @@ impl Actor {
             shared,
             id,
             rec,
-            gen: 1,
+            next_slot: 1,
             retiring: Vec::new(),
             prepared: None,
             procs: HashMap::new(),
@@ -149,6 +152,9 @@ impl Actor {
     }
 
     async fn run(mut self, begin: Begin) {
+        for i in 0..self.rec.replicas.len() {
+            self.rec.replicas[i].slot = self.take_slot();
+        }
         match begin {
             Begin::New(reply) => {
                 self.dirty = true;
@@ -179,11 +185,12 @@ impl Actor {
     /// changed, answer waiting clients. True when the actor is finished (deleted).
     async fn settle(&mut self) -> bool {
         self.retiring.retain(|(_, r)| !r.is_stopped());
-        if self.retiring.is_empty() {
-            if self.rec.deleting {
+        if self.rec.deleting {
+            if self.retiring.is_empty() {
                 self.finish_delete().await;
                 return true;
             }
+        } else if !self.retiring.iter().any(|(older_spec, _)| *older_spec) {
             self.start_idle();
         }
         if self.dirty {
@@ -208,16 +215,16 @@ impl Actor {
                     self.begin_delete().await;
                 }
             }
-            Msg::Replica { gen, index, event } => self.feed(gen, index, event),
+            Msg::Replica { slot, index, event } => self.feed(slot, index, event),
             Msg::ImageDone {
-                gen,
+                slot,
                 index,
                 token,
                 result,
             } => {
                 let event = match result {
                     Ok(img) => {
-                        if gen == self.gen {
+                        if self.is_current(slot) {
                             self.rec.image_digest = Some(img.digest.clone());
                             self.rec.rootfs = Some(img.rootfs_kind.clone());
                             self.prepared = Some(img);
@@ -244,17 +251,17 @@ impl Actor {
                         }
                     }
                 };
-                self.feed(gen, index, event);
+                self.feed(slot, index, event);
             }
             Msg::Created {
-                gen,
+                slot,
                 index,
                 token,
                 container_id,
                 result,
             } => match result {
                 Ok(started) => {
-                    let expected = self.replica(gen, index).is_some_and(|r| {
+                    let expected = self.replica(slot).is_some_and(|r| {
                         matches!(&r.stage, Stage::Creating { container_id: c, .. } if *c == container_id)
                     });
                     if !expected {
@@ -265,7 +272,7 @@ impl Actor {
                     tracing::info!(workload = %self.name, replica = index, container = %container_id, pid = started.proc.pid, "container started");
                     self.procs.insert(container_id, Arc::new(started.proc));
                     self.feed(
-                        gen,
+                        slot,
                         index,
                         Event::Started {
                             token,
@@ -275,11 +282,11 @@ impl Actor {
                 }
                 Err(message) => {
                     tracing::warn!(workload = %self.name, replica = index, error = %message, "container failed to start");
-                    self.feed(gen, index, Event::StartFailed { token, message });
+                    self.feed(slot, index, Event::StartFailed { token, message });
                 }
             },
             Msg::Exited {
-                gen,
+                slot,
                 index,
                 token,
                 container_id,
@@ -288,7 +295,7 @@ impl Actor {
             } => {
                 self.procs.remove(&container_id);
                 tracing::info!(workload = %self.name, replica = index, container = %container_id, exit_code = ?code, oom, "container exited");
-                self.feed(gen, index, Event::Exited { token, code, oom });
+                self.feed(slot, index, Event::Exited { token, code, oom });
             }
             Msg::Detach => {}
         }
@@ -309,28 +316,44 @@ impl Actor {
             return;
         }
         if hash == self.rec.spec_hash {
-            // Metadata only (labels, annotations such as the source revision): no restart.
-            if workload != self.rec.workload {
-                self.rec.workload = workload;
+            // Same containers wanted. The replica count, priority and nodeSelector are not part
+            // of the hash: a new count scales without touching the survivors, the rest (labels,
+            // annotations such as the source revision) is recorded without a restart.
+            let (have, want) = (
+                desired_replicas(&self.rec.workload),
+                desired_replicas(&workload),
+            );
+            let action = if workload == self.rec.workload {
+                ApplyAction::Unchanged
+            } else {
                 self.dirty = true;
+                if want == have {
+                    ApplyAction::Unchanged
+                } else {
+                    ApplyAction::Configured
+                }
+            };
+            let grace = grace_of(&self.rec.workload);
+            self.rec.workload = workload;
+            if want != have {
+                tracing::info!(workload = %self.name, from = have, to = want, "scaling");
+                self.scale(want, grace);
             }
-            self.apply_replies.push((reply, ApplyAction::Unchanged));
+            self.apply_replies.push((reply, action));
             return;
         }
         tracing::info!(workload = %self.name, "spec changed, replacing containers");
         let grace = grace_of(&self.rec.workload);
-        let old_gen = self.gen;
-        self.gen += 1;
         let old = std::mem::take(&mut self.rec.replicas);
         self.rec.workload = workload;
         self.rec.spec_hash = hash;
         self.policy = super::policy_for(&self.shared.cfg, &self.rec.workload);
         self.prepared = None;
         self.rec.replicas = (0..desired_replicas(&self.rec.workload))
-            .map(Replica::new)
+            .map(|i| self.new_replica(i))
             .collect();
         for r in old {
-            self.retire(old_gen, r, grace);
+            self.retire(true, r, grace);
         }
         self.dirty = true;
         self.apply_replies.push((reply, ApplyAction::Configured));
@@ -349,12 +372,46 @@ impl Actor {
             tracing::error!(workload = %self.name, error = %format!("{e:#}"), "persist delete");
         }
         let grace = grace_of(&self.rec.workload);
-        let gen = self.gen;
-        self.gen += 1;
         for r in std::mem::take(&mut self.rec.replicas) {
-            self.retire(gen, r, grace);
+            self.retire(true, r, grace);
         }
         self.publish();
+    }
+
+    /// Add or remove replicas at the top ordinals; survivors are not touched.
+    fn scale(&mut self, want: u32, grace: Duration) {
+        let (keep, extra): (Vec<Replica>, Vec<Replica>) = std::mem::take(&mut self.rec.replicas)
+            .into_iter()
+            .partition(|r| r.index < want);
+        self.rec.replicas = keep;
+        for r in extra {
+            self.retire(false, r, grace);
+        }
+        for index in 0..want {
+            if !self.rec.replicas.iter().any(|r| r.index == index) {
+                let r = self.new_replica(index);
+                self.rec.replicas.push(r);
+            }
+        }
+        self.rec.replicas.sort_by_key(|r| r.index);
+        self.dirty = true;
+    }
+
+    fn take_slot(&mut self) -> u64 {
+        let s = self.next_slot;
+        self.next_slot += 1;
+        s
+    }
+
+    fn new_replica(&mut self, index: u32) -> Replica {
+        let mut r = Replica::new(index);
+        r.slot = self.take_slot();
+        r
+    }
+
+    /// Whether the replica in `slot` belongs to the current spec (not retiring).
+    fn is_current(&self, slot: u64) -> bool {
+        self.rec.replicas.iter().any(|r| r.slot == slot)
     }
 
     async fn finish_delete(&mut self) {
@@ -395,54 +452,52 @@ impl Actor {
         self.shared.gc_kick.notify_one();
     }
 
-    fn retire(&mut self, gen: u64, mut r: Replica, grace: Duration) {
+    fn retire(&mut self, older_spec: bool, mut r: Replica, grace: Duration) {
         if r.is_stopped() {
             return;
         }
         let actions = r.handle(Event::Stop { grace }, now_unix_ms(), &self.policy);
-        let index = r.index;
+        let (slot, index) = (r.slot, r.index);
         if !r.is_stopped() {
-            self.retiring.push((gen, r));
+            self.retiring.push((older_spec, r));
         }
-        self.perform(gen, index, actions);
+        self.perform(slot, index, actions);
     }
 
     /// Start every replica of the current spec that has not started yet.
     fn start_idle(&mut self) {
-        let gen = self.gen;
-        let idle: Vec<u32> = self
+        let idle: Vec<(u64, u32)> = self
             .rec
             .replicas
             .iter()
             .filter(|r| r.stage == Stage::Idle)
-            .map(|r| r.index)
+            .map(|r| (r.slot, r.index))
             .collect();
-        for index in idle {
-            self.feed(gen, index, Event::Start);
+        for (slot, index) in idle {
+            self.feed(slot, index, Event::Start);
         }
     }
 
-    fn replica(&mut self, gen: u64, index: u32) -> Option<&mut Replica> {
-        if gen == self.gen {
-            self.rec.replicas.iter_mut().find(|r| r.index == index)
-        } else {
-            self.retiring
-                .iter_mut()
-                .find(|(g, r)| *g == gen && r.index == index)
-                .map(|(_, r)| r)
+    fn replica(&mut self, slot: u64) -> Option<&mut Replica> {
+        if let Some(r) = self.rec.replicas.iter_mut().find(|r| r.slot == slot) {
+            return Some(r);
         }
+        self.retiring
+            .iter_mut()
+            .find(|(_, r)| r.slot == slot)
+            .map(|(_, r)| r)
     }
 
-    fn feed(&mut self, gen: u64, index: u32, event: Event) {
+    fn feed(&mut self, slot: u64, index: u32, event: Event) {
         let policy = self.policy.clone();
-        let Some(r) = self.replica(gen, index) else {
+        let Some(r) = self.replica(slot) else {
             return;
         };
         let actions = r.handle(event, now_unix_ms(), &policy);
-        self.perform(gen, index, actions);
+        self.perform(slot, index, actions);
     }
 
-    fn perform(&mut self, gen: u64, index: u32, actions: Vec<Action>) {
+    fn perform(&mut self, slot: u64, index: u32, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Persist => self.dirty = true,
@@ -453,7 +508,7 @@ impl Actor {
                     tokio::spawn(async move {
                         let result = images.prepare(image).await;
                         let _ = tx.send(Msg::ImageDone {
-                            gen,
+                            slot,
                             index,
                             token,
                             result,
@@ -463,7 +518,7 @@ impl Actor {
                 Action::CreateContainer {
                     token,
                     container_id,
-                } => self.create(gen, index, token, container_id),
+                } => self.create(slot, index, token, container_id),
                 Action::WatchExit {
                     token,
                     container_id,
@@ -485,7 +540,7 @@ impl Actor {
                                 tracing::warn!(container = %container_id, error = %format!("{e:#}"), "cleanup after exit failed");
                             }
                             let _ = tx.send(Msg::Exited {
-                                gen,
+                                slot,
                                 index,
                                 token,
                                 container_id,
@@ -500,9 +555,9 @@ impl Actor {
                 Action::StartProbe {
                     token,
                     container_id,
-                } => self.start_probe(gen, index, token, container_id),
+                } => self.start_probe(slot, index, token, container_id),
                 Action::StopProbe => {
-                    if let Some(p) = self.probes.remove(&(gen, index)) {
+                    if let Some(p) = self.probes.remove(&slot) {
                         p.abort();
                     }
                 }
@@ -511,7 +566,7 @@ impl Actor {
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         let _ = tx.send(Msg::Replica {
-                            gen,
+                            slot,
                             index,
                             event: Event::TimerFired { token },
                         });
@@ -532,11 +587,11 @@ impl Actor {
         }
     }
 
-    fn create(&mut self, gen: u64, index: u32, token: u64, container_id: String) {
+    fn create(&mut self, slot: u64, index: u32, token: u64, container_id: String) {
         let tx = self.tx.clone();
-        let Some(image) = self.prepared.clone().filter(|_| gen == self.gen) else {
+        let Some(image) = self.prepared.clone().filter(|_| self.is_current(slot)) else {
             let _ = tx.send(Msg::Created {
-                gen,
+                slot,
                 index,
                 token,
                 container_id,
@@ -560,7 +615,7 @@ impl Actor {
                 })
                 .map_err(|e| format!("{e:#}"));
             let _ = tx.send(Msg::Created {
-                gen,
+                slot,
                 index,
                 token,
                 container_id,
@@ -569,7 +624,7 @@ impl Actor {
         });
     }
 
-    fn start_probe(&mut self, gen: u64, index: u32, token: u64, container_id: String) {
+    fn start_probe(&mut self, slot: u64, index: u32, token: u64, container_id: String) {
         let Some(probe) = self.rec.workload.spec.readiness_probe.clone() else {
             return;
         };
@@ -598,7 +653,7 @@ impl Actor {
                 .await;
                 if tx
                     .send(Msg::Replica {
-                        gen,
+                        slot,
                         index,
                         event: Event::Probe { token, ok },
                     })
@@ -609,7 +664,7 @@ impl Actor {
                 tokio::time::sleep(period).await;
             }
         });
-        if let Some(old) = self.probes.insert((gen, index), task) {
+        if let Some(old) = self.probes.insert(slot, task) {
             old.abort();
         }
     }
@@ -626,11 +681,11 @@ impl Actor {
     /// Re-adopt what still runs with a proven identity, clean up the rest, and resume.
     async fn recover(&mut self) {
         let grace = grace_of(&self.rec.workload);
-        let gen = self.gen;
         let (mut adopted, mut replaced) = (0, 0);
         for i in 0..self.rec.replicas.len() {
             let old = std::mem::replace(&mut self.rec.replicas[i].stage, Stage::Idle);
             let index = self.rec.replicas[i].index;
+            let slot = self.rec.replicas[i].slot;
             let (container_id, identity, started_at_ms, was_stopping) = match old {
                 Stage::Running {
                     container_id,
@@ -663,7 +718,7 @@ impl Actor {
                     tracing::info!(workload = %self.name, replica = index, container = %container_id, pid = identity.pid, "re-adopted running container");
                     self.procs.insert(container_id.clone(), Arc::new(proc));
                     self.feed(
-                        gen,
+                        slot,
                         index,
                         Event::Adopted {
                             container_id,
@@ -672,7 +727,7 @@ impl Actor {
                         },
                     );
                     if was_stopping {
-                        self.feed(gen, index, Event::Stop { grace });
+                        self.feed(slot, index, Event::Stop { grace });
                     }
                     adopted += 1;
                 }
@@ -680,7 +735,7 @@ impl Actor {
                     // Never signalled: whatever holds that pid now is not proven to be ours.
                     tracing::warn!(workload = %self.name, replica = index, container = %container_id, pid = identity.pid, reason = %why, "not adopting container, starting the replica again");
                     self.destroy_now(container_id).await;
-                    self.feed(gen, index, Event::Lost);
+                    self.feed(slot, index, Event::Lost);
                     replaced += 1;
                 }
             }
@@ -695,19 +750,18 @@ impl Actor {
             extra
         };
         for r in extra {
-            self.retire(u64::MAX, r, grace);
+            self.retire(false, r, grace);
         }
         for index in 0..want {
             if !self.rec.replicas.iter().any(|r| r.index == index) {
-                self.rec.replicas.push(Replica::new(index));
+                let r = self.new_replica(index);
+                self.rec.replicas.push(r);
             }
         }
         self.rec.replicas.sort_by_key(|r| r.index);
         if self.rec.deleting {
-            let g = self.gen;
-            self.gen += 1;
             for r in std::mem::take(&mut self.rec.replicas) {
-                self.retire(g, r, grace);
+                self.retire(true, r, grace);
             }
         }
         tracing::info!(workload = %self.name, adopted, replaced, "recovered workload");

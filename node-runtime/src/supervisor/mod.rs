@@ -431,6 +431,7 @@ impl Supervisor {
             .map(|rec| hyperbox_api::WorkloadDigest {
                 name: rec.workload.metadata.name.clone(),
                 spec_hash: rec.spec_hash.clone(),
+                config_hash: hyperbox_api::config_hash(&rec.workload),
                 revision: rec
                     .workload
                     .metadata

@@ -53,8 +53,15 @@ struct LegacyReplica {
     last_exit_code: Option<i32>,
 }
 
-/// Parse a record (current or legacy format).
+/// Parse a record (current or legacy format). The spec hash is derived data: it is recomputed
+/// from the stored workload, so a change in what the hash covers never restarts anything.
 pub fn parse(bytes: &[u8]) -> Result<WorkloadRecord> {
+    let mut rec = parse_stored(bytes)?;
+    rec.spec_hash = hyperbox_api::spec_hash(&rec.workload);
+    Ok(rec)
+}
+
+fn parse_stored(bytes: &[u8]) -> Result<WorkloadRecord> {
     match serde_json::from_slice::<WorkloadRecord>(bytes) {
         Ok(r) => Ok(r),
         Err(current) => {

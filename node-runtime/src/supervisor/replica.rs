@@ -244,6 +244,10 @@ pub struct Replica {
     pub failures: u32,
     #[serde(default)]
     pub token: u64,
+    /// The actor's address for this replica's reports (in memory only; not part of the state
+    /// machine).
+    #[serde(default, skip)]
+    pub slot: u64,
     #[serde(default, skip)]
     probe_ok_run: u32,
     #[serde(default, skip)]
@@ -263,6 +267,7 @@ impl Replica {
             last_exit_code: None,
             failures: 0,
             token: 0,
+            slot: 0,
             probe_ok_run: 0,
             probe_fail_run: 0,
         }

@@ -354,11 +354,53 @@ async fn racing_applies_and_deletes_never_fail_or_leave_strays() {
         // container, or it does not exist and nothing runs.
         let exists = s.status("a").await.is_some();
         let want = usize::from(exists);
-        eventually("containers match the workload", || rt.running().len() == want).await;
+        eventually("containers match the workload", || {
+            rt.running().len() == want
+        })
+        .await;
         assert_eq!(
             dir.path().join("workloads/a.json").exists(),
             exists,
             "round {round}: record and registry disagree"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_keeps_the_survivors() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "  replicas: 2\n")])
+        .await
+        .unwrap();
+    eventually("two running", || rt.running().len() == 2).await;
+    let two = rt.running();
+    let r = s
+        .apply(vec![workload("a", "  replicas: 3\n")])
+        .await
+        .unwrap();
+    assert_eq!(r[0].action, ApplyAction::Configured);
+    eventually("three running", || rt.running().len() == 3).await;
+    let three = rt.running();
+    assert!(
+        two.iter().all(|id| three.contains(id)),
+        "{two:?} -> {three:?}"
+    );
+    s.apply(vec![workload("a", "  replicas: 1\n")])
+        .await
+        .unwrap();
+    eventually("one running", || rt.running().len() == 1).await;
+    let st = wait_status(&s, "a", "one replica", |st| st.replicas.len() == 1).await;
+    // The survivor is ordinal 0, the same container all along.
+    assert_eq!(st.replicas[0].index, 0);
+    let first = two.iter().find(|id| id.starts_with("a-0-")).unwrap();
+    assert_eq!(rt.running(), vec![first.clone()]);
+    assert_eq!(st.restarts, 0);
+}
+
+#[test]
+fn rfc3339() {
+    assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+    assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
 }

@@ -16,7 +16,7 @@ use axum::routing::{delete, get};
 use axum::Router;
 use git2::{Repository, Signature};
 use hyperbox_api::REVISION_ANNOTATION;
-use hyperbox_api::{spec_hash, ApplyAction, ApplyResult, Workload, WorkloadDigest};
+use hyperbox_api::{config_hash, spec_hash, ApplyAction, ApplyResult, Workload, WorkloadDigest};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_operator::apply::Limits;
 use hyperbox_operator::gitsource::{GitAuth, GitConfig, GitRef, GitSource};
@@ -73,7 +73,7 @@ pub fn workload_yaml(name: &str, env_bytes: usize) -> String {
 #[derive(Default)]
 pub struct NodeState {
     /// name -> (spec hash, revision)
-    pub workloads: BTreeMap<String, (String, Option<String>)>,
+    pub workloads: BTreeMap<String, ((String, String), Option<String>)>,
     /// Body sizes of the apply requests that got through.
     pub applied_bodies: Vec<usize>,
 }
@@ -101,7 +101,8 @@ async fn digests(State(s): State<Shared>) -> Response {
             .iter()
             .map(|(name, (h, r))| WorkloadDigest {
                 name: name.clone(),
-                spec_hash: h.clone(),
+                spec_hash: h.0.clone(),
+                config_hash: h.1.clone(),
                 revision: r.clone(),
             })
             .collect::<Vec<_>>(),
@@ -119,8 +120,10 @@ async fn apply(State(s): State<Shared>, body: Bytes) -> Response {
     let mut out = Vec::new();
     for w in req.workloads {
         let rev = w.metadata.annotations.get(REVISION_ANNOTATION).cloned();
-        s.workloads
-            .insert(w.metadata.name.clone(), (spec_hash(&w), rev));
+        s.workloads.insert(
+            w.metadata.name.clone(),
+            ((spec_hash(&w), config_hash(&w)), rev),
+        );
         out.push(ApplyResult {
             name: w.metadata.name,
             action: ApplyAction::Created,
