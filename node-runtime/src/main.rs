@@ -125,6 +125,12 @@ enum Command {
     },
     /// Stop and remove a workload.
     Delete { name: String },
+    /// Restart a workload's replicas as new containers (one with --replica).
+    Restart {
+        name: String,
+        #[arg(long)]
+        replica: Option<u32>,
+    },
     /// Capacity, allocations, pressure and features of this node.
     Node {
         #[arg(short = 'o', long, default_value = "")]
@@ -223,6 +229,14 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Delete { name } => {
             client()?.delete(name).await?;
             println!("workload/{name} deleted");
+            Ok(true)
+        }
+        Command::Restart { name, replica } => {
+            client()?.restart(name, *replica).await?;
+            match replica {
+                Some(n) => println!("workload/{name} replica {n} restarting"),
+                None => println!("workload/{name} restarting"),
+            }
             Ok(true)
         }
         Command::Node { output } => {

@@ -41,6 +41,14 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/workloads/{name}", get(get_one).delete(delete))
         .route("/v1/workloads/{name}/spec", get(get_spec))
         .route("/v1/workloads/{name}/logs", get(logs))
+        .route(
+            "/v1/workloads/{name}/restart",
+            axum::routing::post(restart_all),
+        )
+        .route(
+            "/v1/workloads/{name}/replicas/{ordinal}/restart",
+            axum::routing::post(restart_one),
+        )
         .route("/v1/digests", get(digests))
         .route("/v1/node", get(node))
         .route("/v1/images/pull", axum::routing::post(pull))
@@ -118,13 +126,60 @@ async fn digests(State(sup): State<AppState>) -> Response {
     Json(sup.digests().await).into_response()
 }
 
-async fn list(State(sup): State<AppState>) -> Response {
-    Json(sup.list().await).into_response()
+async fn list(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Response {
+    if q.watch != Some(true) {
+        return Json(sup.list().await).into_response();
+    }
+    // A watch of the whole node: answer once anything changed after `after`.
+    if let Some(after) = q.after {
+        let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(60_000));
+        sup.wait_change(after, timeout).await;
+    }
+    let resource_version = sup.version();
+    Json(hyperbox_api::WorkloadList {
+        resource_version,
+        items: sup.list().await,
+    })
+    .into_response()
+}
+
+async fn restart_all(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+    restart(sup, name, None).await
+}
+
+async fn restart_one(
+    State(sup): State<AppState>,
+    UrlPath((name, ordinal)): UrlPath<(String, u32)>,
+) -> Response {
+    restart(sup, name, Some(ordinal)).await
+}
+
+async fn restart(sup: AppState, name: String, replica: Option<u32>) -> Response {
+    match sup.restart(&name, replica).await {
+        Ok(true) => {
+            Json(serde_json::json!({"restarted": name, "replica": replica})).into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            match replica {
+                Some(n) => format!("workload {name:?} has no replica {n}"),
+                None => format!("workload {name:?} not found"),
+            },
+            vec![],
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("restart {name}: {e:#}"),
+            vec![],
+        ),
+    }
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WatchQuery {
+    /// On the collection: answer with a `WorkloadList` (and long-poll with `after`).
+    watch: Option<bool>,
     /// Long-poll: answer once the node's resourceVersion passes this value.
     after: Option<u64>,
     timeout_ms: Option<u64>,

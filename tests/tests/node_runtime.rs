@@ -1113,3 +1113,76 @@ fn scaling_keeps_the_survivors_running() {
     .unwrap();
     assert_eq!(node.get("scaled").unwrap()["restarts"], 0);
 }
+
+#[test]
+fn restart_one_replica_and_watch_the_node() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "two",
+        &image,
+        "  command: [sleep, '1000']\n  replicas: 2\n  terminationGracePeriodSeconds: 1\n",
+    ));
+    let v = node
+        .wait_for("two", T, "running", |v| {
+            v["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["phase"] == "Running")
+                && v["replicas"].as_array().unwrap().len() == 2
+        })
+        .unwrap();
+    // A watch of the whole node answers with the change counter.
+    let list: Value = serde_json::from_str(
+        http_over_unix(&node.socket, "GET", "/v1/workloads?watch=true", "")
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap(),
+    )
+    .unwrap();
+    let rv = list["resourceVersion"].as_u64().unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    // A long-poll from that version returns once something changes: the restart below.
+    let socket = node.socket.clone();
+    let watcher = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let resp = http_over_unix(
+            &socket,
+            "GET",
+            &format!("/v1/workloads?watch=true&after={rv}&timeoutMs=30000"),
+            "",
+        );
+        (started.elapsed(), resp)
+    });
+    let out = node.cli(&["restart", "two", "--replica", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (took, resp) = watcher.join().unwrap();
+    assert!(
+        took < Duration::from_secs(20),
+        "the watch did not wake up: {took:?}"
+    );
+    assert!(resp.contains("\"resourceVersion\""), "{resp}");
+    let after = node
+        .wait_for("two", T, "replica 1 replaced", |w| {
+            let r = w["replicas"].as_array().unwrap();
+            r.len() == 2
+                && r[1]["phase"] == "Running"
+                && r[1]["containerId"] != v["replicas"][1]["containerId"]
+                && !r[1]["containerId"].is_null()
+        })
+        .unwrap();
+    assert_eq!(
+        after["replicas"][0]["containerId"],
+        v["replicas"][0]["containerId"]
+    );
+    assert_eq!(after["replicas"][1]["restarts"], 1);
+    let missing = node.cli(&["restart", "two", "--replica", "5"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no replica 5"));
+}

@@ -170,7 +170,16 @@ pub struct PullResult {
     pub elapsed_ms: u64,
 }
 
-/// The minimum a source needs to diff against the node: what runs, by spec hash and revision.
+/// Every workload of a node with the node's change counter (the answer to a watch).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadList {
+    /// The node's change counter when the list was taken: the `after` of the next watch.
+    pub resource_version: u64,
+    pub items: Vec<WorkloadStatus>,
+}
+
+/// The minimum a source needs to diff against the node: what runs, by hashes and revision.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadDigest {

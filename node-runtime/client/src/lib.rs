@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
-use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadStatus};
+use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, WorkloadStatus};
 
 pub mod cli;
 
@@ -313,6 +313,42 @@ impl NodeClient {
 
     pub async fn list(&self) -> Result<Vec<WorkloadStatus>, ClientError> {
         self.json(Method::GET, "/v1/workloads", None).await
+    }
+
+    /// Every workload once anything on the node changed after `after` (a `resourceVersion`),
+    /// or after `timeout`: one long-poll for the whole node instead of one per workload.
+    /// Returns the node's resourceVersion with the list; pass it as the next `after`.
+    pub async fn watch_all(
+        &self,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<(u64, Vec<WorkloadStatus>), ClientError> {
+        let list: WorkloadList = self
+            .json_within(
+                Method::GET,
+                &format!(
+                    "/v1/workloads?watch=true&after={after}&timeoutMs={}",
+                    timeout.as_millis()
+                ),
+                None,
+                timeout + LONG_POLL_MARGIN,
+            )
+            .await?;
+        Ok((list.resource_version, list.items))
+    }
+
+    /// Restart one replica (`Some(ordinal)`) or all of them: each is stopped (grace period,
+    /// then SIGKILL) and started again as a new container.
+    pub async fn restart(&self, name: &str, replica: Option<u32>) -> Result<(), ClientError> {
+        let stop = Duration::from_secs(MAX_TERMINATION_GRACE_PERIOD_SECONDS.into());
+        let path = match replica {
+            Some(n) => format!("/v1/workloads/{name}/replicas/{n}/restart"),
+            None => format!("/v1/workloads/{name}/restart"),
+        };
+        let _: serde_json::Value = self
+            .json_within(Method::POST, &path, None, self.request_timeout + stop)
+            .await?;
+        Ok(())
     }
 
     /// Status once something changed after `after` (a `resourceVersion`), or after `timeout`.

@@ -33,6 +33,11 @@ pub(crate) enum Msg {
     Delete {
         reply: oneshot::Sender<()>,
     },
+    /// Stop and start again one replica (or all); answers false when there is no such replica.
+    Restart {
+        replica: Option<u32>,
+        reply: oneshot::Sender<bool>,
+    },
     Replica {
         slot: u64,
         index: u32,
@@ -216,6 +221,10 @@ impl Actor {
                 }
             }
             Msg::Replica { slot, index, event } => self.feed(slot, index, event),
+            Msg::Restart { replica, reply } => {
+                let found = !self.rec.deleting && self.restart(replica);
+                let _ = reply.send(found);
+            }
             Msg::ImageDone {
                 slot,
                 index,
@@ -376,6 +385,39 @@ impl Actor {
             self.retire(true, r, grace);
         }
         self.publish();
+    }
+
+    /// Replace replicas by new ones at the same ordinals: the old containers stop (grace
+    /// period) before the new ones start, so an ordinal never runs twice. The restart count
+    /// carries over and counts this restart.
+    fn restart(&mut self, replica: Option<u32>) -> bool {
+        let targets: Vec<u32> = self
+            .rec
+            .replicas
+            .iter()
+            .map(|r| r.index)
+            .filter(|i| replica.is_none_or(|n| n == *i))
+            .collect();
+        if targets.is_empty() {
+            return false;
+        }
+        let grace = grace_of(&self.rec.workload);
+        for index in targets {
+            let pos = self
+                .rec
+                .replicas
+                .iter()
+                .position(|r| r.index == index)
+                .expect("target replica");
+            let old = self.rec.replicas.remove(pos);
+            let mut fresh = self.new_replica(index);
+            fresh.restarts = old.restarts + 1;
+            tracing::info!(workload = %self.name, replica = index, "restart requested");
+            self.rec.replicas.insert(pos, fresh);
+            self.retire(true, old, grace);
+        }
+        self.dirty = true;
+        true
     }
 
     /// Add or remove replicas at the top ordinals; survivors are not touched.

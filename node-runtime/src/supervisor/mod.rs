@@ -375,6 +375,20 @@ impl Supervisor {
         Ok(true)
     }
 
+    /// Restart one replica, or all: false when the workload or the replica does not exist.
+    /// Answers once the restart is under way (the old containers stop, then new ones start).
+    pub async fn restart(&self, name: &str, replica: Option<u32>) -> Result<bool> {
+        let handle = self.shared.registry.lock().await.get(name).cloned();
+        let Some(h) = handle else {
+            return Ok(false);
+        };
+        let (reply, answer) = oneshot::channel();
+        if h.tx.send(Msg::Restart { replica, reply }).is_err() {
+            return Ok(false);
+        }
+        Ok(answer.await.unwrap_or(false))
+    }
+
     async fn snapshots(&self) -> Vec<Arc<WorkloadRecord>> {
         let reg = self.shared.registry.lock().await;
         reg.values()

@@ -404,3 +404,38 @@ fn rfc3339() {
     assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_one_replica_leaves_the_others_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "  replicas: 2\n")])
+        .await
+        .unwrap();
+    eventually("two running", || rt.running().len() == 2).await;
+    let before = rt.running();
+    let zero = before
+        .iter()
+        .find(|i| i.starts_with("a-0-"))
+        .unwrap()
+        .clone();
+    let one = before
+        .iter()
+        .find(|i| i.starts_with("a-1-"))
+        .unwrap()
+        .clone();
+    assert!(s.restart("a", Some(1)).await.unwrap());
+    eventually("replica 1 replaced", || {
+        let now = rt.running();
+        now.len() == 2 && now.contains(&zero) && !now.contains(&one)
+    })
+    .await;
+    let st = wait_status(&s, "a", "restart counted", |st| {
+        st.replicas.iter().all(|r| r.phase == Phase::Running) && st.replicas[1].restarts == 1
+    })
+    .await;
+    assert_eq!(st.replicas[0].restarts, 0);
+    assert!(!s.restart("a", Some(7)).await.unwrap(), "no replica 7");
+    assert!(!s.restart("nope", None).await.unwrap());
+}
