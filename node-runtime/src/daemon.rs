@@ -21,6 +21,8 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// TLS for the TCP listener.
+    pub tls: Option<crate::server::ServerTls>,
     pub metrics_listen: Option<String>,
     pub insecure_registries: Vec<String>,
     pub auth_file: Option<PathBuf>,
@@ -61,6 +63,14 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         allow_host_paths,
         socket: socket_abs,
         token_file: abs(&opts.token_file),
+        tls: opts.tls.as_ref().map(|t| crate::server::ServerTls {
+            cert: std::path::absolute(&t.cert).unwrap_or_else(|_| t.cert.clone()),
+            key: std::path::absolute(&t.key).unwrap_or_else(|_| t.key.clone()),
+            client_ca: t
+                .client_ca
+                .as_ref()
+                .map(|c| std::path::absolute(c).unwrap_or_else(|_| c.clone())),
+        }),
         auth_file: abs(&opts.auth_file),
         registry_ca: opts
             .registry_ca
@@ -169,8 +179,12 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         let Some(token) = token else {
             bail!("--listen needs --token-file: the tcp api always requires a bearer token");
         };
+        let tls = match &opts.tls {
+            Some(t) => Some(crate::server::server_config(t)?),
+            None => None,
+        };
         let sup = sup.clone();
-        servers.spawn(async move { crate::server::serve_tcp(sup, &addr, token).await });
+        servers.spawn(async move { crate::server::serve_tcp(sup, &addr, token, tls).await });
     }
     if let Some(addr) = opts.metrics_listen.clone() {
         let sup = sup.clone();

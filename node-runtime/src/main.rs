@@ -23,9 +23,18 @@ struct Cli {
         env = "HYPERBOX_SOCKET"
     )]
     socket: PathBuf,
-    /// Talk to a remote node over TCP instead (http://HOST:PORT); needs --token-file.
+    /// Talk to a remote node over TCP instead (http://HOST:PORT or https://HOST:PORT); needs
+    /// --token-file.
     #[arg(long, global = true)]
     server: Option<String>,
+    /// CA certificate (PEM) the node's TLS certificate must chain to (https:// servers).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for nodes that require them (mTLS).
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
     /// Bearer token for --server (client) or --listen (daemon).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
@@ -55,6 +64,14 @@ enum Command {
         /// Also serve the API on TCP (bearer token required).
         #[arg(long)]
         listen: Option<String>,
+        /// Serve the TCP API over TLS with this certificate (PEM, with its chain).
+        #[arg(long, requires = "tls_key", requires = "listen")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this CA (mTLS) on the TLS listener.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
         /// Serve Prometheus metrics at /metrics on this address.
         #[arg(long)]
         metrics_listen: Option<String>,
@@ -150,7 +167,16 @@ async fn run(cli: Cli) -> Result<bool> {
                     Some(f) => Some(read_secret_file(f, "token").map_err(anyhow::Error::msg)?),
                     None => None,
                 };
-                Endpoint::parse(s, token)
+                Endpoint::parse_tls(
+                    s,
+                    token,
+                    &hyperbox_client::tls::TlsFiles {
+                        ca_file: cli.ca_file.clone(),
+                        cert: cli.cert.clone(),
+                        key: cli.key.clone(),
+                    },
+                )
+                .map_err(anyhow::Error::msg)?
             }
             None => Endpoint::Unix(cli.socket.clone()),
         };
@@ -161,6 +187,9 @@ async fn run(cli: Cli) -> Result<bool> {
             state_dir,
             run_dir,
             listen,
+            tls_cert,
+            tls_key,
+            client_ca,
             metrics_listen,
             insecure_registries,
             registry_auth_file,
@@ -182,6 +211,14 @@ async fn run(cli: Cli) -> Result<bool> {
                 socket: cli.socket.clone(),
                 listen: listen.clone(),
                 token_file: cli.token_file.clone(),
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some(hyperbox_node::server::ServerTls {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: client_ca.clone(),
+                    }),
+                    _ => None,
+                },
                 metrics_listen: metrics_listen.clone(),
                 insecure_registries: insecure_registries.clone(),
                 auth_file: registry_auth_file.clone(),

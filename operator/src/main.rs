@@ -66,6 +66,14 @@ struct GitArgs {
     node: String,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) the node's TLS certificate must chain to (https:// nodes).
+    #[arg(long)]
+    node_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for nodes that require them (mTLS).
+    #[arg(long, requires = "node_key")]
+    node_cert: Option<PathBuf>,
+    #[arg(long, requires = "node_cert")]
+    node_key: Option<PathBuf>,
     /// Bound on connecting to the node API.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     node_connect_timeout: Duration,
@@ -165,6 +173,9 @@ async fn run(cli: Cli) -> Result<bool> {
                 interval,
                 node,
                 node_token_file,
+                node_ca_file,
+                node_cert,
+                node_key,
                 node_connect_timeout,
                 node_timeout,
                 git_connect_timeout: _,
@@ -191,8 +202,18 @@ async fn run(cli: Cli) -> Result<bool> {
                 Some(f) => Some(read_secret_file(f, "node token").map_err(anyhow::Error::msg)?),
                 None => None,
             };
-            let client = NodeClient::new(Endpoint::parse(&node, token))
-                .with_timeouts(node_connect_timeout, node_timeout);
+            let endpoint = Endpoint::parse_tls(
+                &node,
+                token,
+                &hyperbox_client::tls::TlsFiles {
+                    ca_file: node_ca_file,
+                    cert: node_cert,
+                    key: node_key,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("--node {node}: {e}"))?;
+            let client =
+                NodeClient::new(endpoint).with_timeouts(node_connect_timeout, node_timeout);
             let source = GitSource::open(
                 &state_dir.join("repo.git"),
                 GitConfig {

@@ -5,6 +5,7 @@
 //! holding it forever.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
 use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, WorkloadStatus};
 
 pub mod cli;
+pub mod tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -26,6 +28,8 @@ pub enum ClientError {
         endpoint: String,
         cause: std::io::Error,
     },
+    #[error("connect to node api at {endpoint}: {message}")]
+    Tls { endpoint: String, message: String },
     #[error("node api {method} {path} at {endpoint}: {stage} timed out after {timeout:?}")]
     Timeout {
         endpoint: String,
@@ -66,22 +70,56 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
-    Tcp { addr: String, token: Option<String> },
+    Tcp {
+        addr: String,
+        token: Option<String>,
+        /// Set for `https://`: the connection is TLS, verified against this configuration.
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+    /// An endpoint that cannot be used as given (`https://` without a CA): every request
+    /// fails with the reason.
+    Unusable {
+        shown: String,
+        why: String,
+    },
 }
 
 impl Endpoint {
-    /// `unix:///run/hyperbox.sock`, `/run/hyperbox.sock`, or `http://host:port`.
+    /// `unix:///run/hyperbox.sock`, `/run/hyperbox.sock`, or `http://host:port`. For
+    /// `https://` use [`Endpoint::parse_tls`].
     pub fn parse(s: &str, token: Option<String>) -> Endpoint {
-        if let Some(p) = s.strip_prefix("unix://") {
+        Endpoint::parse_tls(s, token, &tls::TlsFiles::default()).unwrap_or_else(|why| {
+            Endpoint::Unusable {
+                shown: s.to_string(),
+                why,
+            }
+        })
+    }
+
+    /// Like [`Endpoint::parse`], and `https://host:port` with the CA (and client certificate)
+    /// from `files`.
+    pub fn parse_tls(
+        s: &str,
+        token: Option<String>,
+        files: &tls::TlsFiles,
+    ) -> Result<Endpoint, String> {
+        Ok(if let Some(p) = s.strip_prefix("unix://") {
             Endpoint::Unix(PathBuf::from(p))
         } else if let Some(a) = s.strip_prefix("http://") {
             Endpoint::Tcp {
                 addr: a.trim_end_matches('/').to_string(),
                 token,
+                tls: None,
+            }
+        } else if let Some(a) = s.strip_prefix("https://") {
+            Endpoint::Tcp {
+                addr: a.trim_end_matches('/').to_string(),
+                token,
+                tls: Some(tls::client_config(files)?),
             }
         } else {
             Endpoint::Unix(PathBuf::from(s))
-        }
+        })
     }
 }
 
@@ -89,7 +127,11 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
-            Endpoint::Tcp { addr, .. } => write!(f, "http://{addr}"),
+            Endpoint::Tcp {
+                addr, tls: None, ..
+            } => write!(f, "http://{addr}"),
+            Endpoint::Tcp { addr, .. } => write!(f, "https://{addr}"),
+            Endpoint::Unusable { shown, .. } => f.write_str(shown),
         }
     }
 }
@@ -228,24 +270,53 @@ impl NodeClient {
             cause,
         };
         let connect_timeout = self.connect_timeout;
+        let tls_err = |message: String| ClientError::Tls {
+            endpoint: self.endpoint.to_string(),
+            message,
+        };
         let connecting = async {
             match &self.endpoint {
-                Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.map(Stream::Unix),
-                Endpoint::Tcp { addr, .. } => {
-                    tokio::net::TcpStream::connect(addr).await.map(Stream::Tcp)
+                Endpoint::Unusable { why, .. } => Err(tls_err(why.clone())),
+                Endpoint::Unix(p) => tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(Stream::Unix)
+                    .map_err(connect_err),
+                Endpoint::Tcp {
+                    addr, tls: None, ..
+                } => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map(Stream::Tcp)
+                    .map_err(connect_err),
+                Endpoint::Tcp {
+                    addr,
+                    tls: Some(config),
+                    ..
+                } => {
+                    let tcp = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(connect_err)?;
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|e| tls_err(format!("server name {host:?}: {e}")))?;
+                    tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map(|s| Stream::Tls(Box::new(s)))
+                        .map_err(|e| tls_err(tls::explain(&e)))
                 }
             }
         };
         let stream = tokio::time::timeout(connect_timeout, connecting)
             .await
-            .map_err(|_| timeout_err("connect", connect_timeout))?
-            .map_err(connect_err)?;
+            .map_err(|_| timeout_err("connect", connect_timeout))??;
         let exchange = async {
             let (resp, _conn) = match stream {
                 Stream::Unix(s) => send(s, req).await,
                 Stream::Tcp(s) => send(s, req).await,
+                Stream::Tls(s) => send(*s, req).await,
             }
-            .map_err(|e| http_err(e.to_string()))?;
+            .map_err(|e| http_err(tls::with_hint(&error_chain(&e))))?;
             let status = resp.status();
             let body = resp
                 .into_body()
@@ -455,6 +526,7 @@ impl NodeClient {
 enum Stream {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
 }
 
 /// Aborts the task driving a connection when the request using it is done or given up (a
@@ -480,6 +552,22 @@ where
     }));
     let resp = sender.send_request(req).await?;
     Ok((resp, task))
+}
+
+/// An error with its causes, `outer: inner: innermost` (hyper's own message alone often says
+/// only "connection error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn url_encode(s: &str) -> String {
