@@ -68,6 +68,7 @@ pub async fn apply(
             ApplyAction::Created => "created",
             ApplyAction::Configured => "configured",
             ApplyAction::Unchanged => "unchanged",
+            ApplyAction::Unknown => "applied",
         };
         println!("workload/{} {action}", r.name);
         if r.action != ApplyAction::Unchanged {

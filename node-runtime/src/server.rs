@@ -58,7 +58,34 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .with_state(sup)
 }
 
-async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response {
+/// Who is asking: a manager (`git:<url>#<path>`, `kubernetes:<cluster>/<uid>`) owns what it
+/// applies, and may not change or delete another manager's workloads unless it forces a
+/// takeover. Requests without a manager (by hand) may change anything and keep the owner.
+#[derive(serde::Deserialize)]
+struct ManagerQuery {
+    manager: Option<String>,
+    force: Option<bool>,
+}
+
+fn conflict_fields(names: &[String], conflicts: Vec<(usize, String)>) -> Vec<FieldError> {
+    conflicts
+        .into_iter()
+        .map(|(i, owner)| FieldError {
+            field: format!("workloads[{i}].metadata.name"),
+            message: format!(
+                "workload {:?} is managed by {owner}; apply with force to take it over",
+                names.get(i).map(String::as_str).unwrap_or("")
+            ),
+            line: None,
+        })
+        .collect()
+}
+
+async fn apply(
+    State(sup): State<AppState>,
+    Query(who): Query<ManagerQuery>,
+    body: axum::body::Bytes,
+) -> Response {
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -112,8 +139,17 @@ async fn apply(State(sup): State<AppState>, body: axum::body::Bytes) -> Response
         // Nothing of an invalid request is applied.
         return error(StatusCode::BAD_REQUEST, "invalid workload", fields);
     }
-    match sup.apply(workloads).await {
-        Ok(r) => Json(r).into_response(),
+    let names: Vec<String> = workloads.iter().map(|w| w.metadata.name.clone()).collect();
+    match sup
+        .apply_as(workloads, who.manager, who.force.unwrap_or(false))
+        .await
+    {
+        Ok(Ok(r)) => Json(r).into_response(),
+        Ok(Err(conflicts)) => error(
+            StatusCode::CONFLICT,
+            "managed by another source",
+            conflict_fields(&names, conflicts),
+        ),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("apply: {e:#}"),
@@ -215,10 +251,22 @@ async fn get_spec(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -
     }
 }
 
-async fn delete(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
-    match sup.delete(&name).await {
-        Ok(true) => Json(serde_json::json!({"deleted": name})).into_response(),
-        Ok(false) => error(
+async fn delete(
+    State(sup): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(who): Query<ManagerQuery>,
+) -> Response {
+    match sup
+        .delete_as(&name, who.manager.as_deref(), who.force.unwrap_or(false))
+        .await
+    {
+        Ok(Ok(true)) => Json(serde_json::json!({"deleted": name})).into_response(),
+        Ok(Err(owner)) => error(
+            StatusCode::CONFLICT,
+            format!("workload {name:?} is managed by {owner}; delete with force to take it over"),
+            vec![],
+        ),
+        Ok(Ok(false)) => error(
             StatusCode::NOT_FOUND,
             format!("workload {name:?} not found"),
             vec![],

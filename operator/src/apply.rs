@@ -173,9 +173,13 @@ where
                     refusal: Some(format!("{e}")),
                 };
             }
-            Err(e) if e.status() == Some(400) && !refused_positions(&e, batch.len()).is_empty() => {
-                // The node names the refused workloads (`workloads[i].…`): set those aside and
-                // send the rest again, so one refused workload never blocks the others.
+            Err(e)
+                if matches!(e.status(), Some(400) | Some(409))
+                    && !refused_positions(&e, batch.len()).is_empty() =>
+            {
+                // The node names the refused workloads (`workloads[i].…`: its policy, or
+                // another manager owns them): set those aside and send the rest again, so one
+                // refused workload never blocks the others.
                 let refused = refused_positions(&e, batch.len());
                 let mut rest = Vec::new();
                 for (pos, &i) in batch.iter().enumerate() {

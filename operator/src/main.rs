@@ -212,8 +212,16 @@ async fn run(cli: Cli) -> Result<bool> {
                 },
             )
             .map_err(|e| anyhow::anyhow!("--node {node}: {e}"))?;
-            let client =
-                NodeClient::new(endpoint).with_timeouts(node_connect_timeout, node_timeout);
+            // This source's identity on the node: it never changes or prunes workloads that
+            // another source manages.
+            let manager = if path.is_empty() {
+                format!("git:{repo}")
+            } else {
+                format!("git:{repo}#{path}")
+            };
+            let client = NodeClient::new(endpoint)
+                .with_timeouts(node_connect_timeout, node_timeout)
+                .with_manager(manager, false);
             let source = GitSource::open(
                 &state_dir.join("repo.git"),
                 GitConfig {

@@ -246,8 +246,15 @@ impl Syncer {
             })
             .collect();
         // Nothing new and no drift: a no-change sync costs one fetch and one list.
+        // Workloads the node refused last time (another source owned them, its policy, size)
+        // are retried at every sync: what stood in the way may be gone.
         let unchanged = self.status.last_applied_revision.as_deref() == Some(revision.as_str())
             && self.status.error.is_none()
+            && !self
+                .status
+                .workloads
+                .iter()
+                .any(|w| w.outcome == Outcome::Failed)
             && self.inventory.iter().all(|(name, e)| {
                 observed.get(name).is_some_and(|o| {
                     o.spec_hash == e.spec_hash && o.revision.as_deref() == Some(revision.as_str())
@@ -312,9 +319,14 @@ impl Syncer {
             let name = name.clone();
             async move { (name.clone(), node.delete(&name).await) }
         });
+        let mut taken_over = Vec::new();
         for (name, r) in futures_join_all(deletes).await {
             if let Err(e) = r {
-                if e.status() != Some(404) {
+                if e.status() == Some(409) {
+                    // Another manager owns it now: it is no longer ours to prune.
+                    tracing::warn!(workload = %name, error = %e, "not pruned: managed by another source");
+                    taken_over.push(name);
+                } else if e.status() != Some(404) {
                     failed += 1;
                     tracing::error!(workload = %name, error = %e, "prune failed");
                 }
@@ -332,6 +344,9 @@ impl Syncer {
                 Some(previous) => final_inventory.insert(name.clone(), previous.clone()),
                 None => final_inventory.remove(name),
             };
+        }
+        for name in &taken_over {
+            final_inventory.remove(name);
         }
         write_json(&inventory_path(&self.opts.state_dir), &final_inventory)
             .context("record the inventory after applying")?;

@@ -926,3 +926,59 @@ fn scaling_in_git_keeps_survivors_and_scale_drift_is_restored() {
     let st = op.status().unwrap();
     assert_eq!(outcome(&st, "w"), "restored", "{st}");
 }
+
+#[test]
+fn two_git_operators_share_a_node_without_touching_each_other() {
+    let (_reg, image, node, repo_a) = setup();
+    let repo_b = GitRepo::new().unwrap();
+    repo_a.write("a1.yaml", &doc("a1", &image, "sleep 1000"));
+    repo_a.write("shared.yaml", &doc("shared", &image, "sleep 1001"));
+    let rev_a = repo_a.commit_push("a");
+    repo_b.write("b1.yaml", &doc("b1", &image, "sleep 1000"));
+    repo_b.write("shared.yaml", &doc("shared", &image, "sleep 1002"));
+    let rev_b = repo_b.commit_push("b");
+    let op_a = Operator::start(&node, &repo_a.url(), &["--interval", "300ms"]).unwrap();
+    op_a.wait_status(T, "a applied", |s| applied(s, &rev_a))
+        .unwrap();
+    let op_b = Operator::start(&node, &repo_b.url(), &["--interval", "300ms"]).unwrap();
+    // B applies its own workload; the shared name belongs to A and is refused for B.
+    let st = op_b
+        .wait_status(T, "b synced with a conflict", |s| {
+            outcome(s, "b1") == "created" && outcome(s, "shared") == "failed"
+        })
+        .unwrap();
+    let shared = st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "shared")
+        .unwrap();
+    let owner_a = format!("git:{}", repo_a.url());
+    assert!(
+        shared["message"].as_str().unwrap().contains(&owner_a),
+        "{shared}"
+    );
+    let v = node
+        .wait_for("shared", T, "shared running", |v| v["phase"] == "Running")
+        .unwrap();
+    assert_eq!(v["manager"], owner_a.as_str());
+    assert_eq!(v["revision"], rev_a.as_str(), "B changed A's workload");
+    node.wait_for("b1", T, "b1 running", |v| v["phase"] == "Running")
+        .unwrap();
+    // A's repository empties: A prunes its own workloads only.
+    repo_a.remove("a1.yaml");
+    repo_a.remove("shared.yaml");
+    let rev_a2 = repo_a.commit_push("empty");
+    op_a.wait_status(T, "a pruned", |s| applied(s, &rev_a2))
+        .unwrap();
+    assert!(node.get("a1").is_none());
+    let b1 = node.get("b1").expect("A pruned B's workload");
+    assert_eq!(b1["manager"], format!("git:{}", repo_b.url()).as_str());
+    // The name is free now: B's next sync creates its own version of it.
+    let v = node
+        .wait_for("shared", T, "shared now B's", |v| {
+            v["manager"] == format!("git:{}", repo_b.url()).as_str() && v["phase"] == "Running"
+        })
+        .unwrap();
+    assert_eq!(v["revision"], rev_b.as_str());
+}

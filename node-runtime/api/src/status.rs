@@ -73,6 +73,9 @@ pub struct WorkloadStatus {
     pub rootfs: Option<String>,
     pub pull: Option<PullProgress>,
     pub suspended: bool,
+    /// Who manages the workload (`git:<url>#<path>`, …); none for ones applied by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
 }
 
 /// Outcome of applying one workload.
@@ -82,6 +85,9 @@ pub enum ApplyAction {
     Created,
     Configured,
     Unchanged,
+    /// An action this client does not know (from a newer node): the answer still decodes.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
@@ -191,4 +197,7 @@ pub struct WorkloadDigest {
     #[serde(default)]
     pub config_hash: String,
     pub revision: Option<String>,
+    /// Who manages the workload (`git:<url>#<path>`, …); none for ones applied by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
 }

@@ -182,6 +182,9 @@ pub struct NodeClient {
     connect_timeout: Duration,
     request_timeout: Duration,
     pull_timeout: Duration,
+    /// The manager this client applies and deletes as (see [`NodeClient::with_manager`]).
+    manager: Option<String>,
+    force: bool,
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -197,6 +200,8 @@ impl NodeClient {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            manager: None,
+            force: false,
         }
     }
 
@@ -374,7 +379,27 @@ impl NodeClient {
     /// Apply a request body built by [`apply_body`] (the node refuses bodies over
     /// [`NODE_MAX_BODY_BYTES`] with 413).
     pub async fn apply_json(&self, body: Vec<u8>) -> Result<Vec<ApplyResult>, ClientError> {
-        self.json(Method::POST, "/v1/workloads", Some(body)).await
+        let path = format!("/v1/workloads{}", self.manager_query());
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
+    /// Apply and delete as `manager` (`git:<url>#<path>`, …): the node then refuses (409) to
+    /// let this client change or delete another manager's workloads, unless `force`.
+    pub fn with_manager(mut self, manager: impl Into<String>, force: bool) -> NodeClient {
+        self.manager = Some(manager.into());
+        self.force = force;
+        self
+    }
+
+    fn manager_query(&self) -> String {
+        match &self.manager {
+            Some(m) => format!(
+                "?manager={}{}",
+                url_encode(m),
+                if self.force { "&force=true" } else { "" }
+            ),
+            None => String::new(),
+        }
     }
 
     /// Name, spec hash and revision of every workload: a cheap list for diffing.
@@ -489,7 +514,7 @@ impl NodeClient {
         let _: serde_json::Value = self
             .json_within(
                 Method::DELETE,
-                &format!("/v1/workloads/{name}"),
+                &format!("/v1/workloads/{name}{}", self.manager_query()),
                 None,
                 self.request_timeout + stop,
             )

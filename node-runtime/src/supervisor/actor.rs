@@ -28,6 +28,8 @@ pub(crate) enum Msg {
     Apply {
         workload: Box<Workload>,
         hash: String,
+        /// The manager applying it (none: by hand, which keeps the current owner).
+        manager: Option<String>,
         reply: oneshot::Sender<ApplyAction>,
     },
     Delete {
@@ -212,8 +214,18 @@ impl Actor {
             Msg::Apply {
                 workload,
                 hash,
+                manager,
                 reply,
-            } => self.apply(*workload, hash, reply).await,
+            } => {
+                if let Some(m) = manager {
+                    if self.rec.manager.as_deref() != Some(m.as_str()) {
+                        tracing::info!(workload = %self.name, manager = %m, previous = ?self.rec.manager, "manager set");
+                        self.rec.manager = Some(m);
+                        self.dirty = true;
+                    }
+                }
+                self.apply(*workload, hash, reply).await
+            }
             Msg::Delete { reply } => {
                 self.delete_replies.push(reply);
                 if !self.rec.deleting {

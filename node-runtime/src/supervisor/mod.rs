@@ -222,15 +222,56 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Apply desired workloads. Unchanged specs are left alone (only metadata is refreshed).
-    /// Answers once every record is durable.
+    /// Apply desired workloads by hand (no manager). Unchanged specs are left alone (only
+    /// metadata is refreshed). Answers once every record is durable.
     pub async fn apply(self: &Arc<Self>, workloads: Vec<Workload>) -> Result<Vec<ApplyResult>> {
+        match self.apply_as(workloads, None, false).await? {
+            Ok(r) => Ok(r),
+            Err(conflicts) => anyhow::bail!("ownership conflicts: {conflicts:?}"),
+        }
+    }
+
+    /// Workloads (by position) that `manager` may not change: another manager owns them. None
+    /// when there is no manager (changes by hand are always allowed) or `force` is set.
+    pub async fn conflicts(
+        &self,
+        names: &[&str],
+        manager: Option<&str>,
+        force: bool,
+    ) -> Vec<(usize, String)> {
+        let Some(manager) = manager.filter(|_| !force) else {
+            return Vec::new();
+        };
+        let reg = self.shared.registry.lock().await;
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let owner = reg.get(*name)?.snapshot.lock().unwrap().manager.clone()?;
+                (owner != manager).then_some((i, owner))
+            })
+            .collect()
+    }
+
+    /// Apply as `manager`: nothing is applied when any workload belongs to another manager
+    /// (`Ok(Err(conflicts))`, by position and owner) unless `force` takes them over.
+    pub async fn apply_as(
+        self: &Arc<Self>,
+        workloads: Vec<Workload>,
+        manager: Option<String>,
+        force: bool,
+    ) -> Result<Result<Vec<ApplyResult>, Vec<(usize, String)>>> {
+        let names: Vec<&str> = workloads.iter().map(|w| w.metadata.name.as_str()).collect();
+        let conflicts = self.conflicts(&names, manager.as_deref(), force).await;
+        if !conflicts.is_empty() {
+            return Ok(Err(conflicts));
+        }
         let mut pending = Vec::with_capacity(workloads.len());
         for w in workloads {
             let name = w.metadata.name.clone();
             let hash = spec_hash(&w);
             let (reply, answer) = oneshot::channel();
-            self.send_apply(w, hash, reply).await?;
+            self.send_apply(w, hash, manager.clone(), reply).await?;
             pending.push((name, answer));
         }
         let mut results = Vec::with_capacity(pending.len());
@@ -259,7 +300,7 @@ impl Supervisor {
         })
         .await
         .context("sync records")??;
-        Ok(results)
+        Ok(Ok(results))
     }
 
     /// Hand one apply to the workload's actor, creating the actor (under the registry lock)
@@ -269,6 +310,7 @@ impl Supervisor {
         self: &Arc<Self>,
         w: Workload,
         hash: String,
+        manager: Option<String>,
         reply: oneshot::Sender<ApplyAction>,
     ) -> Result<()> {
         let name = w.metadata.name.clone();
@@ -285,6 +327,7 @@ impl Supervisor {
                     h.tx.send(Msg::Apply {
                         workload: Box::new(w),
                         hash,
+                        manager,
                         reply,
                     })
                     .map_err(|_| anyhow::anyhow!("workload {name}: its actor stopped"))?;
@@ -307,6 +350,7 @@ impl Supervisor {
                         rootfs: None,
                         replicas,
                         deleting: false,
+                        manager,
                     };
                     tracing::info!(workload = %name, "created");
                     let handle = Actor::spawn(self.shared.clone(), id, rec, Begin::New(reply));
@@ -347,6 +391,25 @@ impl Supervisor {
         .await;
         tracing::info!(workload = %name, record = %q.moved_to.display(), "quarantined record resolved");
         self.shared.bump();
+    }
+
+    /// `delete` as `manager`: refused with the owner (`Ok(Err(owner))`) when another manager
+    /// owns the workload, unless `force`.
+    pub async fn delete_as(
+        self: &Arc<Self>,
+        name: &str,
+        manager: Option<&str>,
+        force: bool,
+    ) -> Result<Result<bool, String>> {
+        if let Some((_, owner)) = self
+            .conflicts(&[name], manager, force)
+            .await
+            .into_iter()
+            .next()
+        {
+            return Ok(Err(owner));
+        }
+        Ok(Ok(self.delete(name).await?))
     }
 
     /// Stop the workload's containers and forget it. Returns false when it does not exist.
@@ -446,6 +509,7 @@ impl Supervisor {
                 name: rec.workload.metadata.name.clone(),
                 spec_hash: rec.spec_hash.clone(),
                 config_hash: hyperbox_api::config_hash(&rec.workload),
+                manager: rec.manager.clone(),
                 revision: rec
                     .workload
                     .metadata
@@ -616,6 +680,7 @@ impl Supervisor {
                 None
             },
             suspended: w.spec.suspend,
+            manager: rec.manager.clone(),
             replicas,
         }
     }

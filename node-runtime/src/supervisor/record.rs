@@ -28,6 +28,9 @@ pub struct WorkloadRecord {
     /// A delete was accepted: a restart finishes it, it never brings the workload back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// The manager that owns it; another manager may not change or delete it without force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
 }
 
 /// The record format before replicas became state machines: kept readable so an upgrade
@@ -88,6 +91,7 @@ fn parse_stored(bytes: &[u8]) -> Result<WorkloadRecord> {
                     })
                     .collect(),
                 deleting: false,
+                manager: None,
             })
         }
     }
@@ -209,6 +213,7 @@ mod tests {
             rootfs: None,
             replicas: vec![],
             deleting: false,
+            manager: None,
         };
         let mut other = good.clone();
         other.workload.metadata.name = "c".into();

@@ -439,3 +439,59 @@ async fn restarting_one_replica_leaves_the_others_alone() {
     assert!(!s.restart("a", Some(7)).await.unwrap(), "no replica 7");
     assert!(!s.restart("nope", None).await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_own_what_they_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    let a = Some("git:a".to_string());
+    let b = Some("git:b".to_string());
+    s.apply_as(vec![workload("w", "")], a.clone(), false)
+        .await
+        .unwrap()
+        .unwrap();
+    // Another manager is refused, with the owner named, and nothing is applied.
+    let refused = s
+        .apply_as(
+            vec![workload("x", ""), workload("w", "  args: [b]\n")],
+            b.clone(),
+            false,
+        )
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused, vec![(1, "git:a".to_string())]);
+    assert!(
+        s.status("x").await.is_none(),
+        "a refused batch applies nothing"
+    );
+    assert_eq!(
+        s.delete_as("w", b.as_deref(), false).await.unwrap(),
+        Err("git:a".to_string())
+    );
+    // By hand: allowed, and the owner stays.
+    s.apply(vec![workload("w", "  args: [hand]\n")])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.status("w").await.unwrap().manager.as_deref(),
+        Some("git:a")
+    );
+    // A forced takeover changes the owner.
+    s.apply_as(vec![workload("w", "")], b.clone(), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let st = wait_status(&s, "w", "owned by b", |st| {
+        st.manager.as_deref() == Some("git:b")
+    })
+    .await;
+    assert_eq!(st.name, "w");
+    let digests = s.digests().await;
+    assert_eq!(digests[0].manager.as_deref(), Some("git:b"));
+    assert_eq!(
+        s.delete_as("w", b.as_deref(), false).await.unwrap(),
+        Ok(true)
+    );
+}

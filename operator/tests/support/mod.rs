@@ -103,6 +103,7 @@ async fn digests(State(s): State<Shared>) -> Response {
                 name: name.clone(),
                 spec_hash: h.0.clone(),
                 config_hash: h.1.clone(),
+                manager: None,
                 revision: r.clone(),
             })
             .collect::<Vec<_>>(),
