@@ -656,7 +656,17 @@ impl Actor {
         let runtime = self.shared.runtime.clone();
         let workload = self.rec.workload.clone();
         let log_file = self.shared.log_path(&self.name, index);
+        // A creation that never returns (the kernel or libcontainer stuck) cannot be cancelled
+        // from here; at least say so, with the container, instead of staying silent.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (name, id) = (self.name.clone(), container_id.clone());
+        tokio::spawn(async move {
+            if tokio::time::timeout(Duration::from_secs(30), done_rx).await.is_err() {
+                tracing::warn!(workload = %name, replica = index, container = %id, "container creation has taken over 30s");
+            }
+        });
         tokio::task::spawn_blocking(move || {
+            let _done = done_tx;
             if let Some(parent) = log_file.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
