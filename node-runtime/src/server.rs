@@ -49,6 +49,10 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
             "/v1/workloads/{name}/replicas/{ordinal}/restart",
             axum::routing::post(restart_one),
         )
+        .route(
+            "/v1/workloads/{name}/replicas/{ordinal}/evict",
+            axum::routing::post(evict),
+        )
         .route("/v1/digests", get(digests))
         .route("/v1/node", get(node))
         .route("/v1/images/pull", axum::routing::post(pull))
@@ -177,6 +181,52 @@ async fn list(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Respo
         items: sup.list().await,
     })
     .into_response()
+}
+
+#[derive(serde::Deserialize, Default)]
+struct EvictRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn evict(
+    State(sup): State<AppState>,
+    UrlPath((name, ordinal)): UrlPath<(String, u32)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: EvictRequest = if body.is_empty() {
+        EvictRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body is not an eviction ({{\"reason\": \"...\"}}): {e}"),
+                    vec![],
+                )
+            }
+        }
+    };
+    let reason = req
+        .reason
+        .unwrap_or_else(|| "requested through the API".into());
+    match sup.evict(&name, ordinal, &reason).await {
+        Ok(true) => {
+            Json(serde_json::json!({"evicted": name, "replica": ordinal, "reason": reason}))
+                .into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("workload {name:?} has no replica {ordinal}"),
+            vec![],
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("evict {name}: {e:#}"),
+            vec![],
+        ),
+    }
 }
 
 async fn restart_all(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {

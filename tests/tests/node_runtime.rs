@@ -1182,6 +1182,29 @@ fn restart_one_replica_and_watch_the_node() {
         v["replicas"][0]["containerId"]
     );
     assert_eq!(after["replicas"][1]["restarts"], 1);
+    // Evict replica 0 (what pressure protection does): it stops and stays stopped, with the
+    // reason; replica 1 keeps running.
+    let resp = http_over_unix(
+        &node.socket,
+        "POST",
+        "/v1/workloads/two/replicas/0/evict",
+        r#"{"reason":"test eviction"}"#,
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let ev = node
+        .wait_for("two", T, "replica 0 evicted", |w| {
+            w["replicas"][0]["reason"] == "Evicted"
+        })
+        .unwrap();
+    assert_eq!(ev["replicas"][0]["phase"], "Failed");
+    assert!(ev["replicas"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("test eviction"));
+    assert_eq!(
+        ev["replicas"][1]["containerId"],
+        after["replicas"][1]["containerId"]
+    );
     let missing = node.cli(&["restart", "two", "--replica", "5"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no replica 5"));

@@ -433,6 +433,23 @@ impl NodeClient {
         Ok((list.resource_version, list.items))
     }
 
+    /// Evict one replica: the node stops it and keeps it stopped (Failed/Evicted, with
+    /// `reason`) until it is restarted or re-placed.
+    pub async fn evict(&self, name: &str, replica: u32, reason: &str) -> Result<(), ClientError> {
+        let stop = Duration::from_secs(MAX_TERMINATION_GRACE_PERIOD_SECONDS.into());
+        let body = serde_json::to_vec(&serde_json::json!({ "reason": reason }))
+            .expect("serialize eviction");
+        let _: serde_json::Value = self
+            .json_within(
+                Method::POST,
+                &format!("/v1/workloads/{name}/replicas/{replica}/evict"),
+                Some(body),
+                self.request_timeout + stop,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Restart one replica (`Some(ordinal)`) or all of them: each is stopped (grace period,
     /// then SIGKILL) and started again as a new container.
     pub async fn restart(&self, name: &str, replica: Option<u32>) -> Result<(), ClientError> {

@@ -89,7 +89,11 @@ pub fn create_and_start(
         let prepared = t0.elapsed();
         tracing::debug!(container = req.id, "rootfs and spec ready, creating");
         let _cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
-        tracing::debug!(container = req.id, waited_us = (t0.elapsed() - prepared).as_micros() as u64, "libcontainer lock taken");
+        tracing::debug!(
+            container = req.id,
+            waited_us = (t0.elapsed() - prepared).as_micros() as u64,
+            "libcontainer lock taken"
+        );
         let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(&dirs.libcontainer_root)

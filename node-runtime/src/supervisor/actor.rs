@@ -35,6 +35,13 @@ pub(crate) enum Msg {
     Delete {
         reply: oneshot::Sender<()>,
     },
+    /// Stop one replica and keep it stopped (Failed/Evicted, with the reason); false when
+    /// there is no such replica.
+    Evict {
+        replica: u32,
+        reason: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// Stop and start again one replica (or all); answers false when there is no such replica.
     Restart {
         replica: Option<u32>,
@@ -233,6 +240,14 @@ impl Actor {
                 }
             }
             Msg::Replica { slot, index, event } => self.feed(slot, index, event),
+            Msg::Evict {
+                replica,
+                reason,
+                reply,
+            } => {
+                let found = !self.rec.deleting && self.evict(replica, &reason);
+                let _ = reply.send(found);
+            }
             Msg::Restart { replica, reply } => {
                 let found = !self.rec.deleting && self.restart(replica);
                 let _ = reply.send(found);
@@ -428,6 +443,21 @@ impl Actor {
             self.rec.replicas.insert(pos, fresh);
             self.retire(true, old, grace);
         }
+        self.dirty = true;
+        true
+    }
+
+    fn evict(&mut self, index: u32, reason: &str) -> bool {
+        let Some(pos) = self.rec.replicas.iter().position(|r| r.index == index) else {
+            return false;
+        };
+        let grace = grace_of(&self.rec.workload);
+        let old = self.rec.replicas.remove(pos);
+        tracing::info!(workload = %self.name, replica = index, reason, "evicting");
+        let mut gone = Replica::evicted(index, old.restarts, &format!("evicted: {reason}"));
+        gone.slot = self.take_slot();
+        self.rec.replicas.insert(pos, gone);
+        self.retire(false, old, grace);
         self.dirty = true;
         true
     }
@@ -661,7 +691,10 @@ impl Actor {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let (name, id) = (self.name.clone(), container_id.clone());
         tokio::spawn(async move {
-            if tokio::time::timeout(Duration::from_secs(30), done_rx).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(30), done_rx)
+                .await
+                .is_err()
+            {
                 tracing::warn!(workload = %name, replica = index, container = %id, "container creation has taken over 30s");
             }
         });

@@ -452,6 +452,25 @@ impl Supervisor {
         Ok(answer.await.unwrap_or(false))
     }
 
+    /// Evict one replica: stop it and keep it stopped with `reason` (for pressure protection
+    /// and controllers that re-place work); false when there is no such replica.
+    pub async fn evict(&self, name: &str, replica: u32, reason: &str) -> Result<bool> {
+        let handle = self.shared.registry.lock().await.get(name).cloned();
+        let Some(h) = handle else {
+            return Ok(false);
+        };
+        let (reply, answer) = oneshot::channel();
+        let msg = Msg::Evict {
+            replica,
+            reason: reason.to_string(),
+            reply,
+        };
+        if h.tx.send(msg).is_err() {
+            return Ok(false);
+        }
+        Ok(answer.await.unwrap_or(false))
+    }
+
     async fn snapshots(&self) -> Vec<Arc<WorkloadRecord>> {
         let reg = self.shared.registry.lock().await;
         reg.values()

@@ -28,6 +28,9 @@ pub enum Reason {
     Error,
     Unknown,
     Terminating,
+    /// Stopped on purpose by the node or a controller (pressure, placement): not restarted
+    /// until someone restarts or re-places it.
+    Evicted,
 }
 
 impl Reason {
@@ -45,6 +48,7 @@ impl Reason {
             Reason::Error => "Error",
             Reason::Unknown => "Unknown",
             Reason::Terminating => "Terminating",
+            Reason::Evicted => "Evicted",
         }
     }
 }
@@ -271,6 +275,16 @@ impl Replica {
             probe_ok_run: 0,
             probe_fail_run: 0,
         }
+    }
+
+    /// A replica that was evicted: finished (Failed/Evicted) with the reason given, so that
+    /// neither the restart policy nor recovery starts it again.
+    pub fn evicted(index: u32, restarts: u32, why: &str) -> Replica {
+        let mut r = Replica::new(index);
+        r.stage = Stage::Finished;
+        r.restarts = restarts;
+        r.set(Phase::Failed, Some(Reason::Evicted), Some(why.to_string()));
+        r
     }
 
     /// The container this replica currently owns, if any.

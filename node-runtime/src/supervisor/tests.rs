@@ -495,3 +495,41 @@ async fn managers_own_what_they_apply() {
         Ok(true)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_replica_stays_stopped_until_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    s.apply(vec![workload("a", "  replicas: 2\n")])
+        .await
+        .unwrap();
+    eventually("two running", || rt.running().len() == 2).await;
+    assert!(s.evict("a", 1, "memory pressure").await.unwrap());
+    eventually("one running", || rt.running().len() == 1).await;
+    let st = wait_status(&s, "a", "evicted", |st| {
+        st.replicas[1].reason.as_deref() == Some("Evicted")
+    })
+    .await;
+    assert_eq!(st.replicas[1].phase, Phase::Failed);
+    assert!(st.replicas[1]
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("memory pressure"));
+    assert_eq!(st.replicas[0].phase, Phase::Running);
+    // It survives a daemon restart as evicted.
+    s.detach_all().await;
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    let st = wait_status(&s, "a", "recovered", |st| {
+        st.replicas[0].phase == Phase::Running
+    })
+    .await;
+    assert_eq!(st.replicas[1].reason.as_deref(), Some("Evicted"));
+    assert_eq!(rt.running().len(), 1);
+    // A restart brings it back.
+    assert!(s.restart("a", Some(1)).await.unwrap());
+    eventually("two running again", || rt.running().len() == 2).await;
+    assert!(!s.evict("a", 9, "x").await.unwrap());
+}
