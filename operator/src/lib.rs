@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod gitsource;
 pub mod manifests;
+pub mod placement;
 pub mod reconcile;
 pub mod sync;
 pub mod validate;

@@ -1,0 +1,293 @@
+//! Where each replica runs, as a pure function of plain data: the nodes (labels, room, whether
+//! they can take work) and the workloads (replicas, node selector, requests, where their
+//! replicas are now). The edge operator with several `--node`s uses it, and so will the
+//! Kubernetes controller.
+//!
+//! Rules, in order:
+//! 1. A replica stays where it is while that node still matches the selector and can take work
+//!    (moving running work is the expensive mistake).
+//! 2. Otherwise it goes to a matching node with room for its requests, preferring the node
+//!    with the fewest replicas of that workload (spread), then the most free memory, then the
+//!    node id (deterministic).
+//! 3. A replica no node can take is reported with the reason, never half-placed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl Amounts {
+    fn fits_in(&self, free: &Amounts) -> bool {
+        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub allocatable: Amounts,
+    /// Requests of work on the node that this placement does not manage.
+    pub reserved: Amounts,
+    /// False for a node that refused work or has been unreachable past the grace period: its
+    /// replicas move.
+    pub schedulable: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub workload: String,
+    pub replicas: u32,
+    pub node_selector: BTreeMap<String, String>,
+    /// Requests of one replica.
+    pub request: Amounts,
+    /// Where its replicas run now, by ordinal.
+    pub current: BTreeMap<u32, String>,
+}
+
+/// Why a replica could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unplaced {
+    /// No node has the labels the selector asks for (or none can take work).
+    NoMatchingNode,
+    InsufficientCpu,
+    InsufficientMemory,
+}
+
+impl Unplaced {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unplaced::NoMatchingNode => "NoMatchingNode",
+            Unplaced::InsufficientCpu => "InsufficientCPU",
+            Unplaced::InsufficientMemory => "InsufficientMemory",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// (workload, ordinal) -> node id.
+    pub assigned: BTreeMap<(String, u32), String>,
+    pub unplaced: BTreeMap<(String, u32), Unplaced>,
+}
+
+impl Placement {
+    /// Replicas of `workload` on `node`, by ordinal.
+    pub fn on_node(&self, workload: &str, node: &str) -> BTreeSet<u32> {
+        self.assigned
+            .iter()
+            .filter(|((w, _), n)| w == workload && *n == node)
+            .map(|((_, o), _)| *o)
+            .collect()
+    }
+}
+
+fn matches(node: &NodeInfo, selector: &BTreeMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k).is_some_and(|x| x == v))
+}
+
+pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
+    let mut free: BTreeMap<&str, Amounts> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id.as_str(),
+                Amounts {
+                    cpu_millis: n
+                        .allocatable
+                        .cpu_millis
+                        .saturating_sub(n.reserved.cpu_millis),
+                    memory_bytes: n
+                        .allocatable
+                        .memory_bytes
+                        .saturating_sub(n.reserved.memory_bytes),
+                },
+            )
+        })
+        .collect();
+    let by_id: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let take = |free: &mut BTreeMap<&str, Amounts>, node: &str, r: &Amounts| {
+        if let Some(f) = free.get_mut(node) {
+            f.cpu_millis = f.cpu_millis.saturating_sub(r.cpu_millis);
+            f.memory_bytes = f.memory_bytes.saturating_sub(r.memory_bytes);
+        }
+    };
+    let mut out = Placement::default();
+    // Pass 1: replicas that may stay keep their node (and its room).
+    let mut pending: Vec<(&Demand, u32)> = Vec::new();
+    for d in demands {
+        for ordinal in 0..d.replicas {
+            let stays = d
+                .current
+                .get(&ordinal)
+                .and_then(|n| by_id.get(n.as_str()))
+                .filter(|n| n.schedulable && matches(n, &d.node_selector));
+            match stays {
+                Some(n) => {
+                    take(&mut free, &n.id, &d.request);
+                    out.assigned
+                        .insert((d.workload.clone(), ordinal), n.id.clone());
+                }
+                None => pending.push((d, ordinal)),
+            }
+        }
+    }
+    // Pass 2: the rest, spread.
+    for (d, ordinal) in pending {
+        let candidates: Vec<&NodeInfo> = nodes
+            .iter()
+            .filter(|n| n.schedulable && matches(n, &d.node_selector))
+            .collect();
+        if candidates.is_empty() {
+            out.unplaced
+                .insert((d.workload.clone(), ordinal), Unplaced::NoMatchingNode);
+            continue;
+        }
+        let with_room: Vec<&NodeInfo> = candidates
+            .iter()
+            .copied()
+            .filter(|n| d.request.fits_in(&free[n.id.as_str()]))
+            .collect();
+        let Some(best) = with_room.iter().min_by_key(|n| {
+            let mine = out.on_node(&d.workload, &n.id).len();
+            let f = free[n.id.as_str()];
+            (mine, std::cmp::Reverse(f.memory_bytes), n.id.clone())
+        }) else {
+            // Say which resource is short on the roomiest matching node.
+            let roomiest = candidates
+                .iter()
+                .map(|n| free[n.id.as_str()])
+                .max_by_key(|f| f.memory_bytes)
+                .unwrap_or_default();
+            let why = if d.request.memory_bytes > roomiest.memory_bytes {
+                Unplaced::InsufficientMemory
+            } else {
+                Unplaced::InsufficientCpu
+            };
+            out.unplaced.insert((d.workload.clone(), ordinal), why);
+            continue;
+        };
+        take(&mut free, &best.id, &d.request);
+        out.assigned
+            .insert((d.workload.clone(), ordinal), best.id.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GI: u64 = 1 << 30;
+
+    fn node(id: &str, labels: &[(&str, &str)], mem_gi: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            allocatable: Amounts {
+                cpu_millis: 2000,
+                memory_bytes: mem_gi * GI,
+            },
+            reserved: Amounts::default(),
+            schedulable: true,
+        }
+    }
+
+    fn demand(w: &str, replicas: u32, mem_gi: u64) -> Demand {
+        Demand {
+            workload: w.into(),
+            replicas,
+            node_selector: BTreeMap::new(),
+            request: Amounts {
+                cpu_millis: 100,
+                memory_bytes: mem_gi * GI,
+            },
+            current: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn replicas_spread_across_nodes() {
+        let nodes = [node("a", &[], 8), node("b", &[], 8), node("c", &[], 8)];
+        let p = place(&[demand("web", 6, 1)], &nodes);
+        for n in ["a", "b", "c"] {
+            assert_eq!(p.on_node("web", n).len(), 2, "{p:?}");
+        }
+        assert!(p.unplaced.is_empty());
+    }
+
+    #[test]
+    fn running_replicas_stay_and_only_the_missing_ones_move() {
+        let nodes = [node("a", &[], 8), node("b", &[], 8), node("c", &[], 8)];
+        let mut d = demand("web", 3, 1);
+        d.current = [
+            (0, "a".to_string()),
+            (1, "a".to_string()),
+            (2, "b".to_string()),
+        ]
+        .into();
+        let p = place(&[d.clone()], &nodes);
+        assert_eq!(p.assigned[&("web".into(), 0)], "a");
+        assert_eq!(p.assigned[&("web".into(), 1)], "a");
+        assert_eq!(p.assigned[&("web".into(), 2)], "b");
+        // Node a goes away: its two replicas move, spread over b and c; b's stays.
+        let mut gone = nodes.clone();
+        gone[0].schedulable = false;
+        let p = place(&[d], &gone);
+        assert_eq!(p.assigned[&("web".into(), 2)], "b");
+        assert_eq!(p.on_node("web", "a").len(), 0);
+        let (b, c) = (p.on_node("web", "b").len(), p.on_node("web", "c").len());
+        assert_eq!(b + c, 3, "{p:?}");
+        assert!(b.abs_diff(c) <= 1, "spread: {p:?}");
+    }
+
+    #[test]
+    fn selectors_and_room_decide_and_refusals_have_reasons() {
+        let nodes = [
+            node("edge-1", &[("zone", "north")], 2),
+            node("edge-2", &[("zone", "south")], 2),
+        ];
+        let mut north = demand("n", 3, 1);
+        north.node_selector = [("zone".to_string(), "north".to_string())].into();
+        let p = place(&[north], &nodes);
+        assert_eq!(p.on_node("n", "edge-1").len(), 2);
+        assert_eq!(
+            p.unplaced[&("n".into(), 2)],
+            Unplaced::InsufficientMemory,
+            "the third does not fit the 2 GiB node"
+        );
+        let mut nowhere = demand("x", 1, 1);
+        nowhere.node_selector = [("zone".to_string(), "east".to_string())].into();
+        let p = place(&[nowhere], &nodes);
+        assert_eq!(p.unplaced[&("x".into(), 0)], Unplaced::NoMatchingNode);
+        let mut cpu_heavy = demand("c", 1, 0);
+        cpu_heavy.request.cpu_millis = 4000;
+        let p = place(&[cpu_heavy], &nodes);
+        assert_eq!(p.unplaced[&("c".into(), 0)], Unplaced::InsufficientCpu);
+        assert_eq!(Unplaced::InsufficientCpu.reason(), "InsufficientCPU");
+    }
+
+    #[test]
+    fn placement_is_deterministic_and_never_overcommits() {
+        let nodes: Vec<NodeInfo> = (0..5).map(|i| node(&format!("n{i}"), &[], 4)).collect();
+        let demands: Vec<Demand> = (0..7).map(|i| demand(&format!("w{i}"), 3, 1)).collect();
+        let p1 = place(&demands, &nodes);
+        let p2 = place(&demands, &nodes);
+        assert_eq!(p1, p2);
+        // 5 nodes x 4 GiB = 20 replicas of 1 GiB fit; 21 were asked for.
+        assert_eq!(p1.assigned.len(), 20);
+        assert_eq!(p1.unplaced.len(), 1);
+        for n in &nodes {
+            let used = p1.assigned.values().filter(|x| **x == n.id).count();
+            assert!(used <= 4, "{} holds {used}", n.id);
+        }
+    }
+}
