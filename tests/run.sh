@@ -13,4 +13,6 @@ if (($#)); then
   cargo test "$@"
 else
   cargo test --workspace
+  # A short coverage-guided fuzz of every untrusted-input parser (about 15 s each).
+  tests/fuzz/run.sh 15
 fi
