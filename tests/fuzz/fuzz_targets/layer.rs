@@ -74,11 +74,36 @@ fn listing(root: &Path, target: &Path) -> BTreeMap<PathBuf, Snapshot> {
     out
 }
 
+const OUTER_PREFIX: &str = "hyperbox-fuzz-layer-";
+
+fn remove_stale_outer_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(OUTER_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn outer() -> &'static Outer {
     static OUTER: OnceLock<Outer> = OnceLock::new();
     OUTER.get_or_init(|| {
+        // libFuzzer leaves by exit(), so statics are never dropped: name the outer dir by pid
+        // and remove those of processes that are gone (a crashed run's dir stays until then,
+        // for a look at what happened).
+        remove_stale_outer_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("hyperbox-fuzz-layer")
+            .prefix(&format!("{OUTER_PREFIX}{}-", std::process::id()))
             .tempdir()
             .unwrap();
         let root = dir.path().to_path_buf();
