@@ -13,4 +13,7 @@ if (($#)); then
   cargo test "$@"
 else
   cargo test --workspace
+  # A short coverage-guided fuzz of every untrusted-input parser (15 s each; an unoptimized
+  # build because building dominates a run this short).
+  FUZZ_PROFILE=dev tests/fuzz/run.sh 15
 fi

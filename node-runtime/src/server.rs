@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hyperbox_api::validate::{parse_json_workload, FieldError};
-use hyperbox_api::{ApiError, ResourceAmounts};
+use hyperbox_api::{ApiError, ResourceAmounts, Workload};
 use subtle::ConstantTimeEq;
 
 use crate::supervisor::Supervisor;
@@ -85,27 +85,19 @@ fn conflict_fields(names: &[String], conflicts: Vec<(usize, String)>) -> Vec<Fie
         .collect()
 }
 
-async fn apply(
-    State(sup): State<AppState>,
-    Query(who): Query<ManagerQuery>,
-    body: axum::body::Bytes,
-) -> Response {
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
+/// Parses and validates a `POST /v1/workloads` body (`{"workloads": [...]}`): every item must
+/// be a valid Workload and names must be unique. On failure returns the message and the field
+/// errors the handler answers 400 with; nothing of an invalid request is applied.
+pub fn parse_apply_body(body: &[u8]) -> Result<Vec<Workload>, (String, Vec<FieldError>)> {
+    let value: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("request body is not json: {e}"),
-                vec![],
-            )
-        }
+        Err(e) => return Err((format!("request body is not json: {e}"), vec![])),
     };
     let Some(items) = value.get("workloads").and_then(|w| w.as_array()).cloned() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "request body needs a \"workloads\" array",
+        return Err((
+            "request body needs a \"workloads\" array".to_string(),
             vec![],
-        );
+        ));
     };
     let mut workloads = Vec::new();
     let mut fields = Vec::new();
@@ -132,16 +124,32 @@ async fn apply(
             });
         }
     }
+    if !fields.is_empty() {
+        return Err(("invalid workload".to_string(), fields));
+    }
+    Ok(workloads)
+}
+
+async fn apply(
+    State(sup): State<AppState>,
+    Query(who): Query<ManagerQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let workloads = match parse_apply_body(&body) {
+        Ok(w) => w,
+        // Nothing of an invalid request is applied.
+        Err((msg, fields)) => return error(StatusCode::BAD_REQUEST, msg, fields),
+    };
     // The node's own policy (host paths): a refusal names the field and the rule.
+    let mut refused = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
-        fields.extend(sup.admit(w).into_iter().map(|mut e| {
+        refused.extend(sup.admit(w).into_iter().map(|mut e| {
             e.field = format!("workloads[{i}].{}", e.field);
             e
         }));
     }
-    if !fields.is_empty() {
-        // Nothing of an invalid request is applied.
-        return error(StatusCode::BAD_REQUEST, "invalid workload", fields);
+    if !refused.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "refused by node policy", refused);
     }
     let names: Vec<String> = workloads.iter().map(|w| w.metadata.name.clone()).collect();
     match sup

@@ -493,7 +493,7 @@ fn check_layer_media_type(mt: &str) -> Result<(), String> {
     }
 }
 
-fn parse_image_config(json: &str) -> Result<ImageConfig, String> {
+pub fn parse_image_config(json: &str) -> Result<ImageConfig, String> {
     #[derive(Deserialize)]
     struct Outer {
         #[serde(default)]
