@@ -13,4 +13,7 @@ if (($#)); then
   cargo test "$@"
 else
   cargo test --workspace
+  # Chaos soak: 20 rounds of kill -9, pushes, outages and drift deletes, on the debug build
+  # made above (no release build in CI).
+  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/chaos/run.sh 20
 fi
