@@ -8,6 +8,8 @@
 #   CHAOS_SEED=N         replay a run (the seed is printed first)
 #   HYPERBOX_BIN_DIR=D   use the binaries in D (e.g. target/debug) instead of a release build
 #   CHAOS_KEEP=1         keep the work dir (logs) after the run
+#   CHAOS_STRESS_CREATE=N  instead of the soak, recreate one workload N times on the node alone
+#                        and stop at the first create that hangs (CHAOS_HOLD=1 keeps it for gdb)
 # Needs root on Linux (Debian 12): real containers, mounts and cgroups.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,4 +65,4 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 python3 tests/chaos/chaos.py --rounds "$rounds" --seed "$seed" --bin-dir "$bin" --work "$work" \
-  --cgroup-parent "/$cg" --repo-root "$PWD"
+  --cgroup-parent "/$cg" --repo-root "$PWD" --stress-create "${CHAOS_STRESS_CREATE:-0}"
