@@ -485,12 +485,15 @@ class Chaos:
         return head, took, not problems
 
     def repair(self, n):
-        """A node that did not converge is restarted (kill -9), so that one stuck node does not
-        fail every later round: later violations are then new ones."""
+        """After a round that did not converge, the node and the operator are restarted
+        (kill -9), so that one stuck daemon does not fail every later round: later violations
+        are then new ones."""
         self.stats["repairs"] += 1
-        log(f"round {n}: repair: kill -9 the node and restart it")
+        log(f"round {n}: repair: kill -9 the node and the operator, restart both")
         self.node.kill9()
+        self.op.kill9()
         self.up_node(f"(repair after round {n})")
+        self.op.start(f"(repair after round {n})")
         head = self.head()
         t0 = time.monotonic()
         problems = []
@@ -500,10 +503,10 @@ class Chaos:
                 break
             time.sleep(0.25)
         if problems:
-            self.violation(n, "repair", "still not converged 90 s after a node restart:\n  " + "\n  ".join(problems),
+            self.violation(n, "repair", "still not converged 90 s after restarting node and operator:\n  " + "\n  ".join(problems),
                            logs=True)
         else:
-            log(f"round {n}: repaired: converged {time.monotonic() - t0:.1f}s after the node restart")
+            log(f"round {n}: repaired: converged {time.monotonic() - t0:.1f}s after the restarts")
             self.check(n, head)
 
     def violation(self, n, cat, detail, logs=False):
@@ -525,6 +528,16 @@ class Chaos:
                     fstype = parts[parts.index("-") + 1]
                     out.append((mp, fstype))
         return out
+
+    @staticmethod
+    def describe(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = dict(l.split(":\t", 1) for l in f.read().splitlines() if ":\t" in l)
+            return (f"{st.get('Name', '?').strip()}, ppid {st.get('PPid', '?').strip()}, "
+                    f"{st.get('State', '?').strip()}, fds {len(os.listdir(f'/proc/{pid}/fd'))}")
+        except OSError:
+            return "gone"
 
     def our_processes(self):
         """Pids whose environment carries this run's tag: every container process (and probe)."""
@@ -634,6 +647,34 @@ class Chaos:
                 bad("processes", f"pid {pid} of {wl}, which Git no longer wants, still runs")
             elif cids[cid][0] != wl:
                 bad("processes", f"pid {pid} of {wl} sits in {cid} of {cids[cid][0]}")
+        # nothing else in the containers' cgroups: a process there that is not a container
+        # process of ours (no run tag: e.g. a runtime helper that never exec'd) is a leak
+        ours = self.our_processes()
+        for cid, path in self.cgroup_dirs("pids").items():
+            try:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for pid in pids:
+                if pid not in ours:
+                    bad("processes", f"pid {pid} ({self.describe(pid)}) in container cgroup {cid} "
+                                     f"is not a container process")
+        # forks of the node daemon that outlived it or never exec'd (they hold the daemon's fds)
+        node_exe = os.path.realpath(os.path.join(self.bin, "hyperbox-node"))
+        for e in os.scandir("/proc"):
+            if not e.name.isdigit() or self.node.p is None or int(e.name) == self.node.p.pid:
+                continue
+            try:
+                if os.readlink(f"/proc/{e.name}/exe") != node_exe:
+                    continue
+                with open(f"/proc/{e.name}/cmdline", "rb") as f:
+                    if self.state.encode() not in f.read():
+                        continue
+            except OSError:
+                continue
+            bad("processes", f"pid {e.name} ({self.describe(int(e.name))}) is a fork of the node daemon "
+                             f"that is not the daemon")
         # mounts
         mounts = self.mounts()
         seen = {}
