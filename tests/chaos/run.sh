@@ -40,6 +40,13 @@ cleanup() {
     kill -9 -- "-$p" 2>/dev/null
     kill -9 "$p" 2>/dev/null
   done
+  # Forks of the node daemon that outlived it (runtime helpers that never exec'd) carry the
+  # daemon's command line, which names the work dir.
+  for f in /proc/[0-9]*/cmdline; do
+    p=${f#/proc/}; p=${p%/cmdline}
+    [ "$p" = $$ ] && continue
+    grep -qF -- "$work/" "$f" 2>/dev/null && kill -9 "$p" 2>/dev/null
+  done
   # Containers outlive the node by design: kill them through their cgroups.
   for _ in 1 2 3; do
     for p in $(cat /sys/fs/cgroup/pids/"$cg"/*/cgroup.procs /sys/fs/cgroup/pids/"$cg"/cgroup.procs 2>/dev/null); do
