@@ -13,6 +13,9 @@ if (($#)); then
   cargo test "$@"
 else
   cargo test --workspace
+  # Chaos soak: 20 rounds of kill -9, pushes, outages and drift deletes, on the debug build
+  # made above (no release build in CI).
+  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/chaos/run.sh 20
   # A short coverage-guided fuzz of every untrusted-input parser (15 s each; an unoptimized
   # build because building dominates a run this short).
   FUZZ_PROFILE=dev tests/fuzz/run.sh 15

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build a busybox-static OCI image with umoci and push it with skopeo.
-# usage: build-busybox-image.sh REGISTRY_ADDR REPO:TAG
+# usage: build-busybox-image.sh REGISTRY_ADDR REPO:TAG [PAD_MB]
+# PAD_MB adds /pad, that many MiB of random bytes (a slower pull, and a unique digest).
 set -euo pipefail
-addr=$1 ref=$2
+addr=$1 ref=$2 pad_mb=${3:-0}
 tag=${ref##*:}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -12,6 +13,9 @@ umoci unpack --image "$work/oci:$tag" "$work/bundle" >/dev/null
 root="$work/bundle/rootfs"
 mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/www"
 chmod 1777 "$root/tmp"
+if [ "$pad_mb" -gt 0 ]; then
+  head -c "$((pad_mb << 20))" /dev/urandom >"$root/pad"
+fi
 cp /bin/busybox "$root/bin/busybox"
 for applet in $(/bin/busybox --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
