@@ -156,6 +156,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The container spawner: a single-threaded helper the daemon starts (see
+    // `container::spawner`). Checked before anything else runs, so it never has a second thread.
+    if std::env::args().nth(1).as_deref() == Some(hyperbox_node::container::spawner::SPAWNER_ARG) {
+        hyperbox_node::container::spawner::serve();
+    }
     run_main(run(Cli::parse()))
 }
 

@@ -7,20 +7,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyperbox_api::{NetworkMode, Workload};
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
 
 use crate::erofs::mount_overlay;
 use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
 use crate::image::PreparedImage;
 use crate::policy::NodePolicy;
 
-/// libcontainer changes the *process* working directory while it creates a container (to bind
-/// and connect its notify socket by a short relative path) and changes it back afterwards. In a
-/// multi-threaded daemon two creations at once would race on the cwd, so every libcontainer
-/// create/start/exec runs under this lock (and the daemon itself works from `/`).
-static LIBCONTAINER_CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Where the runtime keeps container state.
 #[derive(Debug, Clone)]
@@ -45,6 +37,7 @@ impl RuntimeDirs {
     }
 }
 
+pub mod spawner;
 mod spec;
 pub use spec::{oci_spec, read_in_root, resolve_process, ProcessSpec};
 
@@ -77,58 +70,22 @@ pub fn create_and_start(
         let spec = oci_spec(req.workload, &process, dirs, policy, req.id)?;
         fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)
             .context("write config.json")?;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(req.log_file)
-            .with_context(|| format!("open log {}", req.log_file.display()))?;
-        let log_err: OwnedFd = log.try_clone().context("dup log fd")?.into();
-        let devnull: OwnedFd = fs::File::open("/dev/null")
-            .context("open /dev/null")?
-            .into();
         let prepared = t0.elapsed();
-        tracing::debug!(container = req.id, "rootfs and spec ready, creating");
-        let _cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
-        tracing::debug!(
-            container = req.id,
-            waited_us = (t0.elapsed() - prepared).as_micros() as u64,
-            "libcontainer lock taken"
-        );
-        let mut container = ContainerBuilder::new(req.id.to_string(), SyscallType::default())
-            .with_executor(DefaultExecutor {})
-            .with_root_path(&dirs.libcontainer_root)
-            .map_err(|e| anyhow!("libcontainer root: {e}"))?
-            .with_stdin(devnull)
-            .with_stdout(OwnedFd::from(log))
-            .with_stderr(log_err)
-            .validate_id()
-            .map_err(|e| anyhow!("container id {}: {e}", req.id))?
-            .as_init(&bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| anyhow!("create container {}: {e}", req.id))?;
-        if req.workload.spec.network == NetworkMode::None {
-            let pid = container
-                .pid()
-                .ok_or_else(|| anyhow!("container {} has no pid after create", req.id))?;
-            bring_up_loopback(pid.as_raw())?;
-        }
-        let built = t0.elapsed();
-        container
-            .start()
-            .map_err(|e| anyhow!("start container {}: {e}", req.id))?;
+        // libcontainer's clones run in the single-threaded spawner (see `spawner`).
+        let pid = spawner::request(&spawner::Request::Create {
+            id: req.id.to_string(),
+            root: dirs.libcontainer_root.clone(),
+            bundle: bundle.clone(),
+            log: req.log_file.to_path_buf(),
+            loopback: req.workload.spec.network == NetworkMode::None,
+        })?;
         tracing::debug!(
             container = req.id,
             rootfs_and_spec_us = prepared.as_micros() as u64,
-            create_us = (built - prepared).as_micros() as u64,
-            start_us = (t0.elapsed() - built).as_micros() as u64,
+            create_and_start_us = (t0.elapsed() - prepared).as_micros() as u64,
             "container created and started"
         );
-        container
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or_else(|| anyhow!("container {} has no pid after start", req.id))
+        Ok(pid)
     })();
     if result.is_err() {
         let _ = destroy(dirs, req.id);
@@ -145,7 +102,7 @@ struct IfReqFlags {
 
 /// A fresh network namespace has its loopback down; services inside expect 127.0.0.1 to work
 /// (runc brings it up too). Done from a short-lived thread: setns only moves that thread.
-fn bring_up_loopback(pid: i32) -> Result<()> {
+pub(crate) fn bring_up_loopback(pid: i32) -> Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
     const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
@@ -349,31 +306,20 @@ pub fn exec_in(
     command: &[String],
     timeout: std::time::Duration,
 ) -> Result<i32> {
-    let devnull = || -> Result<OwnedFd> {
-        Ok(fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")?
-            .into())
+    let pid = spawner::request(&spawner::Request::Exec {
+        id: id.to_string(),
+        root: dirs.libcontainer_root.clone(),
+        args: command.to_vec(),
+    })
+    .with_context(|| format!("exec in {id}"))?;
+    // Our unreaped child (a sibling of the spawner): the pid is still it.
+    let proc = match crate::runtime::ProcHandle::open_child(pid) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = wait_exit(pid);
+            bail!("exec in {id}: pidfd of {pid}: {e}");
+        }
     };
-    let cwd = LIBCONTAINER_CWD.lock().unwrap_or_else(|e| e.into_inner());
-    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
-        .with_root_path(&dirs.libcontainer_root)
-        .map_err(|e| anyhow!("libcontainer root: {e}"))?
-        .with_stdin(devnull()?)
-        .with_stdout(devnull()?)
-        .with_stderr(devnull()?)
-        .as_tenant()
-        .with_container_args(command.to_vec())
-        .with_detach(true)
-        .build()
-        .map_err(|e| anyhow!("exec in {id}: {e}"))?;
-    drop(cwd);
-    let pid = pid.as_raw();
-    // Our unreaped child: the pid is still it.
-    let proc = crate::runtime::ProcHandle::open_child(pid)
-        .map_err(|e| anyhow!("exec in {id}: pidfd of {pid}: {e}"))?;
     if !proc.wait_gone(Some(timeout)) {
         let _ = proc.signal(libc::SIGKILL);
         let _ = wait_exit(pid);
@@ -394,6 +340,7 @@ pub fn wait_exit(pid: i32) -> Result<i32> {
         // SAFETY: plain waitpid on a pid we created.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
         if r == pid {
+            spawner::disown(pid);
             if libc::WIFEXITED(status) {
                 return Ok(libc::WEXITSTATUS(status));
             }

@@ -39,6 +39,7 @@ mod pull;
 
 use crate::fsutil::{now_unix, remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
 pub use auth::auth_from_docker_config;
+pub use pull::parse_image_config;
 
 /// Errors a user can act on carry a Kubernetes-style reason.
 #[derive(Debug, thiserror::Error)]
