@@ -251,6 +251,9 @@ impl Runtime for LibcontainerRuntime {
         if proc.wait_gone(Some(Duration::ZERO)) {
             return Err(format!("pid {} exited during the check", identity.pid));
         }
+        // An exec probe interrupted by the daemon's death leaves libcontainer's helper waiting
+        // in the container's cgroup for a message that never comes: remove it.
+        container::kill_stray_helpers(&self.dirs, id, identity.pid);
         Ok(proc)
     }
 

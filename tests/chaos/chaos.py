@@ -529,6 +529,17 @@ class Chaos:
                     out.append((mp, fstype))
         return out
 
+    def exec_in_flight(self, pid):
+        """An exec readiness probe the running node started (its child): it sits in the
+        container's cgroup for as long as the probe runs, and is not a leak."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        return self.node.p is not None and ppid == self.node.p.pid
+
     @staticmethod
     def describe(pid):
         try:
@@ -657,7 +668,7 @@ class Chaos:
             except OSError:
                 continue
             for pid in pids:
-                if pid not in ours:
+                if pid not in ours and not self.exec_in_flight(pid):
                     bad("processes", f"pid {pid} ({self.describe(pid)}) in container cgroup {cid} "
                                      f"is not a container process")
         # forks of the node daemon that outlived it or never exec'd (they hold the daemon's fds)

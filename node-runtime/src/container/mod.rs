@@ -13,7 +13,6 @@ use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
 use crate::image::PreparedImage;
 use crate::policy::NodePolicy;
 
-
 /// Where the runtime keeps container state.
 #[derive(Debug, Clone)]
 pub struct RuntimeDirs {
@@ -165,6 +164,27 @@ fn cgroup_pids(dirs: &RuntimeDirs, id: &str) -> Vec<i32> {
     pids.sort_unstable();
     pids.dedup();
     pids
+}
+
+/// SIGKILL libcontainer helper processes (named `youki:[…]`, never exec'd) in the container's
+/// cgroups, except the container's init: what an exec left behind when the daemon died.
+pub fn kill_stray_helpers(dirs: &RuntimeDirs, id: &str, init: i32) {
+    for pid in cgroup_pids(dirs, id) {
+        if pid == init {
+            continue;
+        }
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with("youki:") {
+            tracing::warn!(
+                container = id,
+                pid,
+                comm = comm.trim(),
+                "killing a runtime helper left in the container"
+            );
+            // SAFETY: kill has no memory arguments; the pid is in the container's cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// SIGKILL every process in the container's cgroups and wait (briefly) for them to go. A
