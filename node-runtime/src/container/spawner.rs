@@ -175,36 +175,40 @@ fn exchange(r: &mut Running, req: &Request) -> Result<Reply> {
 /// that exit right after starting a container and that nobody else waits for. Only zombies
 /// named like them, and never a pid the daemon waits for itself, are touched.
 pub fn reap_intermediates() {
-    let me = std::process::id() as i32;
     let owned: HashSet<i32> = OWNED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .unwrap_or_default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    // Only the daemon's own children: each thread's `children` file (cheap, unlike a scan of
+    // every process of the machine).
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return;
     };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+    for t in tasks.flatten() {
+        let Ok(list) = std::fs::read_to_string(t.path().join("children")) else {
             continue;
         };
-        if owned.contains(&pid) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let mut rest = stat[close + 2..].split(' ');
-        let state = rest.next();
-        let ppid = rest.next().and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(me) && state == Some("Z") && comm.starts_with("youki:[1:INTER") {
-            let mut status = 0;
-            // SAFETY: non-blocking waitpid of one specific zombie child.
-            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        for pid in list
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if owned.contains(&pid) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let state = stat[close + 2..].split(' ').next();
+            if state == Some("Z") && comm.starts_with("youki:[1:INTER") {
+                let mut status = 0;
+                // SAFETY: non-blocking waitpid of one specific zombie child.
+                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+            }
         }
     }
 }
