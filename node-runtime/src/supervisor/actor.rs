@@ -839,23 +839,11 @@ impl Actor {
         }
         // The record always matches its spec, but be lenient with a hand-edited one.
         let want = desired_replicas(&self.rec.workload);
-        let extra: Vec<Replica> = {
-            let (keep, extra) = std::mem::take(&mut self.rec.replicas)
-                .into_iter()
-                .partition(|r| r.index < want);
-            self.rec.replicas = keep;
-            extra
-        };
-        for r in extra {
-            self.retire(false, r, grace);
+        if self.rec.replicas.len() != want as usize
+            || self.rec.replicas.iter().any(|r| r.index >= want)
+        {
+            self.scale(want, grace);
         }
-        for index in 0..want {
-            if !self.rec.replicas.iter().any(|r| r.index == index) {
-                let r = self.new_replica(index);
-                self.rec.replicas.push(r);
-            }
-        }
-        self.rec.replicas.sort_by_key(|r| r.index);
         if self.rec.deleting {
             for r in std::mem::take(&mut self.rec.replicas) {
                 self.retire(true, r, grace);

@@ -52,6 +52,14 @@ fn sup(dir: &std::path::Path, rt: &Arc<FakeRuntime>) -> Arc<Supervisor> {
     .unwrap()
 }
 
+/// A state dir, the in-memory runtime and a supervisor over both.
+fn setup() -> (tempfile::TempDir, Arc<FakeRuntime>, Arc<Supervisor>) {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::new());
+    let s = sup(dir.path(), &rt);
+    (dir, rt, s)
+}
+
 fn workload(name: &str, extra: &str) -> Workload {
     serde_norway::from_str(&format!(
         "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  image: reg/img:1\n  terminationGracePeriodSeconds: 1\n{extra}"
@@ -91,9 +99,7 @@ async fn wait_status(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_applies_of_a_new_name_make_one_workload() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let s = s.clone();
@@ -118,9 +124,7 @@ async fn concurrent_applies_of_a_new_name_make_one_workload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_then_quick_reapply_keeps_the_new_workload() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     s.apply(vec![workload("a", "")]).await.unwrap();
     eventually("running", || rt.running().len() == 1).await;
     let old = rt.running();
@@ -169,9 +173,7 @@ async fn an_abandoned_delete_completes_and_never_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_cut_short_by_a_crash_is_finished_by_recovery() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     s.apply(vec![workload("a", "")]).await.unwrap();
     eventually("running", || rt.running().len() == 1).await;
     s.detach_all().await;
@@ -195,9 +197,7 @@ async fn a_delete_cut_short_by_a_crash_is_finished_by_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_adopts_proven_containers_and_replaces_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     s.apply(vec![workload("a", "  replicas: 2\n")])
         .await
         .unwrap();
@@ -223,9 +223,7 @@ async fn recovery_adopts_proven_containers_and_replaces_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_record_keeps_its_containers_and_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     s.apply(vec![workload("web", ""), workload("other", "")])
         .await
         .unwrap();
@@ -269,9 +267,7 @@ async fn an_unreadable_record_keeps_its_containers_and_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_change_stops_old_containers_before_new_ones_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     s.apply(vec![workload("a", "  replicas: 2\n")])
         .await
         .unwrap();
@@ -294,9 +290,7 @@ async fn a_spec_change_stops_old_containers_before_new_ones_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loops_restart_with_backoff_and_failed_starts_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     s.apply(vec![workload("a", "")]).await.unwrap();
     for round in 0..3 {
         eventually("running", || rt.running().len() == 1).await;
@@ -319,9 +313,7 @@ async fn crash_loops_restart_with_backoff_and_failed_starts_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_failures_back_off_and_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     let mut w = workload("a", "");
     w.spec.image = "reg/missing:1".into();
     s.apply(vec![w]).await.unwrap();
@@ -335,9 +327,7 @@ async fn image_failures_back_off_and_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_applies_and_deletes_never_fail_or_leave_strays() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     for round in 0..40 {
         let a = {
             let s = s.clone();
@@ -368,9 +358,7 @@ async fn racing_applies_and_deletes_never_fail_or_leave_strays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_keeps_the_survivors() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     s.apply(vec![workload("a", "  replicas: 2\n")])
         .await
         .unwrap();
@@ -407,9 +395,7 @@ fn rfc3339() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_one_replica_leaves_the_others_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, rt, s) = setup();
     s.apply(vec![workload("a", "  replicas: 2\n")])
         .await
         .unwrap();
@@ -442,9 +428,7 @@ async fn restarting_one_replica_leaves_the_others_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managers_own_what_they_apply() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (_dir, _rt, s) = setup();
     let a = Some("git:a".to_string());
     let b = Some("git:b".to_string());
     s.apply_as(vec![workload("w", "")], a.clone(), false)
@@ -498,9 +482,7 @@ async fn managers_own_what_they_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_replica_stays_stopped_until_restarted() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Arc::new(FakeRuntime::new());
-    let s = sup(dir.path(), &rt);
+    let (dir, rt, s) = setup();
     s.apply(vec![workload("a", "  replicas: 2\n")])
         .await
         .unwrap();
