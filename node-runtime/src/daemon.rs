@@ -42,8 +42,8 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         bail!("hyperbox-node serve must run as root (it creates namespaces, cgroups and mounts)");
     }
     let state = &opts.state_dir;
-    // Work from `/`: libcontainer returns to the daemon's cwd after each container start, and
-    // that directory must never be one that gets deleted.
+    // Work from `/`: the container spawner inherits this cwd, libcontainer returns to it after
+    // each container start, and it must never be a directory that gets deleted.
     let state_abs =
         std::path::absolute(state).with_context(|| format!("resolve {}", state.display()))?;
     let socket_abs = std::path::absolute(&opts.socket)

@@ -21,8 +21,10 @@ use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists, write_json_atomic_nos
 use crate::image::{ImageError, PreparedImage};
 use crate::runtime::{ProcHandle, Started};
 
-/// Longest grace period a stop allows before SIGKILL, whatever the spec says.
-pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+/// Longest grace period a stop allows before SIGKILL, whatever the spec says: the same cap
+/// validation puts on the spec (a record written before the cap still obeys it).
+pub const MAX_GRACE: Duration =
+    Duration::from_secs(hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS as u64);
 
 pub(crate) enum Msg {
     Apply {

@@ -441,34 +441,35 @@ impl Supervisor {
     /// Restart one replica, or all: false when the workload or the replica does not exist.
     /// Answers once the restart is under way (the old containers stop, then new ones start).
     pub async fn restart(&self, name: &str, replica: Option<u32>) -> Result<bool> {
+        Ok(self
+            .ask(name, |reply| Msg::Restart { replica, reply })
+            .await)
+    }
+
+    /// Send the workload's actor a message that answers yes or no; false when there is no
+    /// such workload (or its actor is gone).
+    async fn ask(&self, name: &str, msg: impl FnOnce(oneshot::Sender<bool>) -> Msg) -> bool {
         let handle = self.shared.registry.lock().await.get(name).cloned();
         let Some(h) = handle else {
-            return Ok(false);
+            return false;
         };
         let (reply, answer) = oneshot::channel();
-        if h.tx.send(Msg::Restart { replica, reply }).is_err() {
-            return Ok(false);
+        if h.tx.send(msg(reply)).is_err() {
+            return false;
         }
-        Ok(answer.await.unwrap_or(false))
+        answer.await.unwrap_or(false)
     }
 
     /// Evict one replica: stop it and keep it stopped with `reason` (for pressure protection
     /// and controllers that re-place work); false when there is no such replica.
     pub async fn evict(&self, name: &str, replica: u32, reason: &str) -> Result<bool> {
-        let handle = self.shared.registry.lock().await.get(name).cloned();
-        let Some(h) = handle else {
-            return Ok(false);
-        };
-        let (reply, answer) = oneshot::channel();
-        let msg = Msg::Evict {
-            replica,
-            reason: reason.to_string(),
-            reply,
-        };
-        if h.tx.send(msg).is_err() {
-            return Ok(false);
-        }
-        Ok(answer.await.unwrap_or(false))
+        Ok(self
+            .ask(name, |reply| Msg::Evict {
+                replica,
+                reason: reason.to_string(),
+                reply,
+            })
+            .await)
     }
 
     async fn snapshots(&self) -> Vec<Arc<WorkloadRecord>> {

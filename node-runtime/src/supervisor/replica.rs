@@ -348,30 +348,7 @@ impl Replica {
                     identity,
                     started_at_ms,
                 },
-            ) => {
-                let token = self.next_token();
-                self.stage = Stage::Running {
-                    container_id: container_id.clone(),
-                    identity,
-                    started_at_ms,
-                };
-                self.set(Phase::Running, None, None);
-                self.ready = !policy.has_probe;
-                let mut out = vec![
-                    Action::WatchExit {
-                        token,
-                        container_id: container_id.clone(),
-                    },
-                    Action::Persist,
-                ];
-                if policy.has_probe {
-                    out.push(Action::StartProbe {
-                        token,
-                        container_id,
-                    });
-                }
-                out
-            }
+            ) => self.running(container_id, identity, started_at_ms, policy, true),
             (Stage::Idle, Event::Lost) => {
                 self.ready = false;
                 self.last_exit_code = None;
@@ -424,21 +401,9 @@ impl Replica {
                 },
                 Event::Started { identity, .. },
             ) => {
-                let token = self.next_token();
-                self.stage = Stage::Running {
-                    container_id: container_id.clone(),
-                    identity,
-                    started_at_ms: now_ms,
-                };
-                self.set(Phase::Running, None, None);
-                self.ready = !policy.has_probe;
-                let mut out = vec![
-                    Action::WatchExit {
-                        token,
-                        container_id: container_id.clone(),
-                    },
-                    Action::Persist,
-                ];
+                // A stop that arrived during the create applies at once: no probe then.
+                let probe = stop_grace_ms.is_none();
+                let mut out = self.running(container_id, identity, now_ms, policy, probe);
                 if let Some(grace) = stop_grace_ms {
                     out.extend(self.handle(
                         Event::Stop {
@@ -447,11 +412,6 @@ impl Replica {
                         now_ms,
                         policy,
                     ));
-                } else if policy.has_probe {
-                    out.push(Action::StartProbe {
-                        token,
-                        container_id,
-                    });
                 }
                 out
             }
@@ -561,6 +521,40 @@ impl Replica {
                 Vec::new()
             }
         }
+    }
+
+    /// Enter Running with this container (just started, or adopted): watch its exit, and
+    /// probe it when the spec has a probe and `probe` allows.
+    fn running(
+        &mut self,
+        container_id: String,
+        identity: ProcIdentity,
+        started_at_ms: u64,
+        policy: &Policy,
+        probe: bool,
+    ) -> Vec<Action> {
+        let token = self.next_token();
+        self.stage = Stage::Running {
+            container_id: container_id.clone(),
+            identity,
+            started_at_ms,
+        };
+        self.set(Phase::Running, None, None);
+        self.ready = !policy.has_probe;
+        let mut out = vec![
+            Action::WatchExit {
+                token,
+                container_id: container_id.clone(),
+            },
+            Action::Persist,
+        ];
+        if probe && policy.has_probe {
+            out.push(Action::StartProbe {
+                token,
+                container_id,
+            });
+        }
+        out
     }
 
     fn prepare(&mut self, policy: &Policy) -> Vec<Action> {
