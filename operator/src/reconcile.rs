@@ -29,7 +29,6 @@ pub type Inventory = BTreeMap<String, InventoryEntry>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub spec_hash: String,
-    pub revision: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,10 +97,9 @@ pub fn plan(
             Some(o) if o.spec_hash != hash => Outcome::Updated,
             Some(_) => Outcome::Unchanged,
         };
-        let needs_apply = match observed.get(name) {
-            None => true,
-            Some(o) => o.spec_hash != hash || o.revision.as_deref() != Some(revision),
-        };
+        // A workload this revision leaves as it was is not sent again: it keeps the revision
+        // annotation of the commit that last changed it, and a push costs what it changed.
+        let needs_apply = observed.get(name).is_none_or(|o| o.spec_hash != hash);
         if needs_apply {
             p.apply.push(w.clone());
         }
@@ -202,7 +200,7 @@ mod tests {
         )
     }
 
-    fn observe(p: &Plan, rev: &str) -> BTreeMap<String, Observed> {
+    fn observe(p: &Plan) -> BTreeMap<String, Observed> {
         p.apply
             .iter()
             .map(|w| {
@@ -210,7 +208,6 @@ mod tests {
                     w.metadata.name.clone(),
                     Observed {
                         spec_hash: config_hash(w),
-                        revision: Some(rev.into()),
                     },
                 )
             })
@@ -228,7 +225,7 @@ mod tests {
         assert_eq!(p1.apply.len(), 2);
         assert_eq!(outcome(&p1, "a"), Outcome::Created);
         assert_eq!(p1.apply[0].metadata.annotations[REVISION_ANNOTATION], "r1");
-        let obs = observe(&p1, "r1");
+        let obs = observe(&p1);
 
         let p2 = plan(&s1, "r1", &p1.inventory, &obs, true);
         assert!(p2.apply.is_empty() && p2.delete.is_empty());
@@ -244,21 +241,27 @@ mod tests {
     }
 
     #[test]
-    fn new_revision_without_spec_change_only_reannotates() {
-        let s = set(&[("a.yaml", doc("a", "1"))]);
+    fn a_new_revision_sends_only_what_it_changed() {
+        let s = set(&[("a.yaml", doc("a", "1")), ("b.yaml", doc("b", "1"))]);
         let p1 = plan(&s, "r1", &Inventory::new(), &BTreeMap::new(), true);
-        let obs = observe(&p1, "r1");
+        let obs = observe(&p1);
         let p2 = plan(&s, "r2", &p1.inventory, &obs, true);
-        assert_eq!(p2.apply.len(), 1, "the node must learn the new revision");
+        assert!(p2.apply.is_empty(), "{:?}", p2.apply);
         assert_eq!(outcome(&p2, "a"), Outcome::Unchanged);
-        assert_eq!(config_hash(&p2.apply[0]), obs["a"].spec_hash);
+        assert_eq!(p2.inventory, p1.inventory);
+        let s3 = set(&[("a.yaml", doc("a", "2")), ("b.yaml", doc("b", "1"))]);
+        let p3 = plan(&s3, "r3", &p2.inventory, &obs, true);
+        assert_eq!(p3.apply.len(), 1);
+        assert_eq!(p3.apply[0].metadata.name, "a");
+        assert_eq!(p3.apply[0].metadata.annotations[REVISION_ANNOTATION], "r3");
+        assert_eq!(outcome(&p3, "b"), Outcome::Unchanged);
     }
 
     #[test]
     fn drift_is_restored() {
         let s = set(&[("a.yaml", doc("a", "1")), ("b.yaml", doc("b", "1"))]);
         let p1 = plan(&s, "r1", &Inventory::new(), &BTreeMap::new(), true);
-        let mut obs = observe(&p1, "r1");
+        let mut obs = observe(&p1);
         obs.remove("a"); // deleted on the node
         obs.get_mut("b").unwrap().spec_hash = "edited".into(); // changed on the node
         let p2 = plan(&s, "r1", &p1.inventory, &obs, true);
@@ -275,7 +278,7 @@ mod tests {
             ("c.yaml", doc("c", "1")),
         ]);
         let p1 = plan(&s1, "r1", &Inventory::new(), &BTreeMap::new(), true);
-        let obs = observe(&p1, "r1");
+        let obs = observe(&p1);
         let bad_b = doc("b", "2").replace("args:", "argz:");
         let s2 = set(&[
             ("a.yaml", doc("a", "2")),
@@ -306,7 +309,7 @@ mod tests {
         );
         let s1 = set(&[("a.yaml", doc("a", "1")), ("k.yaml", keep)]);
         let p1 = plan(&s1, "r1", &Inventory::new(), &BTreeMap::new(), true);
-        let obs = observe(&p1, "r1");
+        let obs = observe(&p1);
         let empty = set(&[]);
         let p2 = plan(&empty, "r2", &p1.inventory, &obs, true);
         assert_eq!(outcome(&p2, "a"), Outcome::Pruned);
@@ -325,7 +328,6 @@ mod tests {
             "someone-elses".to_string(),
             Observed {
                 spec_hash: "x".into(),
-                revision: None,
             },
         );
         let p = plan(&s, "r1", &Inventory::new(), &obs, true);

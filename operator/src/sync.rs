@@ -240,7 +240,6 @@ impl Syncer {
                         } else {
                             d.config_hash
                         },
-                        revision: d.revision,
                     },
                 )
             })
@@ -256,9 +255,9 @@ impl Syncer {
                 .iter()
                 .any(|w| w.outcome == Outcome::Failed)
             && self.inventory.iter().all(|(name, e)| {
-                observed.get(name).is_some_and(|o| {
-                    o.spec_hash == e.spec_hash && o.revision.as_deref() == Some(revision.as_str())
-                })
+                observed
+                    .get(name)
+                    .is_some_and(|o| o.spec_hash == e.spec_hash)
             });
         if unchanged {
             return Ok(Synced::Unchanged { revision });

@@ -217,11 +217,22 @@ pub fn spec_hash(w: &Workload) -> String {
     hash_of(&w.metadata.name, &spec)
 }
 
-/// Hash of the whole desired state of a workload (name and full spec, still without labels and
-/// annotations): a source compares it to tell whether the node has what it wants, scaling
-/// included.
+/// Hash of the whole desired state of a workload: name, full spec, labels and annotations,
+/// except the source revision annotation. A source compares it to tell whether the node has
+/// what it wants (scaling and metadata included); a new revision that leaves a workload as it
+/// was does not make it differ, so a push re-applies only what it changed.
 pub fn config_hash(w: &Workload) -> String {
-    hash_of(&w.metadata.name, &w.spec)
+    use sha2::{Digest, Sha256};
+    let mut annotations = w.metadata.annotations.clone();
+    annotations.remove(REVISION_ANNOTATION);
+    let mut h = Sha256::new();
+    h.update(w.metadata.name.as_bytes());
+    h.update(serde_json::to_vec(&w.spec).expect("serialize spec"));
+    h.update(b"\0labels");
+    h.update(serde_json::to_vec(&w.metadata.labels).expect("serialize labels"));
+    h.update(b"\0annotations");
+    h.update(serde_json::to_vec(&annotations).expect("serialize annotations"));
+    hex::encode(&h.finalize()[..16])
 }
 
 fn hash_of(name: &str, spec: &WorkloadSpec) -> String {
@@ -254,6 +265,22 @@ mod tests {
             .insert(REVISION_ANNOTATION.into(), "abc".into());
         assert_eq!(h, spec_hash(&annotated));
         assert_eq!(config_hash(&base), config_hash(&annotated));
+        // Other metadata is part of what a source wants: a change is applied, drift restored.
+        for key in ["team", "hyperbox.dev/prune"] {
+            let mut labelled = base.clone();
+            labelled.metadata.labels.insert(key.into(), "x".into());
+            assert_eq!(h, spec_hash(&labelled));
+            assert_ne!(config_hash(&base), config_hash(&labelled), "label {key}");
+            let mut noted = base.clone();
+            noted.metadata.annotations.insert(key.into(), "x".into());
+            assert_eq!(h, spec_hash(&noted));
+            assert_ne!(config_hash(&base), config_hash(&noted), "annotation {key}");
+            assert_ne!(
+                config_hash(&labelled),
+                config_hash(&noted),
+                "label vs annotation {key}"
+            );
+        }
         for extra in [
             "  replicas: 3\n",
             "  priority: 5\n",

@@ -17,7 +17,7 @@ use super::record::{self, WorkloadRecord};
 use super::replica::{Action, Event, ImageFailure, Policy, Replica, Stage};
 use super::Shared;
 use crate::container::StartRequest;
-use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists, write_json_atomic_nosync};
+use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists};
 use crate::image::{ImageError, PreparedImage};
 use crate::runtime::{ProcHandle, Started};
 
@@ -401,13 +401,8 @@ impl Actor {
         self.rec.deleting = true;
         self.deleting.store(true, Ordering::SeqCst);
         // Durable before anything stops: from here on a restart finishes the delete.
-        let rec = self.rec.clone();
-        let path = self.record_path();
-        let written =
-            tokio::task::spawn_blocking(move || crate::fsutil::write_json_atomic(&path, &rec))
-                .await;
-        if let Ok(Err(e)) | Err(e) = written.map_err(anyhow::Error::from) {
-            tracing::error!(workload = %self.name, error = %format!("{e:#}"), "persist delete");
+        if let Err(e) = self.write_record(true).await {
+            tracing::error!(workload = %self.name, error = %e, "persist delete");
         }
         let grace = grace_of(&self.rec.workload);
         for r in std::mem::take(&mut self.rec.replicas) {
@@ -881,14 +876,20 @@ impl Actor {
     /// replica update only means recovery finds an unreferenced container and removes it).
     async fn persist(&mut self) {
         self.dirty = false;
-        let rec = self.rec.clone();
-        let path = self.record_path();
-        let name = self.name.clone();
-        let r = tokio::task::spawn_blocking(move || write_json_atomic_nosync(&path, &rec)).await;
-        if let Ok(Err(e)) | Err(e) = r.map_err(anyhow::Error::from) {
-            tracing::error!(workload = %name, error = %format!("{e:#}"), "persist state");
+        if let Err(e) = self.write_record(false).await {
+            tracing::error!(workload = %self.name, error = %e, "persist state");
         }
         self.publish();
+    }
+
+    /// Hand the record to the node's record writer and wait for it to be written (and
+    /// fsynced, when `durable`).
+    async fn write_record(&self, durable: bool) -> Result<(), String> {
+        let data = serde_json::to_vec(&self.rec).map_err(|e| format!("serialize record: {e}"))?;
+        self.shared
+            .records
+            .write(self.record_path(), data, durable)
+            .await
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod actor;
 pub mod record;
 pub mod replica;
+mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -82,6 +83,8 @@ pub(crate) struct Shared {
     pub registry: tokio::sync::Mutex<BTreeMap<String, ActorHandle>>,
     /// Asks the daemon to collect unused images soon.
     pub gc_kick: Notify,
+    /// Writes every record (one thread, batched).
+    pub records: writer::RecordWriter,
     next_actor: AtomicU64,
 }
 
@@ -142,6 +145,7 @@ impl Supervisor {
                 probe_slots: Arc::new(Semaphore::new(crate::probe::MAX_CONCURRENT_PROBES)),
                 registry: tokio::sync::Mutex::new(BTreeMap::new()),
                 gc_kick: Notify::new(),
+                records: writer::RecordWriter::start().context("start the record writer")?,
                 next_actor: AtomicU64::new(1),
             }),
             store,
