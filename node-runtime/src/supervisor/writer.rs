@@ -15,12 +15,14 @@ use tokio::sync::oneshot;
 
 use crate::fsutil::{write_atomic, write_atomic_nosync};
 
+type Done = oneshot::Sender<Result<(), String>>;
+
 struct Job {
     path: PathBuf,
     data: Vec<u8>,
     /// fsync the file and its directory before answering.
     durable: bool,
-    done: oneshot::Sender<Result<(), String>>,
+    done: Done,
 }
 
 #[derive(Clone)]
@@ -64,7 +66,7 @@ impl RecordWriter {
 
 /// Write a batch: per path only the newest data, durable when any request for it was.
 fn write_batch(jobs: Vec<Job>) {
-    let mut by_path: HashMap<PathBuf, (Vec<u8>, bool, Vec<oneshot::Sender<Result<(), String>>>)> =
+    let mut by_path: HashMap<PathBuf, (Vec<u8>, bool, Vec<Done>)> =
         HashMap::with_capacity(jobs.len());
     let mut order = Vec::with_capacity(jobs.len());
     for job in jobs {
