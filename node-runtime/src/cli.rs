@@ -307,13 +307,26 @@ pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
         "yaml" => print!("{}", serde_norway::to_string(&n)?),
         _ => {
             println!("node:        {} (hyperbox-node {})", n.name, n.version);
+            println!("id:          {}", n.id);
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("labels:      {}", labels.join(", "));
             println!(
                 "capacity:    {} mCPU, {} MiB",
                 n.capacity.cpu_millis,
                 n.capacity.memory_bytes >> 20
             );
             println!(
-                "allocated:   {} mCPU, {} MiB ({} containers, {} workloads)",
+                "allocatable: {} mCPU, {} MiB",
+                n.allocatable.cpu_millis,
+                n.allocatable.memory_bytes >> 20
+            );
+            println!(
+                "requested:   {} mCPU, {} MiB",
+                n.requested.cpu_millis,
+                n.requested.memory_bytes >> 20
+            );
+            println!(
+                "limits of running containers: {} mCPU, {} MiB ({} containers, {} workloads)",
                 n.allocations.cpu_millis,
                 n.allocations.memory_bytes >> 20,
                 n.containers,

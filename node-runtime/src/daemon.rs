@@ -34,6 +34,10 @@ pub struct ServeOptions {
     /// Directories hostPath volumes may use, besides HyperBox's own volumes dir.
     pub allow_host_paths: Vec<PathBuf>,
     pub allow_net_raw: bool,
+    /// `--label`s, on top of the well-known ones.
+    pub labels: Vec<(String, String)>,
+    /// Held back from the capacity for the system and HyperBox itself (`--reserve`).
+    pub reserve: hyperbox_api::ResourceAmounts,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -148,6 +152,21 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         opts.supervisor.clone(),
     )?;
     sup.set_policy(policy);
+    let capacity = crate::node::capacity();
+    let facts = crate::admission::NodeFacts {
+        id: crate::node::load_or_create_id(&state)?,
+        labels: crate::admission::node_labels(&crate::node::hostname(), &opts.labels),
+        capacity,
+        allocatable: capacity.minus(opts.reserve),
+    };
+    tracing::info!(
+        node_id = %facts.id,
+        labels = ?facts.labels,
+        allocatable_cpu_millis = facts.allocatable.cpu_millis,
+        allocatable_memory = %crate::admission::bytes(facts.allocatable.memory_bytes),
+        "node admission"
+    );
+    sup.set_node(facts);
     sup.recover().await?;
     if legacy.exists() {
         // Containers of the old layout were swept above; what is left is empty.

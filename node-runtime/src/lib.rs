@@ -1,6 +1,7 @@
 //! HyperBox node runtime: pulls OCI images into EROFS and runs Workloads as supervised
 //! libcontainer containers, behind an HTTP/JSON API.
 
+pub mod admission;
 pub mod cli;
 pub mod container;
 pub mod daemon;

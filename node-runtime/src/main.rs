@@ -110,6 +110,14 @@ enum Command {
         /// Grant containers CAP_NET_RAW (raw sockets, ping). Off by default.
         #[arg(long)]
         allow_net_raw: bool,
+        /// A node label, key=value (repeatable); nodeSelectors match these and the built-in
+        /// kubernetes.io/hostname, kubernetes.io/arch and kubernetes.io/os.
+        #[arg(long = "label", value_parser = hyperbox_node::admission::parse_label)]
+        labels: Vec<(String, String)>,
+        /// Held back from admission for the system and HyperBox itself: allocatable is the
+        /// capacity minus this (like kubelet's --system-reserved).
+        #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::admission::parse_amounts)]
+        reserve: hyperbox_api::ResourceAmounts,
     },
     /// Apply Workload documents from a YAML file (- for stdin).
     Apply {
@@ -208,6 +216,8 @@ async fn run(cli: Cli) -> Result<bool> {
             cgroup_parent,
             allow_host_paths,
             allow_net_raw,
+            labels,
+            reserve,
         } => {
             init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
             serve(ServeOptions {
@@ -240,6 +250,8 @@ async fn run(cli: Cli) -> Result<bool> {
                 cgroup_parent: cgroup_parent.clone(),
                 allow_host_paths: allow_host_paths.clone(),
                 allow_net_raw: *allow_net_raw,
+                labels: labels.clone(),
+                reserve: *reserve,
             })
             .await?;
             Ok(true)

@@ -58,6 +58,33 @@ pub fn capacity() -> ResourceAmounts {
     }
 }
 
+/// The node's stable id: 32 hex characters, created on first start and kept in
+/// `STATE/node-id`, so a rename or a restart keeps it. An unreadable or malformed file is an
+/// error, not a new identity.
+pub fn load_or_create_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let path = state_dir.join("node-id");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!(
+                    "{}: {id:?} is not a node id (32 hex characters); remove the file to make a new one",
+                    path.display()
+                );
+            }
+            Ok(id.to_ascii_lowercase())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = hex::encode(rand::random::<[u8; 16]>());
+            crate::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())?;
+            tracing::info!(node_id = %id, "new node id");
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -65,16 +92,23 @@ pub fn hostname() -> String {
 }
 
 pub fn summary(
+    facts: Option<&crate::admission::NodeFacts>,
+    requested: ResourceAmounts,
     allocations: ResourceAmounts,
     workloads: usize,
     containers: usize,
     erofs: Option<&crate::erofs::ErofsSupport>,
 ) -> NodeSummary {
     let pressure = pressure();
+    let capacity = facts.map(|f| f.capacity).unwrap_or_else(capacity);
     NodeSummary {
         name: hostname(),
+        id: facts.map(|f| f.id.clone()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").into(),
-        capacity: capacity(),
+        labels: facts.map(|f| f.labels.clone()).unwrap_or_default(),
+        allocatable: facts.map(|f| f.allocatable).unwrap_or(capacity),
+        requested,
+        capacity,
         allocations,
         workloads,
         containers,

@@ -39,6 +39,7 @@ impl NodePolicy {
                         h.path
                     ),
                     line: None,
+                    reason: None,
                 }),
                 Some(p) if !self.host_path_allowed(&p) => out.push(FieldError {
                     field,
@@ -48,6 +49,7 @@ impl NodePolicy {
                         self.allowed_list()
                     ),
                     line: None,
+                    reason: None,
                 }),
                 Some(_) => {}
             }

@@ -16,7 +16,7 @@ use hyperbox_api::validate::{parse_json_workload, FieldError};
 use hyperbox_api::{ApiError, ResourceAmounts, Workload};
 use subtle::ConstantTimeEq;
 
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Refused, Supervisor};
 
 /// Largest request body accepted (a batch of workloads).
 pub const MAX_BODY_BYTES: usize = hyperbox_api::NODE_MAX_BODY_BYTES;
@@ -81,6 +81,7 @@ fn conflict_fields(names: &[String], conflicts: Vec<(usize, String)>) -> Vec<Fie
                 names.get(i).map(String::as_str).unwrap_or("")
             ),
             line: None,
+            reason: None,
         })
         .collect()
 }
@@ -121,6 +122,7 @@ pub fn parse_apply_body(body: &[u8]) -> Result<Vec<Workload>, (String, Vec<Field
                 field: format!("workloads[{i}].metadata.name"),
                 message: format!("duplicate workload {:?} in one request", w.metadata.name),
                 line: None,
+                reason: None,
             });
         }
     }
@@ -157,10 +159,22 @@ async fn apply(
         .await
     {
         Ok(Ok(r)) => Json(r).into_response(),
-        Ok(Err(conflicts)) => error(
+        Ok(Err(Refused::Conflicts(conflicts))) => error(
             StatusCode::CONFLICT,
             "managed by another source",
             conflict_fields(&names, conflicts),
+        ),
+        // Like a Kubernetes quota or admission denial: 403, each refusal with its reason.
+        Ok(Err(Refused::Admission(refused))) => error(
+            StatusCode::FORBIDDEN,
+            "refused by node admission",
+            refused
+                .into_iter()
+                .map(|(i, mut e)| {
+                    e.field = format!("workloads[{i}].{}", e.field);
+                    e
+                })
+                .collect(),
         ),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -380,6 +394,7 @@ async fn pull(State(sup): State<AppState>, Json(req): Json<PullRequest>) -> Resp
             field: "image".into(),
             message: e,
             line: None,
+            reason: None,
         };
         return error(
             StatusCode::BAD_REQUEST,
@@ -427,7 +442,10 @@ async fn remove_image(State(sup): State<AppState>, Query(q): Query<ProgressQuery
 
 async fn node(State(sup): State<AppState>) -> Response {
     let (cpu_millis, memory_bytes, containers) = sup.allocations().await;
+    let facts = sup.node_facts();
     let summary = crate::node::summary(
+        facts.as_ref(),
+        sup.requested(),
         ResourceAmounts {
             cpu_millis,
             memory_bytes,

@@ -174,12 +174,13 @@ where
                 };
             }
             Err(e)
-                if matches!(e.status(), Some(400) | Some(409))
+                if matches!(e.status(), Some(400) | Some(403) | Some(409))
                     && !refused_positions(&e, batch.len()).is_empty() =>
             {
-                // The node names the refused workloads (`workloads[i].…`: its policy, or
-                // another manager owns them): set those aside and send the rest again, so one
-                // refused workload never blocks the others.
+                // The node names the refused workloads (`workloads[i].…`: its policy, its
+                // admission (no room, labels that do not match), or another manager owns
+                // them): set those aside and send the rest again, so one refused workload
+                // never blocks the others.
                 let refused = refused_positions(&e, batch.len());
                 let mut rest = Vec::new();
                 for (pos, &i) in batch.iter().enumerate() {
@@ -226,7 +227,11 @@ fn refused_positions(e: &ClientError, len: usize) -> Vec<(usize, String)> {
         if pos >= len {
             continue;
         }
-        let text = format!("{}: {}", field.trim_start_matches('.'), f.message);
+        let field = field.trim_start_matches('.');
+        let text = match &f.reason {
+            Some(reason) => format!("{field}: {reason}: {}", f.message),
+            None => format!("{field}: {}", f.message),
+        };
         match out.iter_mut().find(|(p, _)| *p == pos) {
             Some((_, t)) => {
                 t.push_str("; ");
@@ -422,6 +427,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn admission_refusals_keep_their_reason_and_spare_the_rest() {
+        let docs: Vec<Vec<u8>> = (0..3).map(|i| format!("doc{i}").into_bytes()).collect();
+        let sent = RefCell::new(0);
+        let out = deliver(&docs, &Limits::default(), |body| {
+            *sent.borrow_mut() += 1;
+            let text = String::from_utf8(body).unwrap();
+            let r = match text.split(',').position(|d| d.contains("doc2")) {
+                Some(i) => Err(ClientError::Api {
+                    status: 403,
+                    body: ApiError {
+                        error: "refused by node admission".into(),
+                        fields: vec![hyperbox_api::validate::FieldError {
+                            field: format!("workloads[{i}].spec.resources.requests.memory"),
+                            message: "1 × 2Gi requested; 1Gi of the node's 3Gi allocatable memory is free".into(),
+                            line: None,
+                            reason: Some("InsufficientMemory".into()),
+                        }],
+                    },
+                }),
+                None => Ok(()),
+            };
+            async move { r }
+        })
+        .await;
+        assert_eq!(out[0], Delivery::Applied);
+        assert_eq!(out[1], Delivery::Applied);
+        assert!(
+            matches!(&out[2], Delivery::Refused(m) if m.starts_with("spec.resources.requests.memory: InsufficientMemory: 1 × 2Gi")),
+            "{:?}",
+            out[2]
+        );
+        assert_eq!(*sent.borrow(), 2, "the rest is sent again once");
+    }
+
+    #[tokio::test]
     async fn workloads_the_node_refuses_are_set_aside_and_the_rest_applied() {
         let docs: Vec<Vec<u8>> = (0..5).map(|i| format!("doc{i}").into_bytes()).collect();
         let applied = RefCell::new(Vec::new());
@@ -441,6 +481,7 @@ mod tests {
                     field: format!("workloads[{i}].spec.volumes[0].hostPath.path"),
                     message: "/etc is outside the host paths this node allows".into(),
                     line: None,
+                    reason: None,
                 })
                 .collect();
             let r = if fields.is_empty() {

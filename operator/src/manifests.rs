@@ -76,6 +76,7 @@ pub fn parse_file(bytes: &[u8]) -> ParsedFile {
                     field: String::new(),
                     message: format!("not utf-8: {e}"),
                     line: None,
+                    reason: None,
                 })],
             }
         }
@@ -117,6 +118,7 @@ pub fn oversized(size: usize) -> ParsedFile {
                 hyperbox_api::validate::MAX_MANIFEST_BYTES
             ),
             line: None,
+            reason: None,
         })],
     }
 }

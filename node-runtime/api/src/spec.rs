@@ -77,7 +77,64 @@ pub struct WorkloadSpec {
     /// A suspended workload keeps its definition but runs no container.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// How a spec change replaces running replicas (default: RollingUpdate, 25% surge, 25%
+    /// unavailable, like a Deployment).
+    #[serde(default, skip_serializing_if = "Strategy::is_default")]
+    pub strategy: Strategy,
+    /// A rollout that makes no progress (no new replica becomes ready) for this long is
+    /// reported as `ProgressDeadlineExceeded` (default 600, as for a Deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline_seconds: Option<u32>,
 }
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Strategy {
+    #[serde(rename = "type", default)]
+    pub kind: StrategyType,
+    /// Only with `type: RollingUpdate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_update: Option<RollingUpdate>,
+}
+
+impl Strategy {
+    pub fn is_default(&self) -> bool {
+        *self == Strategy::default()
+    }
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StrategyType {
+    /// Replace replicas a few at a time; old ones keep serving until new ones are ready.
+    #[default]
+    RollingUpdate,
+    /// Stop every old replica, then start the new ones.
+    Recreate,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RollingUpdate {
+    /// Replicas that may be unready during the update: a count or a percentage of
+    /// `replicas`, rounded down (default 25%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrPercent>,
+    /// Replicas that may run above `replicas` during the update: a count or a percentage,
+    /// rounded up (default 25%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<IntOrPercent>,
+}
+
+/// `2` or `"25%"`, as Kubernetes' IntOrString.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrPercent {
+    Int(u32),
+    Percent(String),
+}
+
+/// Default `progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u32 = 600;
 
 fn default_replicas() -> u32 {
     1
@@ -107,11 +164,65 @@ pub struct Resources {
     /// Maximum number of processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<i64>,
+    /// What one replica is guaranteed, for admission and placement (a node admits a replica
+    /// only while the requests of everything it runs fit its allocatable). A request left
+    /// out defaults to the limit above, as in Kubernetes; with neither it is 0.
+    #[serde(default, skip_serializing_if = "Requests::is_empty")]
+    pub requests: Requests,
 }
 
 impl Resources {
     pub fn is_empty(&self) -> bool {
-        self.memory.is_none() && self.cpu.is_none() && self.pids.is_none()
+        self.memory.is_none()
+            && self.cpu.is_none()
+            && self.pids.is_none()
+            && self.requests.is_empty()
+    }
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Requests {
+    /// Kubernetes quantity (`64Mi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Kubernetes quantity (`250m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+}
+
+impl Requests {
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_none() && self.cpu.is_none()
+    }
+}
+
+impl Workload {
+    /// What one replica requests (explicit requests, else the limits, else 0). Unparsable
+    /// quantities count 0: validation refuses them before anything is admitted.
+    pub fn request_per_replica(&self) -> crate::ResourceAmounts {
+        use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
+        let r = &self.spec.resources;
+        let memory = r.requests.memory.as_ref().or(r.memory.as_ref());
+        let cpu = r.requests.cpu.as_ref().or(r.cpu.as_ref());
+        crate::ResourceAmounts {
+            memory_bytes: memory.and_then(|m| parse_memory_bytes(m).ok()).unwrap_or(0),
+            cpu_millis: cpu.and_then(|c| parse_cpu_millis(c).ok()).unwrap_or(0),
+        }
+    }
+
+    /// Replicas the spec asks for (none while suspended).
+    pub fn desired_replicas(&self) -> u32 {
+        if self.spec.suspend {
+            0
+        } else {
+            self.spec.replicas
+        }
+    }
+
+    /// What all its desired replicas request together.
+    pub fn total_request(&self) -> crate::ResourceAmounts {
+        self.request_per_replica().times(self.desired_replicas())
     }
 }
 
@@ -206,7 +317,8 @@ fn default_probe_path() -> String {
 }
 
 /// Hash of what decides whether running containers must be replaced: the name and the spec,
-/// without what only says how many run and where (`replicas`, `priority`, `nodeSelector`).
+/// without what only says how many run, where and how they are replaced (`replicas`,
+/// `priority`, `nodeSelector`, `strategy`, `progressDeadlineSeconds`).
 /// Labels and annotations (the source revision, say) change without a restart either, and a
 /// new replica count scales without touching the survivors.
 pub fn spec_hash(w: &Workload) -> String {
@@ -214,6 +326,8 @@ pub fn spec_hash(w: &Workload) -> String {
     spec.replicas = 1;
     spec.priority = 0;
     spec.node_selector.clear();
+    spec.strategy = Strategy::default();
+    spec.progress_deadline_seconds = None;
     hash_of(&w.metadata.name, &spec)
 }
 
@@ -285,6 +399,8 @@ mod tests {
             "  replicas: 3\n",
             "  priority: 5\n",
             "  nodeSelector: {zone: a}\n",
+            "  strategy: {type: Recreate}\n",
+            "  progressDeadlineSeconds: 30\n",
         ] {
             let scaled = w(extra);
             assert_eq!(h, spec_hash(&scaled), "{extra}");

@@ -45,6 +45,9 @@ pub struct ReplicaStatus {
     /// RFC 3339 start time of the current container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// A replica of the previous spec still serving during a rolling update.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outdated: bool,
 }
 
 /// The status of one workload on this node. Top-level fields summarise the replicas
@@ -76,6 +79,39 @@ pub struct WorkloadStatus {
     /// Who manages the workload (`git:<url>#<path>`, …); none for ones applied by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<String>,
+    /// Bumped by the node on every spec change (Kubernetes' `metadata.generation`).
+    #[serde(default)]
+    pub generation: u64,
+    /// The generation this status describes; equal to `generation` once the node has acted
+    /// on the latest spec.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Replicas the spec asks for (0 while suspended).
+    #[serde(default)]
+    pub desired_replicas: u32,
+    /// Replicas with a container, of any spec (more than desired while a rollout surges).
+    #[serde(default)]
+    pub current_replicas: u32,
+    /// Replicas of the current spec that were started.
+    #[serde(default)]
+    pub updated_replicas: u32,
+    /// Ready replicas of any spec.
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Ready replicas of any spec (no minReadySeconds yet, so equal to readyReplicas).
+    #[serde(default)]
+    pub available_replicas: u32,
+}
+
+impl WorkloadStatus {
+    /// A rollout is done (kstatus "Current"): the latest spec is observed, every desired
+    /// replica is updated and available, and no old replica is left.
+    pub fn rollout_complete(&self) -> bool {
+        self.observed_generation == self.generation
+            && self.updated_replicas == self.desired_replicas
+            && self.available_replicas == self.desired_replicas
+            && self.current_replicas == self.desired_replicas
+    }
 }
 
 /// Outcome of applying one workload.
@@ -123,11 +159,42 @@ pub struct Pressure {
     pub io: PsiResource,
 }
 
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceAmounts {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+}
+
+impl ResourceAmounts {
+    pub fn times(self, n: u32) -> ResourceAmounts {
+        ResourceAmounts {
+            cpu_millis: self.cpu_millis.saturating_mul(n as u64),
+            memory_bytes: self.memory_bytes.saturating_mul(n as u64),
+        }
+    }
+
+    pub fn plus(self, o: ResourceAmounts) -> ResourceAmounts {
+        ResourceAmounts {
+            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_add(o.memory_bytes),
+        }
+    }
+
+    pub fn minus(self, o: ResourceAmounts) -> ResourceAmounts {
+        ResourceAmounts {
+            cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(o.memory_bytes),
+        }
+    }
+}
+
+/// Why a node refuses a workload (`FieldError::reason`). Clients must accept reasons they do
+/// not know: new ones (`NodePressure`) are added without a new API version.
+pub mod refusal {
+    pub const INSUFFICIENT_MEMORY: &str = "InsufficientMemory";
+    pub const INSUFFICIENT_CPU: &str = "InsufficientCPU";
+    pub const NODE_SELECTOR_MISMATCH: &str = "NodeSelectorMismatch";
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
@@ -146,8 +213,20 @@ pub struct Features {
 #[serde(rename_all = "camelCase")]
 pub struct NodeSummary {
     pub name: String,
+    /// Stable id, kept in the state dir (survives restarts and renames).
+    #[serde(default)]
+    pub id: String,
     pub version: String,
+    /// `--label`s plus `kubernetes.io/hostname`, `kubernetes.io/arch`, `kubernetes.io/os`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub capacity: ResourceAmounts,
+    /// Capacity minus the reservations (`--reserve`): what workloads' requests may add up to.
+    #[serde(default)]
+    pub allocatable: ResourceAmounts,
+    /// Sum of the requests of every admitted workload's desired replicas.
+    #[serde(default)]
+    pub requested: ResourceAmounts,
     /// Sum of the limits of running replicas (unlimited ones count 0).
     pub allocations: ResourceAmounts,
     pub workloads: usize,

@@ -28,14 +28,22 @@ pub struct FieldError {
     /// 1-based line in the source document, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<usize>,
+    /// A machine-readable reason when a node refuses an otherwise valid workload
+    /// (`InsufficientMemory`, see [`crate::refusal`]); clients keep unknown ones as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}: {}: {}", line, self.field, self.message),
-            None => write!(f, "{}: {}", self.field, self.message),
+        if let Some(line) = self.line {
+            write!(f, "{line}: ")?;
         }
+        write!(f, "{}: ", self.field)?;
+        if let Some(reason) = &self.reason {
+            write!(f, "{reason}: ")?;
+        }
+        write!(f, "{}", self.message)
     }
 }
 
@@ -44,6 +52,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
         field: field.into(),
         message: message.into(),
         line: None,
+        reason: None,
     }
 }
 
@@ -129,6 +138,91 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
     if let Some(p) = s.resources.pids {
         if p < 1 {
             errors.push(err("spec.resources.pids", "must be at least 1"));
+        }
+    }
+    if let Some(ru) = &s.strategy.rolling_update {
+        if s.strategy.kind == crate::StrategyType::Recreate {
+            errors.push(err(
+                "spec.strategy.rollingUpdate",
+                "may not be set when strategy.type is Recreate",
+            ));
+        }
+        let mut zero = [false, false];
+        for (k, (field, v)) in [
+            (
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                &ru.max_unavailable,
+            ),
+            ("spec.strategy.rollingUpdate.maxSurge", &ru.max_surge),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match v {
+                Some(crate::IntOrPercent::Int(n)) => zero[k] = *n == 0,
+                Some(crate::IntOrPercent::Percent(p)) => {
+                    match p.strip_suffix('%').and_then(|n| n.parse::<u32>().ok()) {
+                        Some(n) if n <= 100 => zero[k] = n == 0,
+                        _ => errors.push(err(
+                            field,
+                            format!("{p:?} must be a count or a percentage from 0% to 100%"),
+                        )),
+                    }
+                }
+                None => {}
+            }
+        }
+        if zero == [true, true] {
+            errors.push(err(
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                "may not be 0 when maxSurge is 0 (the rollout could never proceed)",
+            ));
+        }
+    }
+    if s.progress_deadline_seconds == Some(0) {
+        errors.push(err("spec.progressDeadlineSeconds", "must be at least 1"));
+    }
+    let req = &s.resources.requests;
+    if let Some(m) = &req.memory {
+        match parse_memory_bytes(m) {
+            Ok(b) => {
+                let limit = s
+                    .resources
+                    .memory
+                    .as_deref()
+                    .and_then(|l| parse_memory_bytes(l).ok());
+                if limit.is_some_and(|l| b > l) {
+                    errors.push(err(
+                        "spec.resources.requests.memory",
+                        format!(
+                            "{m} is more than the memory limit {}",
+                            s.resources.memory.as_deref().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            Err(e) => errors.push(err("spec.resources.requests.memory", e)),
+        }
+    }
+    if let Some(c) = &req.cpu {
+        match parse_cpu_millis(c) {
+            Ok(m) => {
+                let limit = s
+                    .resources
+                    .cpu
+                    .as_deref()
+                    .and_then(|l| parse_cpu_millis(l).ok());
+                if limit.is_some_and(|l| m > l) {
+                    errors.push(err(
+                        "spec.resources.requests.cpu",
+                        format!(
+                            "{c} is more than the cpu limit {}",
+                            s.resources.cpu.as_deref().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            Err(e) => errors.push(err("spec.resources.requests.cpu", e)),
         }
     }
     let mut volume_names = BTreeSet::new();
@@ -286,6 +380,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
                     field: String::new(),
                     message: format!("invalid yaml: {}", strip_location(&e.to_string())),
                     line,
+                    reason: None,
                 }));
                 // After a syntax error the stream cannot be resynchronised reliably.
                 break;
@@ -339,6 +434,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
                         field,
                         message,
                         line,
+                        reason: None,
                     }],
                 });
             }
@@ -354,6 +450,7 @@ pub fn parse_json_workload(value: serde_json::Value) -> Result<Workload, Vec<Fie
             field: clean_path(&e.path().to_string()),
             message: e.into_inner().to_string(),
             line: None,
+            reason: None,
         }]
     })?;
     let errors = validate_workload(&w);
@@ -451,6 +548,74 @@ mod tests {
         assert!(
             matches!(&docs[0], ParsedDocument::Workload(w) if w.metadata.name == "web" && w.spec.replicas == 1)
         );
+    }
+
+    #[test]
+    fn strategies_requests_and_deadlines_are_checked() {
+        let errors_of = |extra: &str| -> Vec<(String, String)> {
+            let text = format!("{GOOD}{extra}");
+            match &parse_documents(&text).unwrap()[0] {
+                ParsedDocument::Workload(_) => vec![],
+                ParsedDocument::Invalid { errors, .. } => errors
+                    .iter()
+                    .map(|e| (e.field.clone(), e.message.clone()))
+                    .collect(),
+                other => panic!("{other:?}"),
+            }
+        };
+        for ok in [
+            "  strategy: {type: Recreate}\n",
+            "  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}\n",
+            "  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: '50%'}}\n",
+            "  progressDeadlineSeconds: 30\n",
+            "    requests: {memory: 32Mi, cpu: 100m}\n",
+        ] {
+            assert_eq!(errors_of(ok), vec![], "{ok}");
+        }
+        let bad = [
+            (
+                "  strategy: {type: Recreate, rollingUpdate: {maxSurge: 1}}\n",
+                "spec.strategy.rollingUpdate",
+                "Recreate",
+            ),
+            (
+                "  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: '0%'}}\n",
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                "may not be 0 when maxSurge is 0",
+            ),
+            (
+                "  strategy: {rollingUpdate: {maxSurge: '150%'}}\n",
+                "spec.strategy.rollingUpdate.maxSurge",
+                "0% to 100%",
+            ),
+            (
+                "  strategy: {type: BlueGreen}\n",
+                "spec.strategy.type",
+                "unknown variant",
+            ),
+            (
+                "  progressDeadlineSeconds: 0\n",
+                "spec.progressDeadlineSeconds",
+                "at least 1",
+            ),
+            (
+                "    requests: {memory: 128Mi}\n",
+                "spec.resources.requests.memory",
+                "more than the memory limit 64Mi",
+            ),
+            (
+                "    requests: {cpu: lots}\n",
+                "spec.resources.requests.cpu",
+                "not a cpu quantity",
+            ),
+        ];
+        for (extra, field, msg) in bad {
+            let errs = errors_of(extra);
+            assert!(
+                errs.iter().any(|(f, m)| f == field && m.contains(msg)),
+                "{extra}: {errs:?}"
+            );
+        }
     }
 
     #[test]

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use hyperbox_api::{ApplyAction, Workload};
+use hyperbox_api::{ApplyAction, RollingUpdate, StrategyType, Workload};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::record::{self, WorkloadRecord};
 use super::replica::{Action, Event, ImageFailure, Policy, Replica, Stage};
+use super::rollout;
 use super::Shared;
 use crate::container::StartRequest;
 use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists};
@@ -129,9 +130,10 @@ impl Actor {
     pub(crate) fn spawn(
         shared: Arc<Shared>,
         id: u64,
-        rec: WorkloadRecord,
+        mut rec: WorkloadRecord,
         begin: Begin,
     ) -> ActorHandle {
+        rec.config_hash = hyperbox_api::config_hash(&rec.workload);
         let (tx, rx) = mpsc::unbounded_channel();
         let snapshot = Arc::new(StdMutex::new(Arc::new(rec.clone())));
         let deleting = Arc::new(AtomicBool::new(rec.deleting));
@@ -171,6 +173,9 @@ impl Actor {
         for i in 0..self.rec.replicas.len() {
             self.rec.replicas[i].slot = self.take_slot();
         }
+        for i in 0..self.rec.outgoing.len() {
+            self.rec.outgoing[i].slot = self.take_slot();
+        }
         match begin {
             Begin::New(reply) => {
                 self.dirty = true;
@@ -208,6 +213,17 @@ impl Actor {
             }
         } else if !self.retiring.iter().any(|(older_spec, _)| *older_spec) {
             self.start_idle();
+        }
+        if self.rec.outgoing.is_empty() && !self.rec.outgoing_digests.is_empty() {
+            self.rec.outgoing_digests.clear();
+            self.dirty = true;
+            // The old image may have just become unused.
+            self.shared.gc_kick.notify_one();
+        }
+        if self.rec.progress_ms.is_some() && self.rollout_complete() {
+            tracing::info!(workload = %self.name, generation = self.rec.generation, "rollout complete");
+            self.rec.progress_ms = None;
+            self.dirty = true;
         }
         if self.dirty {
             self.persist().await;
@@ -358,8 +374,8 @@ impl Actor {
             // of the hash: a new count scales without touching the survivors, the rest (labels,
             // annotations such as the source revision) is recorded without a restart.
             let (have, want) = (
-                desired_replicas(&self.rec.workload),
-                desired_replicas(&workload),
+                self.rec.workload.desired_replicas(),
+                workload.desired_replicas(),
             );
             let action = if workload == self.rec.workload {
                 ApplyAction::Unchanged
@@ -372,6 +388,10 @@ impl Actor {
                 }
             };
             let grace = grace_of(&self.rec.workload);
+            if workload.spec != self.rec.workload.spec {
+                self.rec.generation += 1;
+            }
+            self.rec.config_hash = hyperbox_api::config_hash(&workload);
             self.rec.workload = workload;
             if want != have {
                 tracing::info!(workload = %self.name, from = have, to = want, "scaling");
@@ -380,18 +400,52 @@ impl Actor {
             self.apply_replies.push((reply, action));
             return;
         }
-        tracing::info!(workload = %self.name, "spec changed, replacing containers");
         let grace = grace_of(&self.rec.workload);
         let old = std::mem::take(&mut self.rec.replicas);
+        let old_digest = self.rec.image_digest.clone();
+        let rolling = workload.spec.strategy.kind == StrategyType::RollingUpdate;
+        tracing::info!(workload = %self.name, strategy = ?workload.spec.strategy.kind, "spec changed, replacing containers");
+        self.rec.config_hash = hyperbox_api::config_hash(&workload);
         self.rec.workload = workload;
         self.rec.spec_hash = hash;
+        self.rec.generation += 1;
+        self.rec.progress_ms = Some(now_unix_ms());
         self.policy = super::policy_for(&self.shared.cfg, &self.rec.workload);
         self.prepared = None;
-        self.rec.replicas = (0..desired_replicas(&self.rec.workload))
-            .map(|i| self.new_replica(i))
-            .collect();
-        for r in old {
-            self.retire(true, r, grace);
+        let want = self.rec.workload.desired_replicas();
+        self.rec.replicas = (0..want).map(|i| self.new_replica(i)).collect();
+        if rolling {
+            // Running replicas keep serving until their replacements are ready; the rest
+            // stop now without holding anything up. One old replica per ordinal: of two (an
+            // update during an update), the ready one stays.
+            for r in old {
+                let serving = matches!(r.stage, Stage::Running { .. }) && r.index < want;
+                if !serving {
+                    self.retire(false, r, grace);
+                    continue;
+                }
+                match self.rec.outgoing.iter().position(|o| o.index == r.index) {
+                    None => self.rec.outgoing.push(r),
+                    Some(pos) if r.ready || !self.rec.outgoing[pos].ready => {
+                        let older = std::mem::replace(&mut self.rec.outgoing[pos], r);
+                        self.retire(false, older, grace);
+                    }
+                    Some(_) => self.retire(false, r, grace),
+                }
+            }
+            self.retire_outgoing(|o| o.index >= want, grace);
+            if let Some(d) = old_digest.filter(|_| !self.rec.outgoing.is_empty()) {
+                if !self.rec.outgoing_digests.contains(&d) {
+                    self.rec.outgoing_digests.push(d);
+                }
+            }
+        } else {
+            for r in old {
+                self.retire(true, r, grace);
+            }
+            for r in std::mem::take(&mut self.rec.outgoing) {
+                self.retire(true, r, grace);
+            }
         }
         self.dirty = true;
         self.apply_replies.push((reply, ApplyAction::Configured));
@@ -406,6 +460,9 @@ impl Actor {
         }
         let grace = grace_of(&self.rec.workload);
         for r in std::mem::take(&mut self.rec.replicas) {
+            self.retire(true, r, grace);
+        }
+        for r in std::mem::take(&mut self.rec.outgoing) {
             self.retire(true, r, grace);
         }
         self.publish();
@@ -455,6 +512,7 @@ impl Actor {
         gone.slot = self.take_slot();
         self.rec.replicas.insert(pos, gone);
         self.retire(false, old, grace);
+        self.retire_outgoing(|o| o.index == index, grace);
         self.dirty = true;
         true
     }
@@ -468,6 +526,7 @@ impl Actor {
         for r in extra {
             self.retire(false, r, grace);
         }
+        self.retire_outgoing(|o| o.index >= want, grace);
         for index in 0..want {
             if !self.rec.replicas.iter().any(|r| r.index == index) {
                 let r = self.new_replica(index);
@@ -476,6 +535,28 @@ impl Actor {
         }
         self.rec.replicas.sort_by_key(|r| r.index);
         self.dirty = true;
+    }
+
+    /// Stop the outgoing replicas that `pick` chooses (they hold nothing up).
+    fn retire_outgoing(&mut self, pick: impl Fn(&Replica) -> bool, grace: Duration) {
+        let (gone, keep): (Vec<Replica>, Vec<Replica>) = std::mem::take(&mut self.rec.outgoing)
+            .into_iter()
+            .partition(|o| pick(o));
+        self.rec.outgoing = keep;
+        for r in gone {
+            self.retire(false, r, grace);
+        }
+    }
+
+    /// Done when no old replica is left and every current one is ready (or has finished
+    /// for good: a completed job, an evicted replica).
+    fn rollout_complete(&self) -> bool {
+        self.rec.outgoing.is_empty()
+            && self
+                .rec
+                .replicas
+                .iter()
+                .all(|r| r.ready || r.stage == Stage::Finished)
     }
 
     fn take_slot(&mut self) -> u64 {
@@ -545,8 +626,13 @@ impl Actor {
         self.perform(slot, index, actions);
     }
 
-    /// Start every replica of the current spec that has not started yet.
+    /// Start every replica of the current spec that has not started yet; during a rolling
+    /// update, only those the rollout plan releases, and stop the old ones it retires.
     fn start_idle(&mut self) {
+        if !self.rec.outgoing.is_empty() {
+            self.roll();
+            return;
+        }
         let idle: Vec<(u64, u32)> = self
             .rec
             .replicas
@@ -559,8 +645,74 @@ impl Actor {
         }
     }
 
+    /// One step of a rolling update (see [`rollout::plan`]).
+    fn roll(&mut self) {
+        let want = self.rec.workload.desired_replicas();
+        let default = RollingUpdate::default();
+        let params = self
+            .rec
+            .workload
+            .spec
+            .strategy
+            .rolling_update
+            .as_ref()
+            .unwrap_or(&default);
+        let bounds = rollout::Bounds::resolve(params, want);
+        let slots: Vec<(Option<rollout::Old>, rollout::New)> = (0..want)
+            .map(|i| {
+                let old = self.rec.outgoing.iter().find(|r| r.index == i).map(|r| {
+                    let stopping = matches!(r.stage, Stage::Stopping { .. });
+                    rollout::Old {
+                        ready: r.ready && !stopping,
+                        stopping,
+                    }
+                });
+                let new = self
+                    .rec
+                    .replicas
+                    .iter()
+                    .find(|r| r.index == i)
+                    .map(|r| rollout::New {
+                        started: r.stage != Stage::Idle,
+                        ready: r.ready,
+                    })
+                    .unwrap_or_default();
+                (old, new)
+            })
+            .collect();
+        let step = rollout::plan(&slots, bounds);
+        let grace = grace_of(&self.rec.workload);
+        for i in step.stop {
+            if let Some(slot) = self
+                .rec
+                .outgoing
+                .iter()
+                .find(|r| r.index == i)
+                .map(|r| r.slot)
+            {
+                tracing::info!(workload = %self.name, replica = i, "rollout: stopping the old replica");
+                self.feed(slot, i, Event::Stop { grace });
+            }
+        }
+        for i in step.start {
+            let slot = self
+                .rec
+                .replicas
+                .iter()
+                .find(|r| r.index == i && r.stage == Stage::Idle)
+                .map(|r| r.slot);
+            if let Some(slot) = slot {
+                tracing::info!(workload = %self.name, replica = i, "rollout: starting the new replica");
+                self.feed(slot, i, Event::Start);
+            }
+        }
+    }
+
     fn replica(&mut self, slot: u64) -> Option<&mut Replica> {
         if let Some(r) = self.rec.replicas.iter_mut().find(|r| r.slot == slot) {
+            return Some(r);
+        }
+        if let Some(r) = self.rec.outgoing.iter_mut().find(|r| r.slot == slot) {
             return Some(r);
         }
         self.retiring
@@ -571,10 +723,34 @@ impl Actor {
 
     fn feed(&mut self, slot: u64, index: u32, event: Event) {
         let policy = self.policy.clone();
+        let outgoing = self.rec.outgoing.iter().any(|r| r.slot == slot);
+        let now = now_unix_ms();
         let Some(r) = self.replica(slot) else {
             return;
         };
-        let actions = r.handle(event, now_unix_ms(), &policy);
+        let was_ready = r.ready;
+        let mut actions = r.handle(event, now, &policy);
+        let (ready, serving) = (
+            r.ready,
+            matches!(r.stage, Stage::Running { .. } | Stage::Stopping { .. }),
+        );
+        if outgoing {
+            // An old replica is never started again: once it leaves its container (exited,
+            // lost, stopped) its ordinal is free for the new spec.
+            actions.retain(|a| {
+                !matches!(
+                    a,
+                    Action::PrepareImage { .. } | Action::CreateContainer { .. }
+                )
+            });
+            if !serving {
+                self.rec.outgoing.retain(|r| r.slot != slot);
+                self.dirty = true;
+            }
+        } else if ready && !was_ready && self.rec.progress_ms.is_some() {
+            self.rec.progress_ms = Some(now);
+            self.dirty = true;
+        }
         self.perform(slot, index, actions);
     }
 
@@ -776,10 +952,21 @@ impl Actor {
     async fn recover(&mut self) {
         let grace = grace_of(&self.rec.workload);
         let (mut adopted, mut replaced) = (0, 0);
-        for i in 0..self.rec.replicas.len() {
-            let old = std::mem::replace(&mut self.rec.replicas[i].stage, Stage::Idle);
-            let index = self.rec.replicas[i].index;
-            let slot = self.rec.replicas[i].slot;
+        // Current replicas, then the old ones of an interrupted rolling update (adopted the
+        // same way; those that cannot be are dropped, and the rollout goes on).
+        let targets: Vec<u64> = self
+            .rec
+            .replicas
+            .iter()
+            .chain(self.rec.outgoing.iter())
+            .map(|r| r.slot)
+            .collect();
+        for slot in targets {
+            let Some(r) = self.replica(slot) else {
+                continue;
+            };
+            let old = std::mem::replace(&mut r.stage, Stage::Idle);
+            let index = r.index;
             let (container_id, identity, started_at_ms, was_stopping) = match old {
                 Stage::Running {
                     container_id,
@@ -797,7 +984,9 @@ impl Actor {
                     continue;
                 }
                 Stage::Finished => {
-                    self.rec.replicas[i].stage = Stage::Finished;
+                    if let Some(r) = self.replica(slot) {
+                        r.stage = Stage::Finished;
+                    }
                     continue;
                 }
                 _ => continue,
@@ -834,8 +1023,14 @@ impl Actor {
                 }
             }
         }
+        // Old replicas with no container left have nothing to serve.
+        let before = self.rec.outgoing.len();
+        self.rec
+            .outgoing
+            .retain(|r| matches!(r.stage, Stage::Running { .. } | Stage::Stopping { .. }));
+        self.dirty |= self.rec.outgoing.len() != before;
         // The record always matches its spec, but be lenient with a hand-edited one.
-        let want = desired_replicas(&self.rec.workload);
+        let want = self.rec.workload.desired_replicas();
         if self.rec.replicas.len() != want as usize
             || self.rec.replicas.iter().any(|r| r.index >= want)
         {
@@ -843,6 +1038,9 @@ impl Actor {
         }
         if self.rec.deleting {
             for r in std::mem::take(&mut self.rec.replicas) {
+                self.retire(true, r, grace);
+            }
+            for r in std::mem::take(&mut self.rec.outgoing) {
                 self.retire(true, r, grace);
             }
         }
@@ -890,15 +1088,6 @@ impl Actor {
             .records
             .write(self.record_path(), data, durable)
             .await
-    }
-}
-
-/// Replicas the spec asks for (none while suspended).
-pub(crate) fn desired_replicas(w: &Workload) -> u32 {
-    if w.spec.suspend {
-        0
-    } else {
-        w.spec.replicas
     }
 }
 

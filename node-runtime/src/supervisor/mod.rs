@@ -8,9 +8,10 @@
 pub mod actor;
 pub mod record;
 pub mod replica;
+pub mod rollout;
 mod writer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -19,14 +20,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{
-    spec_hash, ApplyAction, ApplyResult, Phase, ReplicaStatus, Workload, WorkloadStatus,
-    REVISION_ANNOTATION,
+    spec_hash, ApplyAction, ApplyResult, Phase, ReplicaStatus, ResourceAmounts, Workload,
+    WorkloadStatus, REVISION_ANNOTATION,
 };
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
 
 use self::actor::{Actor, ActorHandle, Begin, Msg};
 use self::record::{Quarantined, WorkloadRecord};
 use self::replica::{Policy, Stage};
+use crate::admission::{self, NodeFacts};
 use crate::fsutil::{fsync_path, syncfs};
 use crate::image::{ImageSource, ImageStore};
 use crate::runtime::Runtime;
@@ -105,11 +107,42 @@ pub struct Supervisor {
     quarantined: StdMutex<BTreeMap<String, Quarantined>>,
     /// The node's policy for admission (none in tests that do not care).
     policy: StdMutex<Option<crate::policy::NodePolicy>>,
+    /// Labels and allocatable for capacity admission (none: everything fits).
+    node: StdMutex<Option<NodeFacts>>,
+    /// Requests of every admitted workload's desired replicas, by name.
+    admitted: StdMutex<HashMap<String, ResourceAmounts>>,
+}
+
+/// Why a batch was not applied; nothing of it was.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refused {
+    /// Workloads (by position) owned by another manager, with the owner.
+    Conflicts(Vec<(usize, String)>),
+    /// Workloads (by position) the node has no room or no matching labels for.
+    Admission(admission::Refusals),
 }
 
 impl Supervisor {
     pub fn set_policy(&self, policy: crate::policy::NodePolicy) {
         *self.policy.lock().unwrap() = Some(policy);
+    }
+
+    /// Turn on capacity and label admission with these facts about the node.
+    pub fn set_node(&self, facts: NodeFacts) {
+        *self.node.lock().unwrap() = Some(facts);
+    }
+
+    pub fn node_facts(&self) -> Option<NodeFacts> {
+        self.node.lock().unwrap().clone()
+    }
+
+    /// Sum of the requests of every admitted workload.
+    pub fn requested(&self) -> ResourceAmounts {
+        self.admitted
+            .lock()
+            .unwrap()
+            .values()
+            .fold(ResourceAmounts::default(), |a, b| a.plus(*b))
     }
 
     /// Field errors for what the node's policy refuses in `w` (relative to the workload).
@@ -151,6 +184,8 @@ impl Supervisor {
             store,
             quarantined: StdMutex::new(BTreeMap::new()),
             policy: StdMutex::new(None),
+            node: StdMutex::new(None),
+            admitted: StdMutex::new(HashMap::new()),
         }))
     }
 
@@ -182,7 +217,7 @@ impl Supervisor {
         let referenced: HashSet<String> = loaded
             .records
             .iter()
-            .flat_map(|r| r.replicas.iter().filter_map(|x| x.container_id()))
+            .flat_map(|r| r.all_replicas().filter_map(|x| x.container_id()))
             .map(str::to_string)
             .collect();
         let spared: Vec<String> = loaded
@@ -215,6 +250,15 @@ impl Supervisor {
         .await
         .context("sweep leaked containers")?;
         let count = loaded.records.len();
+        {
+            let mut admitted = self.admitted.lock().unwrap();
+            for rec in loaded.records.iter().filter(|r| !r.deleting) {
+                admitted.insert(
+                    rec.workload.metadata.name.clone(),
+                    rec.workload.total_request(),
+                );
+            }
+        }
         let mut reg = self.shared.registry.lock().await;
         for rec in loaded.records {
             let name = rec.workload.metadata.name.clone();
@@ -231,7 +275,7 @@ impl Supervisor {
     pub async fn apply(self: &Arc<Self>, workloads: Vec<Workload>) -> Result<Vec<ApplyResult>> {
         match self.apply_as(workloads, None, false).await? {
             Ok(r) => Ok(r),
-            Err(conflicts) => anyhow::bail!("ownership conflicts: {conflicts:?}"),
+            Err(refused) => anyhow::bail!("refused: {refused:?}"),
         }
     }
 
@@ -258,17 +302,35 @@ impl Supervisor {
     }
 
     /// Apply as `manager`: nothing is applied when any workload belongs to another manager
-    /// (`Ok(Err(conflicts))`, by position and owner) unless `force` takes them over.
+    /// (`Refused::Conflicts`, by position and owner) unless `force` takes them over, or when
+    /// any does not fit the node (`Refused::Admission`).
     pub async fn apply_as(
         self: &Arc<Self>,
         workloads: Vec<Workload>,
         manager: Option<String>,
         force: bool,
-    ) -> Result<Result<Vec<ApplyResult>, Vec<(usize, String)>>> {
+    ) -> Result<Result<Vec<ApplyResult>, Refused>> {
         let names: Vec<&str> = workloads.iter().map(|w| w.metadata.name.as_str()).collect();
         let conflicts = self.conflicts(&names, manager.as_deref(), force).await;
         if !conflicts.is_empty() {
-            return Ok(Err(conflicts));
+            return Ok(Err(Refused::Conflicts(conflicts)));
+        }
+        {
+            // Check and reserve under one lock: two concurrent applies never both take the
+            // last room.
+            let mut admitted = self.admitted.lock().unwrap();
+            let batch: Vec<&Workload> = workloads.iter().collect();
+            let staged = match &*self.node.lock().unwrap() {
+                Some(node) => match admission::admit_batch(node, &admitted, &batch) {
+                    Ok(staged) => staged,
+                    Err(refused) => return Ok(Err(Refused::Admission(refused))),
+                },
+                None => batch
+                    .iter()
+                    .map(|w| (w.metadata.name.clone(), w.total_request()))
+                    .collect(),
+            };
+            admitted.extend(staged);
         }
         let mut pending = Vec::with_capacity(workloads.len());
         for w in workloads {
@@ -344,7 +406,7 @@ impl Supervisor {
                         continue;
                     }
                     let id = self.shared.next_actor.fetch_add(1, Ordering::Relaxed);
-                    let replicas = (0..actor::desired_replicas(&w))
+                    let replicas = (0..w.desired_replicas())
                         .map(replica::Replica::new)
                         .collect();
                     let rec = WorkloadRecord {
@@ -355,6 +417,11 @@ impl Supervisor {
                         replicas,
                         deleting: false,
                         manager,
+                        outgoing: Vec::new(),
+                        outgoing_digests: Vec::new(),
+                        generation: 1,
+                        progress_ms: Some(crate::fsutil::now_unix_ms()),
+                        config_hash: String::new(),
                     };
                     tracing::info!(workload = %name, "created");
                     let handle = Actor::spawn(self.shared.clone(), id, rec, Begin::New(reply));
@@ -376,8 +443,7 @@ impl Supervisor {
             .await
             .iter()
             .flat_map(|r| {
-                r.replicas
-                    .iter()
+                r.all_replicas()
                     .filter_map(|x| x.container_id().map(str::to_string))
                     .collect::<Vec<_>>()
             })
@@ -434,6 +500,8 @@ impl Supervisor {
                 return Ok(false);
             };
             h.deleting.store(true, Ordering::SeqCst);
+            // Its requests are free for others from the moment the delete is accepted.
+            self.admitted.lock().unwrap().remove(name);
             if h.tx.send(Msg::Delete { reply }).is_err() {
                 return Ok(true);
             }
@@ -532,7 +600,7 @@ impl Supervisor {
             .map(|rec| hyperbox_api::WorkloadDigest {
                 name: rec.workload.metadata.name.clone(),
                 spec_hash: rec.spec_hash.clone(),
-                config_hash: hyperbox_api::config_hash(&rec.workload),
+                config_hash: rec.config_hash.clone(),
                 manager: rec.manager.clone(),
                 revision: rec
                     .workload
@@ -549,8 +617,7 @@ impl Supervisor {
         let (mut cpu, mut mem, mut n) = (0, 0, 0);
         for rec in self.snapshots().await {
             let running = rec
-                .replicas
-                .iter()
+                .all_replicas()
                 .filter(|r| matches!(r.stage, Stage::Running { .. }))
                 .count() as u64;
             let res = &rec.workload.spec.resources;
@@ -575,12 +642,18 @@ impl Supervisor {
         self.shared.registry.lock().await.len()
     }
 
-    /// Image digests used by current workloads (for image GC).
+    /// Image digests used by current workloads and by the old replicas of their rolling
+    /// updates (for image GC).
     pub async fn images_in_use(&self) -> HashSet<String> {
         self.snapshots()
             .await
             .iter()
-            .filter_map(|r| r.image_digest.clone())
+            .flat_map(|r| {
+                r.image_digest
+                    .iter()
+                    .chain(r.outgoing_digests.iter())
+                    .cloned()
+            })
             .collect()
     }
 
@@ -626,21 +699,28 @@ impl Supervisor {
 
     fn render(&self, rec: &WorkloadRecord) -> WorkloadStatus {
         let w = &rec.workload;
+        let replica_status = |r: &replica::Replica, outdated: bool| ReplicaStatus {
+            index: r.index,
+            phase: r.phase,
+            reason: r.reason.map(|x| x.as_str().to_string()),
+            message: r.message.clone(),
+            ready: r.ready,
+            restarts: r.restarts,
+            last_exit_code: r.last_exit_code,
+            container_id: r.container_id().map(str::to_string),
+            pid: r.pid(),
+            started_at: r.started_at_ms().map(|ms| format_rfc3339(ms / 1000)),
+            outdated,
+        };
         let replicas: Vec<ReplicaStatus> = rec
             .replicas
             .iter()
-            .map(|r| ReplicaStatus {
-                index: r.index,
-                phase: r.phase,
-                reason: r.reason.map(|x| x.as_str().to_string()),
-                message: r.message.clone(),
-                ready: r.ready,
-                restarts: r.restarts,
-                last_exit_code: r.last_exit_code,
-                container_id: r.container_id().map(str::to_string),
-                pid: r.pid(),
-                started_at: r.started_at_ms().map(|ms| format_rfc3339(ms / 1000)),
-            })
+            .map(|r| replica_status(r, false))
+            .collect();
+        let outdated: Vec<ReplicaStatus> = rec
+            .outgoing
+            .iter()
+            .map(|r| replica_status(r, true))
             .collect();
         let phase = if w.spec.suspend || replicas.is_empty() {
             Phase::Pending
@@ -661,6 +741,14 @@ impl Supervisor {
             .find(|r| !r.ready && r.reason.is_some())
             .or_else(|| replicas.iter().find(|r| r.reason.is_some()))
             .or(replicas.first());
+        let deadline_s = w
+            .spec
+            .progress_deadline_seconds
+            .unwrap_or(hyperbox_api::DEFAULT_PROGRESS_DEADLINE_SECONDS);
+        let stalled_for_s = rec
+            .progress_ms
+            .map(|p| crate::fsutil::now_unix_ms().saturating_sub(p) / 1000)
+            .filter(|s| *s >= deadline_s as u64);
         let (reason, message) = if rec.deleting {
             (
                 Some("Terminating".to_string()),
@@ -671,12 +759,28 @@ impl Supervisor {
                 Some("Suspended".to_string()),
                 Some("spec.suspend is true".to_string()),
             )
+        } else if let Some(s) = stalled_for_s {
+            let ready_new = replicas.iter().filter(|r| r.ready).count();
+            let lead_reason = lead
+                .and_then(|r| r.reason.clone())
+                .map(|r| format!(" (replica {}: {r})", lead.map(|l| l.index).unwrap_or(0)))
+                .unwrap_or_default();
+            (
+                Some("ProgressDeadlineExceeded".to_string()),
+                Some(format!(
+                    "no progress for {s}s (progressDeadlineSeconds {deadline_s}): {ready_new} of {} replicas of generation {} ready{lead_reason}; {} old replicas keep serving",
+                    replicas.len(),
+                    rec.generation,
+                    outdated.len()
+                )),
+            )
         } else {
             (
                 lead.and_then(|r| r.reason.clone()),
                 lead.and_then(|r| r.message.clone()),
             )
         };
+        let ready_all = replicas.iter().chain(&outdated).filter(|r| r.ready).count() as u32;
         let pulling = replicas
             .iter()
             .any(|r| r.reason.as_deref() == Some("ContainerCreating"));
@@ -688,7 +792,8 @@ impl Supervisor {
             ready: !w.spec.suspend
                 && !replicas.is_empty()
                 && replicas.len() == w.spec.replicas as usize
-                && replicas.iter().all(|r| r.ready),
+                && replicas.iter().all(|r| r.ready)
+                && outdated.is_empty(),
             restarts: replicas.iter().map(|r| r.restarts).sum(),
             last_exit_code: lead.and_then(|r| r.last_exit_code),
             image: w.spec.image.clone(),
@@ -705,7 +810,23 @@ impl Supervisor {
             },
             suspended: w.spec.suspend,
             manager: rec.manager.clone(),
-            replicas,
+            generation: rec.generation,
+            observed_generation: rec.generation,
+            desired_replicas: w.desired_replicas(),
+            current_replicas: (rec
+                .replicas
+                .iter()
+                .filter(|r| r.container_id().is_some())
+                .count()
+                + rec.outgoing.len()) as u32,
+            updated_replicas: rec
+                .replicas
+                .iter()
+                .filter(|r| r.stage != Stage::Idle)
+                .count() as u32,
+            ready_replicas: ready_all,
+            available_replicas: ready_all,
+            replicas: replicas.into_iter().chain(outdated).collect(),
         }
     }
 

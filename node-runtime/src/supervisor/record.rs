@@ -31,6 +31,35 @@ pub struct WorkloadRecord {
     /// The manager that owns it; another manager may not change or delete it without force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<String>,
+    /// Replicas of a previous spec that keep serving during a rolling update (at most one
+    /// per ordinal); they are never restarted and go as their replacements get ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outgoing: Vec<Replica>,
+    /// Images the outgoing replicas run (kept from garbage collection until they are gone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outgoing_digests: Vec<String>,
+    /// Bumped on every change of the spec (Kubernetes' `metadata.generation`).
+    #[serde(default = "first_generation")]
+    pub generation: u64,
+    /// While a rollout (or the first start) has not completed: when it last made progress,
+    /// in unix milliseconds. Drives `ProgressDeadlineExceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_ms: Option<u64>,
+    /// `config_hash` of the workload (derived, in memory only): digests answer with it for
+    /// every workload, so it is computed when the workload changes, not per request.
+    #[serde(skip)]
+    pub config_hash: String,
+}
+
+fn first_generation() -> u64 {
+    1
+}
+
+impl WorkloadRecord {
+    /// Every replica that may own a container: the current spec's, then the outgoing ones.
+    pub fn all_replicas(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().chain(self.outgoing.iter())
+    }
 }
 
 /// The record format before replicas became state machines: kept readable so an upgrade
@@ -61,6 +90,7 @@ struct LegacyReplica {
 pub fn parse(bytes: &[u8]) -> Result<WorkloadRecord> {
     let mut rec = parse_stored(bytes)?;
     rec.spec_hash = hyperbox_api::spec_hash(&rec.workload);
+    rec.config_hash = hyperbox_api::config_hash(&rec.workload);
     Ok(rec)
 }
 
@@ -92,6 +122,11 @@ fn parse_stored(bytes: &[u8]) -> Result<WorkloadRecord> {
                     .collect(),
                 deleting: false,
                 manager: None,
+                outgoing: Vec::new(),
+                outgoing_digests: Vec::new(),
+                generation: 1,
+                progress_ms: None,
+                config_hash: String::new(),
             })
         }
     }
@@ -214,6 +249,11 @@ mod tests {
             replicas: vec![],
             deleting: false,
             manager: None,
+            outgoing: vec![],
+            outgoing_digests: vec![],
+            generation: 1,
+            progress_ms: None,
+            config_hash: String::new(),
         };
         let mut other = good.clone();
         other.workload.metadata.name = "c".into();

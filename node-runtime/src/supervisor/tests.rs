@@ -445,7 +445,7 @@ async fn managers_own_what_they_apply() {
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(refused, vec![(1, "git:a".to_string())]);
+    assert_eq!(refused, Refused::Conflicts(vec![(1, "git:a".to_string())]));
     assert!(
         s.status("x").await.is_none(),
         "a refused batch applies nothing"
@@ -514,4 +514,122 @@ async fn an_evicted_replica_stays_stopped_until_restarted() {
     assert!(s.restart("a", Some(1)).await.unwrap());
     eventually("two running again", || rt.running().len() == 2).await;
     assert!(!s.evict("a", 9, "x").await.unwrap());
+}
+
+/// Samples a workload's status until `done` holds: (min ready, max containers) over the run.
+async fn sample_rollout(
+    s: &Arc<Supervisor>,
+    name: &str,
+    done: impl Fn(&hyperbox_api::WorkloadStatus) -> bool,
+) -> (u32, u32, hyperbox_api::WorkloadStatus) {
+    let (mut min_ready, mut max_current) = (u32::MAX, 0);
+    for _ in 0..4000 {
+        let st = s.status(name).await.unwrap();
+        min_ready = min_ready.min(st.ready_replicas);
+        max_current = max_current.max(st.current_replicas);
+        if done(&st) {
+            return (min_ready, max_current, st);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!(
+        "rollout of {name} did not finish: {:?}",
+        s.status(name).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_updates_keep_enough_replicas_ready() {
+    let (_dir, rt, s) = setup();
+    s.apply(vec![workload("w", "  replicas: 4\n")])
+        .await
+        .unwrap();
+    let st = wait_status(&s, "w", "4 ready", |st| st.ready_replicas == 4).await;
+    assert!(st.rollout_complete(), "{st:?}");
+    let old: Vec<String> = rt.running();
+    s.apply(vec![workload("w", "  replicas: 4\n  args: [v2]\n")])
+        .await
+        .unwrap();
+    let (min_ready, max_current, st) =
+        sample_rollout(&s, "w", |st| st.generation == 2 && st.rollout_complete()).await;
+    // Defaults: 25% of 4 is one surge replica and one unavailable.
+    assert!(min_ready >= 3, "ready dropped to {min_ready}");
+    assert!(max_current <= 5, "{max_current} containers at once");
+    assert_eq!(st.observed_generation, 2);
+    assert_eq!((st.updated_replicas, st.ready_replicas), (4, 4));
+    assert!(st.replicas.iter().all(|r| !r.outdated));
+    eventually("old containers gone", || {
+        let now = rt.running();
+        now.len() == 4 && now.iter().all(|c| !old.contains(c))
+    })
+    .await;
+
+    // maxUnavailable 0: a new replica must be ready before any old one stops.
+    s.apply(vec![workload(
+        "w",
+        "  replicas: 4\n  args: [v3]\n  strategy: {rollingUpdate: {maxUnavailable: 0, maxSurge: 2}}\n",
+    )])
+    .await
+    .unwrap();
+    let (min_ready, max_current, _) =
+        sample_rollout(&s, "w", |st| st.generation == 3 && st.rollout_complete()).await;
+    assert_eq!(min_ready, 4);
+    assert!(max_current <= 6, "{max_current}");
+
+    // Recreate: never more than the replica count.
+    s.apply(vec![workload(
+        "w",
+        "  replicas: 4\n  args: [v4]\n  strategy: {type: Recreate}\n",
+    )])
+    .await
+    .unwrap();
+    let (_, max_current, _) =
+        sample_rollout(&s, "w", |st| st.generation == 4 && st.rollout_complete()).await;
+    assert!(max_current <= 4, "{max_current}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_version_halts_the_rollout_and_old_replicas_keep_serving() {
+    let (dir, rt, s) = setup();
+    s.apply(vec![workload("w", "  replicas: 4\n")])
+        .await
+        .unwrap();
+    wait_status(&s, "w", "4 ready", |st| st.ready_replicas == 4).await;
+    rt.fail_starts(Some("exec: no such file"));
+    s.apply(vec![workload(
+        "w",
+        "  replicas: 4\n  args: [broken]\n  progressDeadlineSeconds: 1\n",
+    )])
+    .await
+    .unwrap();
+    let st = wait_status(&s, "w", "deadline exceeded", |st| {
+        st.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    })
+    .await;
+    let msg = st.message.clone().unwrap();
+    assert!(msg.contains("old replicas keep serving"), "{msg}");
+    assert_eq!(st.ready_replicas, 3, "{st:?}");
+    assert_eq!(
+        st.replicas.iter().filter(|r| r.outdated && r.ready).count(),
+        3
+    );
+    assert!(!st.ready && !st.rollout_complete());
+    assert_eq!(rt.running().len(), 3);
+    // Still halted after a daemon restart: the old replicas are adopted, not restarted.
+    let running = rt.running();
+    s.detach_all().await;
+    let s = sup(dir.path(), &rt);
+    s.recover().await.unwrap();
+    let st = wait_status(&s, "w", "recovered", |st| st.ready_replicas == 3).await;
+    assert_eq!(st.reason.as_deref(), Some("ProgressDeadlineExceeded"));
+    assert_eq!(rt.running(), running);
+    // A fixed version rolls out from there.
+    rt.fail_starts(None);
+    s.apply(vec![workload("w", "  replicas: 4\n  args: [fixed]\n")])
+        .await
+        .unwrap();
+    let (min_ready, _, st) = sample_rollout(&s, "w", |st| st.rollout_complete()).await;
+    assert!(min_ready >= 3);
+    assert_eq!(st.generation, 3);
+    assert!(st.reason.is_none(), "{st:?}");
 }
