@@ -88,6 +88,16 @@ wait_for 30 "worker to converge" bash -c "'$node_bin' --socket '$sock' get worke
 echo
 node get -o wide
 
+echo
+echo "== third commit: worker scaled back to 2 with a new MODE: a rolling update"
+sed -i 's/replicas: 1/replicas: 2/; s/value: demo}/value: demo-v2}/' "$repo/apps/worker.yaml"
+git -C "$repo" -c user.name=demo -c user.email=demo@hyperbox.invalid commit -q -am "fleet: worker v2"
+rev3=$(git -C "$repo" rev-parse HEAD)
+wait_for 60 "the third sync" bash -c "'$op_bin' status --state-dir '$work/operator' -o json | grep -q '\"lastAppliedRevision\": \"$rev3\"'"
+wait_for 60 "the worker rollout" bash -c "'$node_bin' --socket '$sock' get worker -o json | python3 -c 'import json,sys; w=json.load(sys.stdin); sys.exit(0 if w[\"updatedReplicas\"]==w[\"availableReplicas\"]==w[\"currentReplicas\"]==2 and w[\"observedGeneration\"]==w[\"generation\"] else 1)'"
+node get worker -o json | python3 -c 'import json,sys; w=json.load(sys.stdin); print("worker generation %d: %d updated, %d available, %d containers" % (w["generation"], w["updatedReplicas"], w["availableReplicas"], w["currentReplicas"]))'
+node get -o wide
+
 if [ "${HYPERBOX_DEMO_WAIT:-0}" = 1 ]; then
   echo "== running; commit to $repo to change the fleet; Ctrl-C to stop"
   wait "$op_pid"

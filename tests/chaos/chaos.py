@@ -137,6 +137,13 @@ class Chaos:
         self.settle_times = []
         self.violation_log = []
         self.desired = {}  # name -> spec dict
+        # Revisions pushed, in order, and per workload the first of them with its current
+        # manifest: the operator applies a workload only when it changed, so its revision
+        # annotation is the commit at which the operator saw that change (or a later one, after
+        # drift or a missed commit), never an earlier one, and not necessarily HEAD.
+        self.revs = []
+        self.last_manifest = {}
+        self.changed_at = {}
         self.gen = 0
         self.released = {}  # image digest -> when it may have stopped being used
         self.in_use_prev = set()
@@ -297,6 +304,17 @@ class Chaos:
         self.git(["-C", self.clone, "commit", "-q", "--allow-empty", "-m", msg])
         self.git(["-C", self.clone, "push", "-q", "origin", "main"])
         self.stats["pushes"] += 1
+        head = self.git(["-C", self.clone, "rev-parse", "HEAD"])
+        self.revs.append(head)
+        for name in list(self.last_manifest):
+            if name not in self.desired:
+                del self.last_manifest[name]
+                self.changed_at.pop(name, None)
+        for name, s in self.desired.items():
+            text = self.manifest(name, s)
+            if self.last_manifest.get(name) != text:
+                self.last_manifest[name] = text
+                self.changed_at[name] = head
 
     def mutate(self, prefer=None):
         """One or two edits of the desired set, pushed as one commit; returns a description."""
@@ -413,8 +431,11 @@ class Chaos:
             if w is None:
                 p.append(f"{name}: missing on the node")
                 continue
-            if w.get("revision") != head:
-                p.append(f"{name}: revision {str(w.get('revision'))[:12]} != HEAD {head[:12]}")
+            since = self.changed_at.get(name)
+            allowed = self.revs[self.revs.index(since):] if since in self.revs else [head]
+            if w.get("revision") not in allowed:
+                p.append(f"{name}: revision {str(w.get('revision'))[:12]} is not between the commit that "
+                         f"last changed it ({str(since)[:12]}) and HEAD {head[:12]}")
             if w.get("image") != e["image"]:
                 p.append(f"{name}: image {w.get('image')} != {e['image']}")
             reps = w.get("replicas") or []
