@@ -185,7 +185,11 @@ async fn apply(
 }
 
 async fn digests(State(sup): State<AppState>) -> Response {
-    Json(sup.digests().await).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        sup.digests_json().await,
+    )
+        .into_response()
 }
 
 async fn list(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Response {

@@ -2,6 +2,7 @@
 //! reconcile planning and status.
 
 pub mod apply;
+pub mod fleet;
 pub mod gitsource;
 pub mod manifests;
 pub mod placement;

@@ -61,9 +61,13 @@ struct GitArgs {
     path: String,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     interval: Duration,
-    /// Node API: unix://PATH or http://HOST:PORT (with --node-token-file).
-    #[arg(long)]
-    node: String,
+    /// Node API: unix://PATH, http://HOST:PORT or https://HOST:PORT (with
+    /// --node-token-file). Repeat it to spread replicas over several nodes.
+    #[arg(long, required = true)]
+    node: Vec<String>,
+    /// With several nodes: how long a node may stay unreachable before its replicas move.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    node_grace: Duration,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     /// CA certificate (PEM) the node's TLS certificate must chain to (https:// nodes).
@@ -172,6 +176,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 path,
                 interval,
                 node,
+                node_grace,
                 node_token_file,
                 node_ca_file,
                 node_cert,
@@ -202,16 +207,6 @@ async fn run(cli: Cli) -> Result<bool> {
                 Some(f) => Some(read_secret_file(f, "node token").map_err(anyhow::Error::msg)?),
                 None => None,
             };
-            let endpoint = Endpoint::parse_tls(
-                &node,
-                token,
-                &hyperbox_client::tls::TlsFiles {
-                    ca_file: node_ca_file,
-                    cert: node_cert,
-                    key: node_key,
-                },
-            )
-            .map_err(|e| anyhow::anyhow!("--node {node}: {e}"))?;
             // This source's identity on the node: it never changes or prunes workloads that
             // another source manages.
             let manager = if path.is_empty() {
@@ -219,9 +214,23 @@ async fn run(cli: Cli) -> Result<bool> {
             } else {
                 format!("git:{repo}#{path}")
             };
-            let client = NodeClient::new(endpoint)
-                .with_timeouts(node_connect_timeout, node_timeout)
-                .with_manager(manager, false);
+            let tls = hyperbox_client::tls::TlsFiles {
+                ca_file: node_ca_file,
+                cert: node_cert,
+                key: node_key,
+            };
+            let mut clients = Vec::new();
+            for n in &node {
+                if clients.iter().any(|(k, _)| k == n) {
+                    bail!("--node {n} is given twice");
+                }
+                let endpoint = Endpoint::parse_tls(n, token.clone(), &tls)
+                    .map_err(|e| anyhow::anyhow!("--node {n}: {e}"))?;
+                let client = NodeClient::new(endpoint)
+                    .with_timeouts(node_connect_timeout, node_timeout)
+                    .with_manager(manager.clone(), false);
+                clients.push((n.clone(), client));
+            }
             let source = GitSource::open(
                 &state_dir.join("repo.git"),
                 GitConfig {
@@ -236,17 +245,19 @@ async fn run(cli: Cli) -> Result<bool> {
                     },
                 },
             )?;
-            let mut syncer = Syncer::new(
-                source,
-                client,
-                SyncOptions {
-                    state_dir: state_dir.clone(),
-                    interval,
-                    prune,
-                    verify_signatures,
-                    apply_limits: Limits::default(),
-                },
-            )?;
+            let opts = SyncOptions {
+                state_dir: state_dir.clone(),
+                interval,
+                prune,
+                verify_signatures,
+                apply_limits: Limits::default(),
+            };
+            let mut syncer = if clients.len() == 1 {
+                let (_, client) = clients.pop().expect("one node");
+                Syncer::new(source, client, opts)?
+            } else {
+                Syncer::new_fleet(source, clients, node_grace, opts)?
+            };
             if once {
                 return match syncer.sync_once().await {
                     Ok(()) => Ok(true),

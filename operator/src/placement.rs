@@ -46,10 +46,12 @@ pub struct Demand {
     pub request: Amounts,
     /// Where its replicas run now, by ordinal.
     pub current: BTreeMap<u32, String>,
+    /// Nodes not to use for it (they refused it).
+    pub avoid: BTreeSet<String>,
 }
 
 /// Why a replica could not be placed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unplaced {
     /// No node has the labels the selector asks for (or none can take work).
     NoMatchingNode,
@@ -126,7 +128,9 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
                 .current
                 .get(&ordinal)
                 .and_then(|n| by_id.get(n.as_str()))
-                .filter(|n| n.schedulable && matches(n, &d.node_selector));
+                .filter(|n| {
+                    n.schedulable && matches(n, &d.node_selector) && !d.avoid.contains(&n.id)
+                });
             match stays {
                 Some(n) => {
                     take(&mut free, &n.id, &d.request);
@@ -141,7 +145,7 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
     for (d, ordinal) in pending {
         let candidates: Vec<&NodeInfo> = nodes
             .iter()
-            .filter(|n| n.schedulable && matches(n, &d.node_selector))
+            .filter(|n| n.schedulable && matches(n, &d.node_selector) && !d.avoid.contains(&n.id))
             .collect();
         if candidates.is_empty() {
             out.unplaced
@@ -211,6 +215,7 @@ mod tests {
                 memory_bytes: mem_gi * GI,
             },
             current: BTreeMap::new(),
+            avoid: BTreeSet::new(),
         }
     }
 
@@ -273,6 +278,20 @@ mod tests {
         let p = place(&[cpu_heavy], &nodes);
         assert_eq!(p.unplaced[&("c".into(), 0)], Unplaced::InsufficientCpu);
         assert_eq!(Unplaced::InsufficientCpu.reason(), "InsufficientCPU");
+    }
+
+    #[test]
+    fn nodes_that_refused_a_workload_are_avoided() {
+        let nodes = [node("a", &[], 8), node("b", &[], 8)];
+        let mut d = demand("web", 2, 1);
+        d.current = [(0, "a".to_string()), (1, "b".to_string())].into();
+        d.avoid = ["a".to_string()].into();
+        let p = place(&[d.clone()], &nodes);
+        assert_eq!(p.on_node("web", "b").len(), 2, "{p:?}");
+        d.avoid = ["a".to_string(), "b".to_string()].into();
+        let p = place(&[d], &nodes);
+        assert_eq!(p.unplaced.len(), 2);
+        assert_eq!(p.unplaced[&("web".into(), 0)], Unplaced::NoMatchingNode);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! revision onto the node, keep status and inventory in the state dir, back off while the
 //! source or the node is unreachable (running work is never torn down for that).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{anyhow, Context, Result};
+use hyperbox_api::NodeSummary;
 use hyperbox_client::NodeClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::apply::{deliver, Delivery, Limits};
+use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport};
 use crate::reconcile::{plan, Inventory, Observed, Outcome, WorkloadResult};
@@ -43,6 +45,30 @@ pub struct SourceStatus {
     pub syncs: u64,
     pub files: Vec<FileReport>,
     pub workloads: Vec<WorkloadResult>,
+    /// With several `--node`s: each node as the last sync saw it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// The node's address, as given with `--node`.
+    pub node: String,
+    /// The node's stable id, once it answered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    pub reachable: bool,
+    /// Seconds since it last answered, while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_for_s: Option<u64>,
+    /// Past the grace period: its replicas were moved to other nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evacuated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Replicas of this source placed on it.
+    pub replicas: u32,
 }
 
 pub struct SyncOptions {
@@ -62,6 +88,39 @@ pub struct Syncer {
     opts: SyncOptions,
     status: SourceStatus,
     inventory: Inventory,
+    /// Set with several nodes: placement across them (see [`crate::fleet`]).
+    fleet: Option<Fleet>,
+}
+
+/// What this source owns on each node, and where it placed each workload's replicas.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FleetState {
+    inventories: BTreeMap<String, Inventory>,
+    counts: Counts,
+}
+
+struct FleetNode {
+    key: String,
+    client: NodeClient,
+    /// The last summary it answered with.
+    summary: Option<NodeSummary>,
+    unreachable_since: Option<Instant>,
+    error: Option<String>,
+}
+
+struct Fleet {
+    nodes: Vec<FleetNode>,
+    /// How long an unreachable node keeps its replicas.
+    grace: Duration,
+    state: FleetState,
+    /// Nodes that refused a workload at `refused_at`: avoided for it until the next revision.
+    refused: BTreeMap<String, BTreeSet<String>>,
+    refused_at: Option<String>,
+}
+
+fn fleet_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("fleet.json")
 }
 
 /// What a sync attempt that got to the end did.
@@ -127,7 +186,52 @@ impl Syncer {
             opts,
             status,
             inventory,
+            fleet: None,
         })
+    }
+
+    /// A syncer over several nodes (address, client): replicas are placed across them, and
+    /// move off a node that stays unreachable for `grace`.
+    pub fn new_fleet(
+        source: GitSource,
+        nodes: Vec<(String, NodeClient)>,
+        grace: Duration,
+        opts: SyncOptions,
+    ) -> Result<Syncer> {
+        let first = nodes
+            .first()
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| anyhow!("no node given"))?;
+        let mut syncer = Syncer::new(source, first, opts)?;
+        let state: FleetState = match std::fs::read(fleet_path(&syncer.opts.state_dir)) {
+            Ok(b) => serde_json::from_slice(&b).context("parse fleet.json")?,
+            // From one node to several: what was applied to the first node is still ours.
+            Err(_) => FleetState {
+                inventories: nodes
+                    .first()
+                    .map(|(k, _)| (k.clone(), syncer.inventory.clone()))
+                    .into_iter()
+                    .collect(),
+                counts: Counts::new(),
+            },
+        };
+        syncer.fleet = Some(Fleet {
+            nodes: nodes
+                .into_iter()
+                .map(|(key, client)| FleetNode {
+                    key,
+                    client,
+                    summary: None,
+                    unreachable_since: None,
+                    error: None,
+                })
+                .collect(),
+            grace,
+            state,
+            refused: BTreeMap::new(),
+            refused_at: None,
+        });
+        Ok(syncer)
     }
 
     pub fn status(&self) -> &SourceStatus {
@@ -195,6 +299,7 @@ impl Syncer {
         };
         self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
         self.status.syncs += 1;
+        self.status.nodes = self.fleet_status();
         match &result {
             Ok(()) => {
                 self.status.stale = false;
@@ -224,26 +329,14 @@ impl Syncer {
             })
             .await?;
         }
-        let observed: BTreeMap<String, Observed> = self
-            .node
-            .digests()
-            .await
-            .context("node")?
-            .into_iter()
-            .map(|d| {
-                (
-                    d.name,
-                    Observed {
-                        // Nodes older than config_hash only have the spec hash.
-                        spec_hash: if d.config_hash.is_empty() {
-                            d.spec_hash
-                        } else {
-                            d.config_hash
-                        },
-                    },
-                )
-            })
-            .collect();
+        if let Some(mut fleet) = self.fleet.take() {
+            let r = self
+                .attempt_fleet(&mut fleet, revision, started, fetch_ms)
+                .await;
+            self.fleet = Some(fleet);
+            return r;
+        }
+        let observed = observe(self.node.digest_hashes().await.context("node")?);
         // Nothing new and no drift: a no-change sync costs one fetch and one list.
         // Workloads the node refused last time (another source owned them, its policy, size)
         // are retried at every sync: what stood in the way may be gone.
@@ -264,7 +357,7 @@ impl Syncer {
         }
         let parse_started = Instant::now();
         let rev = revision.clone();
-        let set = self
+        let mut set = self
             .with_source("read manifests", move |s| {
                 s.manifests(&rev)
                     .map(assemble)
@@ -279,81 +372,26 @@ impl Syncer {
         union.extend(p.inventory.clone());
         write_json(&inventory_path(&self.opts.state_dir), &union)
             .context("record the inventory before applying")?;
-
-        let mut results = p.results.clone();
-        let mut failed = 0usize;
-        let docs: Vec<Vec<u8>> = p
-            .apply
-            .iter()
-            .map(|w| serde_json::to_vec(w).context("serialize workload"))
-            .collect::<Result<_>>()?;
-        let limits = self.opts.apply_limits;
-        let node = &self.node;
-        let deliveries = deliver(&docs, &limits, |body| async move {
-            node.apply_json(body).await.map(drop)
-        })
-        .await;
-        let mut not_applied = Vec::new();
-        for (w, d) in p.apply.iter().zip(&deliveries) {
-            let name = &w.metadata.name;
-            match d {
-                Delivery::Applied => continue,
-                Delivery::TooLarge { .. } => {
-                    not_applied.push(name.clone());
-                    tracing::warn!(workload = %name, "workload too large for the node; not applied");
-                }
-                Delivery::Refused(_) => {
-                    not_applied.push(name.clone());
-                    tracing::warn!(workload = %name, "node refused the workload; not applied");
-                }
-                Delivery::Failed(_) => failed += 1,
-            }
-            if let Some(r) = results.iter_mut().find(|r| &r.name == name) {
-                r.outcome = Outcome::Failed;
-                r.message = d.message(name, &limits);
-            }
-        }
-        let deletes = p.delete.iter().map(|name| {
-            let node = self.node.clone();
-            let name = name.clone();
-            async move { (name.clone(), node.delete(&name).await) }
-        });
-        let mut taken_over = Vec::new();
-        for (name, r) in futures_join_all(deletes).await {
-            if let Err(e) = r {
-                if e.status() == Some(409) {
-                    // Another manager owns it now: it is no longer ours to prune.
-                    tracing::warn!(workload = %name, error = %e, "not pruned: managed by another source");
-                    taken_over.push(name);
-                } else if e.status() != Some(404) {
-                    failed += 1;
-                    tracing::error!(workload = %name, error = %e, "prune failed");
-                }
-            }
-        }
         let errors = set.error_count();
-        let mut final_inventory = p.inventory;
-        if failed > 0 {
-            // Keep ownership of everything we may have touched; the next sync retries.
-            final_inventory = union;
-        }
-        // What was never applied is owned as before: its previous version, or nothing.
-        for name in &not_applied {
-            match self.inventory.get(name) {
-                Some(previous) => final_inventory.insert(name.clone(), previous.clone()),
-                None => final_inventory.remove(name),
-            };
-        }
-        for name in &taken_over {
-            final_inventory.remove(name);
-        }
-        write_json(&inventory_path(&self.opts.state_dir), &final_inventory)
+        let workload_count = set.workloads.len();
+        // The plan holds what is sent; the parsed set is not needed while the node works.
+        set.workloads.clear();
+        let done = carry_out(
+            &self.node,
+            self.opts.apply_limits,
+            &self.inventory,
+            union,
+            p,
+        )
+        .await?;
+        write_json(&inventory_path(&self.opts.state_dir), &done.inventory)
             .context("record the inventory after applying")?;
-        self.inventory = final_inventory;
+        self.inventory = done.inventory;
+        let (results, failed) = (done.results, done.failed);
         let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
         tracing::info!(
             %revision,
-            workloads = set.workloads.len(),
+            workloads = workload_count,
             created = count(Outcome::Created),
             updated = count(Outcome::Updated),
             restored = count(Outcome::Restored),
@@ -380,6 +418,229 @@ impl Syncer {
         })
     }
 
+    /// One sync over several nodes: observe them, place, then reconcile each reachable node
+    /// with its share like a single node.
+    async fn attempt_fleet(
+        &self,
+        fleet: &mut Fleet,
+        revision: String,
+        started: Instant,
+        fetch_ms: u64,
+    ) -> Result<Synced> {
+        let mut observed: BTreeMap<String, BTreeMap<String, Observed>> = BTreeMap::new();
+        for n in &mut fleet.nodes {
+            let answer = async {
+                let summary = n.client.node().await?;
+                let digests = n.client.digest_hashes().await?;
+                Ok::<_, hyperbox_client::ClientError>((summary, digests))
+            }
+            .await;
+            match answer {
+                Ok((summary, digests)) => {
+                    n.summary = Some(summary);
+                    n.unreachable_since = None;
+                    n.error = None;
+                    observed.insert(n.key.clone(), observe(digests));
+                }
+                Err(e) => {
+                    let since = *n.unreachable_since.get_or_insert_with(Instant::now);
+                    tracing::warn!(node = %n.key, error = %e, unreachable_s = since.elapsed().as_secs(), "node unreachable");
+                    n.error = Some(format!("{e}"));
+                }
+            }
+        }
+        let all_reachable = observed.len() == fleet.nodes.len();
+        let unchanged = all_reachable
+            && self.status.last_applied_revision.as_deref() == Some(revision.as_str())
+            && self.status.error.is_none()
+            && !self
+                .status
+                .workloads
+                .iter()
+                .any(|w| w.outcome == Outcome::Failed)
+            && fleet.state.inventories.iter().all(|(key, inv)| {
+                let obs = observed.get(key);
+                inv.iter().all(|(name, e)| {
+                    // Still placed there (a node back from an outage holds copies to prune)
+                    // and as applied.
+                    fleet
+                        .state
+                        .counts
+                        .get(name)
+                        .is_some_and(|m| m.contains_key(key))
+                        && obs
+                            .and_then(|o| o.get(name))
+                            .is_some_and(|o| o.spec_hash == e.spec_hash)
+                })
+            });
+        if unchanged {
+            return Ok(Synced::Unchanged { revision });
+        }
+        if fleet.refused_at.as_deref() != Some(revision.as_str()) {
+            fleet.refused.clear();
+            fleet.refused_at = Some(revision.clone());
+        }
+        let parse_started = Instant::now();
+        let rev = revision.clone();
+        let set = self
+            .with_source("read manifests", move |s| {
+                s.manifests(&rev)
+                    .map(assemble)
+                    .with_context(|| format!("read manifests at {}", short(&rev)))
+            })
+            .await?;
+        let parse_ms = parse_started.elapsed().as_millis() as u64;
+        let node_started = Instant::now();
+        let grace = fleet.grace;
+        let evacuated = |n: &FleetNode| n.unreachable_since.is_some_and(|t| t.elapsed() >= grace);
+        let views: Vec<NodeView> = fleet
+            .nodes
+            .iter()
+            .map(|n| NodeView {
+                key: n.key.clone(),
+                summary: n.summary.clone(),
+                schedulable: !evacuated(n),
+            })
+            .collect();
+        let placement = place_fleet(&set, &fleet.state.counts, &views, &fleet.refused);
+        // Plans for the nodes that answered; record the union of what we own before acting.
+        let mut plans = Vec::new();
+        let mut before = fleet.state.clone();
+        for n in &fleet.nodes {
+            let Some(obs) = observed.get(&n.key) else {
+                continue;
+            };
+            let own = fleet
+                .state
+                .inventories
+                .get(&n.key)
+                .cloned()
+                .unwrap_or_default();
+            let p = plan(
+                &node_set(&set, &placement.counts, &n.key),
+                &revision,
+                &own,
+                obs,
+                self.opts.prune,
+            );
+            before
+                .inventories
+                .entry(n.key.clone())
+                .or_default()
+                .extend(p.inventory.clone());
+            plans.push((n.key.clone(), n.client.clone(), own, p));
+        }
+        write_json(&fleet_path(&self.opts.state_dir), &before)
+            .context("record the fleet inventory before applying")?;
+        let mut failed = fleet
+            .nodes
+            .iter()
+            .filter(|n| n.unreachable_since.is_some() && !evacuated(n))
+            .count();
+        let mut per_node = Vec::new();
+        let mut after = FleetState {
+            inventories: fleet.state.inventories.clone(),
+            counts: placement.counts.clone(),
+        };
+        for (key, client, own, p) in plans {
+            let union = before.inventories.get(&key).cloned().unwrap_or_default();
+            let done = carry_out(&client, self.opts.apply_limits, &own, union, p).await?;
+            failed += done.failed;
+            for name in &done.not_applied {
+                // Avoided until the next revision; what ran there before still runs there.
+                fleet
+                    .refused
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(key.clone());
+                let before = fleet
+                    .state
+                    .counts
+                    .get(name)
+                    .and_then(|m| m.get(&key))
+                    .copied();
+                let e = after.counts.entry(name.clone()).or_default();
+                match before {
+                    Some(c) => e.insert(key.clone(), c),
+                    None => e.remove(&key),
+                };
+            }
+            after.inventories.insert(key.clone(), done.inventory);
+            per_node.push((key, done.results));
+        }
+        // Nodes that did not answer keep their share until the grace period ends; after that
+        // their replicas were placed elsewhere, and their copies are pruned when they return.
+        for n in fleet
+            .nodes
+            .iter()
+            .filter(|n| !observed.contains_key(&n.key))
+        {
+            if evacuated(n) {
+                continue;
+            }
+            for (name, per) in &fleet.state.counts {
+                if let Some(c) = per.get(&n.key) {
+                    after
+                        .counts
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(n.key.clone(), *c);
+                }
+            }
+        }
+        after.counts.retain(|_, m| !m.is_empty());
+        write_json(&fleet_path(&self.opts.state_dir), &after)
+            .context("record the fleet inventory after applying")?;
+        fleet.state = after;
+        let results = merge_results(&set, &per_node, &placement);
+        tracing::info!(
+            %revision,
+            workloads = set.workloads.len(),
+            nodes = fleet.nodes.len(),
+            reachable = observed.len(),
+            unplaced = placement.unplaced.values().map(Vec::len).sum::<usize>(),
+            failed,
+            fetch_ms,
+            parse_ms,
+            node_ms = node_started.elapsed().as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "synced"
+        );
+        Ok(Synced::Applied {
+            revision,
+            files: set.files,
+            workloads: results,
+            failed,
+        })
+    }
+
+    /// Each node as the last sync saw it (for status).
+    fn fleet_status(&self) -> Vec<NodeStatus> {
+        let Some(fleet) = &self.fleet else {
+            return Vec::new();
+        };
+        fleet
+            .nodes
+            .iter()
+            .map(|n| NodeStatus {
+                node: n.key.clone(),
+                id: n.summary.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+                reachable: n.unreachable_since.is_none() && n.summary.is_some(),
+                unreachable_for_s: n.unreachable_since.map(|t| t.elapsed().as_secs()),
+                evacuated: n
+                    .unreachable_since
+                    .is_some_and(|t| t.elapsed() >= fleet.grace),
+                error: n.error.clone(),
+                replicas: fleet
+                    .state
+                    .counts
+                    .values()
+                    .filter_map(|m| m.get(&n.key))
+                    .sum(),
+            })
+            .collect()
+    }
+
     /// Poll forever (with jitter), syncing at once when `trigger` fires; after a failure, retry
     /// with a jittered exponential backoff.
     pub async fn run(&mut self, trigger: Arc<Notify>) {
@@ -404,6 +665,124 @@ impl Syncer {
             }
         }
     }
+}
+
+/// What carrying out one node's plan did.
+struct Done {
+    results: Vec<WorkloadResult>,
+    /// The inventory to keep: what this source now owns on the node.
+    inventory: Inventory,
+    /// Node operations that failed (retried at the next sync).
+    failed: usize,
+    /// Workloads the node refused or that were too large: not applied.
+    not_applied: Vec<String>,
+}
+
+/// Apply and prune one node's plan. `previous` is the inventory before the sync, `union` the
+/// one recorded before acting (previous and planned): kept whole when something failed.
+async fn carry_out(
+    node: &NodeClient,
+    limits: Limits,
+    previous: &Inventory,
+    union: Inventory,
+    p: crate::reconcile::Plan,
+) -> Result<Done> {
+    let crate::reconcile::Plan {
+        apply,
+        delete,
+        mut results,
+        inventory: planned,
+    } = p;
+    let mut failed = 0usize;
+    let docs: Vec<Vec<u8>> = apply
+        .iter()
+        .map(|w| serde_json::to_vec(w).context("serialize workload"))
+        .collect::<Result<_>>()?;
+    // Only the JSON is sent: at 10,000 workloads the structs are several MiB that need not
+    // stay alive while it is.
+    let names: Vec<String> = apply.into_iter().map(|w| w.metadata.name).collect();
+    let deliveries = deliver(&docs, &limits, |body| async move {
+        node.apply_json(body).await.map(drop)
+    })
+    .await;
+    let mut not_applied = Vec::new();
+    for (name, d) in names.iter().zip(&deliveries) {
+        match d {
+            Delivery::Applied => continue,
+            Delivery::TooLarge { .. } => {
+                not_applied.push(name.clone());
+                tracing::warn!(workload = %name, "workload too large for the node; not applied");
+            }
+            Delivery::Refused(_) => {
+                not_applied.push(name.clone());
+                tracing::warn!(workload = %name, "node refused the workload; not applied");
+            }
+            Delivery::Failed(_) => failed += 1,
+        }
+        if let Some(r) = results.iter_mut().find(|r| &r.name == name) {
+            r.outcome = Outcome::Failed;
+            r.message = d.message(name, &limits);
+        }
+    }
+    let deletes = delete.iter().map(|name| {
+        let node = node.clone();
+        let name = name.clone();
+        async move { (name.clone(), node.delete(&name).await) }
+    });
+    let mut taken_over = Vec::new();
+    for (name, r) in futures_join_all(deletes).await {
+        if let Err(e) = r {
+            if e.status() == Some(409) {
+                // Another manager owns it now: it is no longer ours to prune.
+                tracing::warn!(workload = %name, error = %e, "not pruned: managed by another source");
+                taken_over.push(name);
+            } else if e.status() != Some(404) {
+                failed += 1;
+                tracing::error!(workload = %name, error = %e, "prune failed");
+            }
+        }
+    }
+    let mut inventory = planned;
+    if failed > 0 {
+        // Keep ownership of everything we may have touched; the next sync retries.
+        inventory = union;
+    }
+    // What was never applied is owned as before: its previous version, or nothing.
+    for name in &not_applied {
+        match previous.get(name) {
+            Some(before) => inventory.insert(name.clone(), before.clone()),
+            None => inventory.remove(name),
+        };
+    }
+    for name in &taken_over {
+        inventory.remove(name);
+    }
+    Ok(Done {
+        results,
+        inventory,
+        failed,
+        not_applied,
+    })
+}
+
+/// A node's digests as the diff needs them.
+fn observe(digests: Vec<hyperbox_client::DigestHash>) -> BTreeMap<String, Observed> {
+    digests
+        .into_iter()
+        .map(|d| {
+            (
+                d.name,
+                Observed {
+                    // Nodes older than config_hash only have the spec hash.
+                    spec_hash: if d.config_hash.is_empty() {
+                        d.spec_hash
+                    } else {
+                        d.config_hash
+                    },
+                },
+            )
+        })
+        .collect()
 }
 
 fn short(revision: &str) -> &str {

@@ -67,6 +67,17 @@ impl ClientError {
     }
 }
 
+/// A workload digest without its revision and manager (see [`NodeClient::digest_hashes`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DigestHash {
+    pub name: String,
+    pub spec_hash: String,
+    /// Empty from nodes older than this field.
+    #[serde(default)]
+    pub config_hash: String,
+}
+
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
@@ -404,6 +415,12 @@ impl NodeClient {
 
     /// Name, spec hash and revision of every workload: a cheap list for diffing.
     pub async fn digests(&self) -> Result<Vec<hyperbox_api::WorkloadDigest>, ClientError> {
+        self.json(Method::GET, "/v1/digests", None).await
+    }
+
+    /// The digests reduced to what a diff needs (name and hashes): the other fields are
+    /// skipped while parsing, which counts at 10,000 workloads.
+    pub async fn digest_hashes(&self) -> Result<Vec<DigestHash>, ClientError> {
         self.json(Method::GET, "/v1/digests", None).await
     }
 

@@ -612,6 +612,39 @@ impl Supervisor {
             .collect()
     }
 
+    /// [`Supervisor::digests`] as the JSON the API answers with, serialized straight from the
+    /// snapshots (no copy of every name and hash).
+    pub async fn digests_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Digest<'a> {
+            name: &'a str,
+            spec_hash: &'a str,
+            config_hash: &'a str,
+            revision: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            manager: Option<&'a str>,
+        }
+        let snapshots = self.snapshots().await;
+        let digests: Vec<Digest<'_>> = snapshots
+            .iter()
+            .filter(|r| !r.deleting)
+            .map(|rec| Digest {
+                name: &rec.workload.metadata.name,
+                spec_hash: &rec.spec_hash,
+                config_hash: &rec.config_hash,
+                revision: rec
+                    .workload
+                    .metadata
+                    .annotations
+                    .get(REVISION_ANNOTATION)
+                    .map(String::as_str),
+                manager: rec.manager.as_deref(),
+            })
+            .collect();
+        serde_json::to_vec(&digests).expect("serialize digests")
+    }
+
     /// Limits of running replicas: (cpu millis, memory bytes, containers).
     pub async fn allocations(&self) -> (u64, u64, usize) {
         let (mut cpu, mut mem, mut n) = (0, 0, 0);

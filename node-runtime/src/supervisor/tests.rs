@@ -474,6 +474,14 @@ async fn managers_own_what_they_apply() {
     assert_eq!(st.name, "w");
     let digests = s.digests().await;
     assert_eq!(digests[0].manager.as_deref(), Some("git:b"));
+    // The API's borrowed serialization says the same.
+    let answered: Vec<hyperbox_api::WorkloadDigest> =
+        serde_json::from_slice(&s.digests_json().await).unwrap();
+    assert_eq!(answered, digests);
+    assert_eq!(
+        answered[0].config_hash,
+        hyperbox_api::config_hash(&workload("w", ""))
+    );
     assert_eq!(
         s.delete_as("w", b.as_deref(), false).await.unwrap(),
         Ok(true)

@@ -1,0 +1,239 @@
+//! One Git source, three real node runtimes on this machine (separate state dirs, sockets and
+//! cgroup parents): the edge operator spreads replicas by labels and room, moves them off a
+//! node that stays unreachable past the grace period, and prunes that node's copies when it
+//! comes back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hyperbox_e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(90);
+const MI: u64 = 1 << 20;
+
+fn mem_total() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// Replicas of `name` on `node` that run (0 when it has no such workload).
+fn running(node: &Node, name: &str) -> usize {
+    node.get(name)
+        .map(|w| {
+            w["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["phase"] == "Running" && r["outdated"].is_null())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn containers(node: &Node, name: &str) -> Vec<String> {
+    node.get(name)
+        .map(|w| {
+            w["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r["containerId"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn result<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("no result for {name}: {st:#}"))
+}
+
+fn doc(name: &str, image: &str, extra: &str) -> String {
+    workload(
+        name,
+        image,
+        &format!("  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n{extra}"),
+    )
+}
+
+#[test]
+fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    // 500Mi allocatable on each node, whatever this machine has.
+    let reserve = format!("cpu=0,memory={}", mem_total() - 500 * MI);
+    let start = |zone: &str| {
+        Node::start(&[
+            "--insecure-registry",
+            &reg.addr,
+            "--reserve",
+            &reserve,
+            "--label",
+            &format!("zone={zone}"),
+        ])
+        .unwrap()
+    };
+    let mut n1 = start("a");
+    let n2 = start("a");
+    let n3 = start("b");
+    let repo = GitRepo::new().unwrap();
+    repo.write(
+        "web.yaml",
+        &doc(
+            "web",
+            &image,
+            "  replicas: 4\n  resources: {requests: {memory: 100Mi}}\n",
+        ),
+    );
+    repo.write(
+        "worker.yaml",
+        &doc(
+            "worker",
+            &image,
+            "  replicas: 2\n  nodeSelector: {zone: a}\n",
+        ),
+    );
+    repo.write(
+        "big.yaml",
+        &doc("big", &image, "  resources: {requests: {memory: 600Mi}}\n"),
+    );
+    let rev = repo.commit_push("three workloads");
+    let socks: Vec<String> = [&n1, &n2, &n3]
+        .iter()
+        .map(|n| format!("unix://{}", n.socket.display()))
+        .collect();
+    let op = Operator::start(
+        &n1,
+        &repo.url(),
+        &[
+            "--node",
+            &socks[1],
+            "--node",
+            &socks[2],
+            "--node-grace",
+            "3s",
+            "--interval",
+            "500ms",
+        ],
+    )
+    .unwrap();
+    let st = op
+        .wait_status(T, "first placement", |s| {
+            s["lastFetchedRevision"] == rev.as_str()
+                && s["workloads"].as_array().is_some_and(|w| w.len() == 3)
+        })
+        .unwrap();
+    // big fits nowhere: failed with the reason, nothing half-placed.
+    let big = result(&st, "big");
+    assert_eq!(big["outcome"], "failed", "{st:#}");
+    assert!(
+        big["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 of 1 replicas could not be placed on any node: InsufficientMemory"),
+        "{big}"
+    );
+    for n in [&n1, &n2, &n3] {
+        assert!(n.get("big").is_none());
+    }
+    // web: 4 spread over 3 nodes (2/1/1); worker: only on zone a.
+    let nodes = [&n1, &n2, &n3];
+    let spread = |name: &str| -> Vec<usize> {
+        let mut last = vec![];
+        wait_until(T, "replicas running", || {
+            last = nodes.iter().map(|n| running(n, name)).collect::<Vec<_>>();
+            let want = if name == "web" { 4 } else { 2 };
+            (last.iter().sum::<usize>() == want).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {name} {last:?}\n{}", tail(&op.log_text(), 3000)));
+        last
+    };
+    let web = spread("web");
+    assert!(
+        web.iter().all(|n| *n >= 1) && web.iter().max() == Some(&2),
+        "{web:?}"
+    );
+    let worker = spread("worker");
+    assert_eq!(worker[2], 0, "worker on zone b: {worker:?}");
+    // Status lists the nodes and each workload's placement.
+    let nodes_status = st["nodes"].as_array().unwrap();
+    assert_eq!(nodes_status.len(), 3);
+    assert!(
+        nodes_status.iter().all(|n| n["reachable"] == true),
+        "{st:#}"
+    );
+    assert!(result(&st, "web")["message"]
+        .as_str()
+        .unwrap()
+        .contains("placed: "));
+
+    // n1 dies (its daemon; its containers keep running, as in a network partition).
+    let survivors: BTreeMap<usize, Vec<String>> =
+        [(1, containers(&n2, "web")), (2, containers(&n3, "web"))].into();
+    let worker_on_n2 = containers(&n2, "worker");
+    n1.kill9();
+    let st = op
+        .wait_status(T, "n1 evacuated", |s| {
+            s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["evacuated"] == true))
+                && s["error"].is_null()
+        })
+        .unwrap();
+    let gone = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["evacuated"] == true)
+        .unwrap();
+    assert_eq!(gone["node"], socks[0].as_str());
+    assert_eq!(gone["reachable"], false);
+    wait_until(T, "web back to 4 on n2 and n3", || {
+        (running(&n2, "web") + running(&n3, "web") == 4).then_some(())
+    })
+    .unwrap();
+    wait_until(T, "worker back to 2 on n2", || {
+        (running(&n2, "worker") == 2).then_some(())
+    })
+    .unwrap();
+    // Moving is scaling: the replicas that were on n2 and n3 kept their containers.
+    for (i, n) in [(1usize, &n2), (2, &n3)] {
+        let now = containers(n, "web");
+        assert!(
+            survivors[&i].iter().all(|c| now.contains(c)),
+            "{:?} -> {now:?}",
+            survivors[&i]
+        );
+    }
+    let now = containers(&n2, "worker");
+    assert!(worker_on_n2.iter().all(|c| now.contains(c)));
+
+    // n1 comes back: it gets nothing new, and its stale copies are pruned.
+    n1.spawn().unwrap();
+    wait_until(T, "n1's copies pruned", || {
+        (n1.get("web").is_none() && n1.get("worker").is_none()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&op.log_text(), 3000)));
+    let st = op
+        .wait_status(T, "all reachable", |s| {
+            s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().all(|n| n["reachable"] == true))
+        })
+        .unwrap();
+    assert_eq!(running(&n2, "web") + running(&n3, "web"), 4, "{st:#}");
+}
