@@ -123,6 +123,15 @@ struct GitArgs {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
+    // Fetches and manifest parsing run on blocking threads, the node calls on the runtime's:
+    // with glibc's default of one malloc arena per thread, memory freed by one is not reused
+    // by the other, and a 10,000-workload sync peaked at 78 MiB instead of 71 MiB (77 MiB
+    // with two arenas). The threads seldom allocate at the same time: one arena is enough.
+    // SAFETY: mallopt before any other thread exists; it only tunes the allocator.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = Cli::parse();
     if let Command::Git(args) = &cli.command {
         // SAFETY: no other thread exists yet (the runtime starts below) and nothing fetches.
