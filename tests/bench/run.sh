@@ -5,14 +5,18 @@
 #      vs  `skopeo copy` + `umoci unpack` from the same registry
 # Prints medians and ratios; hyperfine JSON goes to $OUT (default target/bench).
 # usage: sudo tests/bench/run.sh [--quick]
+#   BIN=DIR  use DIR/hyperbox-node (another build, for an A/B comparison in the same session)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs_a=30 runs_b=5
 [ "${1:-}" = --quick ] && runs_a=10 runs_b=2
 tests/install-deps.sh
 . tests/bench/lib.sh
-cargo build --release -p hyperbox-node
-node=$PWD/target/release/hyperbox-node
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -p hyperbox-node
+  BIN=$PWD/target/release
+fi
+node=$BIN/hyperbox-node
 out=${OUT:-$PWD/target/bench}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/hyperbox-bench.XXXXXX)
