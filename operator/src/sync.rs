@@ -133,6 +133,8 @@ enum Synced {
         workloads: Vec<WorkloadResult>,
         /// Node operations (applies, prunes) that failed; retried at the next sync.
         failed: usize,
+        /// Why, where known beyond the per-workload results (an unreachable node).
+        why: Vec<String>,
     },
 }
 
@@ -281,6 +283,7 @@ impl Syncer {
                 files,
                 workloads,
                 failed,
+                why,
             }) => {
                 self.status.files = files;
                 self.status.workloads = workloads;
@@ -289,8 +292,13 @@ impl Syncer {
                     self.status.last_applied_unix = Some(hyperbox_api::util::now_unix());
                     Ok(())
                 } else {
+                    let why = if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", why.join("; "))
+                    };
                     Err(anyhow!(
-                        "{failed} node operations failed at {}; retrying",
+                        "{failed} node operations failed at {}{why}; retrying",
                         short(&revision)
                     ))
                 }
@@ -415,6 +423,7 @@ impl Syncer {
             files: set.files,
             workloads: results,
             failed,
+            why: Vec::new(),
         })
     }
 
@@ -532,11 +541,26 @@ impl Syncer {
         }
         write_json(&fleet_path(&self.opts.state_dir), &before)
             .context("record the fleet inventory before applying")?;
-        let mut failed = fleet
+        let waiting: Vec<&FleetNode> = fleet
             .nodes
             .iter()
             .filter(|n| n.unreachable_since.is_some() && !evacuated(n))
-            .count();
+            .collect();
+        let mut failed = waiting.len();
+        let unreachable_why: Vec<String> = waiting
+            .iter()
+            .map(|n| {
+                format!(
+                    "node {} unreachable for {}s, its replicas move after {}s: {}",
+                    n.key,
+                    n.unreachable_since
+                        .map(|t| t.elapsed().as_secs())
+                        .unwrap_or(0),
+                    grace.as_secs(),
+                    n.error.as_deref().unwrap_or("no answer")
+                )
+            })
+            .collect();
         let mut per_node = Vec::new();
         let mut after = FleetState {
             inventories: fleet.state.inventories.clone(),
@@ -611,6 +635,7 @@ impl Syncer {
             files: set.files,
             workloads: results,
             failed,
+            why: unreachable_why,
         })
     }
 

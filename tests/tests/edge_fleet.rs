@@ -186,6 +186,21 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
         [(1, containers(&n2, "web")), (2, containers(&n3, "web"))].into();
     let worker_on_n2 = containers(&n2, "worker");
     n1.kill9();
+    // Within the grace period the sync fails, naming the node, and nothing moves yet.
+    let st = op
+        .wait_status(T, "n1 reported unreachable", |s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unreachable for") && e.contains(&socks[0]))
+        })
+        .unwrap();
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap()
+            .contains("its replicas move after 3s"),
+        "{st:#}"
+    );
     let st = op
         .wait_status(T, "n1 evacuated", |s| {
             s["nodes"]
