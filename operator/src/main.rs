@@ -71,7 +71,8 @@ fn features() -> Vec<Feature> {
 
 #[derive(clap::Args)]
 struct GitArgs {
-    #[arg(long)]
+    /// The Git repository of Workload manifests (https://, ssh:// or a local path).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     repo: String,
     #[arg(long, conflicts_with_all = ["tag", "commit"])]
     branch: Option<String>,
