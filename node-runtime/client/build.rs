@@ -39,7 +39,7 @@ fn main() {
 }
 
 /// Rebuild when HEAD moves: a commit or checkout changes HEAD, the branch's ref or packed-refs.
-/// Only files that exist are named (cargo reruns the script every build for a missing one).
+/// Only paths that exist are named (cargo reruns the script on every build for a missing one).
 fn watch_head(dir: &Path) {
     let resolve = |p: String| -> PathBuf {
         let p = PathBuf::from(p);
@@ -56,7 +56,12 @@ fn watch_head(dir: &Path) {
     if let Some(common) = git(dir, &["rev-parse", "--git-common-dir"]).map(resolve) {
         files.push(common.join("packed-refs"));
         if let Some(head_ref) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
-            files.push(common.join(head_ref));
+            let ref_file = common.join(head_ref);
+            // A packed ref has no file yet; the next commit creates it in its directory.
+            match ref_file.parent().filter(|_| !ref_file.exists()) {
+                Some(ref_dir) => files.push(ref_dir.to_path_buf()),
+                None => files.push(ref_file),
+            }
         }
     }
     for f in files.into_iter().filter(|f| f.exists()) {

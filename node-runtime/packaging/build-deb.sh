@@ -5,6 +5,7 @@
 #   node-runtime/packaging/build-deb.sh [--bin-dir DIR] [--out DIR] [--revision N]
 #
 # Without --bin-dir it builds release binaries with cargo first (CARGO_TARGET_DIR is honoured).
+# The Maintainer field comes from DEBFULLNAME and DEBEMAIL, as for other Debian tools.
 # Prints the path of the .deb. Needs dpkg-dev (dpkg-shlibdeps) and binutils (strip).
 #
 # Built with dpkg-deb from this script rather than cargo-deb: the package needs maintainer
@@ -17,6 +18,7 @@ repo="$(cd "$here/../.." && pwd)"
 bin_dir=""
 out_dir="${CARGO_TARGET_DIR:-$repo/target}/deb"
 revision=1
+maintainer="${DEBFULLNAME:-HyperBox maintainers} <${DEBEMAIL:-maintainers@hyperbox.example.org}>"
 while (($#)); do
   case "$1" in
   --bin-dir) bin_dir="$2"; shift 2 ;;
@@ -59,6 +61,14 @@ install -m 0644 "$here"/systemd/hyperbox-node.service "$here"/systemd/hyperbox-o
   "$root/lib/systemd/system/"
 install -m 0644 "$here/etc/node.env" "$here/etc/operator.env" "$root/etc/hyperbox/"
 install -m 0644 "$here/debian/copyright" "$root/usr/share/doc/hyperbox/copyright"
+install -D -m 0644 "$here/debian/lintian-overrides" "$root/usr/share/lintian/overrides/hyperbox"
+commit="$("$bin_dir/hyperbox-node" -V | sed -n 's/.*(commit \(.*\))$/\1/p')"
+# The date of the commit when there is one, so that rebuilding a commit gives the same file.
+date="$(git -C "$repo" log -1 --format=%cD 2>/dev/null || date -R)"
+printf 'hyperbox (%s) unstable; urgency=medium\n\n  * Built from commit %s.\n\n -- %s  %s\n' \
+  "$version-$revision" "$commit" "$maintainer" "$date" |
+  gzip -9n >"$root/usr/share/doc/hyperbox/changelog.Debian.gz"
+chmod 0644 "$root/usr/share/doc/hyperbox/changelog.Debian.gz"
 install -m 0755 "$here/debian/postinst" "$here/debian/prerm" "$here/debian/postrm" "$root/DEBIAN/"
 printf '%s\n' /etc/hyperbox/node.env /etc/hyperbox/operator.env >"$root/DEBIAN/conffiles"
 chmod 0644 "$root/DEBIAN/conffiles" "$root"/usr/share/bash-completion/completions/* \
@@ -77,17 +87,17 @@ cat >"$root/DEBIAN/control" <<CONTROL
 Package: hyperbox
 Version: $version-$revision
 Architecture: $arch
-Maintainer: HyperBox authors <hyperbox@localhost>
+Maintainer: $maintainer
 Installed-Size: $installed_size
 Depends: $depends
 Recommends: erofs-utils
 Section: admin
 Priority: optional
 Description: GitOps container reconciler for edge boxes
- HyperBox runs declared container workloads from a Git repository on this machine:
- hyperbox-node supervises the containers (OCI images, EROFS, cgroups), and
- hyperbox-operator reconciles a Git repository of Workload manifests onto it.
- Both run as systemd services configured in /etc/hyperbox.
+ HyperBox runs declared container workloads from a Git repository on this
+ machine: hyperbox-node supervises the containers (OCI images, EROFS,
+ cgroups), and hyperbox-operator reconciles a Git repository of Workload
+ manifests onto it. Both run as systemd services configured in /etc/hyperbox.
 CONTROL
 
 mkdir -p "$out_dir"

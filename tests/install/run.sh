@@ -82,7 +82,7 @@ step "version: --version, version, -V"
 if [[ -n "${HYPERBOX_GIT_COMMIT:-}" ]]; then
   commit="$HYPERBOX_GIT_COMMIT"
 else
-  commit="$(git rev-parse --short=12 HEAD)"
+  commit="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 fi
 version="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)"
 for b in hyperbox-node hyperbox-operator; do
@@ -108,8 +108,12 @@ grep -qx "cargo:rustc-env=HYPERBOX_GIT_COMMIT=unknown" <<<"$out" || fail "no che
 out="$(CARGO_MANIFEST_DIR="$work/no-git" HYPERBOX_GIT_COMMIT=0123abcd "$work/build-script")"
 grep -qx "cargo:rustc-env=HYPERBOX_GIT_COMMIT=0123abcd" <<<"$out" || fail "packager's commit: $out"
 out="$(env -u HYPERBOX_GIT_COMMIT CARGO_MANIFEST_DIR="$repo/node-runtime/client" "$work/build-script")"
-grep -qx "cargo:rustc-env=HYPERBOX_GIT_COMMIT=$(git rev-parse --short=12 HEAD)" <<<"$out" ||
-  fail "checkout: $out"
+if git rev-parse -q HEAD >/dev/null 2>&1; then
+  grep -qx "cargo:rustc-env=HYPERBOX_GIT_COMMIT=$(git rev-parse --short=12 HEAD)" <<<"$out" ||
+    fail "checkout: $out"
+  # A commit reruns the build script: it watches HEAD and the branch's ref.
+  grep -q "^cargo:rerun-if-changed=.*HEAD$" <<<"$out" || fail "build.rs does not watch HEAD: $out"
+fi
 echo "ok: unknown outside a checkout, the packager's value when set, HEAD in a checkout" >&2
 
 step "build the package"
@@ -131,6 +135,8 @@ expected="$work/expected"
   echo "/etc/hyperbox/node.env 644 root:root"
   echo "/etc/hyperbox/operator.env 644 root:root"
   echo "/usr/share/doc/hyperbox/copyright 644 root:root"
+  echo "/usr/share/doc/hyperbox/changelog.Debian.gz 644 root:root"
+  echo "/usr/share/lintian/overrides/hyperbox 644 root:root"
   for b in hyperbox-node hyperbox-operator; do
     echo "/usr/share/bash-completion/completions/$b 644 root:root"
     echo "/usr/share/zsh/vendor-completions/_$b 644 root:root"
@@ -153,7 +159,7 @@ echo "ok: $(wc -l <"$expected") paths in place with the right modes" >&2
 conffiles="$(dpkg-query -W -f='${Conffiles}\n' hyperbox | awk 'NF {print $1}' | sort | tr '\n' ' ')"
 [[ "$conffiles" == "/etc/hyperbox/node.env /etc/hyperbox/operator.env " ]] || fail "conffiles: $conffiles"
 # Nothing outside these places.
-unexpected="$(dpkg -L hyperbox | grep -Ev '^/(\.|etc|etc/hyperbox(/.*)?|lib|lib/systemd(/system(/hyperbox-(node|operator)\.service)?)?|usr|usr/bin(/hyperbox-(node|operator))?|usr/share|usr/share/(doc|man|man/man1|bash-completion|bash-completion/completions|zsh|zsh/vendor-completions|fish|fish/vendor_completions\.d)|usr/share/doc/hyperbox(/copyright)?|usr/share/man/man1/hyperbox-[a-z-]+\.1\.gz|usr/share/bash-completion/completions/hyperbox-(node|operator)|usr/share/zsh/vendor-completions/_hyperbox-(node|operator)|usr/share/fish/vendor_completions\.d/hyperbox-(node|operator)\.fish)$' || true)"
+unexpected="$(dpkg -L hyperbox | grep -Ev '^/(\.|etc|etc/hyperbox(/.*)?|lib|lib/systemd(/system(/hyperbox-(node|operator)\.service)?)?|usr|usr/bin(/hyperbox-(node|operator))?|usr/share|usr/share/(doc|man|man/man1|bash-completion|bash-completion/completions|zsh|zsh/vendor-completions|fish|fish/vendor_completions\.d)|usr/share/doc/hyperbox(/copyright|/changelog\.Debian\.gz)?|usr/share/lintian(/overrides(/hyperbox)?)?|usr/share/man/man1/hyperbox-[a-z-]+\.1\.gz|usr/share/bash-completion/completions/hyperbox-(node|operator)|usr/share/zsh/vendor-completions/_hyperbox-(node|operator)|usr/share/fish/vendor_completions\.d/hyperbox-(node|operator)\.fish)$' || true)"
 [[ -z "$unexpected" ]] || fail "unexpected files in the package: $unexpected"
 for b in hyperbox-node hyperbox-operator; do
   [[ "$(/usr/bin/$b -V)" == "$b $version (commit $commit)" ]] || fail "installed $b -V"
