@@ -264,9 +264,10 @@ grep -qx "HYPERBOX_NODE_ARGS=--label site=test" /etc/hyperbox/node.env || fail "
 [[ -f /etc/hyperbox/operator.env ]] || fail "operator.env removed by dpkg -r"
 [[ -d /var/lib/hyperbox && -d /var/lib/hyperbox-operator ]] || fail "state removed by dpkg -r"
 dpkg-query -W -f='${Status}' hyperbox | grep -qx "deinstall ok config-files" || fail "status after -r"
-dpkg -i "$deb" >/dev/null
+# The README's way in: apt with a path (no downloads: every dependency is installed).
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
 grep -qx "HYPERBOX_NODE_ARGS=--label site=test" /etc/hyperbox/node.env || fail "node.env edit lost by reinstall"
-echo "ok: removed; the edited node.env survives removal and reinstall" >&2
+echo "ok: removed; the edited node.env survives removal and a reinstall with apt-get" >&2
 
 step "dpkg -P: config goes, state stays unless asked"
 enabled=0

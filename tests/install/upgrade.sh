@@ -136,6 +136,12 @@ wait_for 60 replicas || fail "the workloads did not run: $(replicas 2>&1)"
 before="$(replicas)"
 echo "$before" >&2
 [[ "$(wc -l <<<"$before")" == 2 ]] || fail "want two running replicas: $before"
+# Why KillMode=process: where the host tracks services in a v2 tree (hybrid or pure v2), say
+# whether the containers left the daemon's cgroup there. Under systemd that cgroup is the unit's.
+read -r _ _ first_pid _ <<<"$before"
+daemon_cg="$(sed -n 's/^0:://p' "/proc/$node_pid/cgroup")"
+container_cg="$(sed -n 's/^0:://p' "/proc/$first_pid/cgroup")"
+echo "v2 cgroup of the daemon: ${daemon_cg:-none}; of a container: ${container_cg:-none}" >&2
 
 step "install the new package over the old one"
 dpkg -i "$new_deb" >/dev/null
