@@ -13,6 +13,13 @@ if (($#)); then
   cargo test "$@"
 else
   cargo test --workspace
+  # Edge install: the Debian package built from the debug build made above, installed,
+  # checked (files, modes, completions, man pages, systemd-analyze verify, the units'
+  # ExecStart lines run as written), removed and purged again (about 30 s).
+  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/install/run.sh
+  # In-place upgrade: two package builds; the new node daemon re-adopts the old one's two
+  # running containers (same ids and pids) after a KillMode=process restart (about 1 min).
+  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/install/upgrade.sh
   # Chaos soak: 20 rounds of kill -9, pushes, outages and drift deletes, on the debug build
   # made above (no release build in CI).
   HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/chaos/run.sh 20

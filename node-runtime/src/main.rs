@@ -3,9 +3,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hyperbox_api::util::{parse_duration, read_secret_file};
-use hyperbox_client::cli::{init_tracing, run_main};
+use hyperbox_client::buildinfo::{long_version, Feature};
+use hyperbox_client::cli::{init_tracing, parse_with_version, run_main};
+use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_node::daemon::{serve, ServeOptions};
 use hyperbox_node::supervisor::SupervisorConfig;
@@ -161,6 +163,33 @@ enum Command {
         #[arg(short = 'o', long, default_value = "")]
         output: String,
     },
+    /// Print the version, the Git commit and the features of this build and machine.
+    Version,
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    #[command(hide = true)]
+    Completions { shell: Shell },
+    /// Write man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// What this build has and what this machine offers it: eBPF telemetry is not in this build;
+/// EROFS depends on the kernel and mkfs.erofs, so it is looked up now.
+fn features() -> Vec<Feature> {
+    let erofs = hyperbox_node::erofs::ErofsSupport::detect();
+    vec![
+        Feature::new("ebpf", "not built"),
+        Feature::new(
+            "erofs",
+            match (&erofs.mkfs, &erofs.reason) {
+                (Some(mkfs), _) => format!("available (detected at run time; {})", mkfs.display()),
+                (None, reason) => format!(
+                    "unavailable (detected at run time: {})",
+                    reason.as_deref().unwrap_or("unknown reason")
+                ),
+            },
+        ),
+    ]
 }
 
 fn main() -> ExitCode {
@@ -169,7 +198,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(hyperbox_node::container::spawner::SPAWNER_ARG) {
         hyperbox_node::container::spawner::serve();
     }
-    run_main(run(Cli::parse()))
+    run_main(run(parse_with_version(features)))
 }
 
 async fn run(cli: Cli) -> Result<bool> {
@@ -295,6 +324,21 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         Command::Node { output } => {
             hyperbox_node::cli::node(&client()?, output).await?;
+            Ok(true)
+        }
+        Command::Version => {
+            println!("hyperbox-node {}", long_version(&features()));
+            Ok(true)
+        }
+        Command::Completions { shell } => {
+            let script = completion_script(Cli::command(), *shell);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(true)
+        }
+        Command::Man { dir } => {
+            for page in write_man_pages(Cli::command(), dir)? {
+                println!("{}", page.display());
+            }
             Ok(true)
         }
     }

@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hyperbox_api::util::{parse_duration, read_secret_file};
-use hyperbox_client::cli::init_tracing;
+use hyperbox_client::buildinfo::{long_version, Feature};
+use hyperbox_client::cli::{init_tracing, parse_with_version};
+use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_operator::apply::Limits;
 use hyperbox_operator::gitsource::{set_network_timeouts, GitAuth, GitConfig, GitRef, GitSource};
@@ -44,11 +46,33 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print the version, the Git commit and the features of this build.
+    Version,
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    #[command(hide = true)]
+    Completions { shell: Shell },
+    /// Write man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// The operator runs no containers: EROFS and eBPF are the node's. What it has is Git over
+/// HTTPS and SSH (libgit2).
+fn features() -> Vec<Feature> {
+    vec![
+        Feature::new("git", "https, ssh (libgit2)"),
+        Feature::new("ebpf", "not built"),
+        Feature::new(
+            "erofs",
+            "not used (the node runtime builds and mounts images)",
+        ),
+    ]
 }
 
 #[derive(clap::Args)]
 struct GitArgs {
-    #[arg(long)]
+    /// The Git repository of Workload manifests (https://, ssh:// or a local path).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     repo: String,
     #[arg(long, conflicts_with_all = ["tag", "commit"])]
     branch: Option<String>,
@@ -132,7 +156,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let cli = Cli::parse();
+    let cli: Cli = parse_with_version(features);
     if let Command::Git(args) = &cli.command {
         // SAFETY: no other thread exists yet (the runtime starts below) and nothing fetches.
         if let Err(e) = unsafe { set_network_timeouts(args.git_connect_timeout, args.git_timeout) }
@@ -161,6 +185,21 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Validate { paths } => Ok(hyperbox_operator::validate::run(&paths)? == 0),
+        Command::Version => {
+            println!("hyperbox-operator {}", long_version(&features()));
+            Ok(true)
+        }
+        Command::Completions { shell } => {
+            let script = completion_script(Cli::command(), shell);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(true)
+        }
+        Command::Man { dir } => {
+            for page in write_man_pages(Cli::command(), &dir)? {
+                println!("{}", page.display());
+            }
+            Ok(true)
+        }
         Command::Status { state_dir, output } => {
             let path = status_path(&state_dir);
             let bytes = std::fs::read(&path).with_context(|| {

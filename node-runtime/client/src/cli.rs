@@ -1,5 +1,7 @@
 //! What both binaries' `main` share: logging setup and the async runtime around a command.
 
+use crate::buildinfo::{long_version, long_version_requested, short_version, Feature};
+
 /// Logs to stderr through `tracing`: text (colored on a terminal) or JSON. `RUST_LOG`
 /// overrides `default_filter`.
 pub fn init_tracing(format: &str, default_filter: &str) {
@@ -36,4 +38,17 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the command line of a binary whose `--version` lists features found at run time:
+/// `features` is only called when `--version` is given. `-V` prints the one-line version.
+pub fn parse_with_version<T: clap::Parser>(features: impl FnOnce() -> Vec<Feature>) -> T {
+    // Parsed once per process: leaking the two strings is what clap's `string` feature
+    // would do for us without the extra build.
+    let mut cmd = T::command().version(&*short_version().leak());
+    if long_version_requested() {
+        cmd = cmd.long_version(&*long_version(&features()).leak());
+    }
+    let matches = cmd.clone().get_matches();
+    T::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
 }

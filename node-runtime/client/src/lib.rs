@@ -18,7 +18,9 @@ use serde::Serialize;
 use hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
 use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, WorkloadStatus};
 
+pub mod buildinfo;
 pub mod cli;
+pub mod clidocs;
 pub mod tls;
 
 #[derive(Debug, thiserror::Error)]
