@@ -98,6 +98,10 @@ pub struct Syncer {
 struct FleetState {
     inventories: BTreeMap<String, Inventory>,
     counts: Counts,
+    /// Each node's last answer (labels, room), so that a node that is down when the
+    /// operator starts keeps its share for the grace period instead of losing it at once.
+    #[serde(default)]
+    summaries: BTreeMap<String, NodeSummary>,
 }
 
 struct FleetNode {
@@ -215,15 +219,16 @@ impl Syncer {
                     .into_iter()
                     .collect(),
                 counts: Counts::new(),
+                summaries: BTreeMap::new(),
             },
         };
         syncer.fleet = Some(Fleet {
             nodes: nodes
                 .into_iter()
                 .map(|(key, client)| FleetNode {
+                    summary: state.summaries.get(&key).cloned(),
                     key,
                     client,
-                    summary: None,
                     unreachable_since: None,
                     error: None,
                 })
@@ -565,6 +570,11 @@ impl Syncer {
         let mut after = FleetState {
             inventories: fleet.state.inventories.clone(),
             counts: placement.counts.clone(),
+            summaries: fleet
+                .nodes
+                .iter()
+                .filter_map(|n| n.summary.clone().map(|s| (n.key.clone(), s)))
+                .collect(),
         };
         for (key, client, own, p) in plans {
             let union = before.inventories.get(&key).cloned().unwrap_or_default();

@@ -89,7 +89,7 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
     };
     let mut n1 = start("a");
     let n2 = start("a");
-    let n3 = start("b");
+    let mut n3 = start("b");
     let repo = GitRepo::new().unwrap();
     repo.write(
         "web.yaml",
@@ -116,7 +116,7 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
         .iter()
         .map(|n| format!("unix://{}", n.socket.display()))
         .collect();
-    let op = Operator::start(
+    let mut op = Operator::start(
         &n1,
         &repo.url(),
         &[
@@ -251,4 +251,24 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
         })
         .unwrap();
     assert_eq!(running(&n2, "web") + running(&n3, "web"), 4, "{st:#}");
+
+    // The operator restarts while n3 is down: n3 keeps its share for the grace period (the
+    // operator remembers its last answer) instead of losing it at the first sync.
+    let share = running(&n3, "web");
+    assert!(share > 0);
+    op.kill9();
+    n3.kill9();
+    op.spawn().unwrap();
+    let st = op
+        .wait_status(T, "n3 reported unreachable after the restart", |s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unreachable for") && e.contains(&socks[2]))
+        })
+        .unwrap();
+    let placed = result(&st, "web")["message"].as_str().unwrap().to_string();
+    assert!(
+        placed.contains(&format!("{}={share}", socks[2])),
+        "n3 lost its share at once: {placed}"
+    );
 }
