@@ -182,49 +182,36 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
     if s.progress_deadline_seconds == Some(0) {
         errors.push(err("spec.progressDeadlineSeconds", "must be at least 1"));
     }
-    let req = &s.resources.requests;
-    if let Some(m) = &req.memory {
-        match parse_memory_bytes(m) {
-            Ok(b) => {
-                let limit = s
-                    .resources
-                    .memory
-                    .as_deref()
-                    .and_then(|l| parse_memory_bytes(l).ok());
-                if limit.is_some_and(|l| b > l) {
-                    errors.push(err(
-                        "spec.resources.requests.memory",
-                        format!(
-                            "{m} is more than the memory limit {}",
-                            s.resources.memory.as_deref().unwrap_or_default()
-                        ),
-                    ));
+    // A request must parse and may not exceed its limit.
+    let mut check_request = |what: &str,
+                             request: &Option<String>,
+                             limit: &Option<String>,
+                             parse: fn(&str) -> Result<u64, String>| {
+        let Some(r) = request else {
+            return;
+        };
+        let field = format!("spec.resources.requests.{what}");
+        match parse(r) {
+            Ok(v) => {
+                if let Some(l) = limit.as_deref().filter(|l| parse(l).is_ok_and(|l| v > l)) {
+                    errors.push(err(field, format!("{r} is more than the {what} limit {l}")));
                 }
             }
-            Err(e) => errors.push(err("spec.resources.requests.memory", e)),
+            Err(e) => errors.push(err(field, e)),
         }
-    }
-    if let Some(c) = &req.cpu {
-        match parse_cpu_millis(c) {
-            Ok(m) => {
-                let limit = s
-                    .resources
-                    .cpu
-                    .as_deref()
-                    .and_then(|l| parse_cpu_millis(l).ok());
-                if limit.is_some_and(|l| m > l) {
-                    errors.push(err(
-                        "spec.resources.requests.cpu",
-                        format!(
-                            "{c} is more than the cpu limit {}",
-                            s.resources.cpu.as_deref().unwrap_or_default()
-                        ),
-                    ));
-                }
-            }
-            Err(e) => errors.push(err("spec.resources.requests.cpu", e)),
-        }
-    }
+    };
+    check_request(
+        "memory",
+        &s.resources.requests.memory,
+        &s.resources.memory,
+        parse_memory_bytes,
+    );
+    check_request(
+        "cpu",
+        &s.resources.requests.cpu,
+        &s.resources.cpu,
+        parse_cpu_millis,
+    );
     let mut volume_names = BTreeSet::new();
     for (i, v) in s.volumes.iter().enumerate() {
         let at = format!("spec.volumes[{i}]");
