@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use hyperbox_api::NodeSummary;
 
 use crate::manifests::ManifestSet;
-use crate::placement::{place, Amounts, Demand, NodeInfo, Unplaced};
+use crate::placement::{matches, place, Amounts, Demand, NodeInfo, Unplaced};
 use crate::reconcile::{Outcome, WorkloadResult};
 
 /// Workload → node (its `--node` address) → replicas there. A zero entry keeps the definition
@@ -134,12 +134,7 @@ pub fn place_fleet(
                 n.id == key
                     && n.schedulable
                     && avoided.is_none_or(|a| !a.contains(key))
-                    && sw
-                        .workload
-                        .spec
-                        .node_selector
-                        .iter()
-                        .all(|(k, v)| n.labels.get(k) == Some(v))
+                    && matches(n, &sw.workload.spec.node_selector)
             })
         };
         let kept: Vec<String> = previous

@@ -87,7 +87,8 @@ impl Placement {
     }
 }
 
-fn matches(node: &NodeInfo, selector: &BTreeMap<String, String>) -> bool {
+/// Whether the node has every label the selector asks for.
+pub(crate) fn matches(node: &NodeInfo, selector: &BTreeMap<String, String>) -> bool {
     selector
         .iter()
         .all(|(k, v)| node.labels.get(k).is_some_and(|x| x == v))

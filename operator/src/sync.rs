@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
 use crate::gitsource::GitSource;
-use crate::manifests::{assemble, FileReport};
+use crate::manifests::{assemble, FileReport, ManifestSet};
 use crate::reconcile::{plan, Inventory, Observed, Outcome, WorkloadResult};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -251,6 +251,30 @@ impl Syncer {
         }
     }
 
+    /// The last sync applied `revision` without an error and without a failed workload:
+    /// if the nodes still hold what was applied, there is nothing to do. (Workloads a node
+    /// refused are retried at every sync: what stood in the way may be gone.)
+    fn settled_at(&self, revision: &str) -> bool {
+        self.status.last_applied_revision.as_deref() == Some(revision)
+            && self.status.error.is_none()
+            && !self
+                .status
+                .workloads
+                .iter()
+                .any(|w| w.outcome == Outcome::Failed)
+    }
+
+    /// Read and assemble the manifests of `revision` (on a blocking thread).
+    async fn read_manifests(&self, revision: &str) -> Result<ManifestSet> {
+        let rev = revision.to_string();
+        self.with_source("read manifests", move |s| {
+            s.manifests(&rev)
+                .map(assemble)
+                .with_context(|| format!("read manifests at {}", short(&rev)))
+        })
+        .await
+    }
+
     /// Run blocking Git work (network, object database, parsing) on a blocking thread.
     async fn with_source<T, F>(&self, what: &'static str, f: F) -> Result<T>
     where
@@ -353,13 +377,7 @@ impl Syncer {
         // Nothing new and no drift: a no-change sync costs one fetch and one list.
         // Workloads the node refused last time (another source owned them, its policy, size)
         // are retried at every sync: what stood in the way may be gone.
-        let unchanged = self.status.last_applied_revision.as_deref() == Some(revision.as_str())
-            && self.status.error.is_none()
-            && !self
-                .status
-                .workloads
-                .iter()
-                .any(|w| w.outcome == Outcome::Failed)
+        let unchanged = self.settled_at(&revision)
             && self.inventory.iter().all(|(name, e)| {
                 observed
                     .get(name)
@@ -369,14 +387,7 @@ impl Syncer {
             return Ok(Synced::Unchanged { revision });
         }
         let parse_started = Instant::now();
-        let rev = revision.clone();
-        let mut set = self
-            .with_source("read manifests", move |s| {
-                s.manifests(&rev)
-                    .map(assemble)
-                    .with_context(|| format!("read manifests at {}", short(&rev)))
-            })
-            .await?;
+        let mut set = self.read_manifests(&revision).await?;
         let p = plan(&set, &revision, &self.inventory, &observed, self.opts.prune);
         let parse_ms = parse_started.elapsed().as_millis() as u64;
         let node_started = Instant::now();
@@ -465,13 +476,7 @@ impl Syncer {
         }
         let all_reachable = observed.len() == fleet.nodes.len();
         let unchanged = all_reachable
-            && self.status.last_applied_revision.as_deref() == Some(revision.as_str())
-            && self.status.error.is_none()
-            && !self
-                .status
-                .workloads
-                .iter()
-                .any(|w| w.outcome == Outcome::Failed)
+            && self.settled_at(&revision)
             && fleet.state.inventories.iter().all(|(key, inv)| {
                 let obs = observed.get(key);
                 inv.iter().all(|(name, e)| {
@@ -495,14 +500,7 @@ impl Syncer {
             fleet.refused_at = Some(revision.clone());
         }
         let parse_started = Instant::now();
-        let rev = revision.clone();
-        let set = self
-            .with_source("read manifests", move |s| {
-                s.manifests(&rev)
-                    .map(assemble)
-                    .with_context(|| format!("read manifests at {}", short(&rev)))
-            })
-            .await?;
+        let set = self.read_manifests(&revision).await?;
         let parse_ms = parse_started.elapsed().as_millis() as u64;
         let node_started = Instant::now();
         let grace = fleet.grace;
