@@ -591,29 +591,9 @@ impl Supervisor {
         out
     }
 
-    /// What runs, by spec hash and revision, without rendering full statuses.
-    pub async fn digests(&self) -> Vec<hyperbox_api::WorkloadDigest> {
-        self.snapshots()
-            .await
-            .iter()
-            .filter(|r| !r.deleting)
-            .map(|rec| hyperbox_api::WorkloadDigest {
-                name: rec.workload.metadata.name.clone(),
-                spec_hash: rec.spec_hash.clone(),
-                config_hash: rec.config_hash.clone(),
-                manager: rec.manager.clone(),
-                revision: rec
-                    .workload
-                    .metadata
-                    .annotations
-                    .get(REVISION_ANNOTATION)
-                    .cloned(),
-            })
-            .collect()
-    }
-
-    /// [`Supervisor::digests`] as the JSON the API answers with, serialized straight from the
-    /// snapshots (no copy of every name and hash).
+    /// Name, hashes, revision and manager of every workload (`GET /v1/digests`, a
+    /// `Vec<WorkloadDigest>`), serialized straight from the snapshots: no copy of every name
+    /// and hash.
     pub async fn digests_json(&self) -> Vec<u8> {
         #[derive(serde::Serialize)]
         #[serde(rename_all = "camelCase")]
