@@ -866,6 +866,30 @@ pub fn workload(name: &str, image: &str, extra_spec: &str) -> String {
     )
 }
 
+/// Container ids of every replica in a workload status (`get -o json`).
+pub fn container_ids(status: &Value) -> Vec<String> {
+    status["replicas"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|r| r["containerId"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// This machine's memory (`MemTotal` of /proc/meminfo), in bytes: tests size `--reserve` from
+/// it to give a node an exact allocatable.
+pub fn mem_total() -> u64 {
+    let text = fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    kb * 1024
+}
+
 /// A real Git remote (a bare repository) and a working clone to commit and push from.
 pub struct GitRepo {
     pub dir: tempfile::TempDir,

@@ -12,20 +12,6 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(90);
 const MI: u64 = 1 << 20;
 
-fn mem_total() -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kb * 1024
-}
-
 /// Replicas of `name` on `node` that run (0 when it has no such workload).
 fn running(node: &Node, name: &str) -> usize {
     node.get(name)
@@ -42,14 +28,7 @@ fn running(node: &Node, name: &str) -> usize {
 
 fn containers(node: &Node, name: &str) -> Vec<String> {
     node.get(name)
-        .map(|w| {
-            w["replicas"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|r| r["containerId"].as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|w| container_ids(&w))
         .unwrap_or_default()
 }
 
@@ -60,6 +39,17 @@ fn result<'a>(st: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|w| w["name"] == name)
         .unwrap_or_else(|| panic!("no result for {name}: {st:#}"))
+}
+
+/// Wait until the operator's sync fails for node `sock` being unreachable (the grace period
+/// runs); returns that status.
+fn wait_unreachable(op: &Operator, sock: &str, what: &str) -> Value {
+    op.wait_status(T, what, |s| {
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreachable for") && e.contains(sock))
+    })
+    .unwrap()
 }
 
 fn doc(name: &str, image: &str, extra: &str) -> String {
@@ -187,13 +177,7 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
     let worker_on_n2 = containers(&n2, "worker");
     n1.kill9();
     // Within the grace period the sync fails, naming the node, and nothing moves yet.
-    let st = op
-        .wait_status(T, "n1 reported unreachable", |s| {
-            s["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("unreachable for") && e.contains(&socks[0]))
-        })
-        .unwrap();
+    let st = wait_unreachable(&op, &socks[0], "n1 reported unreachable");
     assert!(
         st["error"]
             .as_str()
@@ -259,13 +243,7 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
     op.kill9();
     n3.kill9();
     op.spawn().unwrap();
-    let st = op
-        .wait_status(T, "n3 reported unreachable after the restart", |s| {
-            s["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("unreachable for") && e.contains(&socks[2]))
-        })
-        .unwrap();
+    let st = wait_unreachable(&op, &socks[2], "n3 reported unreachable after the restart");
     let placed = result(&st, "web")["message"].as_str().unwrap().to_string();
     assert!(
         placed.contains(&format!("{}={share}", socks[2])),

@@ -19,20 +19,6 @@ fn node_json(node: &Node) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn mem_total() -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kb * 1024
-}
-
 fn sleeper(name: &str, image: &str, extra: &str) -> String {
     workload(
         name,

@@ -68,15 +68,6 @@ fn complete(w: &Value, generation: u64) -> bool {
         && w["currentReplicas"] == 4
 }
 
-fn containers(w: &Value) -> Vec<String> {
-    w["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r["containerId"].as_str().map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn rolling_update_keeps_three_of_four_ready_and_a_broken_version_halts() {
     let reg = Registry::start(false).unwrap();
@@ -85,7 +76,7 @@ fn rolling_update_keeps_three_of_four_ready_and_a_broken_version_halts() {
     let v1 = "touch /tmp/ready; exec sleep 1000";
     node.apply(&workload("web", &image, &spec(v1, "")));
     let w1 = watch_until(&node.socket, "web", |_| {}, |w| complete(w, 1));
-    let old = containers(&w1);
+    let old = container_ids(&w1);
     assert_eq!(old.len(), 4);
 
     // v2 takes a second to become ready: with the defaults (25% of 4: one surge replica, one
@@ -117,7 +108,7 @@ fn rolling_update_keeps_three_of_four_ready_and_a_broken_version_halts() {
     assert!(max_current <= 5, "{max_current} containers at once");
     // Four replicas of a second each, at most two at a time: at least two seconds.
     assert!(took >= Duration::from_secs(2), "{took:?}");
-    let new = containers(&w2);
+    let new = container_ids(&w2);
     assert_eq!(new.len(), 4);
     assert!(new.iter().all(|c| !old.contains(c)), "{old:?} {new:?}");
     assert!(w2["replicas"]
