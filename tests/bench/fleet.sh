@@ -37,15 +37,5 @@ node_pid=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 "$node" --socket "$sock" pull "$reg/bench/busybox:1" >/dev/null
 # The peer's bundle: the same image, unpacked by umoci, run by runc.
-skopeo copy --quiet --src-tls-verify=false "docker://$reg/bench/busybox:1" "oci:$work/peer-oci:1"
-umoci unpack --image "$work/peer-oci:1" "$work/runc-bundle" >/dev/null
-python3 - "$work/runc-bundle/config.json" <<'PY'
-import json, sys
-p = sys.argv[1]
-c = json.load(open(p))
-c["process"]["args"] = ["sleep", "1000"]
-c["process"]["terminal"] = False
-c["root"]["readonly"] = True
-json.dump(c, open(p, "w"))
-PY
+runc_bundle "$reg/bench/busybox:1" "$work" readonly
 python3 tests/bench/fleet.py "$node" "$sock" "$reg/bench/busybox:1" "$work/runc-bundle"

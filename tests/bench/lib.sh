@@ -21,3 +21,22 @@ start_registry() {
 unmount_under() {
   grep " $1" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 }
+
+# runc_bundle IMAGE DIR [readonly]: the peer's runtime bundle in DIR/runc-bundle, made from
+# IMAGE (docker://…, plain HTTP) by skopeo and umoci, set to run `sleep 1000` without a
+# terminal; `readonly` also makes its rootfs read-only (several containers share it).
+runc_bundle() {
+  local image=$1 dir=$2 readonly=${3:-}
+  skopeo copy --quiet --src-tls-verify=false "docker://$image" "oci:$dir/peer-oci:1"
+  umoci unpack --image "$dir/peer-oci:1" "$dir/runc-bundle" >/dev/null
+  python3 - "$dir/runc-bundle/config.json" "$readonly" <<'PY'
+import json, sys
+p = sys.argv[1]
+c = json.load(open(p))
+c["process"]["args"] = ["sleep", "1000"]
+c["process"]["terminal"] = False
+if sys.argv[2] == "readonly":
+    c["root"]["readonly"] = True
+json.dump(c, open(p, "w"))
+PY
+}

@@ -79,16 +79,7 @@ hyperfine --style basic --warmup 3 --runs "$runs_a" --export-json "$out/start-hy
   --prepare "$node --socket $sock delete bench >/dev/null 2>&1 || true" \
   "$node --socket $sock apply -f $work/bench.yaml"
 # The peer: the same image unpacked by umoci into a runtime bundle, run by runc.
-skopeo copy --quiet --src-tls-verify=false "docker://$reg/bench/busybox:1" "oci:$work/peer-oci:1"
-umoci unpack --image "$work/peer-oci:1" "$work/runc-bundle" >/dev/null
-python3 - "$work/runc-bundle/config.json" <<'PY'
-import json, sys
-p = sys.argv[1]
-c = json.load(open(p))
-c["process"]["args"] = ["sleep", "1000"]
-c["process"]["terminal"] = False
-json.dump(c, open(p, "w"))
-PY
+runc_bundle "$reg/bench/busybox:1" "$work"
 hyperfine --style basic --warmup 3 --runs "$runs_a" --export-json "$out/start-runc.json" \
   --prepare "runc delete -f hb-bench-runc >/dev/null 2>&1 || true" \
   "runc run -d --bundle $work/runc-bundle hb-bench-runc"
