@@ -41,7 +41,7 @@ pub fn admit_batch(
     let mut staged: Vec<(String, ResourceAmounts)> = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     for (pos, w) in batch.iter().enumerate() {
-        let name = &w.metadata.name;
+        let name = &w.key();
         for (k, want) in &w.spec.node_selector {
             if node.labels.get(k) != Some(want) {
                 let has = match node.labels.get(k) {

@@ -70,9 +70,9 @@ pub async fn apply(
             ApplyAction::Unchanged => "unchanged",
             ApplyAction::Unknown => "applied",
         };
-        println!("workload/{} {action}", r.name);
+        println!("workload/{} {action}", r.key());
         if r.action != ApplyAction::Unchanged {
-            to_watch.push(r.name.clone());
+            to_watch.push(r.key());
         }
     }
     if wait {
@@ -250,7 +250,7 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
             for s in &list {
                 let ready = s.replicas.iter().filter(|r| r.ready).count();
                 let mut row = vec![
-                    s.name.clone(),
+                    s.key(),
                     format!("{:?}", s.phase),
                     format!("{ready}/{}", s.replicas.len()),
                     s.restarts.to_string(),

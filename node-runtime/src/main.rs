@@ -137,13 +137,21 @@ enum Command {
     Rmi { image: String },
     /// Show workloads.
     Get {
+        /// NAME or NAMESPACE/NAME; all workloads when left out.
         name: Option<String>,
+        /// Namespace of NAME (NAME may also be written NAMESPACE/NAME); default: `default`.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, default_value = "")]
         output: String,
     },
     /// Print a workload's container output.
     Logs {
+        /// NAME or NAMESPACE/NAME.
         name: String,
+        /// Namespace of NAME (NAME may also be written NAMESPACE/NAME); default: `default`.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(long)]
         replica: Option<u32>,
         /// Last N bytes only.
@@ -151,10 +159,20 @@ enum Command {
         tail: Option<u64>,
     },
     /// Stop and remove a workload.
-    Delete { name: String },
+    Delete {
+        /// NAME or NAMESPACE/NAME.
+        name: String,
+        /// Namespace of NAME (NAME may also be written NAMESPACE/NAME); default: `default`.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
     /// Restart a workload's replicas as new containers (one with --replica).
     Restart {
+        /// NAME or NAMESPACE/NAME.
         name: String,
+        /// Namespace of NAME (NAME may also be written NAMESPACE/NAME); default: `default`.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(long)]
         replica: Option<u32>,
     },
@@ -190,6 +208,14 @@ fn features() -> Vec<Feature> {
             },
         ),
     ]
+}
+
+/// The key of NAME as given on the command line (`-n NAMESPACE NAME` or `NAMESPACE/NAME`).
+fn workload_key(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => hyperbox_api::workload_key(ns, name),
+        None => hyperbox_api::normalize_key(name),
+    }
 }
 
 fn main() -> ExitCode {
@@ -296,26 +322,41 @@ async fn run(cli: Cli) -> Result<bool> {
             println!("removed {image} ({digest})");
             Ok(true)
         }
-        Command::Get { name, output } => {
-            hyperbox_node::cli::get(&client()?, name.as_deref(), output).await?;
+        Command::Get {
+            name,
+            namespace,
+            output,
+        } => {
+            let key = name
+                .as_deref()
+                .map(|n| workload_key(namespace.as_deref(), n));
+            hyperbox_node::cli::get(&client()?, key.as_deref(), output).await?;
             Ok(true)
         }
         Command::Logs {
             name,
+            namespace,
             replica,
             tail,
         } => {
-            let body = client()?.logs(name, *replica, *tail).await?;
+            let key = workload_key(namespace.as_deref(), name);
+            let body = client()?.logs(&key, *replica, *tail).await?;
             std::io::Write::write_all(&mut std::io::stdout(), &body)?;
             Ok(true)
         }
-        Command::Delete { name } => {
-            client()?.delete(name).await?;
+        Command::Delete { name, namespace } => {
+            let name = workload_key(namespace.as_deref(), name);
+            client()?.delete(&name).await?;
             println!("workload/{name} deleted");
             Ok(true)
         }
-        Command::Restart { name, replica } => {
-            client()?.restart(name, *replica).await?;
+        Command::Restart {
+            name,
+            namespace,
+            replica,
+        } => {
+            let name = workload_key(namespace.as_deref(), name);
+            client()?.restart(&name, *replica).await?;
             match replica {
                 Some(n) => println!("workload/{name} replica {n} restarting"),
                 None => println!("workload/{name} restarting"),

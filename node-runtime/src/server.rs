@@ -38,19 +38,22 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/workloads", get(list).post(apply))
+        // A workload is `{namespace}/{name}`; `/v1/workloads/{name}` alone is the default
+        // namespace's (what nodes before namespaces answered).
         .route("/v1/workloads/{name}", get(get_one).delete(delete))
-        .route("/v1/workloads/{name}/spec", get(get_spec))
-        .route("/v1/workloads/{name}/logs", get(logs))
+        .route("/v1/workloads/{ns}/{name}", get(get_one).delete(delete))
+        .route("/v1/workloads/{ns}/{name}/spec", get(get_spec))
+        .route("/v1/workloads/{ns}/{name}/logs", get(logs))
         .route(
-            "/v1/workloads/{name}/restart",
-            axum::routing::post(restart_all),
-        )
-        .route(
-            "/v1/workloads/{name}/replicas/{ordinal}/restart",
+            "/v1/workloads/{ns}/{name}/restart",
             axum::routing::post(restart_one),
         )
         .route(
-            "/v1/workloads/{name}/replicas/{ordinal}/evict",
+            "/v1/workloads/{ns}/{name}/replicas/{ordinal}/restart",
+            axum::routing::post(restart_one),
+        )
+        .route(
+            "/v1/workloads/{ns}/{name}/replicas/{ordinal}/evict",
             axum::routing::post(evict),
         )
         .route("/v1/digests", get(digests))
@@ -60,6 +63,44 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/images", axum::routing::delete(remove_image))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(sup)
+}
+
+/// The workload a path names, checked before it is used: a namespace (DNS label) and a name
+/// (DNS subdomain), so no path element can reach a file name.
+#[derive(serde::Deserialize)]
+struct WorkloadPath {
+    #[serde(default)]
+    ns: Option<String>,
+    name: String,
+    #[serde(default)]
+    ordinal: Option<u32>,
+}
+
+impl WorkloadPath {
+    /// The workload's key, or the 400 answer for a malformed namespace or name.
+    #[allow(clippy::result_large_err)]
+    fn key(&self) -> Result<String, Response> {
+        use hyperbox_api::validate::{is_dns_label, is_dns_subdomain};
+        let ns = self
+            .ns
+            .as_deref()
+            .unwrap_or(hyperbox_api::DEFAULT_NAMESPACE);
+        if !is_dns_label(ns) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("{ns:?} is not a valid namespace"),
+                vec![],
+            ));
+        }
+        if !is_dns_subdomain(&self.name) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("{:?} is not a valid workload name", self.name),
+                vec![],
+            ));
+        }
+        Ok(hyperbox_api::workload_key(ns, &self.name))
+    }
 }
 
 /// Who is asking: a manager (`git:<url>#<path>`, `kubernetes:<cluster>/<uid>`) owns what it
@@ -117,10 +158,10 @@ pub fn parse_apply_body(body: &[u8]) -> Result<Vec<Workload>, (String, Vec<Field
     }
     let mut names = std::collections::HashSet::new();
     for (i, w) in workloads.iter().enumerate() {
-        if !names.insert(w.metadata.name.clone()) {
+        if !names.insert(w.key()) {
             fields.push(FieldError {
                 field: format!("workloads[{i}].metadata.name"),
-                message: format!("duplicate workload {:?} in one request", w.metadata.name),
+                message: format!("duplicate workload {:?} in one request", w.key()),
                 line: None,
                 reason: None,
             });
@@ -153,7 +194,7 @@ async fn apply(
     if !refused.is_empty() {
         return error(StatusCode::BAD_REQUEST, "refused by node policy", refused);
     }
-    let names: Vec<String> = workloads.iter().map(|w| w.metadata.name.clone()).collect();
+    let names: Vec<String> = workloads.iter().map(Workload::key).collect();
     match sup
         .apply_as(workloads, who.manager, who.force.unwrap_or(false))
         .await
@@ -217,9 +258,14 @@ struct EvictRequest {
 
 async fn evict(
     State(sup): State<AppState>,
-    UrlPath((name, ordinal)): UrlPath<(String, u32)>,
+    UrlPath(path): UrlPath<WorkloadPath>,
     body: axum::body::Bytes,
 ) -> Response {
+    let name = match path.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let ordinal = path.ordinal.unwrap_or(0);
     let req: EvictRequest = if body.is_empty() {
         EvictRequest::default()
     } else {
@@ -255,15 +301,15 @@ async fn evict(
     }
 }
 
-async fn restart_all(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
-    restart(sup, name, None).await
-}
-
+/// Restart every replica, or (`replicas/{ordinal}/restart`) one.
 async fn restart_one(
     State(sup): State<AppState>,
-    UrlPath((name, ordinal)): UrlPath<(String, u32)>,
+    UrlPath(path): UrlPath<WorkloadPath>,
 ) -> Response {
-    restart(sup, name, Some(ordinal)).await
+    match path.key() {
+        Ok(name) => restart(sup, name, path.ordinal).await,
+        Err(r) => r,
+    }
 }
 
 async fn restart(sup: AppState, name: String, replica: Option<u32>) -> Response {
@@ -299,9 +345,13 @@ struct WatchQuery {
 
 async fn get_one(
     State(sup): State<AppState>,
-    UrlPath(name): UrlPath<String>,
+    UrlPath(path): UrlPath<WorkloadPath>,
     Query(q): Query<WatchQuery>,
 ) -> Response {
+    let name = match path.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
     if let Some(after) = q.after {
         let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(1000).min(60_000));
         sup.wait_change(after, timeout).await;
@@ -316,7 +366,11 @@ async fn get_one(
     }
 }
 
-async fn get_spec(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+async fn get_spec(State(sup): State<AppState>, UrlPath(path): UrlPath<WorkloadPath>) -> Response {
+    let name = match path.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
     match sup.workload(&name).await {
         Some(w) => Json(w).into_response(),
         None => error(
@@ -329,9 +383,13 @@ async fn get_spec(State(sup): State<AppState>, UrlPath(name): UrlPath<String>) -
 
 async fn delete(
     State(sup): State<AppState>,
-    UrlPath(name): UrlPath<String>,
+    UrlPath(path): UrlPath<WorkloadPath>,
     Query(who): Query<ManagerQuery>,
 ) -> Response {
+    let name = match path.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
     match sup
         .delete_as(&name, who.manager.as_deref(), who.force.unwrap_or(false))
         .await
@@ -363,9 +421,13 @@ struct LogQuery {
 
 async fn logs(
     State(sup): State<AppState>,
-    UrlPath(name): UrlPath<String>,
+    UrlPath(path): UrlPath<WorkloadPath>,
     Query(q): Query<LogQuery>,
 ) -> Response {
+    let name = match path.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
     if sup.status(&name).await.is_none() {
         return error(
             StatusCode::NOT_FOUND,

@@ -99,7 +99,7 @@ pub fn parse_file(bytes: &[u8]) -> ParsedFile {
                         &api_version
                     }
                 )),
-                ParsedDocument::Invalid { name, errors } => ParsedDoc::Invalid { name, errors },
+                ParsedDocument::Invalid { key, errors } => ParsedDoc::Invalid { name: key, errors },
                 ParsedDocument::Unreadable(e) => ParsedDoc::Unreadable(e),
             })
             .collect(),
@@ -151,10 +151,8 @@ pub fn assemble(files: Vec<(String, Arc<ParsedFile>)>) -> ManifestSet {
         for (i, d) in parsed.docs.iter().enumerate() {
             match d {
                 ParsedDoc::Workload(w) => {
-                    seen.entry(w.metadata.name.clone())
-                        .or_default()
-                        .push(path.clone());
-                    report.workloads.push(w.metadata.name.clone());
+                    seen.entry(w.key()).or_default().push(path.clone());
+                    report.workloads.push(w.key());
                     candidates.push(SourcedWorkload {
                         file: path.clone(),
                         workload: (**w).clone(),
@@ -189,7 +187,7 @@ pub fn assemble(files: Vec<(String, Arc<ParsedFile>)>) -> ManifestSet {
         }
     }
     for c in candidates {
-        let name = c.workload.metadata.name.clone();
+        let name = c.workload.key();
         if !set.protected.contains(&name) {
             set.workloads.insert(name, c);
         }

@@ -733,7 +733,8 @@ async fn carry_out(
         .collect::<Result<_>>()?;
     // Only the JSON is sent: at 10,000 workloads the structs are several MiB that need not
     // stay alive while it is.
-    let names: Vec<String> = apply.into_iter().map(|w| w.metadata.name).collect();
+    let names: Vec<String> = apply.iter().map(hyperbox_api::Workload::key).collect();
+    drop(apply);
     let deliveries = deliver(&docs, &limits, |body| async move {
         node.apply_json(body).await.map(drop)
     })
@@ -804,7 +805,7 @@ fn observe(digests: Vec<hyperbox_client::DigestHash>) -> BTreeMap<String, Observ
         .into_iter()
         .map(|d| {
             (
-                d.name,
+                d.key(),
                 Observed {
                     // Nodes older than config_hash only have the spec hash.
                     spec_hash: if d.config_hash.is_empty() {

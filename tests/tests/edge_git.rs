@@ -983,3 +983,49 @@ fn two_git_operators_share_a_node_without_touching_each_other() {
         .unwrap();
     assert_eq!(v["revision"], rev_b.as_str());
 }
+
+#[test]
+fn namespaces_in_git_are_separate_workloads() {
+    let (_reg, image, node, repo) = setup();
+    let in_ns = |ns: &str, name: &str, cmd: &str| {
+        doc(name, &image, cmd).replacen(
+            "metadata:\n",
+            &format!("metadata:\n  namespace: {ns}\n"),
+            1,
+        )
+    };
+    repo.write("web.yaml", &doc("web", &image, "sleep 1000"));
+    repo.write("team-a.yaml", &in_ns("team-a", "web", "sleep 1001"));
+    // The same key twice (an explicit default namespace is the default namespace) is a
+    // duplicate; the same name in another namespace is not.
+    repo.write("dup.yaml", &in_ns("default", "web", "sleep 1002"));
+    let rev = repo.commit_push("namespaces");
+    let op = Operator::start(&node, &repo.url(), &["--interval", "300ms"]).unwrap();
+    let st = op.wait_status(T, "synced", |s| applied(s, &rev)).unwrap();
+    assert_eq!(outcome(&st, "team-a/web"), "created", "{st:#}");
+    assert_eq!(outcome(&st, "web"), "skipped", "a duplicated key: {st:#}");
+    let errors = st.to_string();
+    assert!(errors.contains("defined more than once"), "{st:#}");
+    let a = node
+        .wait_for("team-a/web", T, "team-a/web running", |v| {
+            v["phase"] == "Running"
+        })
+        .unwrap();
+    assert_eq!(a["namespace"], "team-a");
+    assert!(node.get("web").is_none());
+    // Fixing the duplicate creates web; removing team-a's file prunes only team-a/web.
+    repo.remove("dup.yaml");
+    repo.remove("team-a.yaml");
+    let rev2 = repo.commit_push("one web");
+    let st = op
+        .wait_status(T, "synced again", |s| applied(s, &rev2))
+        .unwrap();
+    assert_eq!(outcome(&st, "web"), "created", "{st:#}");
+    assert_eq!(outcome(&st, "team-a/web"), "pruned", "{st:#}");
+    node.wait_for("web", T, "web running", |v| v["phase"] == "Running")
+        .unwrap();
+    wait_until(T, "team-a/web pruned", || {
+        node.get("team-a/web").is_none().then_some(())
+    })
+    .unwrap();
+}

@@ -1187,7 +1187,7 @@ fn restart_one_replica_and_watch_the_node() {
     let resp = http_over_unix(
         &node.socket,
         "POST",
-        "/v1/workloads/two/replicas/0/evict",
+        "/v1/workloads/default/two/replicas/0/evict",
         r#"{"reason":"test eviction"}"#,
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");

@@ -2,6 +2,7 @@
 //! validation, statuses and small shared helpers. No Kubernetes and no async runtime here
 //! (the node API client is `hyperbox-client`).
 
+pub mod key;
 pub mod quantity;
 pub mod reference;
 pub mod spec;
@@ -9,6 +10,7 @@ pub mod status;
 pub mod util;
 pub mod validate;
 
+pub use key::{normalize_key, split_key, workload_key, DEFAULT_NAMESPACE};
 pub use spec::*;
 
 /// Largest request body `hyperbox-node serve` accepts (its server's `MAX_BODY_BYTES`). Clients

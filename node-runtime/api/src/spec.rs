@@ -33,6 +33,23 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl ObjectMeta {
+    /// The namespace, `default` when none is given.
+    pub fn namespace(&self) -> &str {
+        match self.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns,
+            _ => crate::key::DEFAULT_NAMESPACE,
+        }
+    }
+}
+
+impl Workload {
+    /// What a node and a source know this workload by (see [`crate::key`]).
+    pub fn key(&self) -> String {
+        crate::key::workload_key(self.metadata.namespace(), &self.metadata.name)
+    }
+}
+
 /// One container per replica, Pod-like.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

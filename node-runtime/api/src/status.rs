@@ -56,6 +56,9 @@ pub struct ReplicaStatus {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadStatus {
     pub name: String,
+    /// Namespace of the workload (`default` from nodes that had none).
+    #[serde(default = "crate::key::default_namespace")]
+    pub namespace: String,
     pub phase: Phase,
     pub reason: Option<String>,
     pub message: Option<String>,
@@ -130,6 +133,9 @@ pub enum ApplyAction {
 #[serde(rename_all = "camelCase")]
 pub struct ApplyResult {
     pub name: String,
+    /// Namespace of the workload (`default` from nodes that had none).
+    #[serde(default = "crate::key::default_namespace")]
+    pub namespace: String,
     pub action: ApplyAction,
 }
 
@@ -269,6 +275,9 @@ pub struct WorkloadList {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadDigest {
     pub name: String,
+    /// Namespace of the workload (`default` from nodes that had none).
+    #[serde(default = "crate::key::default_namespace")]
+    pub namespace: String,
     /// What decides a restart (see [`crate::spec_hash`]).
     pub spec_hash: String,
     /// The whole desired state, replica count included (see [`crate::config_hash`]); empty
@@ -280,3 +289,15 @@ pub struct WorkloadDigest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<String>,
 }
+
+macro_rules! keyed {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// The workload's key (see [`crate::key`]).
+            pub fn key(&self) -> String {
+                crate::key::workload_key(&self.namespace, &self.name)
+            }
+        }
+    )*};
+}
+keyed!(WorkloadStatus, ApplyResult, WorkloadDigest);

@@ -15,8 +15,7 @@ pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// shutdown) waits this long at most before SIGKILL, so an unbounded value could hold a
 /// rollout or a node drain forever.
 pub const MAX_TERMINATION_GRACE_PERIOD_SECONDS: u32 = 3600;
-/// Longest workload name (it becomes part of container ids, paths and cgroup names).
-pub const MAX_NAME_LEN: usize = 53;
+pub use crate::key::{MAX_NAMESPACE_LEN, MAX_NAME_LEN};
 
 #[derive(
     Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
@@ -66,6 +65,12 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A DNS-1123 subdomain (what Kubernetes allows as an object name): dot-separated DNS
+/// labels, at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && s.split('.').all(is_dns_label)
+}
+
 /// Semantic checks that the type system cannot express. Returns every problem, not just the first.
 pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
     let mut errors = Vec::new();
@@ -82,11 +87,19 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
         ));
     }
     let name = &w.metadata.name;
-    if !is_dns_label(name) || name.len() > MAX_NAME_LEN {
+    if !is_dns_subdomain(name) {
         errors.push(err(
             "metadata.name",
-            format!("{name:?} is not a valid name (lowercase letters, digits and '-', at most {MAX_NAME_LEN} characters, starting and ending with a letter or digit)"),
+            format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.', at most {MAX_NAME_LEN} characters, each dot-separated part starting and ending with a letter or digit)"),
         ));
+    }
+    if let Some(ns) = &w.metadata.namespace {
+        if !is_dns_label(ns) {
+            errors.push(err(
+                "metadata.namespace",
+                format!("{ns:?} is not a valid namespace (lowercase letters, digits and '-', at most {MAX_NAMESPACE_LEN} characters, starting and ending with a letter or digit)"),
+            ));
+        }
     }
     let s = &w.spec;
     if s.image.trim().is_empty() {
@@ -330,10 +343,11 @@ pub enum ParsedDocument {
         api_version: String,
         kind: String,
     },
-    /// A Workload document that failed validation; `name` when it could still be read (so a
-    /// source can keep the previously applied version of exactly that workload).
+    /// A Workload document that failed validation; its key (see [`crate::key`]) when its
+    /// name could still be read (so a source can keep the previously applied version of
+    /// exactly that workload).
     Invalid {
-        name: Option<String>,
+        key: Option<String>,
         errors: Vec<FieldError>,
     },
     /// The YAML stream is broken here: this document and any after it cannot be read.
@@ -390,11 +404,15 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
             out.push(ParsedDocument::OtherKind { api_version, kind });
             continue;
         }
-        let name = value
-            .get("metadata")
+        let meta = value.get("metadata");
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or(crate::key::DEFAULT_NAMESPACE);
+        let name = meta
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
-            .map(str::to_string);
+            .map(|n| crate::key::workload_key(namespace, n));
         match serde_path_to_error::deserialize::<_, Workload>(value) {
             Ok(w) => {
                 let errors = validate_workload(&w);
@@ -408,7 +426,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
                             e
                         })
                         .collect();
-                    out.push(ParsedDocument::Invalid { name, errors });
+                    out.push(ParsedDocument::Invalid { key: name, errors });
                 }
             }
             Err(e) => {
@@ -416,7 +434,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, FieldError> {
                 let message = strip_location(&e.into_inner().to_string());
                 let line = Some(find_field_line(text, base_line, &field));
                 out.push(ParsedDocument::Invalid {
-                    name,
+                    key: name,
                     errors: vec![FieldError {
                         field,
                         message,
@@ -529,6 +547,46 @@ mod tests {
 
     const GOOD: &str = "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: registry.local/busybox:1\n  resources:\n    memory: 64Mi\n";
 
+    fn named(namespace: Option<&str>, name: &str) -> Vec<FieldError> {
+        let mut w: Workload = serde_norway::from_str(GOOD).unwrap();
+        w.metadata.name = name.to_string();
+        w.metadata.namespace = namespace.map(str::to_string);
+        validate_workload(&w)
+    }
+
+    #[test]
+    fn names_are_dns_subdomains_and_namespaces_dns_labels() {
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(long.len(), 253);
+        assert!(named(None, &long).is_empty());
+        assert!(named(Some("team-a"), "web.v2").is_empty());
+        assert!(named(Some("default"), "web").is_empty());
+        for bad in [
+            format!("{long}e"),
+            "Web".into(),
+            "a..b".into(),
+            "-a".into(),
+            "a_b".into(),
+            "a/b".into(),
+            "x".repeat(64),
+        ] {
+            let errs = named(None, &bad);
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(errs[0].field, "metadata.name");
+        }
+        for bad in ["Team", "a.b", "", "a/b", &"n".repeat(64)] {
+            let errs = named(Some(bad), "web");
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(errs[0].field, "metadata.namespace");
+        }
+    }
+
     #[test]
     fn good_document_parses() {
         let docs = parse_documents(GOOD).unwrap();
@@ -609,7 +667,11 @@ mod tests {
     fn unknown_field_names_path_and_line() {
         let text = GOOD.replace("    memory: 64Mi", "    memory: 64Mi\n    gpus: 2");
         let docs = parse_documents(&text).unwrap();
-        let ParsedDocument::Invalid { name, errors: errs } = &docs[0] else {
+        let ParsedDocument::Invalid {
+            key: name,
+            errors: errs,
+        } = &docs[0]
+        else {
             panic!("expected invalid: {docs:?}")
         };
         assert_eq!(name.as_deref(), Some("web"));

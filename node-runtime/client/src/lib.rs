@@ -74,6 +74,8 @@ impl ClientError {
 #[serde(rename_all = "camelCase")]
 pub struct DigestHash {
     pub name: String,
+    #[serde(default = "hyperbox_api::key::default_namespace")]
+    pub namespace: String,
     pub spec_hash: String,
     /// Empty from nodes older than this field.
     #[serde(default)]
@@ -95,6 +97,13 @@ pub enum Endpoint {
         shown: String,
         why: String,
     },
+}
+
+impl DigestHash {
+    /// The workload's key (see [`hyperbox_api::key`]).
+    pub fn key(&self) -> String {
+        hyperbox_api::workload_key(&self.namespace, &self.name)
+    }
 }
 
 impl Endpoint {
@@ -461,7 +470,7 @@ impl NodeClient {
         let _: serde_json::Value = self
             .json_within(
                 Method::POST,
-                &format!("/v1/workloads/{name}/replicas/{replica}/evict"),
+                &format!("{}/replicas/{replica}/evict", workload_path(name)),
                 Some(body),
                 self.request_timeout + stop,
             )
@@ -474,8 +483,8 @@ impl NodeClient {
     pub async fn restart(&self, name: &str, replica: Option<u32>) -> Result<(), ClientError> {
         let stop = Duration::from_secs(MAX_TERMINATION_GRACE_PERIOD_SECONDS.into());
         let path = match replica {
-            Some(n) => format!("/v1/workloads/{name}/replicas/{n}/restart"),
-            None => format!("/v1/workloads/{name}/restart"),
+            Some(n) => format!("{}/replicas/{n}/restart", workload_path(name)),
+            None => format!("{}/restart", workload_path(name)),
         };
         let _: serde_json::Value = self
             .json_within(Method::POST, &path, None, self.request_timeout + stop)
@@ -493,7 +502,8 @@ impl NodeClient {
         self.json_within(
             Method::GET,
             &format!(
-                "/v1/workloads/{name}?after={after}&timeoutMs={}",
+                "{}?after={after}&timeoutMs={}",
+                workload_path(name),
                 timeout.as_millis()
             ),
             None,
@@ -531,13 +541,12 @@ impl NodeClient {
     }
 
     pub async fn get(&self, name: &str) -> Result<WorkloadStatus, ClientError> {
-        self.json(Method::GET, &format!("/v1/workloads/{name}"), None)
-            .await
+        self.json(Method::GET, &workload_path(name), None).await
     }
 
     /// The workload document as last applied (the operator diffs against it).
     pub async fn get_spec(&self, name: &str) -> Result<Workload, ClientError> {
-        self.json(Method::GET, &format!("/v1/workloads/{name}/spec"), None)
+        self.json(Method::GET, &format!("{}/spec", workload_path(name)), None)
             .await
     }
 
@@ -550,7 +559,7 @@ impl NodeClient {
         let _: serde_json::Value = self
             .json_within(
                 Method::DELETE,
-                &format!("/v1/workloads/{name}{}", self.manager_query()),
+                &format!("{}{}", workload_path(name), self.manager_query()),
                 None,
                 self.request_timeout + stop,
             )
@@ -564,7 +573,11 @@ impl NodeClient {
         replica: Option<u32>,
         tail_bytes: Option<u64>,
     ) -> Result<Bytes, ClientError> {
-        let mut path = format!("/v1/workloads/{name}/logs?replica={}", replica.unwrap_or(0));
+        let mut path = format!(
+            "{}/logs?replica={}",
+            workload_path(name),
+            replica.unwrap_or(0)
+        );
         if let Some(n) = tail_bytes {
             path.push_str(&format!("&tail={n}"));
         }
@@ -629,6 +642,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// The API path of the workload with key `key` (`name` or `namespace/name`).
+pub fn workload_path(key: &str) -> String {
+    let (ns, name) = hyperbox_api::split_key(key);
+    format!("/v1/workloads/{}/{}", url_encode(ns), url_encode(name))
 }
 
 fn url_encode(s: &str) -> String {

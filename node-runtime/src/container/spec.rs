@@ -74,7 +74,10 @@ pub fn resolve_process(w: &Workload, image: &PreparedImage, rootfs: &Path) -> Re
     for e in &ic.env {
         set(e.clone());
     }
-    set(format!("HOSTNAME={}", w.metadata.name));
+    set(format!(
+        "HOSTNAME={}",
+        hyperbox_api::key::hostname(&w.metadata.name)
+    ));
     for e in &s.env {
         set(format!("{}={}", e.name, e.value));
     }
@@ -288,7 +291,10 @@ pub fn oci_spec(
             }
             real
         } else {
-            let p = dirs.volumes.join(&w.metadata.name).join(&vol.name);
+            let p = dirs
+                .volumes
+                .join(hyperbox_api::key::file_stem(&w.key()))
+                .join(&vol.name);
             fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
             p
         };
@@ -429,7 +435,7 @@ pub fn oci_spec(
                 .build()
                 .map_err(spec_err)?,
         )
-        .hostname(w.metadata.name.clone())
+        .hostname(hyperbox_api::key::hostname(&w.metadata.name))
         .mounts(mounts)
         .linux(linux)
         .build()

@@ -103,6 +103,7 @@ pub(crate) enum Begin {
 pub(crate) struct Actor {
     shared: Arc<Shared>,
     id: u64,
+    /// The workload's key (`name`, or `namespace/name`; see [`hyperbox_api::key`]).
     name: String,
     rec: WorkloadRecord,
     /// Source of replica slots: every replica (of any spec) gets its own, and every report
@@ -147,7 +148,7 @@ impl Actor {
         };
         let actor = Actor {
             policy: super::policy_for(&shared.cfg, &rec.workload),
-            name: rec.workload.metadata.name.clone(),
+            name: rec.workload.key(),
             shared,
             id,
             rec,
@@ -287,7 +288,7 @@ impl Actor {
                             token,
                             container_id: format!(
                                 "{}-{index}-{:08x}",
-                                self.name,
+                                record::container_prefix(&record::stem(&self.name)),
                                 rand::random::<u32>()
                             ),
                         }
@@ -578,8 +579,8 @@ impl Actor {
 
     async fn finish_delete(&mut self) {
         let path = self.record_path();
-        let logs = self.shared.logs_dir.join(&self.name);
-        let volumes = self.shared.volumes_dir.join(&self.name);
+        let logs = self.shared.logs_dir.join(record::stem(&self.name));
+        let volumes = self.shared.volumes_dir.join(record::stem(&self.name));
         let name = self.name.clone();
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             match std::fs::remove_file(&path) {

@@ -95,8 +95,11 @@ impl Shared {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    pub fn log_path(&self, name: &str, index: u32) -> PathBuf {
-        self.logs_dir.join(name).join(format!("{index}.log"))
+    /// Log file of replica `index` of the workload with key `key`.
+    pub fn log_path(&self, key: &str, index: u32) -> PathBuf {
+        self.logs_dir
+            .join(record::stem(key))
+            .join(format!("{index}.log"))
     }
 }
 
@@ -223,7 +226,7 @@ impl Supervisor {
         let spared: Vec<String> = loaded
             .quarantined
             .iter()
-            .map(|q| format!("{}-", q.name))
+            .map(|q| format!("{}-", record::container_prefix(&q.name)))
             .collect();
         {
             let mut q = self.quarantined.lock().unwrap();
@@ -253,15 +256,12 @@ impl Supervisor {
         {
             let mut admitted = self.admitted.lock().unwrap();
             for rec in loaded.records.iter().filter(|r| !r.deleting) {
-                admitted.insert(
-                    rec.workload.metadata.name.clone(),
-                    rec.workload.total_request(),
-                );
+                admitted.insert(rec.workload.key(), rec.workload.total_request());
             }
         }
         let mut reg = self.shared.registry.lock().await;
         for rec in loaded.records {
-            let name = rec.workload.metadata.name.clone();
+            let name = rec.workload.key();
             let id = self.shared.next_actor.fetch_add(1, Ordering::Relaxed);
             let handle = Actor::spawn(self.shared.clone(), id, rec, Begin::Recovered);
             reg.insert(name, handle);
@@ -310,7 +310,8 @@ impl Supervisor {
         manager: Option<String>,
         force: bool,
     ) -> Result<Result<Vec<ApplyResult>, Refused>> {
-        let names: Vec<&str> = workloads.iter().map(|w| w.metadata.name.as_str()).collect();
+        let keys: Vec<String> = workloads.iter().map(Workload::key).collect();
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         let conflicts = self.conflicts(&names, manager.as_deref(), force).await;
         if !conflicts.is_empty() {
             return Ok(Err(Refused::Conflicts(conflicts)));
@@ -325,34 +326,38 @@ impl Supervisor {
                     Ok(staged) => staged,
                     Err(refused) => return Ok(Err(Refused::Admission(refused))),
                 },
-                None => batch
-                    .iter()
-                    .map(|w| (w.metadata.name.clone(), w.total_request()))
-                    .collect(),
+                None => batch.iter().map(|w| (w.key(), w.total_request())).collect(),
             };
             admitted.extend(staged);
         }
         let mut pending = Vec::with_capacity(workloads.len());
         for w in workloads {
-            let name = w.metadata.name.clone();
+            let (namespace, name) = (w.metadata.namespace().to_string(), w.metadata.name.clone());
             let hash = spec_hash(&w);
             let (reply, answer) = oneshot::channel();
             self.send_apply(w, hash, manager.clone(), reply).await?;
-            pending.push((name, answer));
+            pending.push((namespace, name, answer));
         }
         let mut results = Vec::with_capacity(pending.len());
-        for (name, answer) in pending {
-            let action = answer
-                .await
-                .with_context(|| format!("workload {name}: its actor stopped"))?;
-            results.push(ApplyResult { name, action });
+        for (namespace, name, answer) in pending {
+            let action = answer.await.with_context(|| {
+                format!(
+                    "workload {}: its actor stopped",
+                    hyperbox_api::workload_key(&namespace, &name)
+                )
+            })?;
+            results.push(ApplyResult {
+                name,
+                namespace,
+                action,
+            });
         }
         // The answer means "recorded": make the batch durable first. A few records are fsynced
         // one by one; a bulk apply (a Git sync of thousands of workloads) pays one syncfs.
         let dir = self.shared.records_dir.clone();
         let files: Vec<PathBuf> = results
             .iter()
-            .map(|r| dir.join(record::file_name(&r.name)))
+            .map(|r| dir.join(record::file_name(&r.key())))
             .collect();
         tokio::task::spawn_blocking(move || -> Result<()> {
             if files.len() <= 8 {
@@ -379,7 +384,7 @@ impl Supervisor {
         manager: Option<String>,
         reply: oneshot::Sender<ApplyAction>,
     ) -> Result<()> {
-        let name = w.metadata.name.clone();
+        let name = w.key();
         loop {
             let mut reg = self.shared.registry.lock().await;
             match reg.get(&name) {
@@ -400,7 +405,12 @@ impl Supervisor {
                     return Ok(());
                 }
                 None => {
-                    if self.quarantined.lock().unwrap().contains_key(&name) {
+                    if self
+                        .quarantined
+                        .lock()
+                        .unwrap()
+                        .contains_key(&record::stem(&name))
+                    {
                         drop(reg);
                         self.clear_quarantined(&name).await;
                         continue;
@@ -435,7 +445,8 @@ impl Supervisor {
     /// Remove what a quarantined record left: its containers (by name prefix, unless a live
     /// record references them) and the report.
     async fn clear_quarantined(&self, name: &str) {
-        let Some(q) = self.quarantined.lock().unwrap().remove(name) else {
+        let stem = record::stem(name);
+        let Some(q) = self.quarantined.lock().unwrap().remove(&stem) else {
             return;
         };
         let referenced: HashSet<String> = self
@@ -449,7 +460,7 @@ impl Supervisor {
             })
             .collect();
         let runtime = self.shared.runtime.clone();
-        let prefix = format!("{name}-");
+        let prefix = format!("{}-", record::container_prefix(&stem));
         let _ = tokio::task::spawn_blocking(move || {
             for id in runtime.list() {
                 if id.starts_with(&prefix) && !referenced.contains(&id) {
@@ -493,7 +504,12 @@ impl Supervisor {
             let reg = self.shared.registry.lock().await;
             let Some(h) = reg.get(name) else {
                 drop(reg);
-                if self.quarantined.lock().unwrap().contains_key(name) {
+                if self
+                    .quarantined
+                    .lock()
+                    .unwrap()
+                    .contains_key(&record::stem(name))
+                {
                     self.clear_quarantined(name).await;
                     return Ok(true);
                 }
@@ -567,7 +583,7 @@ impl Supervisor {
                 .quarantined
                 .lock()
                 .unwrap()
-                .get(name)
+                .get(&record::stem(name))
                 .map(|q| self.render_quarantined(q)),
         }
     }
@@ -587,7 +603,7 @@ impl Supervisor {
             .map(|q| self.render_quarantined(q))
             .collect();
         out.extend(q);
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out
     }
 
@@ -599,6 +615,7 @@ impl Supervisor {
         #[serde(rename_all = "camelCase")]
         struct Digest<'a> {
             name: &'a str,
+            namespace: &'a str,
             spec_hash: &'a str,
             config_hash: &'a str,
             revision: Option<&'a str>,
@@ -611,6 +628,7 @@ impl Supervisor {
             .filter(|r| !r.deleting)
             .map(|rec| Digest {
                 name: &rec.workload.metadata.name,
+                namespace: rec.workload.metadata.namespace(),
                 spec_hash: &rec.spec_hash,
                 config_hash: &rec.config_hash,
                 revision: rec
@@ -677,10 +695,10 @@ impl Supervisor {
             .await
             .iter()
             .flat_map(|rec| {
-                let name = rec.workload.metadata.name.clone();
+                let key = rec.workload.key();
                 rec.replicas
                     .iter()
-                    .map(|r| self.log_path(&name, r.index))
+                    .map(|r| self.log_path(&key, r.index))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -696,8 +714,12 @@ impl Supervisor {
     }
 
     fn render_quarantined(&self, q: &Quarantined) -> WorkloadStatus {
+        let key = record::key_of_stem(&q.name);
+        let (namespace, name) = hyperbox_api::split_key(&key);
+        let (namespace, name) = (namespace.to_string(), name.to_string());
         WorkloadStatus {
-            name: q.name.clone(),
+            name,
+            namespace,
             phase: Phase::Unknown,
             reason: Some("RecordUnreadable".into()),
             message: Some(format!(
@@ -799,6 +821,7 @@ impl Supervisor {
             .any(|r| r.reason.as_deref() == Some("ContainerCreating"));
         WorkloadStatus {
             name: w.metadata.name.clone(),
+            namespace: w.metadata.namespace().to_string(),
             phase,
             reason,
             message,

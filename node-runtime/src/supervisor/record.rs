@@ -132,30 +132,39 @@ fn parse_stored(bytes: &[u8]) -> Result<WorkloadRecord> {
     }
 }
 
-/// File name of a workload's record. Names are DNS labels today; anything else is hashed so
-/// it can never form a path.
-pub fn file_name(name: &str) -> String {
-    if !name.is_empty()
-        && name.len() <= 200
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !name.starts_with('.')
-    {
-        format!("{name}.json")
+/// Longest prefix of a container id (the id adds `-{ordinal}-{8 hex}`): container ids become
+/// cgroup and state directory names, and stay short enough to read in `hyperbox-node get`.
+const CONTAINER_PREFIX_MAX: usize = 53;
+
+/// The stem of a workload's files and directories: its key, made safe (see
+/// [`hyperbox_api::key::safe_name`]); it can never form a path.
+pub fn stem(key: &str) -> String {
+    hyperbox_api::key::file_stem(key)
+}
+
+/// File name of a workload's record.
+pub fn file_name(key: &str) -> String {
+    format!("{}.json", stem(key))
+}
+
+/// What every container id of the workload with this stem starts with (before `-{ordinal}`).
+pub fn container_prefix(stem: &str) -> String {
+    hyperbox_api::key::shorten(stem, CONTAINER_PREFIX_MAX)
+}
+
+/// The key a stem came from, as far as it can be told (a shortened one keeps its stem).
+pub fn key_of_stem(stem: &str) -> String {
+    if stem.contains("__") {
+        stem.to_string()
     } else {
-        use sha2::{Digest, Sha256};
-        format!(
-            "h-{}.json",
-            hex::encode(&Sha256::digest(name.as_bytes())[..16])
-        )
+        stem.replacen('_', "/", 1)
     }
 }
 
 /// A record that could not be read at start.
 #[derive(Debug, Clone)]
 pub struct Quarantined {
-    /// The workload name, from the file name.
+    /// The record's file stem (see [`stem`]): the workload's key, made safe.
     pub name: String,
     pub moved_to: PathBuf,
     pub error: String,
@@ -190,12 +199,12 @@ pub fn load_all(dir: &Path) -> Result<Loaded> {
             .map_err(anyhow::Error::from)
             .and_then(|b| parse(&b));
         match parsed {
-            Ok(r) if file_name(&r.workload.metadata.name) == fname => out.records.push(r),
+            Ok(r) if file_name(&r.workload.key()) == fname => out.records.push(r),
             other => {
                 let error = match other {
                     Ok(r) => format!(
                         "the record names workload {:?}, not the file's",
-                        r.workload.metadata.name
+                        r.workload.key()
                     ),
                     Err(e) => format!("{e:#}"),
                 };
@@ -289,9 +298,20 @@ mod tests {
     }
 
     #[test]
-    fn odd_names_get_hashed_file_names() {
+    fn long_and_namespaced_keys_get_safe_file_names() {
         assert_eq!(file_name("web"), "web.json");
-        assert!(file_name("../etc").starts_with("h-"));
-        assert!(file_name(&"a".repeat(253)).starts_with("h-"));
+        assert_eq!(file_name("team-a/web"), "team-a_web.json");
+        assert_eq!(key_of_stem("team-a_web"), "team-a/web");
+        assert_eq!(key_of_stem("web"), "web");
+        let long = format!("team-a/{}", "a".repeat(253));
+        let f = file_name(&long);
+        assert!(f.len() <= 255 && f.contains("__"), "{f}");
+        let prefix = container_prefix(&stem(&long));
+        assert!(prefix.len() <= CONTAINER_PREFIX_MAX);
+        assert_eq!(
+            prefix,
+            hyperbox_api::key::safe_name(&long, CONTAINER_PREFIX_MAX)
+        );
+        assert_eq!(container_prefix("web"), "web");
     }
 }

@@ -99,8 +99,9 @@ async fn digests(State(s): State<Shared>) -> Response {
     json(
         &s.workloads
             .iter()
-            .map(|(name, (h, r))| WorkloadDigest {
-                name: name.clone(),
+            .map(|(key, (h, r))| WorkloadDigest {
+                name: hyperbox_api::split_key(key).1.to_string(),
+                namespace: hyperbox_api::split_key(key).0.to_string(),
                 spec_hash: h.0.clone(),
                 config_hash: h.1.clone(),
                 manager: None,
@@ -121,11 +122,10 @@ async fn apply(State(s): State<Shared>, body: Bytes) -> Response {
     let mut out = Vec::new();
     for w in req.workloads {
         let rev = w.metadata.annotations.get(REVISION_ANNOTATION).cloned();
-        s.workloads.insert(
-            w.metadata.name.clone(),
-            ((spec_hash(&w), config_hash(&w)), rev),
-        );
+        s.workloads
+            .insert(w.key(), ((spec_hash(&w), config_hash(&w)), rev));
         out.push(ApplyResult {
+            namespace: w.metadata.namespace().to_string(),
             name: w.metadata.name,
             action: ApplyAction::Created,
         });
@@ -133,8 +133,16 @@ async fn apply(State(s): State<Shared>, body: Bytes) -> Response {
     json(&out)
 }
 
-async fn remove(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> StatusCode {
-    match s.lock().unwrap().workloads.remove(&name) {
+async fn remove(
+    State(s): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> StatusCode {
+    match s
+        .lock()
+        .unwrap()
+        .workloads
+        .remove(&hyperbox_api::workload_key(&ns, &name))
+    {
         Some(_) => StatusCode::OK,
         None => StatusCode::NOT_FOUND,
     }
@@ -147,7 +155,7 @@ impl FakeNode {
         let app = Router::new()
             .route("/v1/digests", get(digests))
             .route("/v1/workloads", axum::routing::post(apply))
-            .route("/v1/workloads/{name}", delete(remove))
+            .route("/v1/workloads/{ns}/{name}", delete(remove))
             .layer(DefaultBodyLimit::max(body_limit))
             .with_state(state.clone());
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
