@@ -62,7 +62,25 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/images/progress", get(pull_progress))
         .route("/v1/images", axum::routing::delete(remove_image))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            sup.clone(),
+            digests_version_header,
+        ))
         .with_state(sup)
+}
+
+/// Header on every answer: the digests' version once the request was handled (see
+/// `GET /v1/digests?watch=true`). A source that applied or deleted knows from it which
+/// version of a watched list includes its own change.
+pub const DIGESTS_VERSION_HEADER: &str = "x-hyperbox-digests-version";
+
+async fn digests_version_header(State(sup): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(
+        DIGESTS_VERSION_HEADER,
+        axum::http::HeaderValue::from(sup.digests_version()),
+    );
+    resp
 }
 
 /// The workload a path names, checked before it is used: a namespace (DNS label) and a name
@@ -225,12 +243,43 @@ async fn apply(
     }
 }
 
-async fn digests(State(sup): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        sup.digests_json().await,
-    )
-        .into_response()
+/// Longest a watch of the digests is held open.
+const MAX_DIGESTS_WATCH: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `GET /v1/digests`: every workload's digest (a `Vec<WorkloadDigest>`).
+///
+/// `?watch=true[&after=V][&timeoutMs=T]` is the watch a source uses instead of polling: it
+/// answers a `DigestList` at once without `after`, and otherwise once the digests' version
+/// differs from `after` (an apply or a delete, or a restarted daemon), or after `timeoutMs`
+/// (default 30 s, at most 5 min). An answer without change carries the version and no
+/// `items`, so a quiet node costs a few hundred bytes per timeout.
+async fn digests(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Response {
+    if q.watch != Some(true) {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            sup.digests_json().await,
+        )
+            .into_response();
+    }
+    let version = match q.after {
+        Some(after) => {
+            let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(30_000))
+                .min(MAX_DIGESTS_WATCH);
+            let v = sup.wait_digests(after, timeout).await;
+            if v == after {
+                return Json(serde_json::json!({ "resourceVersion": v })).into_response();
+            }
+            v
+        }
+        None => sup.digests_version(),
+    };
+    // The version is read before the items: a change in between shows in the items, and the
+    // next watch (after this version) answers again at once.
+    let items = sup.digests_json().await;
+    let mut body = format!("{{\"resourceVersion\":{version},\"items\":").into_bytes();
+    body.extend_from_slice(&items);
+    body.push(b'}');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn list(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Response {

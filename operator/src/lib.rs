@@ -5,6 +5,7 @@ pub mod apply;
 pub mod fleet;
 pub mod gitsource;
 pub mod manifests;
+pub mod nodewatch;
 pub mod placement;
 pub mod reconcile;
 pub mod sync;

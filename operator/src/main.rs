@@ -92,6 +92,14 @@ struct GitArgs {
     /// With several nodes: how long a node may stay unreachable before its replicas move.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     node_grace: Duration,
+    /// Watch each node's workloads (one long-poll per node) instead of listing them at every
+    /// sync: drift is repaired as it happens, and a quiet node costs a small answer per
+    /// --node-watch-timeout. `false` polls at --interval.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    node_watch: bool,
+    /// How long a node holds one watch request open when nothing changes.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    node_watch_timeout: Duration,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     /// CA certificate (PEM) the node's TLS certificate must chain to (https:// nodes).
@@ -225,6 +233,8 @@ async fn run(cli: Cli) -> Result<bool> {
                 interval,
                 node,
                 node_grace,
+                node_watch,
+                node_watch_timeout,
                 node_token_file,
                 node_ca_file,
                 node_cert,
@@ -299,6 +309,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 prune,
                 verify_signatures,
                 apply_limits: Limits::default(),
+                node_watch: node_watch.then_some(node_watch_timeout),
             };
             let mut syncer = if clients.len() == 1 {
                 let (_, client) = clients.pop().expect("one node");

@@ -19,6 +19,7 @@ use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport, ManifestSet};
+use crate::nodewatch::NodeWatch;
 use crate::reconcile::{plan, Inventory, Observed, Outcome, WorkloadResult};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,6 +49,12 @@ pub struct SourceStatus {
     /// With several `--node`s: each node as the last sync saw it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeStatus>,
+    /// Requests to the nodes since the operator started, and their bytes on the wire.
+    #[serde(default)]
+    pub node_api: hyperbox_client::WireTotals,
+    /// How the nodes are observed: `watch` or `poll`.
+    #[serde(default)]
+    pub node_observation: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,6 +85,9 @@ pub struct SyncOptions {
     pub verify_signatures: Option<PathBuf>,
     /// How applies are cut into requests the node accepts.
     pub apply_limits: Limits,
+    /// Watch the nodes' digests (each round held this long) instead of listing them at every
+    /// sync; None polls (see [`crate::nodewatch`]).
+    pub node_watch: Option<Duration>,
 }
 
 pub struct Syncer {
@@ -90,6 +100,8 @@ pub struct Syncer {
     inventory: Inventory,
     /// Set with several nodes: placement across them (see [`crate::fleet`]).
     fleet: Option<Fleet>,
+    /// The watch of the single node (see [`crate::nodewatch`]), once `run` started it.
+    watch: Option<NodeWatch>,
 }
 
 /// What this source owns on each node, and where it placed each workload's replicas.
@@ -111,6 +123,7 @@ struct FleetNode {
     summary: Option<NodeSummary>,
     unreachable_since: Option<Instant>,
     error: Option<String>,
+    watch: Option<NodeWatch>,
 }
 
 struct Fleet {
@@ -193,6 +206,7 @@ impl Syncer {
             status,
             inventory,
             fleet: None,
+            watch: None,
         })
     }
 
@@ -231,6 +245,7 @@ impl Syncer {
                     client,
                     unreachable_since: None,
                     error: None,
+                    watch: None,
                 })
                 .collect(),
             grace,
@@ -337,6 +352,13 @@ impl Syncer {
         self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
         self.status.syncs += 1;
         self.status.nodes = self.fleet_status();
+        self.status.node_api = self.wire_totals();
+        self.status.node_observation = if self.opts.node_watch.is_some() {
+            "watch"
+        } else {
+            "poll"
+        }
+        .to_string();
         match &result {
             Ok(()) => {
                 self.status.stale = false;
@@ -373,7 +395,14 @@ impl Syncer {
             self.fleet = Some(fleet);
             return r;
         }
-        let observed = observe(self.node.digest_hashes().await.context("node")?);
+        let current = self
+            .watch
+            .as_ref()
+            .and_then(|w| w.current(self.node.digests_version_seen()));
+        let observed = match current {
+            Some(digests) => observe(digests.iter().cloned()),
+            None => observe(self.node.digest_hashes().await.context("node")?),
+        };
         // Nothing new and no drift: a no-change sync costs one fetch and one list.
         // Workloads the node refused last time (another source owned them, its policy, size)
         // are retried at every sync: what stood in the way may be gone.
@@ -453,16 +482,32 @@ impl Syncer {
         fetch_ms: u64,
     ) -> Result<Synced> {
         let mut observed: BTreeMap<String, BTreeMap<String, Observed>> = BTreeMap::new();
+        let watching = self.opts.node_watch.is_some();
         for n in &mut fleet.nodes {
+            let current = n
+                .watch
+                .as_ref()
+                .and_then(|w| w.current(n.client.digests_version_seen()));
             let answer = async {
-                let summary = n.client.node().await?;
-                let digests = n.client.digest_hashes().await?;
+                // Polling asks for the summary at every sync; with a watch it is asked for
+                // when a placement needs it (below).
+                let summary = if watching && n.summary.is_some() {
+                    None
+                } else {
+                    Some(n.client.node().await?)
+                };
+                let digests = match current {
+                    Some(d) => d.as_ref().clone(),
+                    None => n.client.digest_hashes().await?,
+                };
                 Ok::<_, hyperbox_client::ClientError>((summary, digests))
             }
             .await;
             match answer {
                 Ok((summary, digests)) => {
-                    n.summary = Some(summary);
+                    if summary.is_some() {
+                        n.summary = summary;
+                    }
                     n.unreachable_since = None;
                     n.error = None;
                     observed.insert(n.key.clone(), observe(digests));
@@ -494,6 +539,23 @@ impl Syncer {
             });
         if unchanged {
             return Ok(Synced::Unchanged { revision });
+        }
+        if watching {
+            // Placing: every reachable node's room and labels as of now.
+            for n in &mut fleet.nodes {
+                if !observed.contains_key(&n.key) {
+                    continue;
+                }
+                match n.client.node().await {
+                    Ok(summary) => n.summary = Some(summary),
+                    Err(e) => {
+                        let since = *n.unreachable_since.get_or_insert_with(Instant::now);
+                        tracing::warn!(node = %n.key, error = %e, unreachable_s = since.elapsed().as_secs(), "node unreachable");
+                        n.error = Some(format!("{e}"));
+                        observed.remove(&n.key);
+                    }
+                }
+            }
         }
         if fleet.refused_at.as_deref() != Some(revision.as_str()) {
             fleet.refused.clear();
@@ -674,9 +736,42 @@ impl Syncer {
             .collect()
     }
 
-    /// Poll forever (with jitter), syncing at once when `trigger` fires; after a failure, retry
-    /// with a jittered exponential backoff.
+    /// Requests and wire bytes of every node client so far.
+    fn wire_totals(&self) -> hyperbox_client::WireTotals {
+        match &self.fleet {
+            Some(f) => f
+                .nodes
+                .iter()
+                .fold(Default::default(), |t, n| t.plus(n.client.wire_totals())),
+            None => self.node.wire_totals(),
+        }
+    }
+
+    /// Start watching the nodes (with `node_watch`): a change wakes `trigger`.
+    fn start_watches(&mut self, trigger: &Arc<Notify>) {
+        let Some(timeout) = self.opts.node_watch else {
+            return;
+        };
+        match &mut self.fleet {
+            Some(f) => {
+                for n in &mut f.nodes {
+                    n.watch = Some(NodeWatch::start(n.client.clone(), timeout, trigger.clone()));
+                }
+            }
+            None => {
+                self.watch = Some(NodeWatch::start(
+                    self.node.clone(),
+                    timeout,
+                    trigger.clone(),
+                ))
+            }
+        }
+    }
+
+    /// Poll forever (with jitter), syncing at once when `trigger` fires (a webhook, or a
+    /// node's digests changed); after a failure, retry with a jittered exponential backoff.
     pub async fn run(&mut self, trigger: Arc<Notify>) {
+        self.start_watches(&trigger);
         loop {
             let wait = match self.sync_once().await {
                 Ok(()) => jitter(self.opts.interval),
@@ -694,7 +789,7 @@ impl Syncer {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = trigger.notified() => tracing::info!("webhook: syncing now"),
+                _ = trigger.notified() => tracing::info!("webhook or node change: syncing now"),
             }
         }
     }
@@ -800,7 +895,9 @@ async fn carry_out(
 }
 
 /// A node's digests as the diff needs them.
-fn observe(digests: Vec<hyperbox_client::DigestHash>) -> BTreeMap<String, Observed> {
+fn observe(
+    digests: impl IntoIterator<Item = hyperbox_client::DigestHash>,
+) -> BTreeMap<String, Observed> {
     digests
         .into_iter()
         .map(|d| {

@@ -220,13 +220,16 @@ fn webhook_triggers_sync_and_refuses_bad_signatures() {
     let secret_file = node.dir.path().join("hook-secret");
     std::fs::write(&secret_file, "s3cr3t-hook\n").unwrap();
     // A long poll interval: only the webhook can make the second sync happen quickly. Port 0:
-    // the kernel picks a free port, the log says which.
+    // the kernel picks a free port, the log says which. No node watch: its wake-up after the
+    // operator's own apply would be a second sync, and this counts syncs.
     let op = Operator::start(
         &node,
         &repo.url(),
         &[
             "--interval",
             "1h",
+            "--node-watch",
+            "false",
             "--webhook-listen",
             "127.0.0.1:0",
             "--webhook-secret-file",
@@ -942,10 +945,11 @@ fn two_git_operators_share_a_node_without_touching_each_other() {
     op_a.wait_status(T, "a applied", |s| applied(s, &rev_a))
         .unwrap();
     let op_b = Operator::start(&node, &repo_b.url(), &["--interval", "300ms"]).unwrap();
-    // B applies its own workload; the shared name belongs to A and is refused for B.
+    // B applies its own workload; the shared name belongs to A and is refused for B (and
+    // retried at every sync, after which b1 reads `unchanged`).
     let st = op_b
         .wait_status(T, "b synced with a conflict", |s| {
-            outcome(s, "b1") == "created" && outcome(s, "shared") == "failed"
+            matches!(outcome(s, "b1"), "created" | "unchanged") && outcome(s, "shared") == "failed"
         })
         .unwrap();
     let shared = st["workloads"]
@@ -1028,4 +1032,106 @@ fn namespaces_in_git_are_separate_workloads() {
         node.get("team-a/web").is_none().then_some(())
     })
     .unwrap();
+}
+
+/// With the node watch (the default), drift is repaired when it happens, not at the next
+/// poll: the interval here is an hour. Without it (`--node-watch false`) the same drift waits
+/// for the poll.
+#[test]
+fn the_node_watch_repairs_drift_between_polls() {
+    let (_reg, image, node, repo) = setup();
+    repo.write("w.yaml", &doc("w", &image, "sleep 1000"));
+    let rev = repo.commit_push("one");
+    let op = Operator::start(
+        &node,
+        &repo.url(),
+        &["--interval", "1h", "--node-watch-timeout", "2s"],
+    )
+    .unwrap();
+    let st = op
+        .wait_status(T, "first sync", |s| applied(s, &rev))
+        .unwrap();
+    assert_eq!(st["nodeObservation"], "watch");
+    let first = node
+        .wait_for("w", T, "w running", |v| v["phase"] == "Running")
+        .unwrap();
+    // Deleted by hand: the watch wakes the operator, which restores it.
+    let started = std::time::Instant::now();
+    let out = node.cli(&["delete", "w"]);
+    assert!(out.status.success());
+    let back = node
+        .wait_for(
+            "w",
+            Duration::from_secs(20),
+            "w restored by the watch",
+            |v| v["phase"] == "Running" && container_ids(v) != container_ids(&first),
+        )
+        .unwrap();
+    assert!(!container_ids(&back).is_empty());
+    op.wait_status(T, "restore recorded", |s| outcome(s, "w") == "restored")
+        .unwrap();
+    eprintln!("drift repaired by the watch in {:?}", started.elapsed());
+    drop(op);
+
+    // Polling: the same drift waits for the next poll (an hour away).
+    let op = Operator::start(
+        &node,
+        &repo.url(),
+        &["--interval", "1h", "--node-watch", "false"],
+    )
+    .unwrap();
+    op.wait_status(T, "first sync", |s| s["nodeObservation"] == "poll")
+        .unwrap();
+    let out = node.cli(&["delete", "w"]);
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        node.get("w").is_none(),
+        "restored without a watch or a poll"
+    );
+    drop(op);
+
+    // What a quiet node costs over a dozen syncs 300 ms apart: a poll lists at every sync, a
+    // watch answers about once per timeout (2 s).
+    let quiet_requests = |watch: &str| {
+        let op = Operator::start(
+            &node,
+            &repo.url(),
+            &[
+                "--interval",
+                "300ms",
+                "--node-watch",
+                watch,
+                "--node-watch-timeout",
+                "2s",
+            ],
+        )
+        .unwrap();
+        let count = |s: &Value| s["nodeApi"]["requests"].as_u64().unwrap_or(0);
+        let st = op
+            .wait_status(T, "settled", |s| applied(s, &rev) && s["error"].is_null())
+            .unwrap();
+        let (syncs, before) = (st["syncs"].as_u64().unwrap(), count(&st));
+        let st = op
+            .wait_status(T, "a dozen more syncs", |s| {
+                s["syncs"].as_u64().unwrap() >= syncs + 12
+            })
+            .unwrap();
+        let took = (st["syncs"].as_u64().unwrap() - syncs, count(&st) - before);
+        eprintln!(
+            "node-watch {watch}: {} requests over {} syncs",
+            took.1, took.0
+        );
+        took
+    };
+    let (syncs, polled) = quiet_requests("false");
+    assert!(
+        polled >= syncs,
+        "polling lists at every sync: {polled} over {syncs}"
+    );
+    let (syncs, watched) = quiet_requests("true");
+    assert!(
+        watched <= 6,
+        "{watched} requests over {syncs} quiet syncs with a watch"
+    );
 }

@@ -220,3 +220,64 @@ fn namespaces_and_253_character_names() {
         assert!(left.is_empty(), "{dir}: {left:?}");
     }
 }
+
+#[test]
+fn digests_watch_answers_on_change_and_times_out_quietly() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    let body = |resp: &str| -> Value {
+        let (_, b) = resp.split_once("\r\n\r\n").unwrap();
+        serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {resp}"))
+    };
+    let first = body(&http_over_unix(
+        &node.socket,
+        "GET",
+        "/v1/digests?watch=true",
+        "",
+    ));
+    let v0 = first["resourceVersion"].as_u64().unwrap();
+    assert_eq!(first["items"], serde_json::json!([]));
+    // Nothing changes: the watch answers after its timeout, with the version and no items.
+    let started = std::time::Instant::now();
+    let quiet = body(&http_over_unix(
+        &node.socket,
+        "GET",
+        &format!("/v1/digests?watch=true&after={v0}&timeoutMs=400"),
+        "",
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(quiet["resourceVersion"], v0);
+    assert!(quiet.get("items").is_none(), "{quiet}");
+    // An apply while the watch is open answers it at once, with the new digests.
+    let sock = node.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let r = http_over_unix(
+            &sock,
+            "GET",
+            &format!("/v1/digests?watch=true&after={v0}&timeoutMs=30000"),
+            "",
+        );
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&node.apply(&doc(Some("team-a"), "web", &image, "")));
+    let (resp, took) = waiter.join().unwrap();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let changed = body(&resp);
+    assert_ne!(changed["resourceVersion"], v0);
+    assert_eq!(changed["items"][0]["name"], "web");
+    assert_eq!(changed["items"][0]["namespace"], "team-a");
+    // A delete is a change too.
+    let v1 = changed["resourceVersion"].as_u64().unwrap();
+    ok(&node.cli(&["delete", "team-a/web"]));
+    let after_delete = body(&http_over_unix(
+        &node.socket,
+        "GET",
+        &format!("/v1/digests?watch=true&after={v1}&timeoutMs=5000"),
+        "",
+    ));
+    assert_ne!(after_delete["resourceVersion"], v1);
+    assert_eq!(after_delete["items"], serde_json::json!([]));
+}

@@ -15,12 +15,14 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use counting::Counting;
 use hyperbox_api::validate::MAX_TERMINATION_GRACE_PERIOD_SECONDS;
 use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, WorkloadStatus};
 
 pub mod buildinfo;
 pub mod cli;
 pub mod clidocs;
+pub mod counting;
 pub mod tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +173,12 @@ pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub use hyperbox_api::NODE_MAX_BODY_BYTES;
 
+pub use counting::{WireStats, WireTotals};
+
+/// Header with the node's digests version on every answer (the node's
+/// `server::DIGESTS_VERSION_HEADER`).
+pub const DIGESTS_VERSION_HEADER: &str = "x-hyperbox-digests-version";
+
 /// `{"workloads":[` and `]}` around the comma-separated workload documents of an apply.
 const APPLY_PREFIX: &[u8] = b"{\"workloads\":[";
 const APPLY_SUFFIX: &[u8] = b"]}";
@@ -207,6 +215,18 @@ pub struct NodeClient {
     /// The manager this client applies and deletes as (see [`NodeClient::with_manager`]).
     manager: Option<String>,
     force: bool,
+    /// Requests and wire bytes of this client and its clones.
+    stats: Arc<WireStats>,
+}
+
+/// One answer of the digests watch (see [`NodeClient::watch_digests`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DigestWatch {
+    /// The digests' version: the `after` of the next round. None from a node that cannot
+    /// watch (it answered a plain list): poll it instead.
+    pub resource_version: Option<u64>,
+    /// Every digest, when they changed (or on the first round); None when nothing changed.
+    pub items: Option<Vec<DigestHash>>,
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -224,7 +244,24 @@ impl NodeClient {
             pull_timeout: DEFAULT_PULL_TIMEOUT,
             manager: None,
             force: false,
+            stats: Arc::default(),
         }
+    }
+
+    /// Requests made and bytes sent and received so far, by this client and its clones.
+    pub fn wire_totals(&self) -> WireTotals {
+        self.stats.totals()
+    }
+
+    /// The highest digests version the node answered any request of this client (and its
+    /// clones) with: a watched list at least this new includes every change they made.
+    pub fn digests_version_seen(&self) -> u64 {
+        self.stats.digests_version()
+    }
+
+    /// The node restarted and counts from `v` now (lower than before).
+    pub fn reset_digests_version_seen(&self, v: u64) {
+        self.stats.reset_digests_version(v);
     }
 
     /// Bound connecting by `connect` and each request (send, answer, whole body) by `request`.
@@ -306,13 +343,13 @@ impl NodeClient {
                 Endpoint::Unusable { why, .. } => Err(tls_err(why.clone())),
                 Endpoint::Unix(p) => tokio::net::UnixStream::connect(p)
                     .await
-                    .map(Stream::Unix)
+                    .map(|s| Stream::Unix(Counting::new(s, self.stats.clone())))
                     .map_err(connect_err),
                 Endpoint::Tcp {
                     addr, tls: None, ..
                 } => tokio::net::TcpStream::connect(addr)
                     .await
-                    .map(Stream::Tcp)
+                    .map(|s| Stream::Tcp(Counting::new(s, self.stats.clone())))
                     .map_err(connect_err),
                 Endpoint::Tcp {
                     addr,
@@ -322,6 +359,7 @@ impl NodeClient {
                     let tcp = tokio::net::TcpStream::connect(addr)
                         .await
                         .map_err(connect_err)?;
+                    let tcp = Counting::new(tcp, self.stats.clone());
                     let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     let name = rustls::pki_types::ServerName::try_from(host.to_string())
@@ -334,6 +372,7 @@ impl NodeClient {
                 }
             }
         };
+        self.stats.request();
         let stream = tokio::time::timeout(connect_timeout, connecting)
             .await
             .map_err(|_| timeout_err("connect", connect_timeout))??;
@@ -345,6 +384,14 @@ impl NodeClient {
             }
             .map_err(|e| http_err(tls::with_hint(&error_chain(&e))))?;
             let status = resp.status();
+            if let Some(v) = resp
+                .headers()
+                .get(DIGESTS_VERSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                self.stats.saw_digests_version(v);
+            }
             let body = resp
                 .into_body()
                 .collect()
@@ -433,6 +480,51 @@ impl NodeClient {
     /// skipped while parsing, which counts at 10,000 workloads.
     pub async fn digest_hashes(&self) -> Result<Vec<DigestHash>, ClientError> {
         self.json(Method::GET, "/v1/digests", None).await
+    }
+
+    /// One round of the digests watch, instead of polling [`NodeClient::digest_hashes`]:
+    /// without `after`, every digest and the version at once; with it, the node answers once
+    /// the digests changed (with all of them) or after `timeout` (with none).
+    pub async fn watch_digests(
+        &self,
+        after: Option<u64>,
+        timeout: Duration,
+    ) -> Result<DigestWatch, ClientError> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Answer {
+            #[serde(rename_all = "camelCase")]
+            Watch {
+                resource_version: u64,
+                #[serde(default)]
+                items: Option<Vec<DigestHash>>,
+            },
+            /// A node before the watch ignores `watch=true` and lists.
+            Plain(Vec<DigestHash>),
+        }
+        let path = match after {
+            Some(v) => format!(
+                "/v1/digests?watch=true&after={v}&timeoutMs={}",
+                timeout.as_millis()
+            ),
+            None => "/v1/digests?watch=true".to_string(),
+        };
+        let answer: Answer = self
+            .json_within(Method::GET, &path, None, timeout + LONG_POLL_MARGIN)
+            .await?;
+        Ok(match answer {
+            Answer::Watch {
+                resource_version,
+                items,
+            } => DigestWatch {
+                resource_version: Some(resource_version),
+                items,
+            },
+            Answer::Plain(items) => DigestWatch {
+                resource_version: None,
+                items: Some(items),
+            },
+        })
     }
 
     pub async fn list(&self) -> Result<Vec<WorkloadStatus>, ClientError> {
@@ -598,9 +690,9 @@ impl NodeClient {
 }
 
 enum Stream {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Unix(Counting<tokio::net::UnixStream>),
+    Tcp(Counting<tokio::net::TcpStream>),
+    Tls(Box<tokio_rustls::client::TlsStream<Counting<tokio::net::TcpStream>>>),
 }
 
 /// Aborts the task driving a connection when the request using it is done or given up (a

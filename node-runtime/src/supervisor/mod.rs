@@ -112,8 +112,12 @@ pub struct Supervisor {
     policy: StdMutex<Option<crate::policy::NodePolicy>>,
     /// Labels and allocatable for capacity admission (none: everything fits).
     node: StdMutex<Option<NodeFacts>>,
-    /// Requests of every admitted workload's desired replicas, by name.
+    /// Requests of every admitted workload's desired replicas, by key.
     admitted: StdMutex<HashMap<String, ResourceAmounts>>,
+    /// Version of the digests (`GET /v1/digests?watch=true`): changes with every apply and
+    /// delete, and starts at the daemon's start time in microseconds, so a watcher that knew
+    /// an earlier daemon sees a different version and lists again.
+    digests_version: watch::Sender<u64>,
 }
 
 /// Why a batch was not applied; nothing of it was.
@@ -189,6 +193,13 @@ impl Supervisor {
             policy: StdMutex::new(None),
             node: StdMutex::new(None),
             admitted: StdMutex::new(HashMap::new()),
+            digests_version: watch::channel(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(1),
+            )
+            .0,
         }))
     }
 
@@ -351,6 +362,9 @@ impl Supervisor {
                 namespace,
                 action,
             });
+        }
+        if !results.is_empty() {
+            self.digests_version.send_modify(|v| *v += 1);
         }
         // The answer means "recorded": make the batch durable first. A few records are fsynced
         // one by one; a bulk apply (a Git sync of thousands of workloads) pays one syncfs.
@@ -518,6 +532,7 @@ impl Supervisor {
             h.deleting.store(true, Ordering::SeqCst);
             // Its requests are free for others from the moment the delete is accepted.
             self.admitted.lock().unwrap().remove(name);
+            self.digests_version.send_modify(|v| *v += 1);
             if h.tx.send(Msg::Delete { reply }).is_err() {
                 return Ok(true);
             }
@@ -622,7 +637,15 @@ impl Supervisor {
             #[serde(skip_serializing_if = "Option::is_none")]
             manager: Option<&'a str>,
         }
-        let snapshots = self.snapshots().await;
+        // A delete counts from when it is accepted (the handle's flag, set before the digests'
+        // version changes), not from when the actor gets to it.
+        let snapshots: Vec<Arc<WorkloadRecord>> = {
+            let reg = self.shared.registry.lock().await;
+            reg.values()
+                .filter(|h| !h.deleting.load(Ordering::SeqCst))
+                .map(|h| h.snapshot.lock().unwrap().clone())
+                .collect()
+        };
         let digests: Vec<Digest<'_>> = snapshots
             .iter()
             .filter(|r| !r.deleting)
@@ -869,6 +892,20 @@ impl Supervisor {
     /// The current change counter.
     pub fn version(&self) -> u64 {
         *self.shared.changes.borrow()
+    }
+
+    /// The digests' version (see `digests_version`).
+    pub fn digests_version(&self) -> u64 {
+        *self.digests_version.borrow()
+    }
+
+    /// Wait until the digests' version differs from `seen`, or `timeout` elapses; returns the
+    /// version then.
+    pub async fn wait_digests(&self, seen: u64, timeout: Duration) -> u64 {
+        let mut rx = self.digests_version.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != seen)).await;
+        let v = *rx.borrow();
+        v
     }
 
     /// Wait until the change counter passes `after`, or `timeout` elapses.

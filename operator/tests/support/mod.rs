@@ -199,6 +199,7 @@ pub fn syncer(state_dir: &Path, url: &str, path: &str, node: NodeClient) -> Sync
             prune: true,
             verify_signatures: None,
             apply_limits: Limits::default(),
+            node_watch: None,
         },
     )
     .unwrap()
