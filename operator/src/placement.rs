@@ -8,10 +8,17 @@
 //!    (moving running work is the expensive mistake).
 //! 2. Otherwise it goes to a matching node with room for its requests, preferring the node
 //!    with the fewest replicas of that workload (spread), then the most free memory, then the
-//!    node id (deterministic).
+//!    node id (deterministic). For that preference only, a replica without a memory request
+//!    counts as [`NOMINAL_MEMORY_REQUEST`] (as kube-scheduler's scoring does with its
+//!    non-zero defaults): otherwise workloads that request nothing would all land on the
+//!    first of equal nodes.
 //! 3. A replica no node can take is reported with the reason, never half-placed.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+/// What a replica without a memory request counts as when nodes are compared (not when its
+/// fit is checked): 200 MiB, kube-scheduler's default for the same purpose.
+pub const NOMINAL_MEMORY_REQUEST: u64 = 200 << 20;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Amounts {
@@ -114,10 +121,24 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
         })
         .collect();
     let by_id: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    let take = |free: &mut BTreeMap<&str, Amounts>, node: &str, r: &Amounts| {
+    // Free memory as the preference sees it (nominal requests included).
+    let mut score_free: BTreeMap<&str, u64> =
+        free.iter().map(|(id, f)| (*id, f.memory_bytes)).collect();
+    let take = |free: &mut BTreeMap<&str, Amounts>,
+                score_free: &mut BTreeMap<&str, u64>,
+                node: &str,
+                r: &Amounts| {
         if let Some(f) = free.get_mut(node) {
             f.cpu_millis = f.cpu_millis.saturating_sub(r.cpu_millis);
             f.memory_bytes = f.memory_bytes.saturating_sub(r.memory_bytes);
+        }
+        if let Some(f) = score_free.get_mut(node) {
+            let nominal = if r.memory_bytes == 0 {
+                NOMINAL_MEMORY_REQUEST
+            } else {
+                r.memory_bytes
+            };
+            *f = f.saturating_sub(nominal);
         }
     };
     let mut out = Placement::default();
@@ -134,7 +155,7 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
                 });
             match stays {
                 Some(n) => {
-                    take(&mut free, &n.id, &d.request);
+                    take(&mut free, &mut score_free, &n.id, &d.request);
                     out.assigned
                         .insert((d.workload.clone(), ordinal), n.id.clone());
                 }
@@ -158,11 +179,12 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
             .copied()
             .filter(|n| d.request.fits_in(&free[n.id.as_str()]))
             .collect();
-        let Some(best) = with_room.iter().min_by_key(|n| {
+        let best = with_room.iter().min_by_key(|n| {
             let mine = out.on_node(&d.workload, &n.id).len();
-            let f = free[n.id.as_str()];
-            (mine, std::cmp::Reverse(f.memory_bytes), n.id.clone())
-        }) else {
+            let f = score_free[n.id.as_str()];
+            (mine, std::cmp::Reverse(f), n.id.clone())
+        });
+        let Some(best) = best else {
             // Say which resource is short on the roomiest matching node.
             let roomiest = candidates
                 .iter()
@@ -177,7 +199,7 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
             out.unplaced.insert((d.workload.clone(), ordinal), why);
             continue;
         };
-        take(&mut free, &best.id, &d.request);
+        take(&mut free, &mut score_free, &best.id, &d.request);
         out.assigned
             .insert((d.workload.clone(), ordinal), best.id.clone());
     }
@@ -218,6 +240,27 @@ mod tests {
             current: BTreeMap::new(),
             avoid: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn workloads_without_requests_spread_over_equal_nodes() {
+        let nothing = |i: usize| Demand {
+            request: Amounts::default(),
+            ..demand(&format!("w{i}"), 1, 0)
+        };
+        let demands: Vec<Demand> = (0..30).map(nothing).collect();
+        let nodes = [node("a", &[], 8), node("b", &[], 8), node("c", &[], 8)];
+        let p = place(&demands, &nodes);
+        for n in ["a", "b", "c"] {
+            let count = p.assigned.values().filter(|v| *v == n).count();
+            assert_eq!(count, 10, "{n}: {p:?}");
+        }
+        // Unequal nodes: the bigger one takes more, the smaller one its share too.
+        let nodes = [node("big", &[], 4), node("small", &[], 2)];
+        let p = place(&demands, &nodes);
+        let small = p.assigned.values().filter(|v| *v == "small").count();
+        assert!((8..=12).contains(&small), "{small}");
+        assert!(p.unplaced.is_empty());
     }
 
     #[test]
