@@ -121,11 +121,14 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
         })
         .collect();
     let by_id: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    // Free memory as the preference sees it (nominal requests included).
-    let mut score_free: BTreeMap<&str, u64> =
-        free.iter().map(|(id, f)| (*id, f.memory_bytes)).collect();
+    // Free memory as the preference sees it (nominal requests included; below zero once
+    // nominal requests exceed the node, so that nodes still compare).
+    let mut score_free: BTreeMap<&str, i128> = free
+        .iter()
+        .map(|(id, f)| (*id, i128::from(f.memory_bytes)))
+        .collect();
     let take = |free: &mut BTreeMap<&str, Amounts>,
-                score_free: &mut BTreeMap<&str, u64>,
+                score_free: &mut BTreeMap<&str, i128>,
                 node: &str,
                 r: &Amounts| {
         if let Some(f) = free.get_mut(node) {
@@ -138,7 +141,7 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
             } else {
                 r.memory_bytes
             };
-            *f = f.saturating_sub(nominal);
+            *f -= i128::from(nominal);
         }
     };
     let mut out = Placement::default();
@@ -254,6 +257,13 @@ mod tests {
         for n in ["a", "b", "c"] {
             let count = p.assigned.values().filter(|v| *v == n).count();
             assert_eq!(count, 10, "{n}: {p:?}");
+        }
+        // More nominal requests than the nodes hold still spread.
+        let many: Vec<Demand> = (0..300).map(nothing).collect();
+        let p = place(&many, &nodes);
+        for n in ["a", "b", "c"] {
+            let count = p.assigned.values().filter(|v| *v == n).count();
+            assert_eq!(count, 100, "{n}");
         }
         // Unequal nodes: the bigger one takes more, the smaller one its share too.
         let nodes = [node("big", &[], 4), node("small", &[], 2)];

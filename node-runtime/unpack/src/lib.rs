@@ -107,6 +107,12 @@ pub struct UnpackOptions {
     /// Apply the uid/gid of entries (only takes effect when running as
     /// root).
     pub preserve_ownership: bool,
+    /// Keep whiteouts as overlayfs whiteouts instead of applying them: for
+    /// a layer unpacked on its own, to be stacked with its lower layers by
+    /// overlayfs. `dir/.wh.NAME` becomes a 0/0 character device `dir/NAME`
+    /// (unless the layer itself writes `dir/NAME`), and `.wh..wh..opq` sets
+    /// `trusted.overlay.opaque=y` on its directory.
+    pub overlay_whiteouts: bool,
 }
 
 impl Default for UnpackOptions {
@@ -116,6 +122,7 @@ impl Default for UnpackOptions {
             max_bytes: 16 << 30,
             max_entries: 2_000_000,
             preserve_ownership: true,
+            overlay_whiteouts: false,
         }
     }
 }
@@ -130,6 +137,15 @@ pub struct LayerStats {
     pub bytes: u64,
     /// `sha256:<hex>` of the whole compressed blob as read from the reader.
     pub computed_digest: String,
+    /// `sha256:<hex>` of the uncompressed tar stream (the layer's `diff_id` in the image
+    /// config); None when the stream could not be read to its end after the archive.
+    pub diff_id: Option<String>,
+    /// With [`UnpackOptions::overlay_whiteouts`]: directories the layer has no entry for,
+    /// created (0755, root) only to hold what it has. Stacked by overlayfs, such a directory
+    /// shows its own attributes instead of a lower layer's, and exists even where no lower
+    /// layer has it: the caller checks them against the lower layers. Paths are relative,
+    /// without a leading `/`.
+    pub implicit_dirs: Vec<Vec<u8>>,
 }
 
 /// Applies layers, in order, onto one target directory.
@@ -172,6 +188,48 @@ impl<R: Read> Read for HashingReader<'_, R> {
                 Err(e)
             }
         }
+    }
+}
+
+/// Directories below `root/rel` that are not among the layer's explicit entries.
+fn implicit_dirs_under(
+    root: &Path,
+    rel: &mut Vec<u8>,
+    explicit: &HashMap<Vec<u8>, DirMeta>,
+    out: &mut Vec<Vec<u8>>,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = root.join(std::ffi::OsStr::from_bytes(rel));
+    for e in std::fs::read_dir(&dir)? {
+        let e = e?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        let len = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(e.file_name().as_bytes());
+        if !explicit.contains_key(rel.as_slice()) {
+            out.push(rel.clone());
+        }
+        implicit_dirs_under(root, rel, explicit, out)?;
+        rel.truncate(len);
+    }
+    Ok(())
+}
+
+/// Hashes the uncompressed stream (for the diff_id).
+struct TarHasher<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for TarHasher<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -408,6 +466,7 @@ impl Unpacker {
             flags: &flags,
         };
         let mut layer = LayerState::new(digest, compression);
+        let diff_id;
         {
             let decoded: Box<dyn Read + '_> = match compression {
                 Compression::None => Box::new(&mut source),
@@ -426,10 +485,37 @@ impl Unpacker {
                     })
                 }
             };
-            let mut tar = TarReader::new(decoded);
-            self.apply_entries(&mut layer, &mut tar, &flags)?;
+            let mut hashed = TarHasher {
+                inner: decoded,
+                hasher: Sha256::new(),
+            };
+            {
+                let mut tar = TarReader::new(&mut hashed);
+                self.apply_entries(&mut layer, &mut tar, &flags)?;
+            }
+            // What follows the archive's end (padding) is part of the diff_id.
+            diff_id = match io::copy(&mut hashed, &mut io::sink()) {
+                Ok(_) => Some(format!("sha256:{}", hex::encode(hashed.hasher.finalize()))),
+                Err(e) => {
+                    tracing::debug!(layer = digest, error = %e, "uncompressed stream unreadable after the archive");
+                    None
+                }
+            };
         }
         self.finish_dirs(&layer)?;
+        let implicit_dirs = if self.opts.overlay_whiteouts {
+            let mut out = Vec::new();
+            implicit_dirs_under(&self.target, &mut Vec::new(), &layer.dirs, &mut out).map_err(
+                |e| UnpackError::Stream {
+                    at: Location::layer(digest),
+                    stream: "list the layer's directories",
+                    source: e,
+                },
+            )?;
+            out
+        } else {
+            Vec::new()
+        };
         io::copy(&mut source, &mut io::sink()).map_err(|e| UnpackError::Stream {
             at: Location::layer(digest),
             stream: "read layer blob",
@@ -447,6 +533,8 @@ impl Unpacker {
             entries: layer.entries,
             bytes: layer.bytes,
             computed_digest,
+            diff_id,
+            implicit_dirs,
         })
     }
 
@@ -843,6 +931,9 @@ impl Unpacker {
         // The layer contains the whiteout's directory itself.
         layer.mark_dir_present(&parent_path);
 
+        if self.opts.overlay_whiteouts {
+            return self.keep_whiteout(layer, at, path, name);
+        }
         if name == b".wh..wh..opq" {
             let dir = sys::walk(self.root.as_fd(), parent_comps, true)
                 .map_err(|e| walk_error(at, parent_comps, e))?;
@@ -884,6 +975,47 @@ impl Unpacker {
                 .map_err(io_err(at, "apply whiteout"))?;
         }
         Ok(())
+    }
+
+    /// A whiteout of a layer unpacked on its own, in overlayfs' form (see
+    /// [`UnpackOptions::overlay_whiteouts`]).
+    fn keep_whiteout(
+        &self,
+        layer: &mut LayerState<'_>,
+        at: &Location,
+        path: &CleanPath,
+        name: &[u8],
+    ) -> Result<(), UnpackError> {
+        let parent_comps = path.parent();
+        let dir = sys::walk(self.root.as_fd(), parent_comps, true)
+            .map_err(|e| walk_error(at, parent_comps, e))?;
+        if name == b".wh..wh..opq" {
+            return sys::fsetxattr(dir.as_fd(), c"trusted.overlay.opaque", b"y")
+                .map_err(io_err(at, "mark directory opaque"));
+        }
+        if name.starts_with(b".wh..wh.") {
+            tracing::debug!(layer = layer.digest, entry = %lossy(name), "skipping special whiteout entry");
+            return Ok(());
+        }
+        let victim = &name[b".wh.".len()..];
+        if matches!(victim, b"" | b"." | b"..") {
+            return Err(invalid(at, "invalid whiteout name"));
+        }
+        let victim_name = CString::new(victim).expect("path components have no nul");
+        // The layer writes the name itself: its entry hides the lower one already.
+        if sys::lstat_at(dir.as_fd(), &victim_name)
+            .map_err(io_err(at, "stat whited-out entry"))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        sys::mknod_at(
+            dir.as_fd(),
+            &victim_name,
+            libc::S_IFCHR,
+            libc::makedev(0, 0),
+        )
+        .map_err(io_err(at, "create overlay whiteout"))
     }
 
     /// Sets the final mode and mtime of the directories of the layer,

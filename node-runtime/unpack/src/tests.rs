@@ -1230,3 +1230,173 @@ fn public_types_are_thread_safe() {
     check::<Unpacker>();
     check::<LayerStats>();
 }
+
+/// Every entry below `root`: path -> (kind, permissions, uid, gid, content or link target).
+fn tree_of(root: &Path) -> std::collections::BTreeMap<String, (String, u32, u32, u32, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let m = lmeta(&p);
+            let ft = m.file_type();
+            let (kind, data) = if ft.is_dir() {
+                stack.push(p.clone());
+                ("dir", Vec::new())
+            } else if ft.is_symlink() {
+                (
+                    "symlink",
+                    fs::read_link(&p)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                )
+            } else if ft.is_file() {
+                ("file", fs::read(&p).unwrap())
+            } else if ft.is_char_device() {
+                ("char", m.rdev().to_le_bytes().to_vec())
+            } else {
+                ("other", Vec::new())
+            };
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            out.insert(
+                rel,
+                (kind.to_string(), m.mode() & 0o7777, m.uid(), m.gid(), data),
+            );
+        }
+    }
+    out
+}
+
+/// A layer unpacked on its own with overlay whiteouts, stacked by overlayfs over the lower
+/// one, shows exactly the tree that applying both layers in order gives.
+#[test]
+fn overlay_form_stacks_to_the_applied_tree() {
+    if !is_root() {
+        eprintln!("skipped: needs root to mount overlayfs and create whiteout devices");
+        return;
+    }
+    let lower = Layer::new()
+        .dir("a", 0o755)
+        .file("a/file", b"lower")
+        .file("a/other", b"lower")
+        .dir("d", 0o755)
+        .file("d/x/y", b"lower")
+        .symlink("d/link", "/etc")
+        .dir("o", 0o750)
+        .file("o/lower1", b"lower")
+        .file("o/sub/lower2", b"lower")
+        .file("o/keepdir/lower3", b"lower")
+        .file("same", b"lower")
+        .finish();
+    let upper = Layer::new()
+        .dir("a", 0o755)
+        .file("a/.wh.file", b"")
+        .file(".wh.d", b"")
+        .file(".wh.missing", b"")
+        .dir("o", 0o750)
+        .file("o/new_before", b"upper")
+        .dir("o/keepdir", 0o755)
+        .file("o/keepdir/new", b"upper")
+        .file("o/.wh..wh..opq", b"")
+        .file("o/new_after", b"upper")
+        .file("fresh", b"upper")
+        .file(".wh.fresh", b"")
+        .file(".wh.same", b"")
+        .file("same", b"upper")
+        .finish();
+    // The reference: both applied in order onto one tree.
+    let applied = Env::new();
+    let mut u = applied.unpacker();
+    apply(&mut u, &lower).unwrap();
+    apply(&mut u, &upper).unwrap();
+    // Each on its own, in overlay form.
+    let opts = UnpackOptions {
+        overlay_whiteouts: true,
+        ..UnpackOptions::default()
+    };
+    let (l, h) = (Env::new(), Env::new());
+    let ls = apply(&mut l.unpacker_with(opts.clone()), &lower).unwrap();
+    let hs = apply(&mut h.unpacker_with(opts), &upper).unwrap();
+    let mut implicit = ls.implicit_dirs.clone();
+    implicit.sort();
+    assert_eq!(
+        implicit,
+        vec![b"d/x".to_vec(), b"o/keepdir".to_vec(), b"o/sub".to_vec()]
+    );
+    assert!(hs.implicit_dirs.is_empty(), "{:?}", hs.implicit_dirs);
+    assert_eq!(ls.diff_id.as_deref(), Some(sha256_of(&lower).as_str()));
+    let whiteout = lmeta(h.root().join("a/file"));
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    assert_eq!(
+        xattr_of(&h.root().join("o"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(
+        lmeta(h.root().join("fresh")).is_file(),
+        "same-layer content wins"
+    );
+    assert!(lmeta(h.root().join("same")).is_file());
+    // Stack them.
+    let merged = tempfile::tempdir().unwrap();
+    let opts = format!("lowerdir={}:{}", h.root().display(), l.root().display());
+    let src = std::ffi::CString::new("overlay").unwrap();
+    let target = std::ffi::CString::new(merged.path().as_os_str().as_encoded_bytes()).unwrap();
+    let data = std::ffi::CString::new(opts).unwrap();
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            libc::MS_RDONLY,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount overlay: {}", io::Error::last_os_error());
+    let got = tree_of(merged.path());
+    // SAFETY: umount2 with a valid C string.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    assert_eq!(got, tree_of(&applied.root()));
+}
+
+fn xattr_of(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 64];
+    // SAFETY: lgetxattr into a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| {
+        buf.truncate(n as usize);
+        buf
+    })
+}
+
+#[test]
+fn diff_id_is_the_uncompressed_digest_and_implicit_dirs_are_listed() {
+    let tar = Layer::new()
+        .file("usr/bin/tool", b"x")
+        .dir("etc", 0o755)
+        .finish();
+    let env = Env::new();
+    let mut u = env.unpacker_with(UnpackOptions {
+        overlay_whiteouts: true,
+        ..UnpackOptions::default()
+    });
+    let stats = u
+        .apply_layer(DIGEST, Compression::Gzip, Cursor::new(gzip(&tar)))
+        .unwrap();
+    assert_eq!(stats.diff_id.as_deref(), Some(sha256_of(&tar).as_str()));
+    assert_ne!(stats.computed_digest, sha256_of(&tar));
+    let mut implicit = stats.implicit_dirs.clone();
+    implicit.sort();
+    assert_eq!(implicit, vec![b"usr".to_vec(), b"usr/bin".to_vec()]);
+}
