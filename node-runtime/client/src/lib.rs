@@ -21,6 +21,7 @@ use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, W
 pub mod buildinfo;
 pub mod cli;
 pub mod clidocs;
+pub mod config;
 pub mod tls;
 
 #[derive(Debug, thiserror::Error)]
