@@ -180,9 +180,20 @@ pub fn write_config(path: &Path, text: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` may be replaced without `--force`: it does not exist, or it is the
+/// package's file as shipped (no settings to lose: the first run needs no `--force`).
+fn replaceable(path: &Path) -> Result<bool> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text == DEFAULT_CONFIG),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 /// The whole of `init`: check, report, write. An error means nothing was written.
 pub fn run(opts: &InitOptions) -> Result<()> {
-    if !opts.force && opts.config.exists() {
+    let replace = opts.force || replaceable(&opts.config)?;
+    if !replace {
         bail!(
             "{} exists: pass --force to replace it",
             opts.config.display()
@@ -198,7 +209,9 @@ pub fn run(opts: &InitOptions) -> Result<()> {
         );
     }
     let text = render(opts, &checked.revision)?;
-    write_config(&opts.config, &text, opts.force)?;
+    // The shipped file is replaced, anything else only with --force (checked again by the
+    // write itself, which never replaces a file that appeared meanwhile).
+    write_config(&opts.config, &text, opts.force || opts.config.exists())?;
     println!(
         "wrote {}; start the operator with: systemctl enable --now hyperbox-operator",
         opts.config.display()
@@ -241,6 +254,17 @@ mod tests {
         );
         assert!(c.interval.is_none(), "defaults stay commented out");
         assert!(text.contains("# How often to poll the repository"));
+    }
+
+    #[test]
+    fn only_the_shipped_file_is_replaced_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("operator.toml");
+        assert!(replaceable(&p).unwrap(), "a missing file");
+        std::fs::write(&p, DEFAULT_CONFIG).unwrap();
+        assert!(replaceable(&p).unwrap(), "the package's file as shipped");
+        std::fs::write(&p, format!("{DEFAULT_CONFIG}repo = \"x\"\n")).unwrap();
+        assert!(!replaceable(&p).unwrap(), "an edited file");
     }
 
     #[test]

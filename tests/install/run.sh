@@ -257,12 +257,15 @@ git init -q -b main "$work/edge-repo"
 git -C "$work/edge-repo" -c user.name=t -c user.email=t@t commit -q --allow-empty -m "empty edge repo"
 head="$(git -C "$work/edge-repo" rev-parse HEAD)"
 op_state="$work/operator-state"
+# The README's first run: the shipped operator.toml holds no settings, so no --force.
+hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" >&2 ||
+  fail "hyperbox-operator init over the shipped operator.toml"
 set +e
 out="$(hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" 2>&1)"
 rc=$?
 set -e
 [[ $rc != 0 ]] && grep -q "/etc/hyperbox/operator.toml exists: pass --force" <<<"$out" ||
-  fail "init replaced the shipped operator.toml without --force: $out"
+  fail "init replaced a written operator.toml without --force: $out"
 hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" --force >&2 ||
   fail "hyperbox-operator init --force"
 [[ "$(stat -c '%a %U:%G' /etc/hyperbox/operator.toml)" == "644 root:root" ]] ||
