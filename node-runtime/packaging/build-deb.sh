@@ -59,7 +59,7 @@ install -m 0644 "$work"/man/*.1 "$root/usr/share/man/man1/"
 gzip -9n "$root"/usr/share/man/man1/*.1
 install -m 0644 "$here"/systemd/hyperbox-node.service "$here"/systemd/hyperbox-operator.service \
   "$root/lib/systemd/system/"
-install -m 0644 "$here/etc/node.env" "$here/etc/operator.env" "$root/etc/hyperbox/"
+install -m 0644 "$here/etc/node.toml" "$here/etc/operator.toml" "$root/etc/hyperbox/"
 install -m 0644 "$here/debian/copyright" "$root/usr/share/doc/hyperbox/copyright"
 install -D -m 0644 "$here/debian/lintian-overrides" "$root/usr/share/lintian/overrides/hyperbox"
 commit="$("$bin_dir/hyperbox-node" -V | sed -n 's/.*(commit \(.*\))$/\1/p')"
@@ -70,7 +70,7 @@ printf 'hyperbox (%s) unstable; urgency=medium\n\n  * Built from commit %s.\n\n 
   gzip -9n >"$root/usr/share/doc/hyperbox/changelog.Debian.gz"
 chmod 0644 "$root/usr/share/doc/hyperbox/changelog.Debian.gz"
 install -m 0755 "$here/debian/postinst" "$here/debian/prerm" "$here/debian/postrm" "$root/DEBIAN/"
-printf '%s\n' /etc/hyperbox/node.env /etc/hyperbox/operator.env >"$root/DEBIAN/conffiles"
+printf '%s\n' /etc/hyperbox/node.toml /etc/hyperbox/operator.toml >"$root/DEBIAN/conffiles"
 chmod 0644 "$root/DEBIAN/conffiles" "$root"/usr/share/bash-completion/completions/* \
   "$root"/usr/share/zsh/vendor-completions/* "$root"/usr/share/fish/vendor_completions.d/*
 

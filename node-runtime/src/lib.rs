@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod cli;
+pub mod config;
 pub mod container;
 pub mod daemon;
 pub mod erofs;

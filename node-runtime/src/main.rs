@@ -6,9 +6,10 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use hyperbox_api::util::{parse_duration, read_secret_file};
 use hyperbox_client::buildinfo::{long_version, Feature};
-use hyperbox_client::cli::{init_tracing, parse_with_version, run_main};
+use hyperbox_client::cli::{init_tracing, parse_with_config, run_main};
 use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
+use hyperbox_node::config::NodeConfig;
 use hyperbox_node::daemon::{serve, ServeOptions};
 use hyperbox_node::supervisor::SupervisorConfig;
 
@@ -58,6 +59,13 @@ struct Cli {
 enum Command {
     /// Run the node daemon.
     Serve {
+        /// Read settings from this TOML file (the package's: /etc/hyperbox/node.toml). Each key
+        /// is a flag's long name; a flag given on the command line wins over the file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the effective settings (flags, --config file, defaults) as TOML and exit.
+        #[arg(long)]
+        check_config: bool,
         #[arg(long, default_value = "/var/lib/hyperbox")]
         state_dir: PathBuf,
         /// Per-boot runtime state; must not survive a reboot (tmpfs, like runc's /run/runc).
@@ -224,7 +232,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(hyperbox_node::container::spawner::SPAWNER_ARG) {
         hyperbox_node::container::spawner::serve();
     }
-    run_main(run(parse_with_version(features)))
+    run_main(run(parse_with_config::<Cli, NodeConfig>(features)))
 }
 
 async fn run(cli: Cli) -> Result<bool> {
@@ -252,6 +260,8 @@ async fn run(cli: Cli) -> Result<bool> {
     };
     match &cli.command {
         Command::Serve {
+            config: _,
+            check_config: _,
             state_dir,
             run_dir,
             listen,
@@ -382,5 +392,22 @@ async fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperbox_client::config::{check_one_to_one, check_template};
+
+    #[test]
+    fn config_keys_are_the_flags_of_serve() {
+        check_one_to_one::<NodeConfig>(&Cli::command()).unwrap();
+    }
+
+    #[test]
+    fn the_packaged_config_documents_every_key_with_its_default() {
+        check_template::<NodeConfig>(&Cli::command(), hyperbox_node::config::DEFAULT_CONFIG)
+            .unwrap();
     }
 }

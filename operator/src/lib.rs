@@ -2,8 +2,10 @@
 //! reconcile planning and status.
 
 pub mod apply;
+pub mod config;
 pub mod fleet;
 pub mod gitsource;
+pub mod init;
 pub mod manifests;
 pub mod nodewatch;
 pub mod placement;

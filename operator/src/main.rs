@@ -7,10 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use hyperbox_api::util::{parse_duration, read_secret_file};
 use hyperbox_client::buildinfo::{long_version, Feature};
-use hyperbox_client::cli::{init_tracing, parse_with_version};
+use hyperbox_client::cli::{init_tracing, parse_with_config};
 use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_operator::apply::Limits;
+use hyperbox_operator::config::OperatorConfig;
 use hyperbox_operator::gitsource::{set_network_timeouts, GitAuth, GitConfig, GitRef, GitSource};
 use hyperbox_operator::sync::{status_path, SourceStatus, SyncOptions, Syncer};
 
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Reconcile a Git repository of Workload manifests onto a node (edge mode).
     Git(Box<GitArgs>),
+    /// Check a Git repository (reachable, every manifest valid) and write the config file of
+    /// `git` for it. Writes nothing when the check fails.
+    Init(InitArgs),
     /// Show the Git source's state: revisions, per-file and per-workload results.
     Status {
         #[arg(long, default_value = "/var/lib/hyperbox-operator")]
@@ -70,7 +74,50 @@ fn features() -> Vec<Feature> {
 }
 
 #[derive(clap::Args)]
+struct InitArgs {
+    /// The Git repository of Workload manifests (https://, ssh://, git://, file:// or a path).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    repo: String,
+    /// Follow this branch (the remote's HEAD without it).
+    #[arg(long)]
+    branch: Option<String>,
+    /// Directory of the repository holding the manifests.
+    #[arg(long, default_value = "")]
+    path: String,
+    /// Node API the operator will use (repeatable); the local node's socket by default.
+    #[arg(long, default_value = "unix:///run/hyperbox/node.sock")]
+    node: Vec<String>,
+    /// HTTPS token or password file (written to the config by path).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long)]
+    username: Option<String>,
+    /// SSH private key file (written to the config by path).
+    #[arg(long)]
+    ssh_key: Option<PathBuf>,
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// The config file to write.
+    #[arg(
+        long,
+        default_value = "/etc/hyperbox/operator.toml",
+        value_name = "FILE"
+    )]
+    config: PathBuf,
+    /// Replace the config file if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
 struct GitArgs {
+    /// Read settings from this TOML file (the package's: /etc/hyperbox/operator.toml). Each
+    /// key is a flag's long name; a flag given on the command line wins over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective settings (flags, --config file, defaults) as TOML and exit.
+    #[arg(long)]
+    check_config: bool,
     /// The Git repository of Workload manifests (https://, ssh:// or a local path).
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     repo: String,
@@ -164,7 +211,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let cli: Cli = parse_with_version(features);
+    let cli: Cli = parse_with_config::<Cli, OperatorConfig>(features);
+    if let Command::Init(args) = &cli.command {
+        return init(args);
+    }
     if let Command::Git(args) = &cli.command {
         // SAFETY: no other thread exists yet (the runtime starts below) and nothing fetches.
         if let Err(e) = unsafe { set_network_timeouts(args.git_connect_timeout, args.git_timeout) }
@@ -190,8 +240,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// `init` runs before any async runtime: it only fetches and validates.
+fn init(args: &InitArgs) -> ExitCode {
+    use hyperbox_operator::gitsource::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT};
+    // SAFETY: no other thread exists yet and nothing fetches.
+    if let Err(e) = unsafe { set_network_timeouts(DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT) } {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let opts = hyperbox_operator::init::InitOptions {
+        repo: args.repo.clone(),
+        branch: args.branch.clone(),
+        path: args.path.clone(),
+        node: args.node.clone(),
+        auth: GitAuth {
+            token_file: args.token_file.clone(),
+            username: args.username.clone(),
+            ssh_key: args.ssh_key.clone(),
+            known_hosts: args.known_hosts.clone(),
+        },
+        config: args.config.clone(),
+        force: args.force,
+    };
+    match hyperbox_operator::init::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
+        Command::Init(_) => unreachable!("init runs before the runtime"),
         Command::Validate { paths } => Ok(hyperbox_operator::validate::run(&paths)? == 0),
         Command::Version => {
             println!("hyperbox-operator {}", long_version(&features()));
@@ -225,6 +307,8 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         Command::Git(args) => {
             let GitArgs {
+                config: _,
+                check_config: _,
                 repo,
                 branch,
                 tag,
@@ -403,5 +487,25 @@ fn print_status(s: &SourceStatus) {
         for e in errors {
             println!("  {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperbox_client::config::{check_one_to_one, check_template};
+
+    #[test]
+    fn config_keys_are_the_flags_of_git() {
+        check_one_to_one::<OperatorConfig>(&Cli::command()).unwrap();
+    }
+
+    #[test]
+    fn the_packaged_config_documents_every_key_with_its_default() {
+        check_template::<OperatorConfig>(
+            &Cli::command(),
+            hyperbox_operator::config::DEFAULT_CONFIG,
+        )
+        .unwrap();
     }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Edge install test (issue 11): the version and build info of both binaries, the commit
 # fallback of build.rs, the Debian package (files and modes, completions, man pages), the
-# systemd units (systemd-analyze verify, and their ExecStart lines run as written with their
-# EnvironmentFile, since systemd is not PID 1 here), and dpkg -r / -P.
+# config files (mode, parsed by the installed binaries), the systemd units (systemd-analyze
+# verify, and their ExecStart lines run as written, since systemd is not PID 1 here),
+# `hyperbox-operator init`, dpkg -r / -P, and the conversion of an older package's .env files.
 #
 #   tests/install/run.sh          (as root; HYPERBOX_BIN_DIR=DIR to test prebuilt binaries)
 #
@@ -132,8 +133,8 @@ expected="$work/expected"
   echo "/lib/systemd/system/hyperbox-node.service 644 root:root"
   echo "/lib/systemd/system/hyperbox-operator.service 644 root:root"
   echo "/etc/hyperbox 755 root:root"
-  echo "/etc/hyperbox/node.env 644 root:root"
-  echo "/etc/hyperbox/operator.env 644 root:root"
+  echo "/etc/hyperbox/node.toml 644 root:root"
+  echo "/etc/hyperbox/operator.toml 644 root:root"
   echo "/usr/share/doc/hyperbox/copyright 644 root:root"
   echo "/usr/share/doc/hyperbox/changelog.Debian.gz 644 root:root"
   echo "/usr/share/lintian/overrides/hyperbox 644 root:root"
@@ -157,7 +158,7 @@ while read -r path mode owner; do
 done <"$expected"
 echo "ok: $(wc -l <"$expected") paths in place with the right modes" >&2
 conffiles="$(dpkg-query -W -f='${Conffiles}\n' hyperbox | awk 'NF {print $1}' | sort | tr '\n' ' ')"
-[[ "$conffiles" == "/etc/hyperbox/node.env /etc/hyperbox/operator.env " ]] || fail "conffiles: $conffiles"
+[[ "$conffiles" == "/etc/hyperbox/node.toml /etc/hyperbox/operator.toml " ]] || fail "conffiles: $conffiles"
 # Nothing outside these places.
 unexpected="$(dpkg -L hyperbox | grep -Ev '^/(\.|etc|etc/hyperbox(/.*)?|lib|lib/systemd(/system(/hyperbox-(node|operator)\.service)?)?|usr|usr/bin(/hyperbox-(node|operator))?|usr/share|usr/share/(doc|man|man/man1|bash-completion|bash-completion/completions|zsh|zsh/vendor-completions|fish|fish/vendor_completions\.d)|usr/share/doc/hyperbox(/copyright|/changelog\.Debian\.gz)?|usr/share/lintian(/overrides(/hyperbox)?)?|usr/share/man/man1/hyperbox-[a-z-]+\.1\.gz|usr/share/bash-completion/completions/hyperbox-(node|operator)|usr/share/zsh/vendor-completions/_hyperbox-(node|operator)|usr/share/fish/vendor_completions\.d/hyperbox-(node|operator)\.fish)$' || true)"
 [[ -z "$unexpected" ]] || fail "unexpected files in the package: $unexpected"
@@ -193,14 +194,43 @@ out="$(systemd-analyze verify /lib/systemd/system/hyperbox-node.service \
 [[ -z "$out" ]] || fail "systemd-analyze verify warns: $out"
 echo "ok: both units verify without a warning" >&2
 
-step "the node unit's ExecStart, as written, with node.env (temp state and run dirs)"
+step "the config files as installed: parsed by the binaries, secrets only by path"
+out="$(hyperbox-node serve --config /etc/hyperbox/node.toml --check-config)" ||
+  fail "hyperbox-node --check-config of the shipped node.toml"
+grep -qx '# state-dir = "/var/lib/hyperbox"  # default' <<<"$out" || fail "node.toml check: $out"
+set +e
+out="$(hyperbox-operator git --config /etc/hyperbox/operator.toml --check-config 2>&1)"
+rc=$?
+set -e
+[[ $rc == 2 ]] || fail "the shipped operator.toml (no repo) passed --check-config or failed with $rc: $out"
+grep -q -- "--repo" <<<"$out" && grep -q "or set \`repo\` in /etc/hyperbox/operator.toml" <<<"$out" ||
+  fail "the operator's error does not point at repo in operator.toml: $out"
+# An inline secret is refused with the line; the file is put back as shipped.
+cp /etc/hyperbox/node.toml "$work/node.toml.orig"
+printf 'token = "s3cret"\n' >>/etc/hyperbox/node.toml
+set +e
+out="$(hyperbox-node serve --config /etc/hyperbox/node.toml --check-config 2>&1)"
+rc=$?
+set -e
+line="$(wc -l </etc/hyperbox/node.toml)"
+[[ $rc == 2 ]] && grep -q "node.toml:$line: token: secrets are not accepted inline" <<<"$out" ||
+  fail "an inline token in node.toml: exit $rc: $out"
+cp "$work/node.toml.orig" /etc/hyperbox/node.toml
+echo "ok: node.toml checks; operator.toml asks for repo; an inline secret is refused at line $line" >&2
+
+step "the node unit's ExecStart, as written, with node.toml edited (temp state and run dirs)"
 node_unit=/lib/systemd/system/hyperbox-node.service
 op_unit=/lib/systemd/system/hyperbox-operator.service
 sock="$work/run/node.sock"
-node_env=(--set "HYPERBOX_STATE_DIR=$work/state" --set "HYPERBOX_RUN_DIR=$work/run"
-  --set "HYPERBOX_SOCKET=$sock" --set "HYPERBOX_CGROUP_PARENT=$cgroup_parent")
-tests/install/execstart.py "$node_unit" "${node_env[@]}" --print >&2
-tests/install/execstart.py "$node_unit" "${node_env[@]}" 2>"$work/node.log" &
+# The admin's way: set keys in the config file.
+cat >>/etc/hyperbox/node.toml <<TOML
+socket = "$sock"
+state-dir = "$work/state"
+run-dir = "$work/run"
+cgroup-parent = "$cgroup_parent"
+TOML
+tests/install/execstart.py "$node_unit" --print >&2
+tests/install/execstart.py "$node_unit" 2>"$work/node.log" &
 node_pid=$!
 pids+=("$node_pid")
 wait_for 30 hyperbox-node --socket "$sock" node -o json || {
@@ -212,24 +242,36 @@ hyperbox-node --socket "$sock" get -o json | python3 -c 'import json,sys; json.l
 [[ "$(stat -c %a "$sock")" == 600 ]] || fail "$sock is not 0600"
 echo "ok: the node serves $sock" >&2
 
-step "the operator unit's ExecStart with the default operator.env: refused, exit 2, no restart"
+step "the operator unit's ExecStart with the shipped operator.toml: refused, exit 2, no restart"
 set +e
 tests/install/execstart.py "$op_unit" >/dev/null 2>"$work/op-default.log"
 rc=$?
 set -e
-[[ $rc == 2 ]] || fail "operator with an empty HYPERBOX_REPO exited $rc, want 2: $(cat "$work/op-default.log")"
+[[ $rc == 2 ]] || fail "operator without a repo exited $rc, want 2: $(cat "$work/op-default.log")"
 grep -q -- "--repo" "$work/op-default.log" || fail "the error does not name --repo: $(cat "$work/op-default.log")"
 grep -q "RestartPreventExitStatus=2" "$op_unit" || fail "$op_unit restarts on exit 2"
 echo "ok: $(head -1 "$work/op-default.log")" >&2
 
-step "the operator unit's ExecStart with a repository: syncs onto the node"
+step "hyperbox-operator init writes operator.toml; the operator unit's ExecStart syncs onto the node"
 git init -q -b main "$work/edge-repo"
 git -C "$work/edge-repo" -c user.name=t -c user.email=t@t commit -q --allow-empty -m "empty edge repo"
 head="$(git -C "$work/edge-repo" rev-parse HEAD)"
 op_state="$work/operator-state"
-tests/install/execstart.py "$op_unit" --set "HYPERBOX_REPO=file://$work/edge-repo" \
-  --set "HYPERBOX_NODE=unix://$sock" --set "HYPERBOX_OPERATOR_STATE_DIR=$op_state" \
-  --set "HYPERBOX_INTERVAL=1s" 2>"$work/operator.log" &
+# The README's first run: the shipped operator.toml holds no settings, so no --force.
+hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" >&2 ||
+  fail "hyperbox-operator init over the shipped operator.toml"
+set +e
+out="$(hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" 2>&1)"
+rc=$?
+set -e
+[[ $rc != 0 ]] && grep -q "/etc/hyperbox/operator.toml exists: pass --force" <<<"$out" ||
+  fail "init replaced a written operator.toml without --force: $out"
+hyperbox-operator init --repo "file://$work/edge-repo" --node "unix://$sock" --force >&2 ||
+  fail "hyperbox-operator init --force"
+[[ "$(stat -c '%a %U:%G' /etc/hyperbox/operator.toml)" == "644 root:root" ]] ||
+  fail "operator.toml written by init: $(stat -c '%a %U:%G' /etc/hyperbox/operator.toml)"
+printf 'state-dir = "%s"\ninterval = "1s"\n' "$op_state" >>/etc/hyperbox/operator.toml
+tests/install/execstart.py "$op_unit" 2>"$work/operator.log" &
 op_pid=$!
 pids+=("$op_pid")
 applied() {
@@ -253,21 +295,21 @@ grep -q "containers left running for re-adoption" "$work/node.log" || fail "the 
 echo "ok: both stopped" >&2
 
 step "dpkg -r: program files go, config and state stay"
-echo "HYPERBOX_NODE_ARGS=--label site=test" >>/etc/hyperbox/node.env
+echo 'label = ["site=test"]' >>/etc/hyperbox/node.toml
 dpkg -r hyperbox >/dev/null
 for f in /usr/bin/hyperbox-node /usr/bin/hyperbox-operator /lib/systemd/system/hyperbox-node.service \
   /lib/systemd/system/hyperbox-operator.service /usr/share/bash-completion/completions/hyperbox-node \
   /usr/share/man/man1/hyperbox-node.1.gz; do
   [[ ! -e "$f" ]] || fail "$f is left after dpkg -r"
 done
-grep -qx "HYPERBOX_NODE_ARGS=--label site=test" /etc/hyperbox/node.env || fail "node.env edit lost by dpkg -r"
-[[ -f /etc/hyperbox/operator.env ]] || fail "operator.env removed by dpkg -r"
+grep -qx 'label = \["site=test"\]' /etc/hyperbox/node.toml || fail "node.toml edit lost by dpkg -r"
+[[ -f /etc/hyperbox/operator.toml ]] || fail "operator.toml removed by dpkg -r"
 [[ -d /var/lib/hyperbox && -d /var/lib/hyperbox-operator ]] || fail "state removed by dpkg -r"
 dpkg-query -W -f='${Status}' hyperbox | grep -qx "deinstall ok config-files" || fail "status after -r"
 # The README's way in: apt with a path (no downloads: every dependency is installed).
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
-grep -qx "HYPERBOX_NODE_ARGS=--label site=test" /etc/hyperbox/node.env || fail "node.env edit lost by reinstall"
-echo "ok: removed; the edited node.env survives removal and a reinstall with apt-get" >&2
+grep -qx 'label = \["site=test"\]' /etc/hyperbox/node.toml || fail "node.toml edit lost by reinstall"
+echo "ok: removed; the edited node.toml survives removal and a reinstall with apt-get" >&2
 
 step "dpkg -P: config goes, state stays unless asked"
 enabled=0
@@ -296,5 +338,43 @@ if ((${#preexisting_state[@]} == 0)); then
 else
   echo "skipped: purging state (state dirs existed before this test: ${preexisting_state[*]})" >&2
 fi
+
+step "upgrade from a package with .env settings: carried into the TOML files"
+# The package before the TOML files shipped /etc/hyperbox/{node,operator}.env (conffiles, kept
+# in tests/install/fixtures as they were). An old package made of just those is enough to
+# give dpkg and the new postinst what they meet on such a box.
+old="$work/old-root"
+install -d "$old/DEBIAN" "$old/etc/hyperbox"
+install -m 0644 tests/install/fixtures/node.env tests/install/fixtures/operator.env "$old/etc/hyperbox/"
+printf '%s\n' /etc/hyperbox/node.env /etc/hyperbox/operator.env >"$old/DEBIAN/conffiles"
+printf 'Package: hyperbox\nVersion: 0.0.9-1\nArchitecture: %s\nMaintainer: test <test@hyperbox.invalid>\nDescription: old settings only\n' \
+  "$(dpkg --print-architecture)" >"$old/DEBIAN/control"
+dpkg-deb --root-owner-group --build "$old" "$work/old.deb" >/dev/null
+installed=1
+dpkg -i "$work/old.deb" >/dev/null
+# The admin had edited node.env; operator.env is as shipped.
+sed -i -e 's|^HYPERBOX_STATE_DIR=.*|HYPERBOX_STATE_DIR=/srv/hyperbox state|' \
+  -e 's|^HYPERBOX_NODE_ARGS=.*|HYPERBOX_NODE_ARGS=--label site=north --insecure-registry 10.0.0.5:5000|' \
+  /etc/hyperbox/node.env
+dpkg -i "$deb" >/dev/null 2>"$work/convert.log"
+cat "$work/convert.log" >&2
+[[ ! -e /etc/hyperbox/node.env && -f /etc/hyperbox/node.env.converted ]] ||
+  fail "node.env was not converted: $(ls /etc/hyperbox)"
+[[ ! -e /etc/hyperbox/operator.env && ! -e /etc/hyperbox/operator.env.converted ]] ||
+  fail "the unedited operator.env was not removed: $(ls /etc/hyperbox)"
+out="$(hyperbox-node serve --config /etc/hyperbox/node.toml --check-config)" ||
+  fail "the converted node.toml does not parse"
+for want in 'state-dir = "/srv/hyperbox state"  # /etc/hyperbox/node.toml' \
+  'label = ["site=north"]  # /etc/hyperbox/node.toml' \
+  'insecure-registry = ["10.0.0.5:5000"]  # /etc/hyperbox/node.toml'; do
+  grep -qxF "$want" <<<"$out" || fail "converted node.toml: no '$want' in: $out"
+done
+grep -q "^# Converted from /etc/hyperbox/node.env" /etc/hyperbox/node.toml || fail "no conversion note"
+cmp -s /etc/hyperbox/operator.toml node-runtime/packaging/etc/operator.toml || fail "operator.toml changed"
+purge_env=()
+((${#preexisting_state[@]})) || purge_env=(HYPERBOX_PURGE_STATE=yes)
+env "${purge_env[@]}" dpkg -P hyperbox >/dev/null 2>&1
+[[ ! -e /etc/hyperbox ]] || fail "/etc/hyperbox is left after purging a converted install: $(ls -A /etc/hyperbox)"
+echo "ok: the edited node.env is in node.toml (and kept as node.env.converted); the unedited operator.env is gone; purge removes both" >&2
 installed=0
 echo "PASS: edge install" >&2

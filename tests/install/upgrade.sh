@@ -2,7 +2,7 @@
 # In-place upgrade test (issue 11): the old package's node daemon runs two workloads, the new
 # package is installed over it, the daemon is restarted as systemd's try-restart does under
 # KillMode=process (SIGTERM to the main process only), and the new daemon, started from the
-# new package's unit ExecStart with its EnvironmentFile, re-adopts both containers: same
+# new package's unit ExecStart with its config file, re-adopts both containers: same
 # container ids, same pids, no restart.
 #
 #   tests/install/upgrade.sh      (as root; HYPERBOX_BIN_DIR=DIR to test prebuilt binaries)
@@ -92,12 +92,16 @@ step "the old package's node runs two workloads"
 installed=1
 dpkg -i "$old_deb" >/dev/null
 old_version="$(dpkg-query -W -f='${Version}' hyperbox)"
-node_env=(--set "HYPERBOX_STATE_DIR=$work/state" --set "HYPERBOX_RUN_DIR=$work/run"
-  --set "HYPERBOX_SOCKET=$sock" --set "HYPERBOX_CGROUP_PARENT=/$cg"
-  --set "HYPERBOX_NODE_ARGS=--insecure-registry $reg")
+# The admin's settings, in the config file (a modified conffile: the upgrade keeps it).
+cat >>/etc/hyperbox/node.toml <<TOML
+socket = "$sock"
+state-dir = "$work/state"
+run-dir = "$work/run"
+cgroup-parent = "/$cg"
+insecure-registry = ["$reg"]
+TOML
 start_node() {
-  tests/install/execstart.py /lib/systemd/system/hyperbox-node.service "${node_env[@]}" \
-    2>>"$work/node.log" &
+  tests/install/execstart.py /lib/systemd/system/hyperbox-node.service 2>>"$work/node.log" &
   node_pid=$!
   wait_for 30 /usr/bin/hyperbox-node --socket "$sock" node || {
     cat "$work/node.log" >&2
@@ -147,7 +151,7 @@ step "install the new package over the old one"
 dpkg -i "$new_deb" >/dev/null
 new_version="$(dpkg-query -W -f='${Version}' hyperbox)"
 [[ "$old_version" != "$new_version" ]] || fail "not an upgrade: $old_version -> $new_version"
-grep -qx "HYPERBOX_CGROUP_PARENT=/hyperbox" /etc/hyperbox/node.env || fail "node.env after the upgrade"
+grep -qx "cgroup-parent = \"/$cg\"" /etc/hyperbox/node.toml || fail "node.toml edits lost by the upgrade"
 kill -0 "$node_pid" || fail "the upgrade stopped the old daemon (only a restart may)"
 echo "ok: $old_version -> $new_version; the old daemon still runs" >&2
 

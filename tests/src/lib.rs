@@ -1057,6 +1057,20 @@ impl Operator {
         Ok(op)
     }
 
+    /// `hyperbox-operator` with exactly `args` (for example `git --config FILE --state-dir
+    /// DIR`), logging to `state/operator.log`; `state` must be the state dir the args name.
+    pub fn start_with_args(state: PathBuf, args: &[&str]) -> Result<Operator> {
+        fs::create_dir_all(&state)?;
+        let mut op = Operator {
+            child: None,
+            log: state.join("operator.log"),
+            state,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
     pub fn spawn(&mut self) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)

@@ -22,6 +22,7 @@ use hyperbox_api::{ApiError, ApplyResult, NodeSummary, Workload, WorkloadList, W
 pub mod buildinfo;
 pub mod cli;
 pub mod clidocs;
+pub mod config;
 pub mod counting;
 pub mod tls;
 
