@@ -22,6 +22,7 @@ hyperbox_client::config_file! {
         registry_ca: Vec<PathBuf>,
         max_image_bytes: u64,
         allow_image_devices: bool,
+        image_store: String,
         image_keep_for: String,
         backoff_base: String,
         backoff_max: String,

@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub supervisor: SupervisorConfig,
     pub max_unpacked_bytes: u64,
     pub allow_devices: bool,
+    /// Images as stacks of shared layers (`--image-store layers`).
+    pub layered: bool,
     pub cgroup_parent: String,
     /// Directories hostPath volumes may use, besides HyperBox's own volumes dir.
     pub allow_host_paths: Vec<PathBuf>,
@@ -108,6 +110,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
             },
             max_concurrent_downloads: 3,
             registry_ca: opts.registry_ca.clone(),
+            layered: opts.layered,
         },
         erofs,
     )?);

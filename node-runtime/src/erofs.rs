@@ -188,23 +188,148 @@ fn attach_loop(image: &Path) -> Result<PathBuf> {
     bail!("no free loop device for {}", image.display())
 }
 
-/// Overlay rootfs: the image (read-only) below, a per-container writable upper.
-pub fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<()> {
+/// Overlay rootfs: the image's read-only lowers (top first), a per-container writable upper.
+///
+/// With one lower, or when the option string fits, a classic mount(2). Many layers do not fit
+/// the one page mount(2) takes for options (120 layers of 100-byte paths): those go through
+/// the new mount API, one `lowerdir+` per layer (Linux 6.8+). `HYPERBOX_LEGACY_OVERLAY_MOUNT=1`
+/// forces the classic mount (to test the path older kernels take).
+pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
     for d in [upper, work, target] {
         fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
+    if lowers.is_empty() {
+        bail!("mount overlay on {}: no lower layer", target.display());
+    }
+    let lowerdir = lowers
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
+        "lowerdir={lowerdir},upperdir={},workdir={}",
         upper.display(),
         work.display()
     );
-    mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .with_context(|| format!("mount overlay on {} ({opts})", target.display()))
+    let legacy = std::env::var_os("HYPERBOX_LEGACY_OVERLAY_MOUNT").is_some();
+    // mount(2) copies at most one page of options.
+    if legacy || opts.len() < 4000 {
+        if opts.len() >= 4096 {
+            bail!(
+                "mount overlay on {}: {} layers need {} bytes of mount options, more than the page mount(2) takes; this kernel needs the new mount API (lowerdir+, Linux 6.8+)",
+                target.display(),
+                lowers.len(),
+                opts.len()
+            );
+        }
+        return mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .with_context(|| format!("mount overlay on {} ({opts})", target.display()));
+    }
+    mount_overlay_fsconfig(lowers, upper, work, target).with_context(|| {
+        format!(
+            "mount overlay of {} layers on {} (new mount API)",
+            lowers.len(),
+            target.display()
+        )
+    })
+}
+
+/// `fsopen("overlay")`, one `lowerdir+` per layer, then `fsmount` and `move_mount`.
+fn mount_overlay_fsconfig(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    let cstr = |s: &str| CString::new(s).context("nul in a mount option");
+    let path_cstr =
+        |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("nul in a path");
+    let fstype = cstr("overlay")?;
+    // SAFETY: fsopen with a valid C string; the result is checked.
+    let fs_fd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    if fs_fd < 0 {
+        bail!("fsopen overlay: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor fsopen just returned, owned from here on.
+    let fs_fd = unsafe { OwnedFd::from_raw_fd(fs_fd as i32) };
+    let set = |key: &str, value: &CString| -> Result<()> {
+        let k = cstr(key)?;
+        // SAFETY: fsconfig on a valid fs context with valid C strings.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs_fd.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                k.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        if rc < 0 {
+            bail!(
+                "fsconfig {key}={value:?}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    };
+    for l in lowers {
+        set("lowerdir+", &path_cstr(l)?)?;
+    }
+    set("upperdir", &path_cstr(upper)?)?;
+    set("workdir", &path_cstr(work)?)?;
+    // SAFETY: fsconfig command on a valid fs context.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs_fd.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        bail!("create the overlay: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fsmount on a created fs context.
+    let mnt = unsafe { libc::syscall(libc::SYS_fsmount, fs_fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
+    if mnt < 0 {
+        bail!("fsmount: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor fsmount just returned.
+    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    let empty = cstr("")?;
+    let to = path_cstr(target)?;
+    // SAFETY: move_mount of a detached mount onto a path, valid C strings.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        bail!(
+            "move_mount to {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }

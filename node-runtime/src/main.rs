@@ -111,6 +111,10 @@ enum Command {
         /// Allow device nodes in image layers.
         #[arg(long)]
         allow_image_devices: bool,
+        /// How images are prepared: `layers` (one EROFS per layer, shared between images,
+        /// stacked by overlayfs) or `flattened` (one EROFS per image).
+        #[arg(long, default_value = "layers", value_parser = ["layers", "flattened"])]
+        image_store: String,
         #[arg(long, default_value = "/hyperbox")]
         cgroup_parent: String,
         /// Let hostPath volumes use this directory (repeatable). Without it, only HyperBox's
@@ -278,6 +282,7 @@ async fn run(cli: Cli) -> Result<bool> {
             log_max_bytes,
             max_image_bytes,
             allow_image_devices,
+            image_store,
             cgroup_parent,
             allow_host_paths,
             allow_net_raw,
@@ -312,6 +317,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 },
                 max_unpacked_bytes: *max_image_bytes,
                 allow_devices: *allow_image_devices,
+                layered: image_store == "layers",
                 cgroup_parent: cgroup_parent.clone(),
                 allow_host_paths: allow_host_paths.clone(),
                 allow_net_raw: *allow_net_raw,

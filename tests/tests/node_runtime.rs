@@ -797,7 +797,8 @@ fn erofs_fallback_and_image_gc() {
     assert!(node.daemon_log().contains("erofs unavailable"));
     drop(node);
 
-    // With EROFS: the image is mounted once, and collected (unmounted, removed) when unused.
+    // With EROFS: the image (its one layer, in the layer store) is mounted once, and
+    // collected (unmounted, removed) when unused.
     let node = Node::start(&refs).unwrap();
     node.apply(&workload("e1", &image, "  command: [sleep, '1000']\n"));
     node.apply(&workload("e2", &image, "  command: [sleep, '1000']\n"));
@@ -810,7 +811,7 @@ fn erofs_fallback_and_image_gc() {
     let erofs_mounts = |node: &Node| {
         node.mounts()
             .into_iter()
-            .filter(|m| m.contains("/images/mnt/"))
+            .filter(|m| m.contains("/images/mnt/") || m.contains("/images/lmnt/"))
             .count()
     };
     assert_eq!(erofs_mounts(&node), 1);
@@ -840,8 +841,17 @@ fn erofs_fallback_and_image_gc() {
             .unwrap()
             .count()
     };
-    wait_until(T, "image and its blobs collected", || {
-        (erofs_mounts(&node) == 0 && prepared(&node) == 0 && blobs(&node) == 0).then_some(())
+    let layers = |node: &Node| {
+        fs::read_dir(node.state.join("images/layers"))
+            .unwrap()
+            .count()
+    };
+    wait_until(T, "image, its layers and blobs collected", || {
+        (erofs_mounts(&node) == 0
+            && prepared(&node) == 0
+            && blobs(&node) == 0
+            && layers(&node) == 0)
+            .then_some(())
     })
     .unwrap();
 }

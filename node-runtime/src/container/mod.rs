@@ -59,7 +59,7 @@ pub fn create_and_start(
     let bundle = dirs.bundle(req.id);
     let rootfs = bundle.join("rootfs");
     mount_overlay(
-        &req.image.lower,
+        &req.image.lowers,
         &bundle.join("upper"),
         &bundle.join("work"),
         &rootfs,

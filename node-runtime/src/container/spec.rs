@@ -455,7 +455,7 @@ mod tests {
     fn image(entrypoint: &[&str], cmd: &[&str]) -> PreparedImage {
         PreparedImage {
             digest: "sha256:x".into(),
-            lower: PathBuf::from("/nonexistent"),
+            lowers: vec![PathBuf::from("/nonexistent")],
             config: ImageConfig {
                 entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),

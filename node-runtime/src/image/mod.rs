@@ -35,6 +35,7 @@ use tokio::sync::Semaphore;
 use crate::erofs::{self, ErofsSupport};
 
 mod auth;
+mod layers;
 mod pull;
 
 use crate::fsutil::{now_unix, remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
@@ -72,6 +73,9 @@ pub struct StoreConfig {
     pub max_concurrent_downloads: usize,
     /// Extra CA certificates (PEM) trusted for registries, besides the system roots.
     pub registry_ca: Vec<PathBuf>,
+    /// Prepare images as stacks of shared layers (see [`layers`]); false flattens each
+    /// image into one EROFS, as before the layer store.
+    pub layered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,13 +111,20 @@ struct ImageMeta {
     rootfs: String,
     unpacked_bytes: u64,
     prepared_unix: u64,
+    /// `layers` for an image made of shared layers; empty for a flattened one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    store: String,
+    /// Its layers' uncompressed digests, bottom first (layered images).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    diff_ids: Vec<String>,
 }
 
 /// An image ready to be used as a container's lower layer.
 #[derive(Debug, Clone)]
 pub struct PreparedImage {
     pub digest: String,
-    pub lower: PathBuf,
+    /// The overlay lower directories, top first.
+    pub lowers: Vec<PathBuf>,
     pub config: ImageConfig,
     pub rootfs_kind: String,
 }
@@ -184,6 +195,10 @@ pub struct ImageStore {
     opened: Instant,
     /// Images that did not fit a tmpfs staging area: unpacked on disk from then on.
     disk_staging: StdMutex<HashSet<String>>,
+    /// One conversion per layer (diff_id) at a time.
+    layer_locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Layers that preparations in flight use (GC keeps them), with a count.
+    pinned_layers: StdMutex<HashMap<String, usize>>,
 }
 
 fn hex_of(digest: &str) -> Result<&str, ImageError> {
@@ -195,7 +210,7 @@ fn hex_of(digest: &str) -> Result<&str, ImageError> {
 
 impl ImageStore {
     pub fn open(cfg: StoreConfig, erofs: ErofsSupport) -> Result<ImageStore> {
-        for d in ["blobs/sha256", "mnt", "tmp"] {
+        for d in ["blobs/sha256", "mnt", "tmp", "layers", "lmnt"] {
             fs::create_dir_all(cfg.root.join(d))
                 .with_context(|| format!("create {}", cfg.root.join(d).display()))?;
         }
@@ -214,6 +229,12 @@ impl ImageStore {
             let name = e.file_name().to_string_lossy().to_string();
             if name.len() == 64 && e.path().is_dir() && !e.path().join("meta.json").exists() {
                 tracing::warn!(dir = %e.path().display(), "removing an incomplete image");
+                remove_dir_all_if_exists(&e.path())?;
+            }
+        }
+        for e in fs::read_dir(cfg.root.join("layers"))?.flatten() {
+            if !e.path().join("meta.json").exists() {
+                tracing::warn!(dir = %e.path().display(), "removing an incomplete layer");
                 remove_dir_all_if_exists(&e.path())?;
             }
         }
@@ -255,6 +276,8 @@ impl ImageStore {
             last_used: StdMutex::new(HashMap::new()),
             opened: Instant::now(),
             disk_staging: StdMutex::new(HashSet::new()),
+            layer_locks: StdMutex::new(HashMap::new()),
+            pinned_layers: StdMutex::new(HashMap::new()),
         })
     }
 
@@ -321,6 +344,27 @@ impl ImageStore {
         let meta: ImageMeta = serde_json::from_slice(&bytes)
             .map_err(|e| ImageError::Prepare(format!("parse {}: {e}", meta_path.display())))?;
         let _m = self.mount_lock.lock().await;
+        if meta.store == layers::STORE_LAYERS {
+            let mut lowers = Vec::with_capacity(meta.diff_ids.len());
+            for d in meta.diff_ids.iter().rev() {
+                let Some(lm) = self.layer_meta(d)? else {
+                    // A layer went missing (removed by hand): prepare the image again.
+                    tracing::warn!(image = %meta.digest, layer = %d, "a layer of the image is missing");
+                    return Ok(None);
+                };
+                lowers.push(self.layer_lower(&lm)?);
+            }
+            self.last_used
+                .lock()
+                .unwrap()
+                .insert(meta.digest.clone(), Instant::now());
+            return Ok(Some(PreparedImage {
+                digest: meta.digest,
+                lowers,
+                config: meta.config,
+                rootfs_kind: meta.rootfs,
+            }));
+        }
         let lower = if meta.rootfs == "erofs" {
             let mnt = self.cfg.root.join("mnt").join(hex);
             let (img, target) = (dir.join("image.erofs"), mnt.clone());
@@ -345,7 +389,7 @@ impl ImageStore {
             .insert(meta.digest.clone(), Instant::now());
         Ok(Some(PreparedImage {
             digest: meta.digest,
-            lower,
+            lowers: vec![lower],
             config: meta.config,
             rootfs_kind: meta.rootfs,
         }))
@@ -407,6 +451,7 @@ impl ImageStore {
         let (doomed, kept): (Vec<_>, Vec<_>) =
             images.into_iter().partition(|(_, meta)| doomed(meta));
         let root = self.cfg.root.clone();
+        let pinned = self.pinned();
         let removed = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
             let mut live_blobs: HashSet<String> =
                 kept.iter().flat_map(|(_, m)| m.layers.iter().cloned()).collect();
@@ -427,6 +472,8 @@ impl ImageStore {
                 tracing::info!(image = %meta.reference, digest = %meta.digest, "removed image");
                 removed.push(meta.digest);
             }
+            let live_layers: HashSet<String> =
+                kept.iter().flat_map(|(_, m)| m.diff_ids.iter().cloned()).collect();
             for entry in fs::read_dir(root.join("blobs/sha256"))? {
                 let entry = entry?;
                 let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
@@ -434,6 +481,8 @@ impl ImageStore {
                     let _ = fs::remove_file(entry.path());
                 }
             }
+            // Layers no remaining image uses (and no preparation in flight pinned).
+            layers::collect_layers(&root, &live_layers, &pinned)?;
             Ok(removed)
         })
         .await

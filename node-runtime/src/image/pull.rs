@@ -60,6 +60,45 @@ impl ImageStore {
             })?;
             hex_of(&l.digest)?;
         }
+        if self.cfg.layered {
+            let diff_ids = parse_diff_ids(&config_json)
+                .map_err(|e| ImageError::InvalidImage(format!("image {reference}: config: {e}")))?;
+            if diff_ids.len() != manifest.layers.len() {
+                return Err(ImageError::InvalidImage(format!(
+                    "image {reference}: config lists {} diff_ids for {} layers",
+                    diff_ids.len(),
+                    manifest.layers.len()
+                )));
+            }
+            for d in &diff_ids {
+                hex_of(d)?;
+            }
+            progress
+                .layers_total
+                .store(manifest.layers.len(), Ordering::Relaxed);
+            progress.bytes_total.store(
+                manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+                Ordering::Relaxed,
+            );
+            progress.set_stage("downloading");
+            if let Some(img) = self
+                .prepare_layered(
+                    reference,
+                    &oci_ref,
+                    &manifest,
+                    &manifest_digest,
+                    &config,
+                    &diff_ids,
+                    progress,
+                )
+                .await?
+            {
+                return Ok(img);
+            }
+            // Flattened instead: start the progress over.
+            progress.layers_done.store(0, Ordering::Relaxed);
+            progress.bytes_done.store(0, Ordering::Relaxed);
+        }
         progress
             .layers_total
             .store(manifest.layers.len(), Ordering::Relaxed);
@@ -242,6 +281,8 @@ impl ImageStore {
             rootfs: String::new(),
             unpacked_bytes,
             prepared_unix: now_unix(),
+            store: String::new(),
+            diff_ids: Vec::new(),
         };
         let result = self
             .finish_image(&staging, &rootfs_tmp, &dir, meta, progress)
@@ -313,7 +354,7 @@ impl ImageStore {
 
 /// How much memory an in-memory staging area may use: half of what is available, at most
 /// 16 GiB. `None` when /proc/meminfo cannot tell.
-fn tmpfs_budget() -> Option<u64> {
+pub(super) fn tmpfs_budget() -> Option<u64> {
     use procfs::Current;
     let m = procfs::Meminfo::current().ok()?;
     let available = m.mem_available.unwrap_or(m.mem_free);
@@ -322,7 +363,7 @@ fn tmpfs_budget() -> Option<u64> {
 
 /// A layer blob as the unpacker sees it: a file that may still be growing while its download
 /// runs, with the download's outcome once it ends.
-struct BlobFeed {
+pub(super) struct BlobFeed {
     file: fs::File,
     state: StdMutex<FeedState>,
     changed: std::sync::Condvar,
@@ -334,7 +375,7 @@ struct FeedState {
 }
 
 impl BlobFeed {
-    fn complete(file: fs::File, len: u64) -> BlobFeed {
+    pub(super) fn complete(file: fs::File, len: u64) -> BlobFeed {
         BlobFeed {
             file,
             state: StdMutex::new(FeedState {
@@ -345,7 +386,7 @@ impl BlobFeed {
         }
     }
 
-    fn growing(file: fs::File) -> BlobFeed {
+    pub(super) fn growing(file: fs::File) -> BlobFeed {
         BlobFeed {
             file,
             state: StdMutex::new(FeedState {
@@ -361,12 +402,12 @@ impl BlobFeed {
         self.changed.notify_all();
     }
 
-    fn finish(&self, r: Result<(), String>) {
+    pub(super) fn finish(&self, r: Result<(), String>) {
         self.state.lock().unwrap().finished = Some(r);
         self.changed.notify_all();
     }
 
-    fn wait_finished(&self) -> Result<(), String> {
+    pub(super) fn wait_finished(&self) -> Result<(), String> {
         let mut st = self.state.lock().unwrap();
         loop {
             if let Some(r) = &st.finished {
@@ -378,9 +419,15 @@ impl BlobFeed {
 }
 
 /// Reads a [`BlobFeed`] from the start, blocking while the download catches up.
-struct FeedReader<'a> {
+pub(super) struct FeedReader<'a> {
     feed: &'a BlobFeed,
     pos: u64,
+}
+
+impl<'a> FeedReader<'a> {
+    pub(super) fn new(feed: &'a BlobFeed) -> FeedReader<'a> {
+        FeedReader { feed, pos: 0 }
+    }
 }
 
 impl std::io::Read for FeedReader<'_> {
@@ -410,7 +457,7 @@ impl std::io::Read for FeedReader<'_> {
 /// visible under its final name (layers are shared between images). Bytes are published to
 /// `feed` as they land so unpacking can follow the download.
 #[allow(clippy::too_many_arguments)]
-async fn fetch_blob(
+pub(super) async fn fetch_blob(
     client: &Client,
     image: &Reference,
     layer: &OciDescriptor,
@@ -491,6 +538,21 @@ fn check_layer_media_type(mt: &str) -> Result<(), String> {
     } else {
         Err(format!("unsupported layer media type {mt:?}"))
     }
+}
+
+/// The uncompressed digests of the layers (`rootfs.diff_ids`), bottom first.
+pub fn parse_diff_ids(json: &str) -> Result<Vec<String>, String> {
+    #[derive(Deserialize)]
+    struct Outer {
+        rootfs: Option<RootFs>,
+    }
+    #[derive(Deserialize)]
+    struct RootFs {
+        #[serde(default)]
+        diff_ids: Vec<String>,
+    }
+    let o: Outer = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    Ok(o.rootfs.map(|r| r.diff_ids).unwrap_or_default())
 }
 
 pub fn parse_image_config(json: &str) -> Result<ImageConfig, String> {

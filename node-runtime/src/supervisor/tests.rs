@@ -20,7 +20,7 @@ impl ImageSource for InstantImages {
             }
             Ok(PreparedImage {
                 digest: format!("sha256:{:0>64}", reference.len()),
-                lower: "/nonexistent".into(),
+                lowers: vec!["/nonexistent".into()],
                 config: ImageConfig::default(),
                 rootfs_kind: "directory".into(),
             })
