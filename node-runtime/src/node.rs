@@ -98,6 +98,7 @@ pub fn summary(
     workloads: usize,
     containers: usize,
     erofs: Option<&crate::erofs::ErofsSupport>,
+    layered: bool,
 ) -> NodeSummary {
     let pressure = pressure();
     let capacity = facts.map(|f| f.capacity).unwrap_or_else(capacity);
@@ -118,6 +119,13 @@ pub fn summary(
             ebpf: false,
             cgroup: cgroup_mode(),
             psi: pressure.is_some(),
+            image_store: if layered { "layers" } else { "flattened" }.into(),
+            image_format: if erofs.is_some_and(|e| e.enabled()) {
+                "erofs"
+            } else {
+                "directory"
+            }
+            .into(),
         },
         pressure,
     }

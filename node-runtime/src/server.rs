@@ -568,6 +568,7 @@ async fn node(State(sup): State<AppState>) -> Response {
         sup.workload_count().await,
         containers,
         sup.store().map(|s| s.erofs()),
+        sup.store().is_some_and(|s| s.layered()),
     );
     Json(summary).into_response()
 }

@@ -443,3 +443,94 @@ fn an_image_of_120_layers_runs() {
     let out = String::from_utf8_lossy(&legacy.cli(&["logs", "few"]).stdout).to_string();
     assert_eq!(out, "2");
 }
+
+fn features(node: &Node) -> Value {
+    let out = node.cli(&["node", "-o", "json"]);
+    assert!(out.status.success());
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["features"].clone()
+}
+
+/// Without EROFS each layer is a plain directory: the same sharing, and `node` says so.
+#[test]
+fn without_erofs_layers_are_shared_directories() {
+    let reg = Registry::start(false).unwrap();
+    let shared = busybox_layer().finish();
+    let img = |repo: &str, file: &str| {
+        push_image(
+            &reg,
+            repo,
+            "1",
+            vec![
+                (shared.clone(), Compress::Gzip),
+                (
+                    Layer::new().file(file, b"x", 0o644).finish(),
+                    Compress::Gzip,
+                ),
+            ],
+            &[],
+            &["sh"],
+        )
+        .unwrap()
+        .0
+    };
+    let (a, b) = (img("da", "only-a"), img("db", "only-b"));
+    let n = node(&reg, &[], &[("HYPERBOX_DISABLE_EROFS", "1")]);
+    let f = features(&n);
+    assert_eq!(f["imageStore"], "layers");
+    assert_eq!(f["imageFormat"], "directory");
+    pull(&n, &a);
+    pull(&n, &b);
+    assert_eq!(layers_in_store(&n), 3);
+    assert!(n
+        .state
+        .join("images/layers")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .all(|e| e.path().join("tree").is_dir()));
+    n.apply(&workload(
+        "b",
+        &b,
+        "  command: [cat, /only-b]\n  restartPolicy: Never\n",
+    ));
+    n.wait_for("b", T, "b done", |v| v["phase"] == "Succeeded")
+        .unwrap();
+    let v = n.get("b").unwrap();
+    assert_eq!(v["rootfs"], "directory");
+}
+
+/// Images prepared by the flattened store keep working after a switch to the layer store:
+/// the running container is re-adopted, and new containers use the prepared image as it is.
+#[test]
+fn flattened_images_keep_working_in_the_layer_store() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let mut n = node(&reg, &["--image-store", "flattened"], &[]);
+    assert_eq!(features(&n)["imageStore"], "flattened");
+    n.apply(&workload("old", &image, "  command: [sleep, '1000']\n"));
+    let before = n
+        .wait_for("old", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+    assert_eq!(layers_in_store(&n), 0);
+    // The same state dir under the layer store.
+    n.kill9();
+    n.extra.retain(|a| a != "--image-store" && a != "flattened");
+    n.spawn().unwrap();
+    assert_eq!(features(&n)["imageStore"], "layers");
+    let after = n
+        .wait_for("old", T, "re-adopted", |v| v["phase"] == "Running")
+        .unwrap();
+    assert_eq!(container_ids(&after), container_ids(&before));
+    n.apply(&workload(
+        "new",
+        &image,
+        "  command: [echo, hi]\n  restartPolicy: Never\n",
+    ));
+    n.wait_for("new", T, "new done", |v| v["phase"] == "Succeeded")
+        .unwrap();
+    assert_eq!(
+        layers_in_store(&n),
+        0,
+        "the flattened image was used as it is"
+    );
+}

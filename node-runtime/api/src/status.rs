@@ -213,6 +213,13 @@ pub struct Features {
     /// `v1`, `v2` or `hybrid`.
     pub cgroup: String,
     pub psi: bool,
+    /// How images are prepared: `layers` (one read-only layer per image layer, shared between
+    /// images) or `flattened` (one per image).
+    #[serde(default)]
+    pub image_store: String,
+    /// What each prepared layer (or flattened image) is: `erofs` or `directory`.
+    #[serde(default)]
+    pub image_format: String,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]

@@ -281,6 +281,11 @@ impl ImageStore {
         })
     }
 
+    /// Whether images are prepared as stacks of shared layers.
+    pub fn layered(&self) -> bool {
+        self.cfg.layered
+    }
+
     pub fn erofs(&self) -> &ErofsSupport {
         &self.erofs
     }
