@@ -40,3 +40,23 @@ if sys.argv[2] == "readonly":
 json.dump(c, open(p, "w"))
 PY
 }
+
+# build_big_image DIR: the big benchmark image in the OCI layout DIR/oci, tag 1: three layers
+# from this machine's toolchain trees (/usr/include, /usr/lib/gcc, /usr/bin: a real, varied
+# file mix), one per tree. Sets big_bytes (unpacked) and big_layers.
+build_big_image() {
+  local big=$1 tree
+  umoci init --layout "$big/oci"
+  umoci new --image "$big/oci:1"
+  for tree in /usr/include /usr/lib/gcc /usr/bin; do
+    # A fresh unpack per layer, so each repack adds exactly one tree as one layer.
+    rm -rf "$big/bundle"
+    umoci unpack --image "$big/oci:1" "$big/bundle" >/dev/null
+    mkdir -p "$big/bundle/rootfs$tree"
+    cp -a "$tree/." "$big/bundle/rootfs$tree/"
+    umoci repack --image "$big/oci:1" "$big/bundle"
+  done
+  big_bytes=$(du -sb "$big/bundle/rootfs" | cut -f1)
+  big_layers=$(python3 -c 'import json,sys; d=sys.argv[1]; i=json.load(open(d+"/index.json")); m=i["manifests"][0]["digest"].split(":")[1]; print(len(json.load(open(d+"/blobs/sha256/"+m))["layers"]))' "$big/oci")
+  rm -rf "$big/bundle"
+}

@@ -40,19 +40,8 @@ echo "== images"
 tests/bench/build-busybox-image.sh "$reg" bench/busybox:1
 # The big image: three layers from this machine's toolchain trees (a real, varied file mix).
 big=$work/big
-umoci init --layout "$big/oci"
-umoci new --image "$big/oci:1"
-for tree in /usr/include /usr/lib/gcc /usr/bin; do
-  # A fresh unpack per layer, so each repack adds exactly one tree as one layer.
-  rm -rf "$big/bundle"
-  umoci unpack --image "$big/oci:1" "$big/bundle" >/dev/null
-  mkdir -p "$big/bundle/rootfs$tree"
-  cp -a "$tree/." "$big/bundle/rootfs$tree/"
-  umoci repack --image "$big/oci:1" "$big/bundle"
-done
-big_bytes=$(du -sb "$big/bundle/rootfs" | cut -f1)
-layers=$(python3 -c 'import json,sys; d=sys.argv[1]; i=json.load(open(d+"/index.json")); m=i["manifests"][0]["digest"].split(":")[1]; print(len(json.load(open(d+"/blobs/sha256/"+m))["layers"]))' "$big/oci")
-rm -rf "$big/bundle"
+build_big_image "$big"
+layers=$big_layers
 skopeo copy --quiet --dest-tls-verify=false "oci:$big/oci:1" "docker://$reg/bench/big:1"
 rm -rf "$big"
 echo "big image: $layers layers, $((big_bytes / 1000000)) MB unpacked"
