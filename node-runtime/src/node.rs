@@ -99,6 +99,7 @@ pub fn summary(
     containers: usize,
     erofs: Option<&crate::erofs::ErofsSupport>,
     layered: bool,
+    verity: Option<&Result<(), String>>,
 ) -> NodeSummary {
     let pressure = pressure();
     let capacity = facts.map(|f| f.capacity).unwrap_or_else(capacity);
@@ -126,6 +127,8 @@ pub fn summary(
                 "directory"
             }
             .into(),
+            fsverity: verity.is_some_and(|v| v.is_ok()),
+            fsverity_reason: verity.and_then(|v| v.as_ref().err().cloned()),
         },
         pressure,
     }

@@ -569,6 +569,7 @@ async fn node(State(sup): State<AppState>) -> Response {
         containers,
         sup.store().map(|s| s.erofs()),
         sup.store().is_some_and(|s| s.layered()),
+        sup.store().map(|s| s.verity()),
     );
     Json(summary).into_response()
 }

@@ -534,3 +534,59 @@ fn flattened_images_keep_working_in_the_layer_store() {
         "the flattened image was used as it is"
     );
 }
+
+/// fs-verity: where the state dir's filesystem has it, layer files are sealed and a file
+/// changed behind the store's back is refused at mount; where it has not, `node` says why
+/// and layers work unsealed.
+#[test]
+fn layer_files_are_sealed_where_fs_verity_exists() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let mut n = node(&reg, &[], &[]);
+    let f = features(&n);
+    pull(&n, &image);
+    let layer = n
+        .state
+        .join("images/layers")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let meta: Value = serde_json::from_slice(&fs::read(layer.join("meta.json")).unwrap()).unwrap();
+    if f["fsverity"] != true {
+        let why = f["fsverityReason"].as_str().unwrap_or_default().to_string();
+        assert!(why.contains("fs-verity"), "{f}");
+        assert!(meta.get("verity").is_none(), "{meta}");
+        eprintln!("fs-verity is not available here ({why}); sealing is not exercised");
+        return;
+    }
+    assert!(meta["verity"].as_str().unwrap().starts_with("sha256:"));
+    // Replace the sealed file by a copy with one byte flipped, unmounted, after a restart.
+    n.kill9();
+    let mnt = n.state.join("images/lmnt").join(layer.file_name().unwrap());
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: umount2 with a valid C string.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let file = layer.join("layer.erofs");
+    let mut data = fs::read(&file).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    fs::write(layer.join("tampered"), &data).unwrap();
+    fs::rename(layer.join("tampered"), &file).unwrap();
+    n.spawn().unwrap();
+    n.apply(&workload(
+        "t",
+        &image,
+        "  command: ['true']\n  restartPolicy: Never\n",
+    ));
+    let v = n
+        .wait_for("t", T, "refused", |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("fails its fs-verity check"))
+        })
+        .unwrap();
+    assert_ne!(v["phase"], "Succeeded");
+}

@@ -220,6 +220,12 @@ pub struct Features {
     /// What each prepared layer (or flattened image) is: `erofs` or `directory`.
     #[serde(default)]
     pub image_format: String,
+    /// Layer files are sealed with fs-verity and measured before each mount.
+    #[serde(default)]
+    pub fsverity: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsverity_reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]

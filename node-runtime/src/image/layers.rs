@@ -40,6 +40,9 @@ pub(super) struct LayerMeta {
     #[serde(default)]
     pub implicit_dirs: Vec<String>,
     pub prepared_unix: u64,
+    /// The fs-verity digest of `layer.erofs`, where it was sealed (see [`super::verity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<String>,
 }
 
 pub(super) enum LayerError {
@@ -186,7 +189,25 @@ impl ImageStore {
         }
         let mnt = self.cfg.root.join("lmnt").join(hex);
         if !crate::fsutil::is_mount_point(&mnt) {
-            erofs::mount_image(&dir.join("layer.erofs"), &mnt)
+            let file = dir.join("layer.erofs");
+            if let Some(want) = &meta.verity {
+                let got = super::verity::measure(&file).map_err(|e| {
+                    ImageError::Prepare(format!(
+                        "layer {}: measure {}: {e}",
+                        meta.diff_id,
+                        file.display()
+                    ))
+                })?;
+                if got.as_deref() != Some(want.as_str()) {
+                    return Err(ImageError::Prepare(format!(
+                        "layer {}: {} fails its fs-verity check (sealed as {want}, now {}): the file was changed on disk; remove the image (hyperbox-node rmi) and pull it again",
+                        meta.diff_id,
+                        file.display(),
+                        got.as_deref().unwrap_or("not sealed")
+                    )));
+                }
+            }
+            erofs::mount_image(&file, &mnt)
                 .map_err(|e| ImageError::Prepare(format!("layer {}: {e:#}", meta.diff_id)))?;
         }
         Ok(mnt)
@@ -329,6 +350,7 @@ impl ImageStore {
                 None => false,
             };
         let (limits, mkfs) = (self.cfg.unpack, self.erofs.mkfs.clone());
+        let seal = self.verity.is_ok();
         let (digest, media_type, want_diff_id) = (
             layer.digest.clone(),
             layer.media_type.clone(),
@@ -390,10 +412,17 @@ impl ImageStore {
                     }
                 }
             }
+            let mut verity = None;
             let kind = match &mkfs {
                 Some(mkfs) => {
-                    erofs::build_image(mkfs, &tree, &staging2.join("layer.erofs"))
+                    let file = staging2.join("layer.erofs");
+                    erofs::build_image(mkfs, &tree, &file)
                         .map_err(|e| ImageError::Prepare(format!("layer {digest}: {e:#}")))?;
+                    if seal {
+                        verity = super::verity::enable(&file).map_err(|e| {
+                            ImageError::Prepare(format!("layer {digest}: fs-verity: {e}"))
+                        })?;
+                    }
                     let _ = unmount_if_mounted(&tree);
                     remove_dir_all_if_exists(&tree)
                         .map_err(|e| ImageError::Prepare(format!("{e:#}")))?;
@@ -409,6 +438,7 @@ impl ImageStore {
                 entries: stats.entries,
                 implicit_dirs,
                 prepared_unix: now_unix(),
+                verity,
             };
             (|| -> Result<()> {
                 write_json_atomic(&staging2.join("meta.json"), &meta)?;

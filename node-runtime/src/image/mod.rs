@@ -37,6 +37,7 @@ use crate::erofs::{self, ErofsSupport};
 mod auth;
 mod layers;
 mod pull;
+pub mod verity;
 
 use crate::fsutil::{now_unix, remove_dir_all_if_exists, unmount_if_mounted, write_json_atomic};
 pub use auth::auth_from_docker_config;
@@ -199,6 +200,8 @@ pub struct ImageStore {
     layer_locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Layers that preparations in flight use (GC keeps them), with a count.
     pinned_layers: StdMutex<HashMap<String, usize>>,
+    /// Whether layer files can be sealed with fs-verity here, or why not.
+    verity: Result<(), String>,
 }
 
 fn hex_of(digest: &str) -> Result<&str, ImageError> {
@@ -236,6 +239,15 @@ impl ImageStore {
             if !e.path().join("meta.json").exists() {
                 tracing::warn!(dir = %e.path().display(), "removing an incomplete layer");
                 remove_dir_all_if_exists(&e.path())?;
+            }
+        }
+        let verity = verity::probe(&cfg.root.join("layers"));
+        match &verity {
+            Ok(()) => {
+                tracing::info!("fs-verity available: layer files are sealed and measured at mount")
+            }
+            Err(why) => {
+                tracing::info!(reason = %why, "fs-verity unavailable: layer files are not sealed")
             }
         }
         let refs = match fs::read(cfg.root.join("refs.json")) {
@@ -278,12 +290,18 @@ impl ImageStore {
             disk_staging: StdMutex::new(HashSet::new()),
             layer_locks: StdMutex::new(HashMap::new()),
             pinned_layers: StdMutex::new(HashMap::new()),
+            verity,
         })
     }
 
     /// Whether images are prepared as stacks of shared layers.
     pub fn layered(&self) -> bool {
         self.cfg.layered
+    }
+
+    /// Whether layer files are sealed with fs-verity, or why not.
+    pub fn verity(&self) -> &Result<(), String> {
+        &self.verity
     }
 
     pub fn erofs(&self) -> &ErofsSupport {
