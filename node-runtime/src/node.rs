@@ -97,10 +97,11 @@ pub fn summary(
     allocations: ResourceAmounts,
     workloads: usize,
     containers: usize,
-    erofs: Option<&crate::erofs::ErofsSupport>,
-    layered: bool,
-    verity: Option<&Result<(), String>>,
+    images: Option<&crate::image::ImageStore>,
 ) -> NodeSummary {
+    let erofs = images.map(|s| s.erofs());
+    let layered = images.is_some_and(|s| s.layered());
+    let verity = images.map(|s| s.verity());
     let pressure = pressure();
     let capacity = facts.map(|f| f.capacity).unwrap_or_else(capacity);
     NodeSummary {

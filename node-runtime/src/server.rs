@@ -567,9 +567,7 @@ async fn node(State(sup): State<AppState>) -> Response {
         },
         sup.workload_count().await,
         containers,
-        sup.store().map(|s| s.erofs()),
-        sup.store().is_some_and(|s| s.layered()),
-        sup.store().map(|s| s.verity()),
+        sup.store().map(|s| s.as_ref()),
     );
     Json(summary).into_response()
 }
