@@ -84,7 +84,8 @@ def add_tags():
 
 
 def du(path):
-    out = subprocess.run(["du", "-s", "--block-size=1", path], capture_output=True, text=True).stdout
+    # -x: not into the mounted layers and images (what is on disk, once).
+    out = subprocess.run(["du", "-sx", "--block-size=1", path], capture_output=True, text=True).stdout
     return int(out.split()[0]) if out else 0
 
 
@@ -128,6 +129,7 @@ class Node:
 
 def peers(n, nbytes):
     d = os.path.join(WORK, f"peer-{n}")
+    os.makedirs(d)
     subprocess.run(["sync"])
     t0 = time.monotonic()
     subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{REG}/bench/big:1",
