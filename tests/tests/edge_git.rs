@@ -813,7 +813,12 @@ fn large_workloads_are_applied_within_the_node_body_cap() {
         .unwrap();
     assert!(st["error"].is_null(), "{}", error_of(&st));
     assert_eq!(st["workloads"].as_array().unwrap().len(), 501);
-    assert_eq!(outcome(&st, "w499"), "created");
+    // Created, or `unchanged` if a retry of the refused one (or the node watch after the
+    // apply) synced again already.
+    assert!(
+        matches!(outcome(&st, "w499"), "created" | "unchanged"),
+        "{st}"
+    );
     assert_eq!(outcome(&st, "huge"), "failed");
     let huge = st["workloads"]
         .as_array()
@@ -859,10 +864,12 @@ fn a_workload_the_node_refuses_does_not_block_the_others() {
     let op = Operator::start(&node, &repo.url(), &["--interval", "500ms"]).unwrap();
     let st = op
         .wait_status(T, "sync with a refusal", |s| {
-            outcome(s, "a") == "created" && outcome(s, "c") == "failed"
+            // The refused one is retried at every sync (and the node watch wakes one after
+            // the apply), after which the others read `unchanged`.
+            matches!(outcome(s, "a"), "created" | "unchanged") && outcome(s, "c") == "failed"
         })
         .unwrap();
-    assert_eq!(outcome(&st, "b"), "created");
+    assert!(matches!(outcome(&st, "b"), "created" | "unchanged"), "{st}");
     let c = st["workloads"]
         .as_array()
         .unwrap()
