@@ -152,11 +152,15 @@ fn two_spellings_of_one_image_prepare_it_once_and_survive_kill9() {
     // Both spellings at once, and a kill -9 while they run.
     let a = pull(&node, &tagged);
     let b = pull(&node, &by_digest);
+    // Staging of the image (flattened store) or of its layers (layer store) exists.
     wait_until(T, "staging in progress", || {
         fs::read_dir(node.state.join("images/tmp"))
             .ok()?
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(&digest[7..]))
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with(&digest[7..]) || n.starts_with("layer-")
+            })
             .then_some(())
     })
     .unwrap();
