@@ -147,6 +147,7 @@ class Chaos:
         self.gen = 0
         self.released = {}  # image digest -> when it may have stopped being used
         self.in_use_prev = set()
+        self.layers_in_use_prev = set()
         self.node_started_at = 0.0
 
     # ---------- peers ----------
@@ -717,35 +718,71 @@ class Chaos:
                 bad("mounts", f"{mp} mounted {c} times")
         cdir = os.path.join(self.state, "containers") + "/"
         idir = os.path.join(self.state, "images", "mnt") + "/"
+        ldir = os.path.join(self.state, "images", "lmnt") + "/"
         rootfs = {mp[len(cdir):].split("/")[0] for mp, _ in mounts if mp.startswith(cdir) and mp.endswith("/rootfs")}
         if rootfs != set(cids) or len(rootfs) != total:
             bad("mounts", f"overlay rootfs mounts {len(rootfs)} (extra {sorted(rootfs - set(cids))}, "
                           f"missing {sorted(set(cids) - rootfs)}), {total} replicas desired")
         images = {mp[len(idir):]: fs for mp, fs in mounts if mp.startswith(idir)}
+        layers = {mp[len(ldir):]: fs for mp, fs in mounts if mp.startswith(ldir)}
         others = [(mp, fs) for mp, fs in mounts
-                  if not (mp.startswith(idir) or (mp.startswith(cdir) and mp.endswith("/rootfs")))]
+                  if not (mp.startswith(idir) or mp.startswith(ldir)
+                          or (mp.startswith(cdir) and mp.endswith("/rootfs")))]
         if others:
             bad("mounts", f"other mounts under the state dir: {others}")
         running = {self.images[s["tag"]][1].split(":")[1] for s in self.desired.values() if s["replicas"] > 0}
         # the node keeps the image of a workload scaled to 0 (its record names it)
         in_use = running | {w["imageDigest"].split(":")[1] for w in got.values() if w.get("imageDigest")}
+
+        def image_layers(hexd):
+            """The layer hexes of a prepared image made of shared layers (None: flattened)."""
+            try:
+                with open(os.path.join(self.state, "images", hexd, "meta.json")) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                return None
+            if meta.get("store") != "layers":
+                return None
+            return {d.split(":")[1] for d in meta.get("diffIds", [])}
+
+        layers_in_use = set()
+        for hexd in in_use:
+            layers_in_use |= image_layers(hexd) or set()
         now = time.monotonic()
         for d in self.in_use_prev - in_use:
             self.released[d] = now
+        for d in self.layers_in_use_prev - layers_in_use:
+            self.released["layer:" + d] = now
         self.in_use_prev = in_use
+        self.layers_in_use_prev = layers_in_use
+        limit = 5 + GC_PERIOD + 15
         for hexd, fs in images.items():
             if not os.path.exists(os.path.join(self.state, "images", hexd, "meta.json")):
                 bad("mounts", f"image mount {hexd[:12]} ({fs}) of an image that is not prepared")
             if hexd in in_use:
                 continue
             since = max(self.released.get(hexd, 0.0), self.node_started_at)
-            limit = 5 + GC_PERIOD + 15
             if now - since > limit:
                 bad("mounts", f"image {hexd[:12]} unused for {now - since:.0f}s (> keep-for {IMAGE_KEEP_FOR} + "
                               f"GC period) and still mounted")
+        for lhex, fs in layers.items():
+            if not os.path.exists(os.path.join(self.state, "images", "layers", lhex, "meta.json")):
+                bad("mounts", f"layer mount {lhex[:12]} ({fs}) of a layer that is not in the store")
+            if lhex in layers_in_use:
+                continue
+            since = max(self.released.get("layer:" + lhex, 0.0), self.node_started_at)
+            if now - since > limit:
+                bad("mounts", f"layer {lhex[:12]} unused for {now - since:.0f}s (> keep-for {IMAGE_KEEP_FOR} + "
+                              f"GC period) and still mounted")
         for hexd in running:
-            if hexd not in images and self.erofs:
-                bad("mounts", f"image {hexd[:12]} in use but not mounted")
+            if not self.erofs:
+                continue
+            lays = image_layers(hexd)
+            if lays is None:
+                if hexd not in images:
+                    bad("mounts", f"image {hexd[:12]} in use but not mounted")
+            elif not lays <= set(layers):
+                bad("mounts", f"image {hexd[:12]} in use but {len(lays - set(layers))} of its layers not mounted")
         # loop devices backed by files in the state dir: only for mounted images, one each
         try:
             lo = subprocess.run(["losetup", "-a"], capture_output=True, text=True, timeout=10).stdout
@@ -756,8 +793,9 @@ class Chaos:
                 files[f] = files.get(f, 0) + 1
             for f, c in files.items():
                 hexd = os.path.basename(os.path.dirname(f))
-                if c > 1 or hexd not in images or "(deleted)" in f:
-                    bad("loop", f"loop device(s) for {f} x{c} (image mounted: {hexd in images})")
+                mounted = hexd in images or hexd in layers
+                if c > 1 or not mounted or "(deleted)" in f:
+                    bad("loop", f"loop device(s) for {f} x{c} (image or layer mounted: {mounted})")
         except (OSError, subprocess.TimeoutExpired) as e:
             bad("loop", f"losetup: {e}")
         # staging, records, container and runtime dirs
