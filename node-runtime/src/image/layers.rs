@@ -77,6 +77,45 @@ impl Drop for Pin<'_> {
     }
 }
 
+/// The lower directory of a published layer under `root`, mounting an EROFS layer that is not
+/// in `mounted` (after checking its fs-verity digest, where it was sealed).
+fn layer_lower_at(
+    root: &Path,
+    meta: &LayerMeta,
+    mounted: &HashSet<PathBuf>,
+) -> Result<PathBuf, ImageError> {
+    let hex = hex_of(&meta.diff_id)?;
+    let dir = root.join("layers").join(hex);
+    if meta.kind != "erofs" {
+        return Ok(dir.join("tree"));
+    }
+    let mnt = root.join("lmnt").join(hex);
+    if mounted.contains(&mnt) {
+        return Ok(mnt);
+    }
+    let file = dir.join("layer.erofs");
+    if let Some(want) = &meta.verity {
+        let got = super::verity::measure(&file).map_err(|e| {
+            ImageError::Prepare(format!(
+                "layer {}: measure {}: {e}",
+                meta.diff_id,
+                file.display()
+            ))
+        })?;
+        if got.as_deref() != Some(want.as_str()) {
+            return Err(ImageError::Prepare(format!(
+                "layer {}: {} fails its fs-verity check (sealed as {want}, now {}): the file was changed on disk; remove the image (hyperbox-node rmi) and pull it again",
+                meta.diff_id,
+                file.display(),
+                got.as_deref().unwrap_or("not sealed")
+            )));
+        }
+    }
+    erofs::mount_image(&file, &mnt)
+        .map_err(|e| ImageError::Prepare(format!("layer {}: {e:#}", meta.diff_id)))?;
+    Ok(mnt)
+}
+
 /// Whether `p` is a directory owned by root with mode 0755 (what an implicit directory is).
 fn is_plain_dir(m: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -179,38 +218,26 @@ impl ImageStore {
         }
     }
 
-    /// The lower directory of a published layer, mounting an EROFS layer if needed (callers
-    /// hold `mount_lock`).
-    pub(super) fn layer_lower(&self, meta: &LayerMeta) -> Result<PathBuf, ImageError> {
-        let hex = hex_of(&meta.diff_id)?;
-        let dir = self.cfg.root.join("layers").join(hex);
-        if meta.kind != "erofs" {
-            return Ok(dir.join("tree"));
-        }
-        let mnt = self.cfg.root.join("lmnt").join(hex);
-        if !crate::fsutil::is_mount_point(&mnt) {
-            let file = dir.join("layer.erofs");
-            if let Some(want) = &meta.verity {
-                let got = super::verity::measure(&file).map_err(|e| {
-                    ImageError::Prepare(format!(
-                        "layer {}: measure {}: {e}",
-                        meta.diff_id,
-                        file.display()
-                    ))
-                })?;
-                if got.as_deref() != Some(want.as_str()) {
-                    return Err(ImageError::Prepare(format!(
-                        "layer {}: {} fails its fs-verity check (sealed as {want}, now {}): the file was changed on disk; remove the image (hyperbox-node rmi) and pull it again",
-                        meta.diff_id,
-                        file.display(),
-                        got.as_deref().unwrap_or("not sealed")
-                    )));
-                }
-            }
-            erofs::mount_image(&file, &mnt)
-                .map_err(|e| ImageError::Prepare(format!("layer {}: {e:#}", meta.diff_id)))?;
-        }
-        Ok(mnt)
+    /// The lower directories of published layers (in the order given), mounting EROFS layers
+    /// that are not mounted yet (callers hold `mount_lock`). The mount table is read once, on
+    /// a blocking thread: a container start of a 120-layer image does not parse it 120 times.
+    pub(super) async fn layer_lowers(
+        &self,
+        metas: Vec<LayerMeta>,
+    ) -> Result<Vec<PathBuf>, ImageError> {
+        let root = self.cfg.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mounted: HashSet<PathBuf> = crate::fsutil::mount_points()
+                .map_err(|e| ImageError::Prepare(format!("{e:#}")))?
+                .into_iter()
+                .collect();
+            metas
+                .iter()
+                .map(|m| layer_lower_at(&root, m, &mounted))
+                .collect()
+        })
+        .await
+        .map_err(|e| ImageError::Prepare(format!("layer mount task: {e}")))?
     }
 
     /// Make one layer available: already in the store, or downloaded and converted (under a
@@ -518,10 +545,7 @@ impl ImageStore {
         }
         {
             let _m = self.mount_lock.lock().await;
-            let lowers: Vec<PathBuf> = metas
-                .iter()
-                .map(|m| self.layer_lower(m))
-                .collect::<Result<_, _>>()?;
+            let lowers = self.layer_lowers(metas.clone()).await?;
             // Implicit directories of each layer against the layers below it.
             for (i, m) in metas.iter().enumerate() {
                 let below: Vec<PathBuf> = lowers[..i].iter().rev().cloned().collect();

@@ -368,15 +368,16 @@ impl ImageStore {
             .map_err(|e| ImageError::Prepare(format!("parse {}: {e}", meta_path.display())))?;
         let _m = self.mount_lock.lock().await;
         if meta.store == layers::STORE_LAYERS {
-            let mut lowers = Vec::with_capacity(meta.diff_ids.len());
+            let mut metas = Vec::with_capacity(meta.diff_ids.len());
             for d in meta.diff_ids.iter().rev() {
                 let Some(lm) = self.layer_meta(d)? else {
                     // A layer went missing (removed by hand): prepare the image again.
                     tracing::warn!(image = %meta.digest, layer = %d, "a layer of the image is missing");
                     return Ok(None);
                 };
-                lowers.push(self.layer_lower(&lm)?);
+                metas.push(lm);
             }
+            let lowers = self.layer_lowers(metas).await?;
             self.last_used
                 .lock()
                 .unwrap()
