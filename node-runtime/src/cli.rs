@@ -244,7 +244,15 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
             let mut rows = vec![];
             let mut header = vec!["NAME", "PHASE", "READY", "RESTARTS", "REASON"];
             if wide {
-                header.extend(["EXIT", "CONTAINER", "ROOTFS", "DIGEST", "REVISION", "IMAGE"]);
+                header.extend([
+                    "EXIT",
+                    "CONTAINER",
+                    "PSI CPU/MEM/IO",
+                    "ROOTFS",
+                    "DIGEST",
+                    "REVISION",
+                    "IMAGE",
+                ]);
             }
             rows.push(header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
             for s in &list {
@@ -262,6 +270,7 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
                             .map(|c| c.to_string())
                             .unwrap_or_else(|| "-".into()),
                         s.container_id.clone().unwrap_or_else(|| "-".into()),
+                        psi_column(&s.replicas),
                         s.rootfs.clone().unwrap_or_else(|| "-".into()),
                         s.image_digest
                             .as_deref()
@@ -278,6 +287,23 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
         other => bail!("unknown output format {other:?} (use json, yaml or wide)"),
     }
     Ok(())
+}
+
+/// The highest `some avg10` of each resource over the replicas (`cpu/memory/io`, percent),
+/// `-` when none has a reading.
+fn psi_column(replicas: &[hyperbox_api::ReplicaStatus]) -> String {
+    let mut max: Option<[f32; 3]> = None;
+    for p in replicas.iter().filter_map(|r| r.pressure.as_ref()) {
+        let v = [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10];
+        max = Some(match max {
+            None => v,
+            Some(m) => [m[0].max(v[0]), m[1].max(v[1]), m[2].max(v[2])],
+        });
+    }
+    match max {
+        Some([c, m, i]) => format!("{c:.1}/{m:.1}/{i:.1}"),
+        None => "-".into(),
+    }
 }
 
 fn print_table(rows: &[Vec<String>]) {

@@ -221,6 +221,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
                 tokio::select! {
                     _ = tick.tick() => {
                         sup.rotate_logs().await;
+                        sup.sample_pressure().await;
                         n += 1;
                         if n.is_multiple_of(30) {
                             sup.gc_images().await;

@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use hyperbox_api::{Features, NodeSummary, Pressure, PsiAverages, PsiResource, ResourceAmounts};
+use hyperbox_api::{Features, NodeSummary, Pressure, ResourceAmounts};
 use procfs::Current;
 
 /// Cgroup layout of this host: `v2` (unified only), `hybrid` (v1 controllers plus a v2 tree at
@@ -17,34 +17,9 @@ pub fn cgroup_mode() -> String {
     }
 }
 
-fn avgs(r: &procfs::PressureRecord) -> PsiAverages {
-    PsiAverages {
-        avg10: r.avg10,
-        avg60: r.avg60,
-        avg300: r.avg300,
-        total: r.total,
-    }
-}
-
-/// Node-wide PSI, or `None` when the kernel does not expose it.
+/// Node-wide PSI, or `None` when the kernel does not expose it (see [`crate::psi`]).
 pub fn pressure() -> Option<Pressure> {
-    let cpu = procfs::CpuPressure::current().ok()?;
-    let mem = procfs::MemoryPressure::current().ok()?;
-    let io = procfs::IoPressure::current().ok()?;
-    Some(Pressure {
-        cpu: PsiResource {
-            some: avgs(&cpu.some),
-            full: avgs(&cpu.full),
-        },
-        memory: PsiResource {
-            some: avgs(&mem.some),
-            full: avgs(&mem.full),
-        },
-        io: PsiResource {
-            some: avgs(&io.some),
-            full: avgs(&io.full),
-        },
-    })
+    crate::psi::node()
 }
 
 pub fn capacity() -> ResourceAmounts {

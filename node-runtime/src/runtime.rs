@@ -149,6 +149,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn destroy(&self, id: &str) -> Result<()>;
     /// Ids of every container this runtime holds anything of.
     fn list(&self) -> Vec<String>;
+    /// The container's cgroup v2 directory, where its PSI is read (none without a v2 tree).
+    fn v2_cgroup(&self, _id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Run a command inside the container; killed at the timeout. Returns its exit code.
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32>;
     /// HTTP GET from inside the process's network namespace; true on 2xx/3xx.
@@ -286,6 +290,10 @@ impl Runtime for LibcontainerRuntime {
 
     fn list(&self) -> Vec<String> {
         container::list_ids(&self.dirs)
+    }
+
+    fn v2_cgroup(&self, id: &str) -> Option<std::path::PathBuf> {
+        container::v2_cgroup_dir(&self.dirs, id)
     }
 
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32> {

@@ -48,6 +48,26 @@ pub struct ReplicaStatus {
     /// A replica of the previous spec still serving during a rolling update.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outdated: bool,
+    /// The container's PSI (its cgroup v2 `*.pressure` files), as last sampled; none where
+    /// the host has no cgroup v2 tree or PSI is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<Pressure>,
+    /// How `some avg10` moved over the last samples (positive: rising).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure_trend: Option<PressureTrend>,
+    /// The container's cgroup v2 id (the inode of its directory; what eBPF attributes by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+}
+
+/// Change of each resource's `some avg10` over `over_seconds`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PressureTrend {
+    pub cpu: f32,
+    pub memory: f32,
+    pub io: f32,
+    pub over_seconds: f32,
 }
 
 /// The status of one workload on this node. Top-level fields summarise the replicas

@@ -77,6 +77,9 @@ pub fn create_and_start(
             bundle: bundle.clone(),
             log: req.log_file.to_path_buf(),
             loopback: req.workload.spec.network == NetworkMode::None,
+            v2_cgroup: crate::psi::needs_v2_placement()
+                .then(|| v2_cgroup_dir(dirs, req.id))
+                .flatten(),
         })?;
         tracing::debug!(
             container = req.id,
@@ -261,6 +264,13 @@ pub fn cgroup_parent_dirs(parent: &str) -> Vec<PathBuf> {
         out.push(v2);
     }
     out
+}
+
+/// The container's cgroup v2 directory (where its PSI is read): under the unified tree of a
+/// hybrid host, or its own cgroup on a pure v2 host. `None` on a v1-only host.
+pub fn v2_cgroup_dir(dirs: &RuntimeDirs, id: &str) -> Option<PathBuf> {
+    let rel = dirs.cgroup_parent.trim_start_matches('/');
+    Some(crate::psi::v2_root()?.join(rel).join(id))
 }
 
 /// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).

@@ -45,6 +45,10 @@ pub enum Request {
         log: PathBuf,
         /// Bring up `lo` in the container's own network namespace before it starts.
         loopback: bool,
+        /// A cgroup v2 directory to move the container's init into before it starts (hybrid
+        /// hosts, where libcontainer only uses the v1 controllers).
+        #[serde(default)]
+        v2_cgroup: Option<PathBuf>,
     },
     #[serde(rename_all = "camelCase")]
     Exec {
@@ -266,6 +270,7 @@ fn handle(req: Request) -> Result<i32> {
             bundle,
             log,
             loopback,
+            v2_cgroup,
         } => {
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -294,6 +299,13 @@ fn handle(req: Request) -> Result<i32> {
                 .as_raw();
             if loopback {
                 super::bring_up_loopback(pid)?;
+            }
+            if let Some(dir) = &v2_cgroup {
+                // Before start: everything the init runs is then accounted there (PSI, and
+                // the cgroup id eBPF attributes by).
+                std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()))
+                    .with_context(|| format!("move container {id} into {}", dir.display()))?;
             }
             container
                 .start()

@@ -118,7 +118,21 @@ pub struct Supervisor {
     /// delete, and starts at the daemon's start time in microseconds, so a watcher that knew
     /// an earlier daemon sees a different version and lists again.
     digests_version: watch::Sender<u64>,
+    /// The last PSI samples of each running container, by container id.
+    pressure: StdMutex<HashMap<String, PressureSamples>>,
 }
+
+/// Recent PSI readings of one container (the latest, and `some avg10` of the last few for the
+/// trend).
+#[derive(Default, Clone)]
+struct PressureSamples {
+    latest: Option<hyperbox_api::Pressure>,
+    cgroup_id: Option<u64>,
+    history: std::collections::VecDeque<(std::time::Instant, [f32; 3])>,
+}
+
+/// Samples kept for the trend (at the 2 s sampling period: about 10 s).
+const PRESSURE_HISTORY: usize = 6;
 
 /// Why a batch was not applied; nothing of it was.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +214,7 @@ impl Supervisor {
                     .unwrap_or(1),
             )
             .0,
+            pressure: StdMutex::new(HashMap::new()),
         }))
     }
 
@@ -757,18 +772,27 @@ impl Supervisor {
 
     fn render(&self, rec: &WorkloadRecord) -> WorkloadStatus {
         let w = &rec.workload;
-        let replica_status = |r: &replica::Replica, outdated: bool| ReplicaStatus {
-            index: r.index,
-            phase: r.phase,
-            reason: r.reason.map(|x| x.as_str().to_string()),
-            message: r.message.clone(),
-            ready: r.ready,
-            restarts: r.restarts,
-            last_exit_code: r.last_exit_code,
-            container_id: r.container_id().map(str::to_string),
-            pid: r.pid(),
-            started_at: r.started_at_ms().map(|ms| format_rfc3339(ms / 1000)),
-            outdated,
+        let replica_status = |r: &replica::Replica, outdated: bool| {
+            let (pressure, pressure_trend, cgroup_id) = match r.container_id() {
+                Some(c) if matches!(r.stage, Stage::Running { .. }) => self.pressure_of(c),
+                _ => (None, None, None),
+            };
+            ReplicaStatus {
+                index: r.index,
+                phase: r.phase,
+                reason: r.reason.map(|x| x.as_str().to_string()),
+                message: r.message.clone(),
+                ready: r.ready,
+                restarts: r.restarts,
+                last_exit_code: r.last_exit_code,
+                container_id: r.container_id().map(str::to_string),
+                pid: r.pid(),
+                started_at: r.started_at_ms().map(|ms| format_rfc3339(ms / 1000)),
+                outdated,
+                pressure,
+                pressure_trend,
+                cgroup_id,
+            }
         };
         let replicas: Vec<ReplicaStatus> = rec
             .replicas
@@ -892,6 +916,83 @@ impl Supervisor {
     /// The current change counter.
     pub fn version(&self) -> u64 {
         *self.shared.changes.borrow()
+    }
+
+    /// Read the PSI of every running container (its cgroup v2 `*.pressure` files), off the
+    /// async threads; what status reports until the next round.
+    pub async fn sample_pressure(&self) {
+        let ids: Vec<String> = self
+            .snapshots()
+            .await
+            .iter()
+            .flat_map(|r| {
+                r.all_replicas()
+                    .filter(|x| matches!(x.stage, Stage::Running { .. }))
+                    .filter_map(|x| x.container_id().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let runtime = self.shared.runtime.clone();
+        let Ok(readings) = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| {
+                    let dir = runtime.v2_cgroup(&id);
+                    let p = dir.as_deref().and_then(crate::psi::cgroup);
+                    let cid = dir.as_deref().and_then(crate::psi::cgroup_id);
+                    (id, p, cid)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut map = self.pressure.lock().unwrap();
+        let mut next = HashMap::with_capacity(readings.len());
+        for (id, p, cid) in readings {
+            let mut s = map.remove(&id).unwrap_or_default();
+            if let Some(p) = &p {
+                s.history.push_back((
+                    now,
+                    [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10],
+                ));
+                while s.history.len() > PRESSURE_HISTORY {
+                    s.history.pop_front();
+                }
+            }
+            s.latest = p;
+            s.cgroup_id = cid;
+            next.insert(id, s);
+        }
+        *map = next;
+    }
+
+    /// The last PSI sample, trend and cgroup id of a container.
+    fn pressure_of(
+        &self,
+        container: &str,
+    ) -> (
+        Option<hyperbox_api::Pressure>,
+        Option<hyperbox_api::PressureTrend>,
+        Option<u64>,
+    ) {
+        let map = self.pressure.lock().unwrap();
+        let Some(s) = map.get(container) else {
+            return (None, None, None);
+        };
+        let trend = match (s.history.front(), s.history.back()) {
+            (Some(first), Some(last)) if s.history.len() >= 2 => {
+                Some(hyperbox_api::PressureTrend {
+                    cpu: last.1[0] - first.1[0],
+                    memory: last.1[1] - first.1[1],
+                    io: last.1[2] - first.1[2],
+                    over_seconds: last.0.duration_since(first.0).as_secs_f32(),
+                })
+            }
+            _ => None,
+        };
+        (s.latest.clone(), trend, s.cgroup_id)
     }
 
     /// The digests' version (see `digests_version`).

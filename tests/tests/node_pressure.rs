@@ -1,0 +1,119 @@
+//! Per-container PSI on a real node: containers are placed in the cgroup v2 tree (on this
+//! hybrid host the runtime does it itself), report their pressure and cgroup id, and leave no
+//! v2 cgroup behind. Real CPU contention comes from `stress-ng` on the host.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyperbox_e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The v2 directory of a container of `node`: under the unified tree of a hybrid host, or
+/// the root of a pure v2 host.
+fn v2_dir(node: &Node, container: &str) -> Option<PathBuf> {
+    let root = if fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
+        PathBuf::from("/sys/fs/cgroup")
+    } else if fs::metadata("/sys/fs/cgroup/unified/cgroup.controllers").is_ok() {
+        PathBuf::from("/sys/fs/cgroup/unified")
+    } else {
+        return None;
+    };
+    Some(
+        root.join(node.cgroup_parent.trim_start_matches('/'))
+            .join(container),
+    )
+}
+
+fn cpu_some10(v: &Value) -> f64 {
+    v["replicas"][0]["pressure"]["cpu"]["some"]["avg10"]
+        .as_f64()
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn containers_report_their_own_cpu_pressure() {
+    let psi = fs::metadata("/proc/pressure/cpu").is_ok();
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let node = Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    node.apply(&workload(
+        "hog",
+        &image,
+        "  command: [sh, -c, 'while :; do :; done']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.apply(&workload(
+        "idle",
+        &image,
+        "  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    let hog = node
+        .wait_for("hog", T, "hog running", |v| v["phase"] == "Running")
+        .unwrap();
+    let id = container_ids(&hog)[0].clone();
+    let pid = hog["replicas"][0]["pid"].as_i64().unwrap();
+    let Some(dir) = v2_dir(&node, &id) else {
+        eprintln!("no cgroup v2 tree on this host: per-container PSI is not available");
+        return;
+    };
+    // The init (and what it runs) is in the container's v2 cgroup.
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l.trim() == pid.to_string()),
+        "pid {pid} not in {}: {procs}",
+        dir.display()
+    );
+    // The status reports its cgroup id, the inode of that directory.
+    let with_id = node
+        .wait_for("hog", T, "a cgroup id", |v| {
+            v["replicas"][0]["cgroupId"].is_u64()
+        })
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        with_id["replicas"][0]["cgroupId"].as_u64().unwrap(),
+        fs::metadata(&dir).unwrap().ino()
+    );
+    if !psi {
+        eprintln!("PSI is off on this kernel: no readings to check");
+        return;
+    }
+    // Contention on the host: the hog waits for CPU, and its own pressure rises.
+    let mut stress = std::process::Command::new("stress-ng")
+        .args(["--cpu", "4", "--timeout", "60s", "--quiet"])
+        .spawn()
+        .expect("stress-ng is installed (tests/install-deps.sh)");
+    let loaded = node.wait_for("hog", T, "the hog's cpu pressure to rise", |v| {
+        cpu_some10(v) > 5.0
+    });
+    let idle = node.get("idle").unwrap();
+    let wide = String::from_utf8_lossy(&node.cli(&["get", "-o", "wide"]).stdout).to_string();
+    let _ = stress.kill();
+    let _ = stress.wait();
+    let loaded = loaded.unwrap();
+    assert!(
+        loaded["replicas"][0]["pressureTrend"]["overSeconds"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{loaded}"
+    );
+    // A sleeping container waits for nothing.
+    assert!(cpu_some10(&idle) >= 0.0, "{idle}");
+    assert!(
+        cpu_some10(&idle) < cpu_some10(&loaded),
+        "idle {idle}\nhog {loaded}"
+    );
+    assert!(wide.contains("PSI CPU/MEM/IO"), "{wide}");
+    // Deleting the container removes its v2 cgroup too.
+    assert!(node.cli(&["delete", "hog"]).status.success());
+    wait_until(T, "the hog's v2 cgroup removed", || {
+        (!dir.exists()).then_some(())
+    })
+    .unwrap();
+    let n: Value = serde_json::from_slice(&node.cli(&["node", "-o", "json"]).stdout).unwrap();
+    assert_eq!(n["features"]["psi"], true);
+    assert!(n["pressure"]["cpu"]["some"]["total"].as_u64().unwrap() > 0);
+}
