@@ -117,3 +117,59 @@ fn containers_report_their_own_cpu_pressure() {
     assert_eq!(n["features"]["psi"], true);
     assert!(n["pressure"]["cpu"]["some"]["total"].as_u64().unwrap() > 0);
 }
+
+fn mem_some10(v: &Value) -> f64 {
+    v["replicas"][0]["pressure"]["memory"]["some"]["avg10"]
+        .as_f64()
+        .unwrap_or(-1.0)
+}
+
+/// A container whose working set (a 96 MiB file it reads over and over) does not fit its
+/// 32 MiB memory limit stalls on refaults: its own memory pressure rises, a neighbour's not.
+#[test]
+fn a_memory_starved_container_shows_memory_pressure() {
+    if fs::metadata("/proc/pressure/memory").is_err() {
+        eprintln!("PSI is off on this kernel");
+        return;
+    }
+    let reg = Registry::start(false).unwrap();
+    let (image, _) = push_image(
+        &reg,
+        "thrash",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (
+                Layer::new().big_file("big", 96 << 20).finish(),
+                Compress::Gzip,
+            ),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
+    let node = Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    node.apply(&workload(
+        "starved",
+        &image,
+        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.apply(&workload(
+        "calm",
+        &image,
+        "  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    let starved = node
+        .wait_for(
+            "starved",
+            T,
+            "memory pressure in the starved container",
+            |v| mem_some10(v) > 5.0,
+        )
+        .unwrap();
+    let calm = node.get("calm").unwrap();
+    assert!(
+        mem_some10(&calm) < mem_some10(&starved),
+        "calm {calm}\nstarved {starved}"
+    );
+}
