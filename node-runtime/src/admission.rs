@@ -10,7 +10,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hyperbox_api::refusal::{INSUFFICIENT_CPU, INSUFFICIENT_MEMORY, NODE_SELECTOR_MISMATCH};
+use hyperbox_api::refusal::{
+    INSUFFICIENT_CPU, INSUFFICIENT_MEMORY, NODE_PRESSURE, NODE_SELECTOR_MISMATCH,
+};
 use hyperbox_api::validate::FieldError;
 use hyperbox_api::{ResourceAmounts, Workload};
 
@@ -24,6 +26,160 @@ pub struct NodeFacts {
     pub labels: BTreeMap<String, String>,
     pub capacity: ResourceAmounts,
     pub allocatable: ResourceAmounts,
+    /// New replicas are refused while this PSI signal is above its threshold.
+    pub pressure_gate: Option<PressureGate>,
+    /// The cgroup v2 directory of the node's workloads (its cgroup parent), whose pressure
+    /// counts besides the host's.
+    pub pressure_dir: Option<std::path::PathBuf>,
+}
+
+/// A PSI signal and its threshold (`--pressure-admission memory.full.avg10=10`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressureGate {
+    /// `cpu`, `memory` or `io`.
+    pub resource: &'static str,
+    /// `some` or `full`.
+    pub kind: &'static str,
+    /// `avg10`, `avg60` or `avg300`.
+    pub window: &'static str,
+    /// Percent of time stalled.
+    pub threshold: f32,
+}
+
+/// Memory `full` over 10 s: the share of time in which every non-idle task of the node (or of
+/// its workloads) was stalled on memory at once, which is lost work for all of them, not just
+/// slower work. At 10%, one second in every ten is lost: well past the point where a new
+/// replica would only deepen the stall, and well below systemd-oomd's default kill threshold
+/// (memory pressure above 60% for 30 s).
+pub const DEFAULT_PRESSURE_GATE: PressureGate = PressureGate {
+    resource: "memory",
+    kind: "full",
+    window: "avg10",
+    threshold: 10.0,
+};
+
+impl PressureGate {
+    /// `RESOURCE.KIND.WINDOW=PERCENT` (`memory.full.avg10=10`), or `off`.
+    pub fn parse(s: &str) -> Result<Option<PressureGate>, String> {
+        if s == "off" {
+            return Ok(None);
+        }
+        let (signal, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected RESOURCE.KIND.WINDOW=PERCENT or off"))?;
+        let parts: Vec<&str> = signal.split('.').collect();
+        let [resource, kind, window] = parts[..] else {
+            return Err(format!(
+                "{signal:?}: expected RESOURCE.KIND.WINDOW, for example memory.full.avg10"
+            ));
+        };
+        let pick = |v: &str, allowed: &[&'static str], what: &str| {
+            allowed
+                .iter()
+                .copied()
+                .find(|a| *a == v)
+                .ok_or_else(|| format!("{v:?} is not a {what} (one of {})", allowed.join(", ")))
+        };
+        let threshold: f32 = value
+            .trim_end_matches('%')
+            .parse()
+            .map_err(|_| format!("{value:?} is not a percentage"))?;
+        if !(0.0..=100.0).contains(&threshold) {
+            return Err(format!("{value:?}: a percentage is between 0 and 100"));
+        }
+        Ok(Some(PressureGate {
+            resource: pick(resource, &["cpu", "memory", "io"], "PSI resource")?,
+            kind: pick(kind, &["some", "full"], "PSI line")?,
+            window: pick(window, &["avg10", "avg60", "avg300"], "PSI average")?,
+            threshold,
+        }))
+    }
+
+    /// The signal's value in a reading.
+    pub fn value(&self, p: &hyperbox_api::Pressure) -> f32 {
+        let r = match self.resource {
+            "cpu" => &p.cpu,
+            "memory" => &p.memory,
+            _ => &p.io,
+        };
+        let a = if self.kind == "full" {
+            &r.full
+        } else {
+            &r.some
+        };
+        match self.window {
+            "avg10" => a.avg10,
+            "avg60" => a.avg60,
+            _ => a.avg300,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}.{}.{}", self.resource, self.kind, self.window)
+    }
+
+    /// The signal now: the higher of the host's reading and that of the node's workloads
+    /// (`dir`, their cgroup v2 parent). `None` without PSI.
+    pub fn read(&self, dir: Option<&std::path::Path>) -> Option<f32> {
+        let host = crate::psi::node().map(|p| self.value(&p));
+        let workloads = dir.and_then(crate::psi::cgroup).map(|p| self.value(&p));
+        match (host, workloads) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// `--pressure-admission`: a gate, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressureAdmission(pub Option<PressureGate>);
+
+impl std::str::FromStr for PressureAdmission {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PressureGate::parse(s).map(PressureAdmission)
+    }
+}
+
+/// Pressure admission: while the gate's signal (`value`, the higher of the host's and the
+/// node's workloads' reading) is above its threshold, every workload of the batch that adds
+/// replicas (a new one, or more desired replicas than `current` holds by key) is refused with
+/// `NodePressure` and the figures. Scaling down, suspending and changes that add no replica
+/// pass: they relieve the node or leave it as it is.
+pub fn pressure_refusals(
+    node: &NodeFacts,
+    value: Option<f32>,
+    current: &HashMap<String, u32>,
+    batch: &[&Workload],
+) -> Refusals {
+    let (Some(gate), Some(value)) = (node.pressure_gate, value) else {
+        return Vec::new();
+    };
+    if value <= gate.threshold {
+        return Vec::new();
+    }
+    batch
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.desired_replicas() > current.get(&w.key()).copied().unwrap_or(0))
+        .map(|(pos, w)| {
+            let had = current.get(&w.key()).copied().unwrap_or(0);
+            (
+                pos,
+                refusal(
+                    "spec.replicas",
+                    NODE_PRESSURE,
+                    format!(
+                        "node {} is under pressure: {} is {value:.1}% (threshold {:.1}%); {} new replica(s) wait until it falls",
+                        node.id,
+                        gate.name(),
+                        gate.threshold,
+                        w.desired_replicas() - had
+                    ),
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Check a batch, in order, against what is already admitted (`admitted`: workload name →
@@ -235,7 +391,65 @@ mod tests {
                 cpu_millis: cpu_m,
                 memory_bytes: mem_mi * MI,
             },
+            pressure_gate: None,
+            pressure_dir: None,
         }
+    }
+
+    #[test]
+    fn pressure_gates_parse_with_clear_errors() {
+        assert_eq!(PressureGate::parse("off").unwrap(), None);
+        assert_eq!(
+            PressureGate::parse("memory.full.avg10=10").unwrap(),
+            Some(DEFAULT_PRESSURE_GATE)
+        );
+        let g = PressureGate::parse("cpu.some.avg60=25%").unwrap().unwrap();
+        assert_eq!(
+            (g.resource, g.kind, g.window, g.threshold),
+            ("cpu", "some", "avg60", 25.0)
+        );
+        for (bad, says) in [
+            ("memory", "RESOURCE.KIND.WINDOW=PERCENT"),
+            ("disk.full.avg10=1", "not a PSI resource"),
+            ("memory.half.avg10=1", "not a PSI line"),
+            ("memory.full.avg5=1", "not a PSI average"),
+            ("memory.full.avg10=x", "not a percentage"),
+            ("memory.full.avg10=120", "between 0 and 100"),
+        ] {
+            let e = PressureGate::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn under_pressure_only_new_replicas_are_refused() {
+        let mut n = node(1000, 1000);
+        n.pressure_gate = Some(DEFAULT_PRESSURE_GATE);
+        let current: HashMap<String, u32> = [("a".to_string(), 2)].into();
+        let (grow, same, shrink, new) = (
+            w("a", "  replicas: 3\n"),
+            w("a", "  replicas: 2\n"),
+            w("a", "  replicas: 1\n"),
+            w("b", ""),
+        );
+        let batch = [&grow, &same, &shrink, &new];
+        // Calm (or no reading, or no gate): nothing is refused.
+        assert!(pressure_refusals(&n, Some(3.0), &current, &batch).is_empty());
+        assert!(pressure_refusals(&n, None, &current, &batch).is_empty());
+        let refused = pressure_refusals(&n, Some(12.5), &current, &batch);
+        let at: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, [0, 3]);
+        let e = &refused[0].1;
+        assert_eq!(e.reason.as_deref(), Some("NodePressure"));
+        assert_eq!(e.field, "spec.replicas");
+        assert!(
+            e.message
+                .contains("memory.full.avg10 is 12.5% (threshold 10.0%); 1 new replica"),
+            "{}",
+            e.message
+        );
+        n.pressure_gate = None;
+        assert!(pressure_refusals(&n, Some(99.0), &current, &batch).is_empty());
     }
 
     fn w(name: &str, extra: &str) -> Workload {

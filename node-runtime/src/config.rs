@@ -23,6 +23,7 @@ hyperbox_client::config_file! {
         max_image_bytes: u64,
         allow_image_devices: bool,
         image_store: String,
+        pressure_admission: String,
         image_keep_for: String,
         backoff_base: String,
         backoff_max: String,

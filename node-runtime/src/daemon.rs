@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub labels: Vec<(String, String)>,
     /// Held back from the capacity for the system and HyperBox itself (`--reserve`).
     pub reserve: hyperbox_api::ResourceAmounts,
+    /// New replicas are refused while this PSI signal is above its threshold.
+    pub pressure_gate: Option<crate::admission::PressureGate>,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -161,6 +163,9 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         labels: crate::admission::node_labels(&crate::node::hostname(), &opts.labels),
         capacity,
         allocatable: capacity.minus(opts.reserve),
+        pressure_gate: opts.pressure_gate,
+        pressure_dir: crate::psi::v2_root()
+            .map(|r| r.join(opts.cgroup_parent.trim_start_matches('/'))),
     };
     tracing::info!(
         node_id = %facts.id,

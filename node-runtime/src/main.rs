@@ -111,6 +111,10 @@ enum Command {
         /// Allow device nodes in image layers.
         #[arg(long)]
         allow_image_devices: bool,
+        /// Refuse new replicas while a PSI signal (the higher of the host's and the node's
+        /// workloads') is above a threshold: RESOURCE.KIND.WINDOW=PERCENT, or `off`.
+        #[arg(long, default_value = "memory.full.avg10=10")]
+        pressure_admission: hyperbox_node::admission::PressureAdmission,
         /// How images are prepared: `layers` (one EROFS per layer, shared between images,
         /// stacked by overlayfs) or `flattened` (one EROFS per image).
         #[arg(long, default_value = "layers", value_parser = ["layers", "flattened"])]
@@ -283,6 +287,7 @@ async fn run(cli: Cli) -> Result<bool> {
             max_image_bytes,
             allow_image_devices,
             image_store,
+            pressure_admission,
             cgroup_parent,
             allow_host_paths,
             allow_net_raw,
@@ -323,6 +328,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 allow_net_raw: *allow_net_raw,
                 labels: labels.clone(),
                 reserve: *reserve,
+                pressure_gate: pressure_admission.0,
             })
             .await?;
             Ok(true)

@@ -173,3 +173,89 @@ fn a_memory_starved_container_shows_memory_pressure() {
         "calm {calm}\nstarved {starved}"
     );
 }
+
+/// Admission under real memory pressure: while a starved container keeps the node's
+/// workloads stalled, new replicas are refused with `NodePressure` and the figures; scaling
+/// down still passes; once the pressure falls, the same apply is admitted.
+#[test]
+fn new_replicas_are_refused_under_memory_pressure() {
+    if fs::metadata("/proc/pressure/memory").is_err() {
+        eprintln!("PSI is off on this kernel");
+        return;
+    }
+    let reg = Registry::start(false).unwrap();
+    let (image, _) = push_image(
+        &reg,
+        "thrash",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (
+                Layer::new().big_file("big", 96 << 20).finish(),
+                Compress::Gzip,
+            ),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap();
+    // A low threshold on `some`, so that one starved container is enough.
+    let node = Node::start(&[
+        "--insecure-registry",
+        &reg.addr,
+        "--pressure-admission",
+        "memory.some.avg10=5",
+    ])
+    .unwrap();
+    let sleeper = |name: &str, replicas: u32| {
+        workload(
+            name,
+            &image,
+            &format!("  replicas: {replicas}\n  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n"),
+        )
+    };
+    assert!(node.apply(&sleeper("calm", 2)).status.success());
+    node.apply(&workload(
+        "starved",
+        &image,
+        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.wait_for("starved", T, "memory pressure", |v| mem_some10(v) > 20.0)
+        .unwrap();
+    // New replicas: refused, with the reason and the figures.
+    let out = node.apply(&sleeper("new", 1));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("(403)"), "{err}");
+    assert!(
+        err.contains("workloads[0].spec.replicas: NodePressure: node "),
+        "{err}"
+    );
+    assert!(err.contains("memory.some.avg10 is "), "{err}");
+    assert!(err.contains("(threshold 5.0%)"), "{err}");
+    assert!(node.get("new").is_none());
+    let out = node.apply(&sleeper("calm", 3));
+    assert!(!out.status.success(), "a scale-up is new replicas too");
+    // A scale-down relieves the node: admitted.
+    let out = node.apply(&sleeper("calm", 1));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The pressure goes with the starved container; then the same apply is admitted.
+    assert!(node.cli(&["delete", "starved"]).status.success());
+    wait_until(
+        Duration::from_secs(120),
+        "admission once the pressure fell",
+        || {
+            node.apply(&sleeper("new", 1))
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .unwrap();
+    node.wait_for("new", T, "new running", |v| v["phase"] == "Running")
+        .unwrap();
+}

@@ -221,6 +221,7 @@ pub mod refusal {
     pub const INSUFFICIENT_MEMORY: &str = "InsufficientMemory";
     pub const INSUFFICIENT_CPU: &str = "InsufficientCPU";
     pub const NODE_SELECTOR_MISMATCH: &str = "NodeSelectorMismatch";
+    pub const NODE_PRESSURE: &str = "NodePressure";
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]

@@ -342,6 +342,28 @@ impl Supervisor {
         if !conflicts.is_empty() {
             return Ok(Err(Refused::Conflicts(conflicts)));
         }
+        // Under pressure, nothing that adds replicas is admitted.
+        let facts = self.node.lock().unwrap().clone();
+        if let Some(f) = facts.filter(|f| f.pressure_gate.is_some()) {
+            let gate = f.pressure_gate.expect("filtered");
+            let value = gate.read(f.pressure_dir.as_deref());
+            let current: HashMap<String, u32> = {
+                let reg = self.shared.registry.lock().await;
+                keys.iter()
+                    .filter_map(|k| {
+                        let h = reg.get(k)?;
+                        let n = h.snapshot.lock().unwrap().workload.desired_replicas();
+                        Some((k.clone(), n))
+                    })
+                    .collect()
+            };
+            let batch: Vec<&Workload> = workloads.iter().collect();
+            let refused = admission::pressure_refusals(&f, value, &current, &batch);
+            if !refused.is_empty() {
+                tracing::info!(signal = %gate.name(), value = ?value, threshold = gate.threshold, refused = refused.len(), "refusing new replicas under pressure");
+                return Ok(Err(Refused::Admission(refused)));
+            }
+        }
         {
             // Check and reserve under one lock: two concurrent applies never both take the
             // last room.
