@@ -107,5 +107,11 @@ pub fn summary(
             fsverity_reason: verity.and_then(|v| v.as_ref().err().cloned()),
         },
         pressure,
+        workloads_pressure: facts
+            .and_then(|f| f.pressure_dir.as_deref())
+            .and_then(crate::psi::cgroup),
+        pressure_admission: facts
+            .and_then(|f| f.pressure_gate)
+            .map(|g| format!("{}={}", g.name(), g.threshold)),
     }
 }

@@ -81,6 +81,12 @@ pub fn place_fleet(
                     memory_bytes: s.requested.memory_bytes.saturating_sub(mine.memory_bytes),
                 },
                 schedulable: v.schedulable && v.summary.is_some(),
+                // The worse of the host's and the node's workloads' pressure.
+                pressure: [s.pressure.as_ref(), s.workloads_pressure.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(hyperbox_api::Pressure::score)
+                    .fold(0.0, f32::max),
             }
         })
         .collect();

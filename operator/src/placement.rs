@@ -7,8 +7,8 @@
 //! 1. A replica stays where it is while that node still matches the selector and can take work
 //!    (moving running work is the expensive mistake).
 //! 2. Otherwise it goes to a matching node with room for its requests, preferring the node
-//!    with the fewest replicas of that workload (spread), then the most free memory, then the
-//!    node id (deterministic). For that preference only, a replica without a memory request
+//!    with the fewest replicas of that workload (spread), then the calmest node (by pressure
+//!    band), then the most free memory, then the node id (deterministic). For that preference only, a replica without a memory request
 //!    counts as [`NOMINAL_MEMORY_REQUEST`] (as kube-scheduler's scoring does with its
 //!    non-zero defaults): otherwise workloads that request nothing would all land on the
 //!    first of equal nodes.
@@ -42,6 +42,19 @@ pub struct NodeInfo {
     /// False for a node that refused work or has been unreachable past the grace period: its
     /// replicas move.
     pub schedulable: bool,
+    /// How stalled the node is (see `Pressure::score`; 0 without PSI): calmer nodes are
+    /// preferred, in bands of [`PRESSURE_BAND`] so that noise does not move new replicas
+    /// from one node to another.
+    pub pressure: f32,
+}
+
+/// Width of a pressure band: nodes whose scores fall in the same band count as equally calm
+/// (then free memory decides). 10 points is one second of stall per ten on the cpu or io, or
+/// half a second on memory.
+pub const PRESSURE_BAND: f32 = 10.0;
+
+fn band(pressure: f32) -> u32 {
+    (pressure.max(0.0) / PRESSURE_BAND) as u32
 }
 
 #[derive(Debug, Clone)]
@@ -185,7 +198,7 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
         let best = with_room.iter().min_by_key(|n| {
             let mine = out.on_node(&d.workload, &n.id).len();
             let f = score_free[n.id.as_str()];
-            (mine, std::cmp::Reverse(f), n.id.clone())
+            (mine, band(n.pressure), std::cmp::Reverse(f), n.id.clone())
         });
         let Some(best) = best else {
             // Say which resource is short on the roomiest matching node.
@@ -228,7 +241,33 @@ mod tests {
             },
             reserved: Amounts::default(),
             schedulable: true,
+            pressure: 0.0,
         }
+    }
+
+    #[test]
+    fn calmer_nodes_are_preferred_by_band() {
+        let mut a = node("a", &[], 8);
+        let mut b = node("b", &[], 4);
+        // b has less room but is calm; a is stalled: new workloads go to b.
+        a.pressure = 35.0;
+        b.pressure = 2.0;
+        let p = place(
+            &[demand("web", 1, 1), demand("api", 1, 1)],
+            &[a.clone(), b.clone()],
+        );
+        assert!(p.assigned.values().all(|n| n == "b"), "{p:?}");
+        // Within one band, free memory decides (noise does not move replicas).
+        a.pressure = 4.0;
+        b.pressure = 1.0;
+        let p = place(&[demand("web", 1, 1)], &[a.clone(), b.clone()]);
+        assert_eq!(p.assigned[&("web".to_string(), 0)], "a");
+        // Spread still comes first: one replica per node before any node gets two.
+        a.pressure = 90.0;
+        b.pressure = 0.0;
+        let p = place(&[demand("web", 2, 1)], &[a, b]);
+        let on_a = p.assigned.values().filter(|n| *n == "a").count();
+        assert_eq!(on_a, 1, "{p:?}");
     }
 
     fn demand(w: &str, replicas: u32, mem_gi: u64) -> Demand {

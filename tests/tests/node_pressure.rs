@@ -116,6 +116,15 @@ fn containers_report_their_own_cpu_pressure() {
     let n: Value = serde_json::from_slice(&node.cli(&["node", "-o", "json"]).stdout).unwrap();
     assert_eq!(n["features"]["psi"], true);
     assert!(n["pressure"]["cpu"]["some"]["total"].as_u64().unwrap() > 0);
+    // The node's workloads together (their v2 parent), and the admission gate in force.
+    assert!(
+        n["workloadsPressure"]["cpu"]["some"]["total"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{n}"
+    );
+    assert_eq!(n["pressureAdmission"], "memory.full.avg10=10");
 }
 
 fn mem_some10(v: &Value) -> f64 {

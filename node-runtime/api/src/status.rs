@@ -272,7 +272,23 @@ pub struct NodeSummary {
     pub workloads: usize,
     pub containers: usize,
     pub pressure: Option<Pressure>,
+    /// PSI of the node's workloads together (their cgroup v2 parent), where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads_pressure: Option<Pressure>,
+    /// The signal and threshold above which new replicas are refused (`NodePressure`);
+    /// none when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure_admission: Option<String>,
     pub features: Features,
+}
+
+impl Pressure {
+    /// One number for comparing nodes: `some avg10` of cpu, memory and io, with memory
+    /// weighted double (a memory stall also costs reclaim and risks the OOM killer, where a
+    /// cpu or io stall only slows work down).
+    pub fn score(&self) -> f32 {
+        self.cpu.some.avg10 + 2.0 * self.memory.some.avg10 + self.io.some.avg10
+    }
 }
 
 /// Error body of every non-2xx API answer.
