@@ -81,12 +81,13 @@ pub fn place_fleet(
                     memory_bytes: s.requested.memory_bytes.saturating_sub(mine.memory_bytes),
                 },
                 schedulable: v.schedulable && v.summary.is_some(),
-                // The worse of the host's and the node's workloads' pressure.
+                // The host's pressure, plus what the node's own workloads suffer on top: of
+                // two nodes on one stalled host, the one whose workloads stall is worse.
                 pressure: [s.pressure.as_ref(), s.workloads_pressure.as_ref()]
                     .into_iter()
                     .flatten()
                     .map(hyperbox_api::Pressure::score)
-                    .fold(0.0, f32::max),
+                    .sum(),
             }
         })
         .collect();
