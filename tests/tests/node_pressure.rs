@@ -15,8 +15,37 @@ const T: Duration = Duration::from_secs(60);
 /// that one test's stall is not another's signal.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+/// Held for a test's duration; when dropped (after the test's nodes, declared later, are gone)
+/// it waits until the host's memory pressure has fallen back, so that neither the next test
+/// nor the next test binary's nodes see this test's stall (nodes refuse new replicas while
+/// `memory.full.avg10` is above 10% by default).
+struct Serial(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        let calm = || {
+            let text = fs::read_to_string("/proc/pressure/memory").ok()?;
+            let full = text.lines().find(|l| l.starts_with("full"))?;
+            let avg10: f64 = full
+                .split_whitespace()
+                .nth(1)?
+                .strip_prefix("avg10=")?
+                .parse()
+                .ok()?;
+            (avg10 < 2.0).then_some(())
+        };
+        if fs::metadata("/proc/pressure/memory").is_ok() {
+            let _ = wait_until(
+                Duration::from_secs(120),
+                "host memory pressure to fall",
+                calm,
+            );
+        }
+    }
+}
+
+fn serial() -> Serial {
+    Serial(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// The v2 directory of a container of `node`: under the unified tree of a hybrid host, or
