@@ -1327,3 +1327,19 @@ impl TestPki {
         self.dir.path().join(file).to_string_lossy().into_owned()
     }
 }
+
+/// One HTTP/1.1 request over the node's unix socket; the whole raw answer (status line,
+/// headers, body).
+pub fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

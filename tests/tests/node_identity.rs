@@ -47,20 +47,6 @@ fn running(v: &Value, n: usize) -> bool {
     })
 }
 
-fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn namespaces_and_253_character_names() {
     let reg = Registry::start(false).unwrap();

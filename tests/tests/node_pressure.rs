@@ -172,6 +172,35 @@ fn containers_report_their_own_cpu_pressure() {
     assert!(n.get("pressureAdmission").is_none(), "off: {n}");
 }
 
+/// Busybox plus a 96 MiB file: read over and over under a 32 MiB limit, it thrashes.
+fn thrash_image(reg: &Registry) -> String {
+    push_image(
+        reg,
+        "thrash",
+        "1",
+        vec![
+            (busybox_layer().finish(), Compress::Gzip),
+            (
+                Layer::new().big_file("big", 96 << 20).finish(),
+                Compress::Gzip,
+            ),
+        ],
+        &[],
+        &["sh"],
+    )
+    .unwrap()
+    .0
+}
+
+/// A workload whose working set (the thrash image's file) does not fit its memory limit.
+fn starved(image: &str) -> String {
+    workload(
+        "starved",
+        image,
+        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
+    )
+}
+
 fn mem_some10(v: &Value) -> f64 {
     v["replicas"][0]["pressure"]["memory"]["some"]["avg10"]
         .as_f64()
@@ -188,21 +217,7 @@ fn a_memory_starved_container_shows_memory_pressure() {
         return;
     }
     let reg = Registry::start(false).unwrap();
-    let (image, _) = push_image(
-        &reg,
-        "thrash",
-        "1",
-        vec![
-            (busybox_layer().finish(), Compress::Gzip),
-            (
-                Layer::new().big_file("big", 96 << 20).finish(),
-                Compress::Gzip,
-            ),
-        ],
-        &[],
-        &["sh"],
-    )
-    .unwrap();
+    let image = thrash_image(&reg);
     let node = Node::start(&[
         "--insecure-registry",
         &reg.addr,
@@ -210,11 +225,7 @@ fn a_memory_starved_container_shows_memory_pressure() {
         "off",
     ])
     .unwrap();
-    node.apply(&workload(
-        "starved",
-        &image,
-        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
-    ));
+    node.apply(&starved(&image));
     node.apply(&workload(
         "calm",
         &image,
@@ -246,21 +257,7 @@ fn new_replicas_are_refused_under_memory_pressure() {
         return;
     }
     let reg = Registry::start(false).unwrap();
-    let (image, _) = push_image(
-        &reg,
-        "thrash",
-        "1",
-        vec![
-            (busybox_layer().finish(), Compress::Gzip),
-            (
-                Layer::new().big_file("big", 96 << 20).finish(),
-                Compress::Gzip,
-            ),
-        ],
-        &[],
-        &["sh"],
-    )
-    .unwrap();
+    let image = thrash_image(&reg);
     // A low threshold on `some`, so that one starved container is enough.
     let node = Node::start(&[
         "--insecure-registry",
@@ -277,11 +274,7 @@ fn new_replicas_are_refused_under_memory_pressure() {
         )
     };
     assert!(node.apply(&sleeper("calm", 2)).status.success());
-    node.apply(&workload(
-        "starved",
-        &image,
-        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
-    ));
+    node.apply(&starved(&image));
     node.wait_for("starved", T, "memory pressure", |v| mem_some10(v) > 20.0)
         .unwrap();
     // New replicas: refused, with the reason and the figures.
@@ -333,21 +326,7 @@ fn placement_prefers_the_calmer_node() {
         return;
     }
     let reg = Registry::start(false).unwrap();
-    let (image, _) = push_image(
-        &reg,
-        "thrash",
-        "1",
-        vec![
-            (busybox_layer().finish(), Compress::Gzip),
-            (
-                Layer::new().big_file("big", 96 << 20).finish(),
-                Compress::Gzip,
-            ),
-        ],
-        &[],
-        &["sh"],
-    )
-    .unwrap();
+    let image = thrash_image(&reg);
     // No admission gate: on one machine the host-wide pressure the starved container makes
     // would close both nodes; this is about where the operator places.
     let args = [
@@ -358,11 +337,7 @@ fn placement_prefers_the_calmer_node() {
     ];
     let busy = Node::start(&args).unwrap();
     let calm = Node::start(&args).unwrap();
-    busy.apply(&workload(
-        "starved",
-        &image,
-        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
-    ));
+    busy.apply(&starved(&image));
     // The busy node's workloads are stalled well past one pressure band (10 points).
     wait_until(T, "pressure in the busy node's workloads", || {
         let out = busy.cli(&["node", "-o", "json"]);
