@@ -24,6 +24,7 @@ hyperbox_client::config_file! {
         allow_image_devices: bool,
         image_store: String,
         pressure_admission: String,
+        pressure_protection: String,
         image_keep_for: String,
         backoff_base: String,
         backoff_max: String,

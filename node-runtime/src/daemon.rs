@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub reserve: hyperbox_api::ResourceAmounts,
     /// New replicas are refused while this PSI signal is above its threshold.
     pub pressure_gate: Option<crate::admission::PressureGate>,
+    /// Pressure protection (`--pressure-protection`), none when off.
+    pub protection: Option<crate::protect::ProtectConfig>,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -174,8 +176,26 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         allocatable_memory = %crate::admission::bytes(facts.allocatable.memory_bytes),
         "node admission"
     );
+    let protection_signal = facts.pressure_dir.clone();
     sup.set_node(facts);
     sup.recover().await?;
+    match opts.protection {
+        Some(cfg) if crate::psi::node().is_some() => {
+            tracing::info!(settings = %cfg.describe(), "pressure protection on");
+            sup.enable_protection(cfg, protection_signal).await;
+            let sup = sup.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    sup.protect_round().await;
+                }
+            });
+        }
+        Some(_) => tracing::warn!("pressure protection off: this kernel reports no PSI"),
+        None => tracing::info!("pressure protection off"),
+    }
     if legacy.exists() {
         // Containers of the old layout were swept above; what is left is empty.
         let _ = crate::fsutil::remove_dir_all_if_exists(&legacy);

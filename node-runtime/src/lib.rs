@@ -13,6 +13,7 @@ pub mod logs;
 pub mod node;
 pub mod policy;
 pub mod probe;
+pub mod protect;
 pub mod psi;
 pub mod runtime;
 pub mod seccomp;

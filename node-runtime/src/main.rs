@@ -115,6 +115,11 @@ enum Command {
         /// workloads') is above a threshold: RESOURCE.KIND.WINDOW=PERCENT, or `off`.
         #[arg(long, default_value = "memory.full.avg10=10")]
         pressure_admission: hyperbox_node::admission::PressureAdmission,
+        /// Under sustained memory pressure, throttle and then evict the lowest-priority
+        /// replicas (reason EvictedForPressure): `on`, `off`, or settings over the defaults,
+        /// `throttle=10,evict=20,release=2,sustain=3s,cooldown=5s,release-after=30s,restore-after=60s`.
+        #[arg(long, default_value = "on")]
+        pressure_protection: hyperbox_node::protect::PressureProtection,
         /// How images are prepared: `layers` (one EROFS per layer, shared between images,
         /// stacked by overlayfs) or `flattened` (one EROFS per image).
         #[arg(long, default_value = "layers", value_parser = ["layers", "flattened"])]
@@ -288,6 +293,7 @@ async fn run(cli: Cli) -> Result<bool> {
             allow_image_devices,
             image_store,
             pressure_admission,
+            pressure_protection,
             cgroup_parent,
             allow_host_paths,
             allow_net_raw,
@@ -329,6 +335,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 labels: labels.clone(),
                 reserve: *reserve,
                 pressure_gate: pressure_admission.0,
+                protection: pressure_protection.0,
             })
             .await?;
             Ok(true)

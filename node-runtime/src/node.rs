@@ -113,5 +113,7 @@ pub fn summary(
         pressure_admission: facts
             .and_then(|f| f.pressure_gate)
             .map(|g| format!("{}={}", g.name(), g.threshold)),
+        pressure_trend: None,
+        protection: None,
     }
 }

@@ -153,6 +153,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn v2_cgroup(&self, _id: &str) -> Option<std::path::PathBuf> {
         None
     }
+    /// Where pressure protection throttles the container (nothing in test doubles).
+    fn controls(&self, _id: &str) -> crate::protect::Controls {
+        crate::protect::Controls::default()
+    }
     /// Run a command inside the container; killed at the timeout. Returns its exit code.
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32>;
     /// HTTP GET from inside the process's network namespace; true on 2xx/3xx.
@@ -294,6 +298,10 @@ impl Runtime for LibcontainerRuntime {
 
     fn v2_cgroup(&self, id: &str) -> Option<std::path::PathBuf> {
         container::v2_cgroup_dir(&self.dirs, id)
+    }
+
+    fn controls(&self, id: &str) -> crate::protect::Controls {
+        container::controls(&self.dirs, id)
     }
 
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32> {

@@ -556,9 +556,13 @@ async fn remove_image(State(sup): State<AppState>, Query(q): Query<ProgressQuery
 }
 
 async fn node(State(sup): State<AppState>) -> Response {
+    Json(node_summary(&sup).await).into_response()
+}
+
+async fn node_summary(sup: &Supervisor) -> hyperbox_api::NodeSummary {
     let (cpu_millis, memory_bytes, containers) = sup.allocations().await;
     let facts = sup.node_facts();
-    let summary = crate::node::summary(
+    let mut summary = crate::node::summary(
         facts.as_ref(),
         sup.requested(),
         ResourceAmounts {
@@ -569,7 +573,9 @@ async fn node(State(sup): State<AppState>) -> Response {
         containers,
         sup.store().map(|s| s.as_ref()),
     );
-    Json(summary).into_response()
+    summary.pressure_trend = sup.node_trend();
+    summary.protection = sup.protection_status();
+    summary
 }
 
 /// Constant-time bearer token check for the TCP listener.
@@ -735,27 +741,179 @@ async fn refuse_plain_http(mut tcp: tokio::net::TcpStream) {
     let _ = tcp.shutdown().await;
 }
 
-/// Prometheus text exposition of node pressure and workload states.
+/// Prometheus label value escaping (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One PSI reading as `{prefix}_avg10` gauges and `{prefix}_stalled_seconds_total` counters,
+/// by resource and kind, with `labels` first.
+fn write_pressure(out: &mut String, prefix: &str, labels: &str, p: &hyperbox_api::Pressure) {
+    use std::fmt::Write;
+    for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
+        for (kind, a) in [("some", &r.some), ("full", &r.full)] {
+            let _ = writeln!(
+                out,
+                "{prefix}_avg10{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
+                a.avg10
+            );
+            let _ = writeln!(
+                out,
+                "{prefix}_stalled_seconds_total{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
+                a.total as f64 / 1e6
+            );
+        }
+    }
+}
+
+fn help(out: &mut String, name: &str, kind: &str, text: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {text}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Prometheus text exposition of node and container pressure, pressure protection and
+/// workload states.
 pub async fn metrics_text(sup: &Supervisor) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    if let Some(p) = crate::node::pressure() {
-        let _ = writeln!(
-            out,
-            "# HELP hyperbox_node_pressure_avg10 PSI share of time stalled over 10s (percent)."
-        );
-        let _ = writeln!(out, "# TYPE hyperbox_node_pressure_avg10 gauge");
-        for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
-            for (kind, a) in [("some", &r.some), ("full", &r.full)] {
-                let _ = writeln!(
-                    out,
-                    "hyperbox_node_pressure_avg10{{resource=\"{res}\",kind=\"{kind}\"}} {}",
-                    a.avg10
+    let list = sup.list().await;
+    let summary = node_summary(sup).await;
+    help(
+        &mut out,
+        "hyperbox_node_pressure_avg10",
+        "gauge",
+        "PSI share of time stalled over 10s (percent): the host (scope=\"host\") and the node's workloads together (scope=\"workloads\").",
+    );
+    let mut stalled = String::new();
+    for (scope, p) in [
+        ("host", &summary.pressure),
+        ("workloads", &summary.workloads_pressure),
+    ] {
+        if let Some(p) = p {
+            write_pressure(
+                &mut stalled,
+                "hyperbox_node_pressure",
+                &format!("scope=\"{scope}\","),
+                p,
+            );
+        }
+    }
+    // Gauges and counters were written interleaved: split them under their own headers.
+    let (gauges, counters): (Vec<&str>, Vec<&str>) =
+        stalled.lines().partition(|l| l.contains("_avg10{"));
+    for l in gauges {
+        let _ = writeln!(out, "{l}");
+    }
+    help(
+        &mut out,
+        "hyperbox_node_pressure_stalled_seconds_total",
+        "counter",
+        "PSI total stall time (seconds).",
+    );
+    for l in counters {
+        let _ = writeln!(out, "{l}");
+    }
+    let mut per_container = String::new();
+    for w in &list {
+        for r in &w.replicas {
+            if let Some(p) = &r.pressure {
+                write_pressure(
+                    &mut per_container,
+                    "hyperbox_container_pressure",
+                    &format!(
+                        "namespace=\"{}\",workload=\"{}\",replica=\"{}\",",
+                        label(&w.namespace),
+                        label(&w.name),
+                        r.index
+                    ),
+                    p,
                 );
             }
         }
     }
-    let list = sup.list().await;
+    let (gauges, counters): (Vec<&str>, Vec<&str>) =
+        per_container.lines().partition(|l| l.contains("_avg10{"));
+    help(
+        &mut out,
+        "hyperbox_container_pressure_avg10",
+        "gauge",
+        "A container's PSI share of time stalled over 10s (percent).",
+    );
+    for l in gauges {
+        let _ = writeln!(out, "{l}");
+    }
+    help(
+        &mut out,
+        "hyperbox_container_pressure_stalled_seconds_total",
+        "counter",
+        "A container's PSI total stall time (seconds).",
+    );
+    for l in counters {
+        let _ = writeln!(out, "{l}");
+    }
+    help(
+        &mut out,
+        "hyperbox_container_throttled",
+        "gauge",
+        "Whether pressure protection holds the replica back.",
+    );
+    for w in &list {
+        for r in w.replicas.iter().filter(|r| r.throttled) {
+            let _ = writeln!(
+                out,
+                "hyperbox_container_throttled{{namespace=\"{}\",workload=\"{}\",replica=\"{}\"}} 1",
+                label(&w.namespace),
+                label(&w.name),
+                r.index
+            );
+        }
+    }
+    if let Some(p) = &summary.protection {
+        help(
+            &mut out,
+            "hyperbox_protection_level",
+            "gauge",
+            "Pressure protection's signal: the workloads' memory full stall over the last second (percent).",
+        );
+        let _ = writeln!(out, "hyperbox_protection_level {}", p.level.unwrap_or(0.0));
+        for (name, v, text) in [
+            (
+                "throttles",
+                p.throttles_total,
+                "Replicas throttled by pressure protection.",
+            ),
+            (
+                "evictions",
+                p.evictions_total,
+                "Replicas evicted by pressure protection (EvictedForPressure).",
+            ),
+            (
+                "restores",
+                p.restores_total,
+                "Evicted replicas started again once the node was calm.",
+            ),
+        ] {
+            let metric = format!("hyperbox_protection_{name}_total");
+            help(&mut out, &metric, "counter", text);
+            let _ = writeln!(out, "{metric} {v}");
+        }
+    }
+    if let Some(g) = &summary.pressure_admission {
+        help(
+            &mut out,
+            "hyperbox_pressure_admission_info",
+            "gauge",
+            "The signal and threshold above which new replicas are refused (NodePressure).",
+        );
+        let _ = writeln!(
+            out,
+            "hyperbox_pressure_admission_info{{gate=\"{}\"}} 1",
+            label(g)
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP hyperbox_workload_ready Whether all replicas of the workload are ready."
@@ -764,8 +922,9 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
     for w in &list {
         let _ = writeln!(
             out,
-            "hyperbox_workload_ready{{workload=\"{}\"}} {}",
-            w.name,
+            "hyperbox_workload_ready{{namespace=\"{}\",workload=\"{}\"}} {}",
+            label(&w.namespace),
+            label(&w.name),
             u8::from(w.ready)
         );
     }
@@ -777,8 +936,10 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
     for w in &list {
         let _ = writeln!(
             out,
-            "hyperbox_workload_restarts_total{{workload=\"{}\"}} {}",
-            w.name, w.restarts
+            "hyperbox_workload_restarts_total{{namespace=\"{}\",workload=\"{}\"}} {}",
+            label(&w.namespace),
+            label(&w.name),
+            w.restarts
         );
     }
     out

@@ -588,7 +588,13 @@ fn tcp_api_requires_the_token() {
     .unwrap();
     let m = http_tcp(&metrics, "/metrics", None);
     assert!(
-        m.contains("hyperbox_node_pressure_avg10{resource=\"memory\",kind=\"some\"}"),
+        m.contains(
+            "hyperbox_node_pressure_avg10{scope=\"host\",resource=\"memory\",kind=\"some\"}"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("# TYPE hyperbox_protection_evictions_total counter"),
         "{m}"
     );
     // The unix socket is private.

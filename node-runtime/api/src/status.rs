@@ -58,6 +58,10 @@ pub struct ReplicaStatus {
     /// The container's cgroup v2 id (the inode of its directory; what eBPF attributes by).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// Held back by pressure protection (`memory.high`, or on cgroup v1 a memory soft limit
+    /// and a cpu quota) until the node is calm again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub throttled: bool,
 }
 
 /// Change of each resource's `some avg10` over `over_seconds`.
@@ -279,7 +283,36 @@ pub struct NodeSummary {
     /// none when off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pressure_admission: Option<String>,
+    /// How the node's pressure moved over the last samples (the host's and its workloads'
+    /// `some avg10`, whichever is higher; positive: rising).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure_trend: Option<PressureTrend>,
+    /// Pressure protection: its settings, the signal now and what it has done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<ProtectionStatus>,
     pub features: Features,
+}
+
+/// What pressure protection is set to and has done since the daemon started.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectionStatus {
+    /// The settings (`throttle=10,evict=20,...`).
+    pub settings: String,
+    /// The signal: the memory `full` stall of the node's workloads, percent of the last
+    /// second; none before the first reading or without PSI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<f32>,
+    /// Replicas throttled now.
+    pub throttled: u32,
+    /// Replicas evicted for pressure and not yet restored.
+    pub evicted: u32,
+    pub throttles_total: u64,
+    pub evictions_total: u64,
+    pub restores_total: u64,
+    /// The last action, with its figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
 }
 
 impl Pressure {
@@ -338,6 +371,10 @@ pub struct WorkloadDigest {
     /// Who manages the workload (`git:<url>#<path>`, …); none for ones applied by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<String>,
+    /// Replicas the node evicted for pressure (reason `EvictedForPressure`): a source with
+    /// other nodes places them there.
+    #[serde(default, skip_serializing_if = "crate::util::is_zero")]
+    pub evicted_for_pressure: u32,
 }
 
 macro_rules! keyed {

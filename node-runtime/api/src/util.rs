@@ -73,6 +73,11 @@ pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> std::io::Result<
     Ok(())
 }
 
+/// For `skip_serializing_if` on counters that are usually zero.
+pub fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

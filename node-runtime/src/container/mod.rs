@@ -37,7 +37,7 @@ impl RuntimeDirs {
 }
 
 pub mod spawner;
-mod spec;
+pub mod spec;
 pub use spec::{oci_spec, read_in_root, resolve_process, ProcessSpec};
 
 /// Everything needed to start one replica's container.
@@ -271,6 +271,21 @@ pub fn cgroup_parent_dirs(parent: &str) -> Vec<PathBuf> {
 pub fn v2_cgroup_dir(dirs: &RuntimeDirs, id: &str) -> Option<PathBuf> {
     let rel = dirs.cgroup_parent.trim_start_matches('/');
     Some(crate::psi::v2_root()?.join(rel).join(id))
+}
+
+/// Where pressure protection holds the container back: its v2 cgroup when that has the memory
+/// controller (pure v2 hosts), else its v1 memory and cpu cgroups.
+pub fn controls(dirs: &RuntimeDirs, id: &str) -> crate::protect::Controls {
+    let rel = dirs.cgroup_parent.trim_start_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let existing = |p: PathBuf| p.is_dir().then_some(p);
+    crate::protect::Controls {
+        v2: v2_cgroup_dir(dirs, id).filter(|d| d.join("memory.current").exists()),
+        v1_memory: existing(root.join("memory").join(rel).join(id))
+            .filter(|d| d.join("memory.soft_limit_in_bytes").exists()),
+        v1_cpu: existing(root.join("cpu").join(rel).join(id))
+            .filter(|d| d.join("cpu.cfs_quota_us").exists()),
+    }
 }
 
 /// cgroup directories a container may have (v1 controllers and the v2/unified hierarchy).

@@ -337,11 +337,10 @@ pub fn oci_spec(
     }
     if let Some(c) = &s.resources.cpu {
         let millis = parse_cpu_millis(c).map_err(|e| anyhow!("spec.resources.cpu: {e}"))?;
-        let period: u64 = 100_000;
         resources = resources.cpu(
             LinuxCpuBuilder::default()
-                .quota((millis * period / 1000).max(1000) as i64)
-                .period(period)
+                .quota(quota_of_millis(millis))
+                .period(CPU_PERIOD_US)
                 .build()
                 .map_err(spec_err)?,
         );
@@ -440,6 +439,24 @@ pub fn oci_spec(
         .linux(linux)
         .build()
         .map_err(spec_err)
+}
+
+/// The cfs period of every container (100 ms, the kernel's default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+fn quota_of_millis(millis: u64) -> i64 {
+    (millis * CPU_PERIOD_US / 1000).max(1000) as i64
+}
+
+/// The cfs quota a workload's cpu limit asks for (-1: none): what lifting a pressure throttle
+/// restores.
+pub fn cpu_quota_us(s: &hyperbox_api::WorkloadSpec) -> i64 {
+    s.resources
+        .cpu
+        .as_deref()
+        .and_then(|c| parse_cpu_millis(c).ok())
+        .map(quota_of_millis)
+        .unwrap_or(-1)
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub(crate) enum Msg {
     Evict {
         replica: u32,
         reason: String,
+        /// By pressure protection (reason `EvictedForPressure`), not by a controller.
+        pressure: bool,
         reply: oneshot::Sender<bool>,
     },
     /// Stop and start again one replica (or all); answers false when there is no such replica.
@@ -262,9 +264,10 @@ impl Actor {
             Msg::Evict {
                 replica,
                 reason,
+                pressure,
                 reply,
             } => {
-                let found = !self.rec.deleting && self.evict(replica, &reason);
+                let found = !self.rec.deleting && self.evict(replica, &reason, pressure);
                 let _ = reply.send(found);
             }
             Msg::Restart { replica, reply } => {
@@ -502,14 +505,19 @@ impl Actor {
         true
     }
 
-    fn evict(&mut self, index: u32, reason: &str) -> bool {
+    fn evict(&mut self, index: u32, reason: &str, pressure: bool) -> bool {
         let Some(pos) = self.rec.replicas.iter().position(|r| r.index == index) else {
             return false;
         };
         let grace = grace_of(&self.rec.workload);
         let old = self.rec.replicas.remove(pos);
-        tracing::info!(workload = %self.name, replica = index, reason, "evicting");
-        let mut gone = Replica::evicted(index, old.restarts, &format!("evicted: {reason}"));
+        tracing::info!(workload = %self.name, replica = index, reason, pressure, "evicting");
+        let kind = if pressure {
+            super::replica::Reason::EvictedForPressure
+        } else {
+            super::replica::Reason::Evicted
+        };
+        let mut gone = Replica::evicted(index, old.restarts, kind, &format!("evicted: {reason}"));
         gone.slot = self.take_slot();
         self.rec.replicas.insert(pos, gone);
         self.retire(false, old, grace);

@@ -6,6 +6,7 @@
 //! digests) see each actor's last published snapshot and never wait for an actor.
 
 pub mod actor;
+mod protection;
 pub mod record;
 pub mod replica;
 pub mod rollout;
@@ -120,6 +121,10 @@ pub struct Supervisor {
     digests_version: watch::Sender<u64>,
     /// The last PSI samples of each running container, by container id.
     pressure: StdMutex<HashMap<String, PressureSamples>>,
+    /// The node's own PSI samples (the higher of the host's and the workloads'), for its trend.
+    node_pressure: StdMutex<std::collections::VecDeque<(std::time::Instant, [f32; 3])>>,
+    /// Pressure protection, when on.
+    protection: StdMutex<Option<protection::ProtectionState>>,
 }
 
 /// Recent PSI readings of one container (the latest, and `some avg10` of the last few for the
@@ -129,6 +134,21 @@ struct PressureSamples {
     latest: Option<hyperbox_api::Pressure>,
     cgroup_id: Option<u64>,
     history: std::collections::VecDeque<(std::time::Instant, [f32; 3])>,
+}
+
+/// Change of `some avg10` from the first sample to the last (at least two).
+fn trend_of(
+    h: &std::collections::VecDeque<(std::time::Instant, [f32; 3])>,
+) -> Option<hyperbox_api::PressureTrend> {
+    match (h.front(), h.back()) {
+        (Some(first), Some(last)) if h.len() >= 2 => Some(hyperbox_api::PressureTrend {
+            cpu: last.1[0] - first.1[0],
+            memory: last.1[1] - first.1[1],
+            io: last.1[2] - first.1[2],
+            over_seconds: last.0.duration_since(first.0).as_secs_f32(),
+        }),
+        _ => None,
+    }
 }
 
 /// Samples kept for the trend (at the 2 s sampling period: about 10 s).
@@ -215,6 +235,8 @@ impl Supervisor {
             )
             .0,
             pressure: StdMutex::new(HashMap::new()),
+            node_pressure: StdMutex::new(std::collections::VecDeque::new()),
+            protection: StdMutex::new(None),
         }))
     }
 
@@ -607,9 +629,27 @@ impl Supervisor {
             .ask(name, |reply| Msg::Evict {
                 replica,
                 reason: reason.to_string(),
+                pressure: false,
                 reply,
             })
             .await)
+    }
+
+    /// Evict one replica for pressure (reason `EvictedForPressure`); sources watching the
+    /// digests learn of it at once.
+    pub async fn evict_for_pressure(&self, name: &str, replica: u32, why: &str) -> bool {
+        let done = self
+            .ask(name, |reply| Msg::Evict {
+                replica,
+                reason: why.to_string(),
+                pressure: true,
+                reply,
+            })
+            .await;
+        if done {
+            self.bump_digests();
+        }
+        done
     }
 
     async fn snapshots(&self) -> Vec<Arc<WorkloadRecord>> {
@@ -673,6 +713,8 @@ impl Supervisor {
             revision: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             manager: Option<&'a str>,
+            #[serde(skip_serializing_if = "hyperbox_api::util::is_zero")]
+            evicted_for_pressure: u32,
         }
         // A delete counts from when it is accepted (the handle's flag, set before the digests'
         // version changes), not from when the actor gets to it.
@@ -698,6 +740,11 @@ impl Supervisor {
                     .get(REVISION_ANNOTATION)
                     .map(String::as_str),
                 manager: rec.manager.as_deref(),
+                evicted_for_pressure: rec
+                    .replicas
+                    .iter()
+                    .filter(|r| r.reason == Some(replica::Reason::EvictedForPressure))
+                    .count() as u32,
             })
             .collect();
         serde_json::to_vec(&digests).expect("serialize digests")
@@ -799,6 +846,7 @@ impl Supervisor {
                 Some(c) if matches!(r.stage, Stage::Running { .. }) => self.pressure_of(c),
                 _ => (None, None, None),
             };
+            let throttled = r.container_id().is_some_and(|c| self.is_throttled(c));
             ReplicaStatus {
                 index: r.index,
                 phase: r.phase,
@@ -814,6 +862,7 @@ impl Supervisor {
                 pressure,
                 pressure_trend,
                 cgroup_id,
+                throttled,
             }
         };
         let replicas: Vec<ReplicaStatus> = rec
@@ -955,21 +1004,40 @@ impl Supervisor {
             })
             .collect();
         let runtime = self.shared.runtime.clone();
-        let Ok(readings) = tokio::task::spawn_blocking(move || {
-            ids.into_iter()
+        let parent = self.node_facts().and_then(|f| f.pressure_dir);
+        let Ok((readings, node)) = tokio::task::spawn_blocking(move || {
+            let readings = ids
+                .into_iter()
                 .map(|id| {
                     let dir = runtime.v2_cgroup(&id);
                     let p = dir.as_deref().and_then(crate::psi::cgroup);
                     let cid = dir.as_deref().and_then(crate::psi::cgroup_id);
                     (id, p, cid)
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            let some = |p: Option<hyperbox_api::Pressure>| {
+                p.map(|p| [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10])
+            };
+            let host = some(crate::psi::node());
+            let workloads = some(parent.as_deref().and_then(crate::psi::cgroup));
+            let node = match (host, workloads) {
+                (Some(a), Some(b)) => Some([a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]),
+                (a, b) => a.or(b),
+            };
+            (readings, node)
         })
         .await
         else {
             return;
         };
         let now = std::time::Instant::now();
+        if let Some(n) = node {
+            let mut h = self.node_pressure.lock().unwrap();
+            h.push_back((now, n));
+            while h.len() > PRESSURE_HISTORY {
+                h.pop_front();
+            }
+        }
         let mut map = self.pressure.lock().unwrap();
         let mut next = HashMap::with_capacity(readings.len());
         for (id, p, cid) in readings {
@@ -1003,18 +1071,19 @@ impl Supervisor {
         let Some(s) = map.get(container) else {
             return (None, None, None);
         };
-        let trend = match (s.history.front(), s.history.back()) {
-            (Some(first), Some(last)) if s.history.len() >= 2 => {
-                Some(hyperbox_api::PressureTrend {
-                    cpu: last.1[0] - first.1[0],
-                    memory: last.1[1] - first.1[1],
-                    io: last.1[2] - first.1[2],
-                    over_seconds: last.0.duration_since(first.0).as_secs_f32(),
-                })
-            }
-            _ => None,
-        };
-        (s.latest.clone(), trend, s.cgroup_id)
+        (s.latest.clone(), trend_of(&s.history), s.cgroup_id)
+    }
+
+    /// How the node's pressure (the higher of the host's and its workloads') moved over the
+    /// last samples.
+    pub fn node_trend(&self) -> Option<hyperbox_api::PressureTrend> {
+        trend_of(&self.node_pressure.lock().unwrap())
+    }
+
+    /// A change the digests' watchers must see that is not an apply or a delete (a pressure
+    /// eviction or restore).
+    pub fn bump_digests(&self) {
+        self.digests_version.send_modify(|v| *v += 1);
     }
 
     /// The digests' version (see `digests_version`).

@@ -31,6 +31,9 @@ pub enum Reason {
     /// Stopped on purpose by the node or a controller (pressure, placement): not restarted
     /// until someone restarts or re-places it.
     Evicted,
+    /// Evicted by the node's pressure protection (lowest priority first); restarted when the
+    /// node has been calm for a while, or placed elsewhere by a source with other nodes.
+    EvictedForPressure,
 }
 
 impl Reason {
@@ -49,6 +52,7 @@ impl Reason {
             Reason::Unknown => "Unknown",
             Reason::Terminating => "Terminating",
             Reason::Evicted => "Evicted",
+            Reason::EvictedForPressure => "EvictedForPressure",
         }
     }
 }
@@ -279,11 +283,11 @@ impl Replica {
 
     /// A replica that was evicted: finished (Failed/Evicted) with the reason given, so that
     /// neither the restart policy nor recovery starts it again.
-    pub fn evicted(index: u32, restarts: u32, why: &str) -> Replica {
+    pub fn evicted(index: u32, restarts: u32, reason: Reason, why: &str) -> Replica {
         let mut r = Replica::new(index);
         r.stage = Stage::Finished;
         r.restarts = restarts;
-        r.set(Phase::Failed, Some(Reason::Evicted), Some(why.to_string()));
+        r.set(Phase::Failed, Some(reason), Some(why.to_string()));
         r
     }
 

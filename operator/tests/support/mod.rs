@@ -106,6 +106,7 @@ async fn digests(State(s): State<Shared>) -> Response {
                 config_hash: h.1.clone(),
                 manager: None,
                 revision: r.clone(),
+                evicted_for_pressure: 0,
             })
             .collect::<Vec<_>>(),
     )
