@@ -300,9 +300,14 @@ async fn list(State(sup): State<AppState>, Query(q): Query<WatchQuery>) -> Respo
 }
 
 #[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct EvictRequest {
     #[serde(default)]
     reason: Option<String>,
+    /// For pressure (reason `EvictedForPressure`, which sources with other nodes act on),
+    /// as the node's own protection does; else `Evicted`.
+    #[serde(default)]
+    pressure: bool,
 }
 
 async fn evict(
@@ -323,7 +328,7 @@ async fn evict(
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("request body is not an eviction ({{\"reason\": \"...\"}}): {e}"),
+                    format!("request body is not an eviction ({{\"reason\": \"...\", \"pressure\": false}}): {e}"),
                     vec![],
                 )
             }
@@ -332,11 +337,19 @@ async fn evict(
     let reason = req
         .reason
         .unwrap_or_else(|| "requested through the API".into());
-    match sup.evict(&name, ordinal, &reason).await {
-        Ok(true) => {
-            Json(serde_json::json!({"evicted": name, "replica": ordinal, "reason": reason}))
-                .into_response()
-        }
+    let done = if req.pressure {
+        Ok(sup.evict_for_pressure(&name, ordinal, &reason).await)
+    } else {
+        sup.evict(&name, ordinal, &reason).await
+    };
+    match done {
+        Ok(true) => Json(serde_json::json!({
+            "evicted": name,
+            "replica": ordinal,
+            "reason": reason,
+            "pressure": req.pressure,
+        }))
+        .into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             format!("workload {name:?} has no replica {ordinal}"),

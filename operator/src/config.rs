@@ -18,6 +18,7 @@ hyperbox_client::config_file! {
         node_grace: String,
         node_watch: bool,
         node_watch_timeout: String,
+        pressure_weights: String,
         node_token_file: PathBuf,
         node_ca_file: PathBuf,
         node_cert: PathBuf,

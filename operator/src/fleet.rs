@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use hyperbox_api::NodeSummary;
 
 use crate::manifests::ManifestSet;
-use crate::placement::{matches, place, Amounts, Demand, NodeInfo, Unplaced};
+use crate::placement::{matches, place_with, Amounts, Demand, NodeInfo, PressureWeights, Unplaced};
 use crate::reconcile::{Outcome, WorkloadResult};
 
 /// Workload → node (its `--node` address) → replicas there. A zero entry keeps the definition
@@ -52,6 +52,7 @@ pub fn place_fleet(
     previous: &Counts,
     nodes: &[NodeView],
     avoid: &BTreeMap<String, BTreeSet<String>>,
+    weights: &PressureWeights,
 ) -> FleetPlacement {
     // Requests of this source's replicas on each node: what the node's `requested` holds for
     // us, and that this placement hands out again.
@@ -81,13 +82,16 @@ pub fn place_fleet(
                     memory_bytes: s.requested.memory_bytes.saturating_sub(mine.memory_bytes),
                 },
                 schedulable: v.schedulable && v.summary.is_some(),
-                // The host's pressure, plus what the node's own workloads suffer on top: of
-                // two nodes on one stalled host, the one whose workloads stall is worse.
-                pressure: [s.pressure.as_ref(), s.workloads_pressure.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .map(hyperbox_api::Pressure::score)
-                    .sum(),
+                // The host's pressure, plus what the node's own workloads suffer on top (of
+                // two nodes on one stalled host, the one whose workloads stall is worse), plus
+                // how fast it rises.
+                pressure: weights.score(
+                    &[s.pressure.as_ref(), s.workloads_pressure.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>(),
+                    s.pressure_trend.as_ref(),
+                ),
             }
         })
         .collect();
@@ -117,7 +121,7 @@ pub fn place_fleet(
             }
         })
         .collect();
-    let placed = place(&demands, &infos);
+    let placed = place_with(&demands, &infos, weights.band);
     let mut out = FleetPlacement::default();
     for ((name, _), node) in &placed.assigned {
         *out.counts
@@ -280,6 +284,7 @@ pub fn merge_results(
 mod tests {
     use super::*;
     use crate::manifests::{assemble, parse_file};
+    use crate::placement::DEFAULT_PRESSURE_WEIGHTS;
     use std::sync::Arc;
 
     const MI: u64 = 1 << 20;
@@ -320,7 +325,13 @@ mod tests {
     fn replicas_spread_and_each_node_gets_its_share() {
         let s = set(&[("web", "  replicas: 3\n"), ("job", "  replicas: 1\n")]);
         let nodes = [view("a", "x", 1000, 0), view("b", "x", 1000, 0)];
-        let p = place_fleet(&s, &Counts::new(), &nodes, &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &Counts::new(),
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         let web = &p.counts["web"];
         assert_eq!(web.values().sum::<u32>(), 3);
         assert!(web.values().all(|n| *n >= 1), "{p:?}");
@@ -345,7 +356,13 @@ mod tests {
             "  replicas: 2\n  resources: {requests: {memory: 300Mi}}\n",
         )]);
         let prev: Counts = [("web".to_string(), [("a".to_string(), 2)].into())].into();
-        let p = place_fleet(&s, &prev, &[view("a", "x", 1000, 600)], &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &prev,
+            &[view("a", "x", 1000, 600)],
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         assert_eq!(p.counts["web"]["a"], 2, "{p:?}");
         assert!(p.unplaced.is_empty());
         // With 600Mi requested by someone else, only one fits.
@@ -354,6 +371,7 @@ mod tests {
             &Counts::new(),
             &[view("a", "x", 1000, 600)],
             &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
         );
         assert_eq!(p.counts["web"]["a"], 1);
         assert_eq!(p.unplaced["web"], vec![Unplaced::InsufficientMemory]);
@@ -374,10 +392,22 @@ mod tests {
         ]
         .into();
         let mut nodes = [view("a", "n", 1000, 0), view("b", "s", 1000, 0)];
-        let p = place_fleet(&s, &prev, &nodes, &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &prev,
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         assert_eq!(p.counts, prev);
         nodes[0].schedulable = false;
-        let p = place_fleet(&s, &prev, &nodes, &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &prev,
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         assert_eq!(p.counts["web"], [("b".to_string(), 2)].into());
         assert!(!p.counts.contains_key("north"));
         assert_eq!(p.unplaced["north"], vec![Unplaced::NoMatchingNode]);
@@ -390,7 +420,13 @@ mod tests {
             ("zero", "  replicas: 0\n"),
         ]);
         let nodes = [view("a", "x", 1000, 0), view("b", "x", 1000, 0)];
-        let p = place_fleet(&s, &Counts::new(), &nodes, &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &Counts::new(),
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         assert_eq!(p.counts["off"], [("a".to_string(), 0)].into());
         assert_eq!(p.counts["zero"], [("a".to_string(), 0)].into());
         // A suspended workload keeps its spec (replicas included) on its node.
@@ -399,8 +435,86 @@ mod tests {
         assert!(node_set(&s, &p.counts, "b").workloads.is_empty());
         // It stays where it is.
         let prev: Counts = [("off".to_string(), [("b".to_string(), 0)].into())].into();
-        let p = place_fleet(&s, &prev, &nodes, &BTreeMap::new());
+        let p = place_fleet(
+            &s,
+            &prev,
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
         assert_eq!(p.counts["off"], [("b".to_string(), 0)].into());
+    }
+
+    fn psi(cpu: f32, memory: f32) -> hyperbox_api::Pressure {
+        let mut p = hyperbox_api::Pressure::default();
+        p.cpu.some.avg10 = cpu;
+        p.memory.some.avg10 = memory;
+        p
+    }
+
+    #[test]
+    fn pressure_levels_and_rises_steer_new_replicas_by_the_weights() {
+        let s = set(&[("web", "  replicas: 1\n")]);
+        let place = |a: NodeView, b: NodeView, w: &PressureWeights| {
+            let p = place_fleet(&s, &Counts::new(), &[a, b], &BTreeMap::new(), w);
+            p.counts["web"].keys().next().unwrap().clone()
+        };
+        // Equal room; "a" has more memory free, so it wins while both are calm.
+        let calm = |k: &str, mem: u64| view(k, "x", mem, 0);
+        assert_eq!(
+            place(calm("a", 2000), calm("b", 1000), &DEFAULT_PRESSURE_WEIGHTS),
+            "a"
+        );
+        // cpu 15 on "a" (band 1) against memory 4 on "b" (8 points, band 0): "b".
+        let mut a = calm("a", 2000);
+        a.summary.as_mut().unwrap().pressure = Some(psi(15.0, 0.0));
+        let mut b = calm("b", 1000);
+        b.summary.as_mut().unwrap().pressure = Some(psi(0.0, 4.0));
+        assert_eq!(place(a.clone(), b.clone(), &DEFAULT_PRESSURE_WEIGHTS), "b");
+        // With memory weighted 5, "b" scores 20 (band 2): "a".
+        let heavy = PressureWeights::parse("memory=5").unwrap();
+        assert_eq!(place(a.clone(), b.clone(), &heavy), "a");
+        // A rising node loses a tie of levels: same level, "a" rising by 12 points.
+        let mut a = calm("a", 2000);
+        a.summary.as_mut().unwrap().pressure_trend = Some(hyperbox_api::PressureTrend {
+            cpu: 12.0,
+            over_seconds: 10.0,
+            ..Default::default()
+        });
+        assert_eq!(
+            place(a.clone(), calm("b", 1000), &DEFAULT_PRESSURE_WEIGHTS),
+            "b"
+        );
+        // ... unless the trend is weighted out, and a fall earns nothing.
+        let no_trend = PressureWeights::parse("trend=0").unwrap();
+        assert_eq!(place(a.clone(), calm("b", 1000), &no_trend), "a");
+        a.summary.as_mut().unwrap().pressure_trend = Some(hyperbox_api::PressureTrend {
+            cpu: -30.0,
+            ..Default::default()
+        });
+        let mut b = calm("b", 1000);
+        b.summary.as_mut().unwrap().pressure = Some(psi(0.0, 0.0));
+        assert_eq!(place(a, b, &DEFAULT_PRESSURE_WEIGHTS), "a");
+    }
+
+    #[test]
+    fn pressure_weights_parse_with_clear_errors() {
+        let w = PressureWeights::parse("cpu=0.5, trend=2,band=5").unwrap();
+        assert_eq!((w.cpu, w.memory, w.trend, w.band), (0.5, 2.0, 2.0, 5.0));
+        assert_eq!(
+            PressureWeights::parse("").unwrap(),
+            DEFAULT_PRESSURE_WEIGHTS
+        );
+        for (bad, says) in [
+            ("cpu", "NAME=NUMBER"),
+            ("cpu=-1", "zero or more"),
+            ("cpu=lots", "zero or more"),
+            ("band=0", "above zero"),
+            ("gpu=1", "not a pressure weight"),
+        ] {
+            let e = PressureWeights::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

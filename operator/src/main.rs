@@ -147,6 +147,11 @@ struct GitArgs {
     /// How long a node holds one watch request open when nothing changes.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     node_watch_timeout: Duration,
+    /// With several nodes: how node pressure (PSI `some avg10` of the host and of the node's
+    /// workloads, and its rise) ranks nodes for new replicas, over the defaults
+    /// `cpu=1,memory=2,io=1,trend=1,band=10`.
+    #[arg(long, default_value = "")]
+    pressure_weights: hyperbox_operator::placement::PressureWeights,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     /// CA certificate (PEM) the node's TLS certificate must chain to (https:// nodes).
@@ -319,6 +324,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 node_grace,
                 node_watch,
                 node_watch_timeout,
+                pressure_weights,
                 node_token_file,
                 node_ca_file,
                 node_cert,
@@ -394,6 +400,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 verify_signatures,
                 apply_limits: Limits::default(),
                 node_watch: node_watch.then_some(node_watch_timeout),
+                pressure_weights,
             };
             let mut syncer = if clients.len() == 1 {
                 let (_, client) = clients.pop().expect("one node");

@@ -53,8 +53,8 @@ pub struct NodeInfo {
 /// half a second on memory.
 pub const PRESSURE_BAND: f32 = 10.0;
 
-fn band(pressure: f32) -> u32 {
-    (pressure.max(0.0) / PRESSURE_BAND) as u32
+fn band(pressure: f32, width: f32) -> u32 {
+    (pressure.max(0.0) / width.max(0.001)) as u32
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +115,11 @@ pub(crate) fn matches(node: &NodeInfo, selector: &BTreeMap<String, String>) -> b
 }
 
 pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
+    place_with(demands, nodes, PRESSURE_BAND)
+}
+
+/// [`place`] with pressure bands `band_width` points wide.
+pub fn place_with(demands: &[Demand], nodes: &[NodeInfo], band_width: f32) -> Placement {
     let mut free: BTreeMap<&str, Amounts> = nodes
         .iter()
         .map(|n| {
@@ -198,7 +203,12 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
         let best = with_room.iter().min_by_key(|n| {
             let mine = out.on_node(&d.workload, &n.id).len();
             let f = score_free[n.id.as_str()];
-            (mine, band(n.pressure), std::cmp::Reverse(f), n.id.clone())
+            (
+                mine,
+                band(n.pressure, band_width),
+                std::cmp::Reverse(f),
+                n.id.clone(),
+            )
         });
         let Some(best) = best else {
             // Say which resource is short on the roomiest matching node.
@@ -220,6 +230,95 @@ pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
             .insert((d.workload.clone(), ordinal), best.id.clone());
     }
     out
+}
+
+/// How a node's pressure becomes its score (`--pressure-weights`): each resource's
+/// `some avg10` times its weight, for the host and for the node's workloads, plus `trend`
+/// times how much that weighted sum rose over the last samples (about 10 s); a falling
+/// pressure earns nothing back. Scores fall in bands `band` points wide.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressureWeights {
+    pub cpu: f32,
+    pub memory: f32,
+    pub io: f32,
+    pub trend: f32,
+    pub band: f32,
+}
+
+/// The defaults and why:
+/// - memory counts double: a memory stall also costs reclaim and heads for the OOM killer,
+///   where a cpu or io stall only slows work down;
+/// - a rise counts as much as a level (`trend=1`): a node going from 0 to 10 in ten seconds
+///   is heading where a node at 10 already is, and a new replica would land in the middle of
+///   it;
+/// - bands of 10 points (one second in ten stalled on cpu or io) so that noise does not move
+///   new replicas back and forth between nodes of like load.
+pub const DEFAULT_PRESSURE_WEIGHTS: PressureWeights = PressureWeights {
+    cpu: 1.0,
+    memory: 2.0,
+    io: 1.0,
+    trend: 1.0,
+    band: PRESSURE_BAND,
+};
+
+impl PressureWeights {
+    /// `cpu=1,memory=2,io=1,trend=1,band=10`: any subset, over the defaults.
+    pub fn parse(s: &str) -> Result<PressureWeights, String> {
+        let mut w = DEFAULT_PRESSURE_WEIGHTS;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected NAME=NUMBER"))?;
+            let n: f32 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n: &f32| n.is_finite() && *n >= 0.0)
+                .ok_or_else(|| format!("{k}: {v:?} is not a number of zero or more"))?;
+            match k.trim() {
+                "cpu" => w.cpu = n,
+                "memory" => w.memory = n,
+                "io" => w.io = n,
+                "trend" => w.trend = n,
+                "band" if n > 0.0 => w.band = n,
+                "band" => return Err("band: must be above zero".into()),
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a pressure weight (cpu, memory, io, trend, band)"
+                    ))
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn weigh(&self, cpu: f32, memory: f32, io: f32) -> f32 {
+        self.cpu * cpu + self.memory * memory + self.io * io
+    }
+
+    /// A node's score from its host and workloads readings and its trend.
+    pub fn score(
+        &self,
+        readings: &[&hyperbox_api::Pressure],
+        trend: Option<&hyperbox_api::PressureTrend>,
+    ) -> f32 {
+        let level: f32 = readings
+            .iter()
+            .map(|p| self.weigh(p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10))
+            .sum();
+        let rise = trend
+            .map(|t| self.weigh(t.cpu, t.memory, t.io).max(0.0))
+            .unwrap_or(0.0);
+        level + self.trend * rise
+    }
+}
+
+/// `--pressure-weights`.
+impl std::str::FromStr for PressureWeights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PressureWeights::parse(s)
+    }
 }
 
 #[cfg(test)]

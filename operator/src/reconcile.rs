@@ -26,9 +26,11 @@ pub type Inventory = BTreeMap<String, InventoryEntry>;
 
 /// A workload as the node reports it. `spec_hash` holds its config hash (the whole desired
 /// state, replica count included), the same hash the inventory records.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub spec_hash: String,
+    /// Replicas the node evicted for pressure (a fleet places them on other nodes).
+    pub evicted_for_pressure: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +210,7 @@ mod tests {
                     w.metadata.name.clone(),
                     Observed {
                         spec_hash: config_hash(w),
+                        ..Default::default()
                     },
                 )
             })
@@ -328,6 +331,7 @@ mod tests {
             "someone-elses".to_string(),
             Observed {
                 spec_hash: "x".into(),
+                ..Default::default()
             },
         );
         let p = plan(&s, "r1", &Inventory::new(), &obs, true);

@@ -88,7 +88,14 @@ pub struct SyncOptions {
     /// Watch the nodes' digests (each round held this long) instead of listing them at every
     /// sync; None polls (see [`crate::nodewatch`]).
     pub node_watch: Option<Duration>,
+    /// How node pressure ranks nodes (several nodes).
+    pub pressure_weights: crate::placement::PressureWeights,
 }
+
+/// How long a workload avoids a node that evicted one of its replicas for pressure: long
+/// enough for the node to calm down (its own restore waits 60 s of calm), short enough that
+/// the workload comes back when there is nowhere better.
+pub const PRESSURE_AVOID: Duration = Duration::from_secs(300);
 
 pub struct Syncer {
     /// Shared with the blocking threads that fetch and read manifests: a hung fetch then holds
@@ -134,6 +141,9 @@ struct Fleet {
     /// Nodes that refused a workload at `refused_at`: avoided for it until the next revision.
     refused: BTreeMap<String, BTreeSet<String>>,
     refused_at: Option<String>,
+    /// Nodes that evicted a replica of a workload for pressure, and when: avoided for it for
+    /// [`PRESSURE_AVOID`], so its replicas move to calmer nodes.
+    pressure_evicted: BTreeMap<String, BTreeMap<String, Instant>>,
 }
 
 fn fleet_path(state_dir: &Path) -> PathBuf {
@@ -252,6 +262,7 @@ impl Syncer {
             state,
             refused: BTreeMap::new(),
             refused_at: None,
+            pressure_evicted: BTreeMap::new(),
         });
         Ok(syncer)
     }
@@ -519,8 +530,25 @@ impl Syncer {
                 }
             }
         }
+        // Pressure evictions: the workload leaves that node for a while.
+        fleet.pressure_evicted.retain(|_, m| {
+            m.retain(|_, at| at.elapsed() < PRESSURE_AVOID);
+            !m.is_empty()
+        });
+        let mut newly_evicted = false;
+        for (node, obs) in &observed {
+            for (name, o) in obs.iter().filter(|(_, o)| o.evicted_for_pressure > 0) {
+                let m = fleet.pressure_evicted.entry(name.clone()).or_default();
+                if !m.contains_key(node) {
+                    tracing::warn!(workload = %name, node = %node, replicas = o.evicted_for_pressure, avoid_s = PRESSURE_AVOID.as_secs(), "node evicted replicas for pressure; placing the workload elsewhere");
+                    m.insert(node.clone(), Instant::now());
+                    newly_evicted = true;
+                }
+            }
+        }
         let all_reachable = observed.len() == fleet.nodes.len();
-        let unchanged = all_reachable
+        let unchanged = !newly_evicted
+            && all_reachable
             && self.settled_at(&revision)
             && fleet.state.inventories.iter().all(|(key, inv)| {
                 let obs = observed.get(key);
@@ -576,7 +604,20 @@ impl Syncer {
                 schedulable: !evacuated(n),
             })
             .collect();
-        let placement = place_fleet(&set, &fleet.state.counts, &views, &fleet.refused);
+        let mut avoid = fleet.refused.clone();
+        for (name, m) in &fleet.pressure_evicted {
+            avoid
+                .entry(name.clone())
+                .or_default()
+                .extend(m.keys().cloned());
+        }
+        let placement = place_fleet(
+            &set,
+            &fleet.state.counts,
+            &views,
+            &avoid,
+            &self.opts.pressure_weights,
+        );
         // Plans for the nodes that answered; record the union of what we own before acting.
         let mut plans = Vec::new();
         let mut before = fleet.state.clone();
@@ -910,6 +951,7 @@ fn observe(
                     } else {
                         d.config_hash
                     },
+                    evicted_for_pressure: d.evicted_for_pressure,
                 },
             )
         })

@@ -250,3 +250,58 @@ fn replicas_spread_over_three_nodes_and_move_off_a_dead_one() {
         "n3 lost its share at once: {placed}"
     );
 }
+
+/// A node that evicts a replica for pressure (reason `EvictedForPressure`, as its protection
+/// does; here asked for through the API) loses the workload to a calmer node: the operator
+/// watching the digests moves it at once, and avoids that node for it for a while.
+#[test]
+fn a_workload_evicted_for_pressure_moves_to_another_node() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let start = || Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    let n1 = start();
+    let n2 = start();
+    let repo = GitRepo::new().unwrap();
+    repo.write("low.yaml", &doc("low", &image, "  priority: 0\n"));
+    let rev = repo.commit_push("one workload");
+    let sock2 = format!("unix://{}", n2.socket.display());
+    let op = Operator::start(&n1, &repo.url(), &["--node", &sock2, "--interval", "30s"]).unwrap();
+    op.wait_status(T, "placed", |s| s["lastAppliedRevision"] == rev.as_str())
+        .unwrap();
+    let on = |n: &Node| running(n, "low");
+    wait_until(T, "low running somewhere", || {
+        (on(&n1) + on(&n2) == 1).then_some(())
+    })
+    .unwrap();
+    let (from, to) = if on(&n1) == 1 { (&n1, &n2) } else { (&n2, &n1) };
+    let t0 = std::time::Instant::now();
+    let answer = http_over_unix(
+        &from.socket,
+        "POST",
+        "/v1/workloads/default/low/replicas/0/evict",
+        r#"{"reason": "memory pressure (test)", "pressure": true}"#,
+    );
+    assert!(answer.contains("\"pressure\":true"), "{answer}");
+    // The operator (its interval is 30 s: this is the watch) moves it to the other node, and
+    // takes it off the evicting one.
+    wait_until(T, "low moved to the calmer node", || {
+        (on(to) == 1 && from.get("low").is_none()).then_some(())
+    })
+    .unwrap();
+    // At once, not at the next interval or when the node restores it (after 60 s of calm).
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let log = op.log_text();
+    assert!(
+        log.contains("node evicted replicas for pressure; placing the workload elsewhere"),
+        "{}",
+        tail(&log, 3000)
+    );
+    // A body that is not an eviction is refused, naming what is expected.
+    let bad = http_over_unix(
+        &to.socket,
+        "POST",
+        "/v1/workloads/default/low/replicas/0/evict",
+        r#"{"pressur": true}"#,
+    );
+    assert!(bad.contains("400") && bad.contains("pressure"), "{bad}");
+}

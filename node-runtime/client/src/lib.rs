@@ -83,6 +83,9 @@ pub struct DigestHash {
     /// Empty from nodes older than this field.
     #[serde(default)]
     pub config_hash: String,
+    /// Replicas the node evicted for pressure.
+    #[serde(default)]
+    pub evicted_for_pressure: u32,
 }
 
 #[derive(Debug, Clone)]

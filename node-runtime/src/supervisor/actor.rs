@@ -268,10 +268,17 @@ impl Actor {
                 reply,
             } => {
                 let found = !self.rec.deleting && self.evict(replica, &reason, pressure);
+                if found {
+                    // Before answering: the caller tells the digests' watchers next.
+                    self.publish();
+                }
                 let _ = reply.send(found);
             }
             Msg::Restart { replica, reply } => {
                 let found = !self.rec.deleting && self.restart(replica);
+                if found {
+                    self.publish();
+                }
                 let _ = reply.send(found);
             }
             Msg::ImageDone {
