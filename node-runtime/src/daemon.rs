@@ -257,6 +257,23 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
             }
         });
     }
+    {
+        // Prewarming pulls in its own task: a long pull holds up neither log rotation nor
+        // pressure sampling.
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = sup.prewarm_requested() => {}
+                }
+                // Several wanted images: one after the other without waiting for a tick.
+                while sup.prewarm_round().await {}
+            }
+        });
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = servers.join_next() => {

@@ -115,5 +115,6 @@ pub fn summary(
             .map(|g| format!("{}={}", g.name(), g.threshold)),
         pressure_trend: None,
         protection: None,
+        prewarm: Vec::new(),
     }
 }

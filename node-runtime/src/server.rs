@@ -59,6 +59,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/digests", get(digests))
         .route("/v1/node", get(node))
         .route("/v1/images/pull", axum::routing::post(pull))
+        .route("/v1/images/prewarm", axum::routing::post(prewarm))
         .route("/v1/images/progress", get(pull_progress))
         .route("/v1/images", axum::routing::delete(remove_image))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -516,6 +517,65 @@ struct PullRequest {
     image: String,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrewarmRequest {
+    images: Vec<String>,
+}
+
+/// `POST /v1/images/prewarm {"images": [...]}`: keep these images ready (pulled and
+/// prepared while the node is calm, kept from garbage collection) for an hour from now.
+/// Answers 202 at once; `GET /v1/node` shows how far each is.
+async fn prewarm(State(sup): State<AppState>, body: axum::body::Bytes) -> Response {
+    let req: PrewarmRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                "request body is not a prewarm request ({{\"images\": [\"REFERENCE\", ...]}}): {e}"
+            ),
+                vec![],
+            )
+        }
+    };
+    if req.images.len() > crate::supervisor::MAX_PREWARM_IMAGES {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} images: at most {} per request",
+                req.images.len(),
+                crate::supervisor::MAX_PREWARM_IMAGES
+            ),
+            vec![],
+        );
+    }
+    let fields: Vec<FieldError> = req
+        .images
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            hyperbox_api::reference::ImageRef::parse(r)
+                .err()
+                .map(|e| FieldError {
+                    field: format!("images[{i}]"),
+                    message: e,
+                    line: None,
+                    reason: None,
+                })
+        })
+        .collect();
+    if !fields.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "invalid image reference", fields);
+    }
+    sup.request_prewarm(&req.images);
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "prewarm": req.images })),
+    )
+        .into_response()
+}
+
 async fn pull(State(sup): State<AppState>, Json(req): Json<PullRequest>) -> Response {
     if let Err(e) = hyperbox_api::reference::ImageRef::parse(&req.image) {
         let field = FieldError {
@@ -588,6 +648,7 @@ async fn node_summary(sup: &Supervisor) -> hyperbox_api::NodeSummary {
     );
     summary.pressure_trend = sup.node_trend();
     summary.protection = sup.protection_status();
+    summary.prewarm = sup.prewarm_status().await;
     summary
 }
 

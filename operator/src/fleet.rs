@@ -175,6 +175,45 @@ pub fn place_fleet(
     out
 }
 
+/// Images each node should keep ready (see the node's prewarming): those of `standby: true`
+/// workloads on every node that matches their selector, and those of replicas no node could
+/// take (pending) on every node that matches: when room appears there, the start needs no
+/// registry. Only nodes that can take work.
+pub fn prewarm_hints(
+    set: &ManifestSet,
+    placement: &FleetPlacement,
+    nodes: &[NodeView],
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, sw) in &set.workloads {
+        let w = &sw.workload;
+        if !(w.spec.standby || placement.unplaced.contains_key(name)) || w.spec.suspend {
+            continue;
+        }
+        for v in nodes.iter().filter(|v| v.schedulable) {
+            let Some(s) = &v.summary else { continue };
+            let info = NodeInfo {
+                id: v.key.clone(),
+                labels: s.labels.clone(),
+                allocatable: Amounts::default(),
+                reserved: Amounts::default(),
+                schedulable: true,
+                pressure: 0.0,
+            };
+            if matches(&info, &w.spec.node_selector) {
+                out.entry(v.key.clone())
+                    .or_default()
+                    .push(w.spec.image.clone());
+            }
+        }
+    }
+    for images in out.values_mut() {
+        images.sort();
+        images.dedup();
+    }
+    out
+}
+
 /// The desired set for one node: the workloads placed there, each with `replicas` set to the
 /// node's share (a suspended one keeps its spec).
 pub fn node_set(set: &ManifestSet, counts: &Counts, node: &str) -> ManifestSet {
@@ -189,7 +228,7 @@ pub fn node_set(set: &ManifestSet, counts: &Counts, node: &str) -> ManifestSet {
             continue;
         };
         let mut copy = sw.clone();
-        if !copy.workload.spec.suspend {
+        if !copy.workload.spec.suspend && !copy.workload.spec.standby {
             copy.workload.spec.replicas = *n;
         }
         out.workloads.insert(name.clone(), copy);
@@ -495,6 +534,39 @@ mod tests {
         let mut b = calm("b", 1000);
         b.summary.as_mut().unwrap().pressure = Some(psi(0.0, 0.0));
         assert_eq!(place(a, b, &DEFAULT_PRESSURE_WEIGHTS), "a");
+    }
+
+    #[test]
+    fn standby_and_pending_images_are_prewarmed_on_matching_nodes() {
+        let s = set(&[
+            ("spare", "  standby: true\n  nodeSelector: {zone: x}\n"),
+            ("huge", "  resources: {requests: {memory: 5000Mi}}\n"),
+            ("web", "  replicas: 2\n"),
+        ]);
+        let nodes = [view("a", "x", 1000, 0), view("b", "y", 1000, 0)];
+        let p = place_fleet(
+            &s,
+            &Counts::new(),
+            &nodes,
+            &BTreeMap::new(),
+            &DEFAULT_PRESSURE_WEIGHTS,
+        );
+        assert!(p.unplaced.contains_key("huge"));
+        let hints = prewarm_hints(&s, &p, &nodes);
+        let img = |n: &str| s.workloads[n].workload.spec.image.clone();
+        let mut a = vec![img("huge"), img("spare")];
+        a.sort();
+        a.dedup();
+        assert_eq!(hints["a"], a, "{hints:?}");
+        assert_eq!(hints["b"], vec![img("huge")], "{hints:?}");
+        // A standby workload runs no replica on the node that holds it.
+        let holder = p.counts["spare"].keys().next().unwrap().clone();
+        assert_eq!(
+            node_set(&s, &p.counts, &holder).workloads["spare"]
+                .workload
+                .desired_replicas(),
+            0
+        );
     }
 
     #[test]

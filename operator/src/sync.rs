@@ -618,6 +618,16 @@ impl Syncer {
             &avoid,
             &self.opts.pressure_weights,
         );
+        // Images to keep ready on each node (standby workloads, pending replicas): asked for
+        // at each placement, which renews the node's hour.
+        let hints = crate::fleet::prewarm_hints(&set, &placement, &views);
+        for n in &fleet.nodes {
+            if let Some(images) = hints.get(&n.key).filter(|_| observed.contains_key(&n.key)) {
+                if let Err(e) = n.client.prewarm(images).await {
+                    tracing::warn!(node = %n.key, error = %e, "prewarm request failed");
+                }
+            }
+        }
         // Plans for the nodes that answered; record the union of what we own before acting.
         let mut plans = Vec::new();
         let mut before = fleet.state.clone();

@@ -621,3 +621,91 @@ fn protection_evicts_the_lowest_priority_first_and_the_high_priority_survives() 
     );
     assert_ne!(off.low_reason, "EvictedForPressure");
 }
+
+fn prewarm_state(node: &Node, image: &str) -> Option<String> {
+    let n: Value = serde_json::from_slice(&node.cli(&["node", "-o", "json"]).stdout).ok()?;
+    n["prewarm"]
+        .as_array()?
+        .iter()
+        .find(|p| p["image"] == image)
+        .and_then(|p| p["state"].as_str().map(str::to_string))
+}
+
+/// Images asked for through the API and those of `standby: true` workloads are pulled and
+/// prepared while the node is calm; with the registry stopped, both then start.
+#[test]
+fn prewarmed_images_start_with_the_registry_stopped() {
+    let _serial = serial();
+    let reg = Registry::start(false).unwrap();
+    let image = |tag: &str, content: &[u8]| {
+        push_image(
+            &reg,
+            "warm",
+            tag,
+            vec![
+                (busybox_layer().finish(), Compress::Gzip),
+                (
+                    Layer::new().file("version", content, 0o644).finish(),
+                    Compress::Gzip,
+                ),
+            ],
+            &[],
+            &["sh"],
+        )
+        .unwrap()
+        .0
+    };
+    let next = image("2", b"two\n");
+    let spare = image("spare", b"spare\n");
+    let node = Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    // A bad request names the bad entry.
+    let bad = http_over_unix(
+        &node.socket,
+        "POST",
+        "/v1/images/prewarm",
+        r#"{"images": ["ok.example/a:1", "UPPER/Case::x"]}"#,
+    );
+    assert!(bad.contains("400") && bad.contains("images[1]"), "{bad}");
+    let answer = http_over_unix(
+        &node.socket,
+        "POST",
+        "/v1/images/prewarm",
+        &format!(r#"{{"images": ["{next}"]}}"#),
+    );
+    assert!(answer.contains("202"), "{answer}");
+    node.apply(&workload(
+        "spare",
+        &spare,
+        "  standby: true\n  command: [sh, -c, 'cat /version; sleep 1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    let st = node
+        .wait_for("spare", T, "spare on standby", |v| v["reason"] == "Standby")
+        .unwrap();
+    assert_eq!(st["replicas"].as_array().unwrap().len(), 0, "{st}");
+    for i in [&next, &spare] {
+        wait_until(T, "prewarmed", || {
+            (prewarm_state(&node, i).as_deref() == Some("Ready")).then_some(())
+        })
+        .unwrap();
+    }
+    // Garbage collection keeps them: no workload uses them yet.
+    drop(reg);
+    node.apply(&workload(
+        "app",
+        &next,
+        "  command: [sh, -c, 'cat /version; sleep 1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.apply(&workload(
+        "spare",
+        &spare,
+        "  command: [sh, -c, 'cat /version; sleep 1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    for name in ["app", "spare"] {
+        node.wait_for(name, T, "running without a registry", |v| {
+            v["phase"] == "Running"
+        })
+        .unwrap();
+    }
+    let logs = String::from_utf8_lossy(&node.cli(&["logs", "app"]).stdout).to_string();
+    assert!(logs.contains("two"), "{logs}");
+}

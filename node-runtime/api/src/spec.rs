@@ -94,6 +94,11 @@ pub struct WorkloadSpec {
     /// A suspended workload keeps its definition but runs no container.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// A standby workload runs no container either, but each node that holds it keeps its
+    /// image pulled and prepared while the node is calm: setting it back to false starts the
+    /// replicas without a registry round trip (a warm spare).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
     /// How a spec change replaces running replicas (default: RollingUpdate, 25% surge, 25%
     /// unavailable, like a Deployment).
     #[serde(default, skip_serializing_if = "Strategy::is_default")]
@@ -228,9 +233,9 @@ impl Workload {
         }
     }
 
-    /// Replicas the spec asks for (none while suspended).
+    /// Replicas the spec asks for (none while suspended or on standby).
     pub fn desired_replicas(&self) -> u32 {
-        if self.spec.suspend {
+        if self.spec.suspend || self.spec.standby {
             0
         } else {
             self.spec.replicas

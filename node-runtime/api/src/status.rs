@@ -290,7 +290,31 @@ pub struct NodeSummary {
     /// Pressure protection: its settings, the signal now and what it has done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<ProtectionStatus>,
+    /// Images kept ready for work likely to land here (standby workloads, a source's
+    /// requests), and how far each is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prewarm: Vec<PrewarmedImage>,
     pub features: Features,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrewarmState {
+    /// Waiting for its turn, or for the node to calm down (the message says which).
+    Waiting,
+    Pulling,
+    /// Prepared: a start needs no registry (the message is the digest).
+    Ready,
+    /// The last try failed (the message says why); retried after a minute.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrewarmedImage {
+    pub image: String,
+    pub state: PrewarmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What pressure protection is set to and has done since the daemon started.

@@ -620,6 +620,16 @@ impl NodeClient {
         .await
     }
 
+    /// Ask the node to keep these images ready (pulled and prepared while it is calm) for the
+    /// next hour; answers at once.
+    pub async fn prewarm(&self, images: &[String]) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "images": images })).expect("json");
+        let _: serde_json::Value = self
+            .json(Method::POST, "/v1/images/prewarm", Some(body))
+            .await?;
+        Ok(())
+    }
+
     /// Remove a prepared image (refused while a workload uses it).
     pub async fn remove_image(&self, image: &str) -> Result<String, ClientError> {
         let path = format!("/v1/images?image={}", url_encode(image));

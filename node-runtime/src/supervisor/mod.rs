@@ -6,6 +6,8 @@
 //! digests) see each actor's last published snapshot and never wait for an actor.
 
 pub mod actor;
+mod prewarm;
+pub use prewarm::MAX_IMAGES as MAX_PREWARM_IMAGES;
 mod protection;
 pub mod record;
 pub mod replica;
@@ -125,6 +127,9 @@ pub struct Supervisor {
     node_pressure: StdMutex<std::collections::VecDeque<(std::time::Instant, [f32; 3])>>,
     /// Pressure protection, when on.
     protection: StdMutex<Option<protection::ProtectionState>>,
+    /// Images kept ready for work likely to land here.
+    prewarm: StdMutex<prewarm::Prewarm>,
+    prewarm_kick: Notify,
 }
 
 /// Recent PSI readings of one container (the latest, and `some avg10` of the last few for the
@@ -237,6 +242,8 @@ impl Supervisor {
             pressure: StdMutex::new(HashMap::new()),
             node_pressure: StdMutex::new(std::collections::VecDeque::new()),
             protection: StdMutex::new(None),
+            prewarm: StdMutex::new(prewarm::Prewarm::default()),
+            prewarm_kick: Notify::new(),
         }))
     }
 
@@ -783,7 +790,8 @@ impl Supervisor {
     /// Image digests used by current workloads and by the old replicas of their rolling
     /// updates (for image GC).
     pub async fn images_in_use(&self) -> HashSet<String> {
-        self.snapshots()
+        let mut used: HashSet<String> = self
+            .snapshots()
             .await
             .iter()
             .flat_map(|r| {
@@ -792,7 +800,10 @@ impl Supervisor {
                     .chain(r.outgoing_digests.iter())
                     .cloned()
             })
-            .collect()
+            .collect();
+        // Prewarmed images are kept while wanted.
+        used.extend(self.prewarmed_digests());
+        used
     }
 
     /// Rotate oversized log files of every replica (off the async threads).
@@ -875,7 +886,7 @@ impl Supervisor {
             .iter()
             .map(|r| replica_status(r, true))
             .collect();
-        let phase = if w.spec.suspend || replicas.is_empty() {
+        let phase = if w.spec.suspend || w.spec.standby || replicas.is_empty() {
             Phase::Pending
         } else if replicas.iter().any(|r| r.phase == Phase::Failed) {
             Phase::Failed
@@ -912,6 +923,14 @@ impl Supervisor {
                 Some("Suspended".to_string()),
                 Some("spec.suspend is true".to_string()),
             )
+        } else if w.spec.standby {
+            (
+                Some("Standby".to_string()),
+                Some(
+                    "spec.standby is true: no replica runs; the image is kept ready while the node is calm"
+                        .to_string(),
+                ),
+            )
         } else if let Some(s) = stalled_for_s {
             let ready_new = replicas.iter().filter(|r| r.ready).count();
             let lead_reason = lead
@@ -944,6 +963,7 @@ impl Supervisor {
             reason,
             message,
             ready: !w.spec.suspend
+                && !w.spec.standby
                 && !replicas.is_empty()
                 && replicas.len() == w.spec.replicas as usize
                 && replicas.iter().all(|r| r.ready)
