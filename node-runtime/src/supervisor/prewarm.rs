@@ -109,8 +109,7 @@ impl Supervisor {
             }
             wanted.into_iter().find(|r| {
                 !p.ready.contains_key(r)
-                    && p
-                        .failed
+                    && p.failed
                         .get(r)
                         .is_none_or(|(at, _)| at.elapsed() >= RETRY_AFTER)
             })
