@@ -822,24 +822,44 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// One PSI reading as `{prefix}_avg10` gauges and `{prefix}_stalled_seconds_total` counters,
-/// by resource and kind, with `labels` first.
-fn write_pressure(out: &mut String, prefix: &str, labels: &str, p: &hyperbox_api::Pressure) {
+/// PSI readings (each with its labels, ending in a comma) as two families: `{prefix}_avg10`
+/// gauges and `{prefix}_stalled_seconds_total` counters, by resource and kind.
+fn write_pressure(
+    out: &mut String,
+    prefix: &str,
+    what: &str,
+    readings: &[(String, &hyperbox_api::Pressure)],
+) {
     use std::fmt::Write;
-    for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
-        for (kind, a) in [("some", &r.some), ("full", &r.full)] {
-            let _ = writeln!(
-                out,
-                "{prefix}_avg10{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
-                a.avg10
-            );
-            let _ = writeln!(
-                out,
-                "{prefix}_stalled_seconds_total{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
-                a.total as f64 / 1e6
-            );
+    let lines = |pick: &dyn Fn(&hyperbox_api::PsiAverages) -> f64, metric: &str| {
+        let mut text = String::new();
+        for (labels, p) in readings {
+            for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
+                for (kind, a) in [("some", &r.some), ("full", &r.full)] {
+                    let _ = writeln!(
+                        text,
+                        "{prefix}_{metric}{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
+                        pick(a)
+                    );
+                }
+            }
         }
-    }
+        text
+    };
+    help(
+        out,
+        &format!("{prefix}_avg10"),
+        "gauge",
+        &format!("{what}: PSI share of time stalled over 10s (percent)."),
+    );
+    out.push_str(&lines(&|a| f64::from(a.avg10), "avg10"));
+    help(
+        out,
+        &format!("{prefix}_stalled_seconds_total"),
+        "counter",
+        &format!("{what}: PSI total stall time (seconds)."),
+    );
+    out.push_str(&lines(&|a| a.total as f64 / 1e6, "stalled_seconds_total"));
 }
 
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
@@ -855,79 +875,41 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
     let mut out = String::new();
     let list = sup.list().await;
     let summary = node_summary(sup).await;
-    help(
-        &mut out,
-        "hyperbox_node_pressure_avg10",
-        "gauge",
-        "PSI share of time stalled over 10s (percent): the host (scope=\"host\") and the node's workloads together (scope=\"workloads\").",
-    );
-    let mut stalled = String::new();
-    for (scope, p) in [
+    let node: Vec<(String, &hyperbox_api::Pressure)> = [
         ("host", &summary.pressure),
         ("workloads", &summary.workloads_pressure),
-    ] {
-        if let Some(p) = p {
-            write_pressure(
-                &mut stalled,
-                "hyperbox_node_pressure",
-                &format!("scope=\"{scope}\","),
-                p,
-            );
-        }
-    }
-    // Gauges and counters were written interleaved: split them under their own headers.
-    let (gauges, counters): (Vec<&str>, Vec<&str>) =
-        stalled.lines().partition(|l| l.contains("_avg10{"));
-    for l in gauges {
-        let _ = writeln!(out, "{l}");
-    }
-    help(
+    ]
+    .into_iter()
+    .filter_map(|(scope, p)| Some((format!("scope=\"{scope}\","), p.as_ref()?)))
+    .collect();
+    write_pressure(
         &mut out,
-        "hyperbox_node_pressure_stalled_seconds_total",
-        "counter",
-        "PSI total stall time (seconds).",
+        "hyperbox_node_pressure",
+        "The host (scope=\"host\") and the node's workloads together (scope=\"workloads\")",
+        &node,
     );
-    for l in counters {
-        let _ = writeln!(out, "{l}");
-    }
-    let mut per_container = String::new();
-    for w in &list {
-        for r in &w.replicas {
-            if let Some(p) = &r.pressure {
-                write_pressure(
-                    &mut per_container,
-                    "hyperbox_container_pressure",
-                    &format!(
+    let containers: Vec<(String, &hyperbox_api::Pressure)> = list
+        .iter()
+        .flat_map(|w| {
+            w.replicas.iter().filter_map(|r| {
+                Some((
+                    format!(
                         "namespace=\"{}\",workload=\"{}\",replica=\"{}\",",
                         label(&w.namespace),
                         label(&w.name),
                         r.index
                     ),
-                    p,
-                );
-            }
-        }
-    }
-    let (gauges, counters): (Vec<&str>, Vec<&str>) =
-        per_container.lines().partition(|l| l.contains("_avg10{"));
-    help(
+                    r.pressure.as_ref()?,
+                ))
+            })
+        })
+        .collect();
+    write_pressure(
         &mut out,
-        "hyperbox_container_pressure_avg10",
-        "gauge",
-        "A container's PSI share of time stalled over 10s (percent).",
+        "hyperbox_container_pressure",
+        "A container",
+        &containers,
     );
-    for l in gauges {
-        let _ = writeln!(out, "{l}");
-    }
-    help(
-        &mut out,
-        "hyperbox_container_pressure_stalled_seconds_total",
-        "counter",
-        "A container's PSI total stall time (seconds).",
-    );
-    for l in counters {
-        let _ = writeln!(out, "{l}");
-    }
     help(
         &mut out,
         "hyperbox_container_throttled",

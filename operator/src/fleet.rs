@@ -341,6 +341,11 @@ mod tests {
         )
     }
 
+    /// Placement without refusals, with the default weights.
+    fn place_plain(s: &ManifestSet, prev: &Counts, nodes: &[NodeView]) -> FleetPlacement {
+        place_fleet(s, prev, nodes, &BTreeMap::new(), &DEFAULT_PRESSURE_WEIGHTS)
+    }
+
     fn view(key: &str, zone: &str, mem_mi: u64, requested_mi: u64) -> NodeView {
         NodeView {
             key: key.into(),
@@ -364,13 +369,7 @@ mod tests {
     fn replicas_spread_and_each_node_gets_its_share() {
         let s = set(&[("web", "  replicas: 3\n"), ("job", "  replicas: 1\n")]);
         let nodes = [view("a", "x", 1000, 0), view("b", "x", 1000, 0)];
-        let p = place_fleet(
-            &s,
-            &Counts::new(),
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &Counts::new(), &nodes);
         let web = &p.counts["web"];
         assert_eq!(web.values().sum::<u32>(), 3);
         assert!(web.values().all(|n| *n >= 1), "{p:?}");
@@ -395,23 +394,11 @@ mod tests {
             "  replicas: 2\n  resources: {requests: {memory: 300Mi}}\n",
         )]);
         let prev: Counts = [("web".to_string(), [("a".to_string(), 2)].into())].into();
-        let p = place_fleet(
-            &s,
-            &prev,
-            &[view("a", "x", 1000, 600)],
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &prev, &[view("a", "x", 1000, 600)]);
         assert_eq!(p.counts["web"]["a"], 2, "{p:?}");
         assert!(p.unplaced.is_empty());
         // With 600Mi requested by someone else, only one fits.
-        let p = place_fleet(
-            &s,
-            &Counts::new(),
-            &[view("a", "x", 1000, 600)],
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &Counts::new(), &[view("a", "x", 1000, 600)]);
         assert_eq!(p.counts["web"]["a"], 1);
         assert_eq!(p.unplaced["web"], vec![Unplaced::InsufficientMemory]);
     }
@@ -431,22 +418,10 @@ mod tests {
         ]
         .into();
         let mut nodes = [view("a", "n", 1000, 0), view("b", "s", 1000, 0)];
-        let p = place_fleet(
-            &s,
-            &prev,
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &prev, &nodes);
         assert_eq!(p.counts, prev);
         nodes[0].schedulable = false;
-        let p = place_fleet(
-            &s,
-            &prev,
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &prev, &nodes);
         assert_eq!(p.counts["web"], [("b".to_string(), 2)].into());
         assert!(!p.counts.contains_key("north"));
         assert_eq!(p.unplaced["north"], vec![Unplaced::NoMatchingNode]);
@@ -459,13 +434,7 @@ mod tests {
             ("zero", "  replicas: 0\n"),
         ]);
         let nodes = [view("a", "x", 1000, 0), view("b", "x", 1000, 0)];
-        let p = place_fleet(
-            &s,
-            &Counts::new(),
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &Counts::new(), &nodes);
         assert_eq!(p.counts["off"], [("a".to_string(), 0)].into());
         assert_eq!(p.counts["zero"], [("a".to_string(), 0)].into());
         // A suspended workload keeps its spec (replicas included) on its node.
@@ -474,13 +443,7 @@ mod tests {
         assert!(node_set(&s, &p.counts, "b").workloads.is_empty());
         // It stays where it is.
         let prev: Counts = [("off".to_string(), [("b".to_string(), 0)].into())].into();
-        let p = place_fleet(
-            &s,
-            &prev,
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &prev, &nodes);
         assert_eq!(p.counts["off"], [("b".to_string(), 0)].into());
     }
 
@@ -544,13 +507,7 @@ mod tests {
             ("web", "  replicas: 2\n"),
         ]);
         let nodes = [view("a", "x", 1000, 0), view("b", "y", 1000, 0)];
-        let p = place_fleet(
-            &s,
-            &Counts::new(),
-            &nodes,
-            &BTreeMap::new(),
-            &DEFAULT_PRESSURE_WEIGHTS,
-        );
+        let p = place_plain(&s, &Counts::new(), &nodes);
         assert!(p.unplaced.contains_key("huge"));
         let hints = prewarm_hints(&s, &p, &nodes);
         let img = |n: &str| s.workloads[n].workload.spec.image.clone();

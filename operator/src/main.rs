@@ -150,7 +150,7 @@ struct GitArgs {
     /// With several nodes: how node pressure (PSI `some avg10` of the host and of the node's
     /// workloads, and its rise) ranks nodes for new replicas, over the defaults
     /// `cpu=1,memory=2,io=1,trend=1,band=10`.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "cpu=1,memory=2,io=1,trend=1,band=10")]
     pressure_weights: hyperbox_operator::placement::PressureWeights,
     #[arg(long)]
     node_token_file: Option<PathBuf>,

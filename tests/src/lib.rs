@@ -1343,3 +1343,20 @@ pub fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &s
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// A plain HTTP GET over TCP (with a bearer token if given); the whole answer, head included.
+pub fn http_tcp(addr: &str, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

@@ -657,7 +657,14 @@ fn prewarmed_images_start_with_the_registry_stopped() {
     };
     let next = image("2", b"two\n");
     let spare = image("spare", b"spare\n");
-    let node = Node::start(&["--insecure-registry", &reg.addr]).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let node = Node::start(&[
+        "--insecure-registry",
+        &reg.addr,
+        "--metrics-listen",
+        &metrics,
+    ])
+    .unwrap();
     // A bad request names the bad entry.
     let bad = http_over_unix(
         &node.socket,
@@ -708,4 +715,20 @@ fn prewarmed_images_start_with_the_registry_stopped() {
     }
     let logs = String::from_utf8_lossy(&node.cli(&["logs", "app"]).stdout).to_string();
     assert!(logs.contains("two"), "{logs}");
+    // Per-container PSI in /metrics (once sampled), each family declared once.
+    if fs::metadata("/proc/pressure/memory").is_ok() && v2_dir(&node, "").is_some() {
+        let m = wait_until(T, "per-container PSI in /metrics", || {
+            let m = http_tcp(&metrics, "/metrics", None);
+            m.contains("hyperbox_container_pressure_avg10{namespace=\"default\",workload=\"app\",replica=\"0\",resource=\"memory\",kind=\"some\"}")
+                .then_some(m)
+        })
+        .unwrap();
+        assert!(m.contains("hyperbox_container_pressure_stalled_seconds_total{namespace=\"default\",workload=\"spare\",replica=\"0\",resource=\"cpu\",kind=\"some\"}"), "{m}");
+        assert!(m.contains("hyperbox_protection_level "), "{m}");
+        let mut types: Vec<&str> = m.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let n = types.len();
+        types.sort();
+        types.dedup();
+        assert_eq!(types.len(), n, "a family declared twice:\n{m}");
+    }
 }

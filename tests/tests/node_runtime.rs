@@ -507,22 +507,6 @@ fn invalid_spec_names_file_line_and_field() {
     assert!(node.get("x").is_none());
 }
 
-fn http_tcp(addr: &str, path: &str, token: Option<&str>) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn tcp_api_requires_the_token() {
     let reg = Registry::start(false).unwrap();
