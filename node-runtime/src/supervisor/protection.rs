@@ -14,7 +14,11 @@ pub struct ProtectionState {
     rate: StallRate,
     /// The workloads' cgroup v2 parent (its `memory.pressure`), or none for the host's.
     signal: Option<PathBuf>,
+    rounds: u64,
 }
+
+/// On a calm node, the replicas are looked at once in this many rounds.
+const FULL_ROUND_EVERY: u64 = 10;
 
 impl ProtectionState {
     pub fn new(cfg: ProtectConfig, signal: Option<PathBuf>) -> ProtectionState {
@@ -22,6 +26,7 @@ impl ProtectionState {
             protector: Protector::new(cfg),
             rate: StallRate::new(cfg.sustain),
             signal,
+            rounds: 0,
         }
     }
 }
@@ -81,30 +86,63 @@ impl Supervisor {
     }
 
     /// One round (every second while protection is on).
+    ///
+    /// A calm node costs one small file read a round: the replicas are listed only while the
+    /// signal is over the throttle threshold, while something is throttled or evicted, and
+    /// every [`FULL_ROUND_EVERY`] rounds (to find replicas an earlier daemon evicted); their
+    /// memory is read only while the signal is over the threshold.
     pub async fn protect_round(&self) {
         let signal = match &*self.protection.lock().unwrap() {
             Some(s) => s.signal.clone(),
             None => return,
         };
-        let (mut running, evicted) = self.protection_view().await;
-        let runtime = self.shared.runtime.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            for (c, _) in &mut running {
-                c.memory_bytes = runtime.controls(&c.container).memory_bytes().unwrap_or(0);
-            }
-            (running, memory_full_total(signal.as_deref()))
-        })
-        .await;
-        let Ok((running, Some(total))) = read else {
+        let Ok(Some(total)) =
+            tokio::task::spawn_blocking(move || memory_full_total(signal.as_deref())).await
+        else {
             return;
         };
         let now = Instant::now();
-        let actions = {
+        let (level, full) = {
             let mut guard = self.protection.lock().unwrap();
             let Some(st) = guard.as_mut() else { return };
             let Some(level) = st.rate.update(now, total) else {
                 return;
             };
+            st.rounds += 1;
+            let p = &st.protector;
+            let full = level >= p.cfg.throttle_at
+                || p.throttled_count() > 0
+                || p.evicted_count() > 0
+                || st.rounds % FULL_ROUND_EVERY == 1;
+            (level, full)
+        };
+        let (running, evicted) = if full {
+            let (mut running, evicted) = self.protection_view().await;
+            let over = {
+                let guard = self.protection.lock().unwrap();
+                guard
+                    .as_ref()
+                    .is_some_and(|s| level >= s.protector.cfg.throttle_at)
+            };
+            if over {
+                let runtime = self.shared.runtime.clone();
+                running = tokio::task::spawn_blocking(move || {
+                    for (c, _) in &mut running {
+                        c.memory_bytes =
+                            runtime.controls(&c.container).memory_bytes().unwrap_or(0);
+                    }
+                    running
+                })
+                .await
+                .unwrap_or_default();
+            }
+            (running, evicted)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let actions = {
+            let mut guard = self.protection.lock().unwrap();
+            let Some(st) = guard.as_mut() else { return };
             let candidates: Vec<Candidate> = running.iter().map(|(c, _)| c.clone()).collect();
             st.protector.tick(now, level, &candidates, &evicted)
         };
