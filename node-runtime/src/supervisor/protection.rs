@@ -128,8 +128,7 @@ impl Supervisor {
                 let runtime = self.shared.runtime.clone();
                 running = tokio::task::spawn_blocking(move || {
                     for (c, _) in &mut running {
-                        c.memory_bytes =
-                            runtime.controls(&c.container).memory_bytes().unwrap_or(0);
+                        c.memory_bytes = runtime.controls(&c.container).memory_bytes().unwrap_or(0);
                     }
                     running
                 })
