@@ -87,7 +87,10 @@ fn containers_report_their_own_cpu_pressure() {
     node.apply(&workload(
         "hog",
         &image,
-        "  command: [sh, -c, 'while :; do :; done']\n  terminationGracePeriodSeconds: 0\n",
+        // Three busy loops of its own: a container is one cgroup, and on a cgroup v1 cpu
+        // controller a cgroup with one busy task competes with host tasks as a single entity,
+        // so one loop alone hardly waits (about 1% here with `stress-ng --cpu 4` beside it).
+        "  command: [sh, -c, 'for i in 1 2 3; do (while :; do :; done) & done; wait']\n  terminationGracePeriodSeconds: 0\n",
     ));
     node.apply(&workload(
         "idle",
