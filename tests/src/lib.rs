@@ -849,12 +849,28 @@ impl Drop for Node {
             // SAFETY: umount2 with a valid C string.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
-        for cg in self.cgroups() {
-            let _ = fs::remove_dir(cg);
-        }
-        let rel = self.cgroup_parent.trim_start_matches('/');
-        for c in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-            let _ = fs::remove_dir(c.path().join(rel));
+        // A cgroup can only go once its last process has exited, a moment after SIGKILL:
+        // retry for up to 2 s rather than leak it.
+        let rel = self.cgroup_parent.trim_start_matches('/').to_string();
+        let parents = || -> Vec<PathBuf> {
+            fs::read_dir("/sys/fs/cgroup")
+                .unwrap()
+                .flatten()
+                .map(|c| c.path().join(&rel))
+                .filter(|p| p.exists())
+                .collect()
+        };
+        for _ in 0..20 {
+            for cg in self.cgroups() {
+                let _ = fs::remove_dir(cg);
+            }
+            for p in parents() {
+                let _ = fs::remove_dir(p);
+            }
+            if parents().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
