@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane for tests: etcd (embedded, etcd/main.go) and kube-apiserver
+# built from the k8s.io/kubernetes Go module (go.mod pins every staging module), on loopback,
+# the way envtest starts them: a generated service-account key pair, a token file with an
+# admin, RBAC on, a self-signed serving certificate. No kubelet, no controller-manager.
+#
+#   tests/kube/cluster.sh up DIR     start; writes DIR/kubeconfig (admin) and DIR/bin/kubectl,
+#                                    returns once /readyz answers
+#   tests/kube/cluster.sh down DIR   stop and remove DIR
+#   tests/kube/cluster.sh build      only build (cached under $HYPERBOX_KUBE_CACHE)
+#
+# The binaries are built once and kept in $HYPERBOX_KUBE_CACHE (default
+# /var/cache/hyperbox-kube/<k8s version>); the first build takes about 3 minutes on 2 cores.
+# With KUBEBUILDER_ASSETS naming a directory that holds kube-apiserver and etcd (what
+# setup-envtest installs), those are used instead, and kubectl too if it is there.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+k8s_version=$(awk '($1 == "require" && $2 == "k8s.io/kubernetes") {print $3} ($1 == "k8s.io/kubernetes" && $2 ~ /^v/) {print $2}' "$here/go.mod" | head -1)
+[ -n "$k8s_version" ] || { echo "cluster.sh: no k8s.io/kubernetes version in $here/go.mod" >&2; exit 1; }
+cache=${HYPERBOX_KUBE_CACHE:-/var/cache/hyperbox-kube/$k8s_version}
+
+build() {
+  if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] && [ -x "$KUBEBUILDER_ASSETS/etcd" ]; then
+    bin=$KUBEBUILDER_ASSETS
+    return
+  fi
+  bin=$cache
+  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] && [ -x "$bin/etcd" ]; then
+    return
+  fi
+  command -v go >/dev/null || { echo "cluster.sh: go is not installed" >&2; exit 1; }
+  mkdir -p "$bin"
+  local v=${k8s_version#v} ld
+  # Without these the API server reports v0.0.0-master, which version-skew checks refuse.
+  ld="-X k8s.io/component-base/version.gitVersion=$k8s_version"
+  ld="$ld -X k8s.io/component-base/version.gitMajor=${v%%.*}"
+  ld="$ld -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2)"
+  ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=$k8s_version"
+  echo "cluster.sh: building kube-apiserver, kubectl and etcd ($k8s_version) into $bin" >&2
+  (cd "$here" && go build -ldflags "$ld" -o "$bin/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver &&
+    go build -ldflags "$ld" -o "$bin/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl &&
+    go build -o "$bin/etcd.tmp" ./etcd)
+  for b in kube-apiserver kubectl etcd; do mv "$bin/$b.tmp" "$bin/$b"; done
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+up() {
+  local dir=$1
+  build
+  mkdir -p "$dir/bin" "$dir/certs"
+  dir=$(cd "$dir" && pwd)
+  if [ -x "$bin/kubectl" ]; then ln -sf "$bin/kubectl" "$dir/bin/kubectl"; else ln -sf "$cache/kubectl" "$dir/bin/kubectl"; fi
+  openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
+  local token
+  token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  echo "$token,admin,admin-uid,system:masters" >"$dir/tokens.csv"
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port)
+  peer_port=$(free_port)
+  api_port=$(free_port)
+  "$bin/etcd" --data-dir "$dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
+  echo $! >"$dir/etcd.pid"
+  "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --cert-dir="$dir/certs" \
+    --secure-port="$api_port" --bind-address=127.0.0.1 \
+    --service-account-issuer=https://kubernetes.default.svc \
+    --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
+    --token-auth-file="$dir/tokens.csv" --authorization-mode=RBAC \
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true >"$dir/apiserver.log" 2>&1 &
+  echo $! >"$dir/apiserver.pid"
+  cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: hyperbox-test
+  cluster:
+    server: https://127.0.0.1:$api_port
+    insecure-skip-tls-verify: true
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: hyperbox-test
+  context: {cluster: hyperbox-test, user: admin}
+current-context: hyperbox-test
+EOF
+  for _ in $(seq 120); do
+    if curl -sfk -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
+      echo "cluster.sh: API server ready at https://127.0.0.1:$api_port ($dir/kubeconfig)" >&2
+      return 0
+    fi
+    kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null || break
+    sleep 0.5
+  done
+  echo "cluster.sh: the API server did not become ready; last lines of $dir/apiserver.log:" >&2
+  tail -20 "$dir/apiserver.log" >&2
+  down "$dir"
+  return 1
+}
+
+down() {
+  local dir=$1
+  [ -d "$dir" ] || return 0
+  for p in apiserver etcd; do
+    if [ -f "$dir/$p.pid" ]; then
+      kill "$(cat "$dir/$p.pid")" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$(cat "$dir/$p.pid")" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$(cat "$dir/$p.pid")" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$dir"
+}
+
+case "${1:-}" in
+  up) [ -n "${2:-}" ] || { echo "usage: $0 up DIR" >&2; exit 2; }; up "$2" ;;
+  down) [ -n "${2:-}" ] || { echo "usage: $0 down DIR" >&2; exit 2; }; down "$2" ;;
+  build) build; echo "$bin" ;;
+  *) echo "usage: $0 up DIR | down DIR | build" >&2; exit 2 ;;
+esac
