@@ -80,13 +80,7 @@ impl PressureGate {
                 .find(|a| *a == v)
                 .ok_or_else(|| format!("{v:?} is not a {what} (one of {})", allowed.join(", ")))
         };
-        let threshold: f32 = value
-            .trim_end_matches('%')
-            .parse()
-            .map_err(|_| format!("{value:?} is not a percentage"))?;
-        if !(0.0..=100.0).contains(&threshold) {
-            return Err(format!("{value:?}: a percentage is between 0 and 100"));
-        }
+        let threshold = crate::psi::parse_percent(value)?;
         Ok(Some(PressureGate {
             resource: pick(resource, &["cpu", "memory", "io"], "PSI resource")?,
             kind: pick(kind, &["some", "full"], "PSI line")?,

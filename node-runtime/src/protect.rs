@@ -92,16 +92,7 @@ impl ProtectConfig {
                 .split_once('=')
                 .ok_or_else(|| format!("{part:?}: expected KEY=VALUE (or off, on)"))?;
             let (k, v) = (k.trim(), v.trim());
-            let pct = || -> Result<f32, String> {
-                let p: f32 = v
-                    .trim_end_matches('%')
-                    .parse()
-                    .map_err(|_| format!("{k}: {v:?} is not a percentage"))?;
-                if !(0.0..=100.0).contains(&p) {
-                    return Err(format!("{k}: {v:?}: a percentage is between 0 and 100"));
-                }
-                Ok(p)
-            };
+            let pct = || crate::psi::parse_percent(v).map_err(|e| format!("{k}: {e}"));
             let dur = || -> Result<Duration, String> {
                 hyperbox_api::util::parse_duration(v)
                     .map_err(|e| format!("{k}: {v:?} is not a duration: {e}"))
@@ -193,8 +184,6 @@ struct Evicted {
 #[derive(Debug)]
 pub struct Protector {
     pub cfg: ProtectConfig,
-    over_throttle: Option<Instant>,
-    over_evict: Option<Instant>,
     calm_since: Option<Instant>,
     /// When the last eviction was, and how much memory its victim held.
     last_eviction: Option<(Instant, u64)>,
@@ -219,8 +208,6 @@ impl Protector {
     pub fn new(cfg: ProtectConfig) -> Protector {
         Protector {
             cfg,
-            over_throttle: None,
-            over_evict: None,
             calm_since: None,
             last_eviction: None,
             throttled: BTreeMap::new(),
@@ -267,35 +254,26 @@ impl Protector {
                 .or_insert(Evicted { at: now, times: 1 });
         }
         let c = self.cfg;
-        let mark = |slot: &mut Option<Instant>, on: bool| {
-            if on {
-                slot.get_or_insert(now);
-            } else {
-                *slot = None;
-            }
-        };
-        mark(&mut self.over_throttle, level >= c.throttle_at);
-        mark(&mut self.over_evict, level >= c.evict_at);
-        mark(&mut self.calm_since, level < c.release_below);
+        if level < c.release_below {
+            self.calm_since.get_or_insert(now);
+        } else {
+            self.calm_since = None;
+        }
 
         let mut actions = Vec::new();
         let top = running.iter().map(|r| r.priority).max();
         let mut victims: Vec<&Candidate> =
             running.iter().filter(|r| Some(r.priority) < top).collect();
-        victims.sort_by(|a, b| {
+        // Lowest priority first, the largest first within it.
+        fn rank(v: &Candidate) -> (i32, std::cmp::Reverse<u64>, &str, u32) {
             (
-                a.priority,
-                std::cmp::Reverse(a.memory_bytes),
-                &a.key,
-                a.replica,
+                v.priority,
+                std::cmp::Reverse(v.memory_bytes),
+                &v.key,
+                v.replica,
             )
-                .cmp(&(
-                    b.priority,
-                    std::cmp::Reverse(b.memory_bytes),
-                    &b.key,
-                    b.replica,
-                ))
-        });
+        }
+        victims.sort_by(|a, b| rank(a).cmp(&rank(b)));
         let lowest: Vec<&Candidate> = match victims.first() {
             Some(first) => victims
                 .iter()
@@ -311,16 +289,16 @@ impl Protector {
         let cooling = self.last_eviction.is_some_and(|(t, freed)| {
             now.duration_since(t) < c.cooldown && freed.saturating_mul(20) >= total
         });
-        if self.over_evict.is_some() && !cooling {
+        if level >= c.evict_at && !cooling {
             // Only a replica throttled in an earlier round: throttling comes first.
             if let Some(v) = lowest
                 .iter()
                 .find(|v| self.throttled.get(&v.container).is_some_and(|t| *t < now))
             {
                 let why = format!(
-                    "memory pressure: the node's workloads stalled {level:.0}% of the last second (evict at {}% for {}s); priority {} is the lowest running",
-                    c.evict_at,
+                    "memory pressure: the node's workloads stalled {level:.0}% of the last {}s (evict at {}%); priority {} is the lowest running",
                     c.sustain.as_secs_f32(),
+                    c.evict_at,
                     v.priority
                 );
                 self.throttled.remove(&v.container);
@@ -345,7 +323,7 @@ impl Protector {
                 });
             }
         }
-        if self.over_throttle.is_some() {
+        if level >= c.throttle_at {
             let evicting: Vec<String> = actions
                 .iter()
                 .filter_map(|a| match a {

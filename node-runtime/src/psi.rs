@@ -46,8 +46,21 @@ pub fn parse(text: &str) -> Option<PsiResource> {
     Some(PsiResource { some: some?, full })
 }
 
-fn read(path: &Path) -> Option<PsiResource> {
+/// One `*.pressure` file (see [`parse`]); `None` when it cannot be read.
+pub fn read(path: &Path) -> Option<PsiResource> {
     parse(&fs::read_to_string(path).ok()?)
+}
+
+/// A percentage setting (`10`, `12.5%`) between 0 and 100.
+pub fn parse_percent(value: &str) -> Result<f32, String> {
+    let p: f32 = value
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{value:?} is not a percentage"))?;
+    if !(0.0..=100.0).contains(&p) {
+        return Err(format!("{value:?}: a percentage is between 0 and 100"));
+    }
+    Ok(p)
 }
 
 /// Pressure from `dir/{cpu,memory,io}.pressure` (a cgroup v2 directory, or `/proc/pressure`

@@ -862,6 +862,19 @@ fn write_pressure(
     out.push_str(&lines(&|a| a.total as f64 / 1e6, "stalled_seconds_total"));
 }
 
+/// `namespace="..",workload=".."` and, for a replica, `,replica="N"` (no trailing comma).
+fn workload_labels(w: &hyperbox_api::WorkloadStatus, replica: Option<u32>) -> String {
+    let mut l = format!(
+        "namespace=\"{}\",workload=\"{}\"",
+        label(&w.namespace),
+        label(&w.name)
+    );
+    if let Some(r) = replica {
+        l.push_str(&format!(",replica=\"{r}\""));
+    }
+    l
+}
+
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP {name} {text}");
@@ -893,12 +906,7 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
         .flat_map(|w| {
             w.replicas.iter().filter_map(|r| {
                 Some((
-                    format!(
-                        "namespace=\"{}\",workload=\"{}\",replica=\"{}\",",
-                        label(&w.namespace),
-                        label(&w.name),
-                        r.index
-                    ),
+                    format!("{},", workload_labels(w, Some(r.index))),
                     r.pressure.as_ref()?,
                 ))
             })
@@ -920,10 +928,8 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
         for r in w.replicas.iter().filter(|r| r.throttled) {
             let _ = writeln!(
                 out,
-                "hyperbox_container_throttled{{namespace=\"{}\",workload=\"{}\",replica=\"{}\"}} 1",
-                label(&w.namespace),
-                label(&w.name),
-                r.index
+                "hyperbox_container_throttled{{{}}} 1",
+                workload_labels(w, Some(r.index))
             );
         }
     }
@@ -932,7 +938,7 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
             &mut out,
             "hyperbox_protection_level",
             "gauge",
-            "Pressure protection's signal: the workloads' memory full stall over the last second (percent).",
+            "Pressure protection's signal: the workloads' memory full stall over its sustain window (percent).",
         );
         let _ = writeln!(out, "hyperbox_protection_level {}", p.level.unwrap_or(0.0));
         for (name, v, text) in [
@@ -970,31 +976,31 @@ pub async fn metrics_text(sup: &Supervisor) -> String {
             label(g)
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP hyperbox_workload_ready Whether all replicas of the workload are ready."
+    help(
+        &mut out,
+        "hyperbox_workload_ready",
+        "gauge",
+        "Whether all replicas of the workload are ready.",
     );
-    let _ = writeln!(out, "# TYPE hyperbox_workload_ready gauge");
     for w in &list {
         let _ = writeln!(
             out,
-            "hyperbox_workload_ready{{namespace=\"{}\",workload=\"{}\"}} {}",
-            label(&w.namespace),
-            label(&w.name),
+            "hyperbox_workload_ready{{{}}} {}",
+            workload_labels(w, None),
             u8::from(w.ready)
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP hyperbox_workload_restarts_total Container restarts of the workload."
+    help(
+        &mut out,
+        "hyperbox_workload_restarts_total",
+        "counter",
+        "Container restarts of the workload.",
     );
-    let _ = writeln!(out, "# TYPE hyperbox_workload_restarts_total counter");
     for w in &list {
         let _ = writeln!(
             out,
-            "hyperbox_workload_restarts_total{{namespace=\"{}\",workload=\"{}\"}} {}",
-            label(&w.namespace),
-            label(&w.name),
+            "hyperbox_workload_restarts_total{{{}}} {}",
+            workload_labels(w, None),
             w.restarts
         );
     }

@@ -145,7 +145,7 @@ pub fn place_fleet(
                 n.id == key
                     && n.schedulable
                     && avoided.is_none_or(|a| !a.contains(key))
-                    && matches(n, &sw.workload.spec.node_selector)
+                    && matches(&n.labels, &sw.workload.spec.node_selector)
             })
         };
         let kept: Vec<String> = previous
@@ -192,15 +192,7 @@ pub fn prewarm_hints(
         }
         for v in nodes.iter().filter(|v| v.schedulable) {
             let Some(s) = &v.summary else { continue };
-            let info = NodeInfo {
-                id: v.key.clone(),
-                labels: s.labels.clone(),
-                allocatable: Amounts::default(),
-                reserved: Amounts::default(),
-                schedulable: true,
-                pressure: 0.0,
-            };
-            if matches(&info, &w.spec.node_selector) {
+            if matches(&s.labels, &w.spec.node_selector) {
                 out.entry(v.key.clone())
                     .or_default()
                     .push(w.spec.image.clone());

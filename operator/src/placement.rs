@@ -42,7 +42,7 @@ pub struct NodeInfo {
     /// False for a node that refused work or has been unreachable past the grace period: its
     /// replicas move.
     pub schedulable: bool,
-    /// How stalled the node is (see `Pressure::score`; 0 without PSI): calmer nodes are
+    /// How stalled the node is (see [`PressureWeights::score`]; 0 without PSI): calmer nodes are
     /// preferred, in bands of [`PRESSURE_BAND`] so that noise does not move new replicas
     /// from one node to another.
     pub pressure: f32,
@@ -107,11 +107,14 @@ impl Placement {
     }
 }
 
-/// Whether the node has every label the selector asks for.
-pub(crate) fn matches(node: &NodeInfo, selector: &BTreeMap<String, String>) -> bool {
+/// Whether `labels` (a node's) hold every label the selector asks for.
+pub(crate) fn matches(
+    labels: &BTreeMap<String, String>,
+    selector: &BTreeMap<String, String>,
+) -> bool {
     selector
         .iter()
-        .all(|(k, v)| node.labels.get(k).is_some_and(|x| x == v))
+        .all(|(k, v)| labels.get(k).is_some_and(|x| x == v))
 }
 
 pub fn place(demands: &[Demand], nodes: &[NodeInfo]) -> Placement {
@@ -172,7 +175,9 @@ pub fn place_with(demands: &[Demand], nodes: &[NodeInfo], band_width: f32) -> Pl
                 .get(&ordinal)
                 .and_then(|n| by_id.get(n.as_str()))
                 .filter(|n| {
-                    n.schedulable && matches(n, &d.node_selector) && !d.avoid.contains(&n.id)
+                    n.schedulable
+                        && matches(&n.labels, &d.node_selector)
+                        && !d.avoid.contains(&n.id)
                 });
             match stays {
                 Some(n) => {
@@ -188,7 +193,9 @@ pub fn place_with(demands: &[Demand], nodes: &[NodeInfo], band_width: f32) -> Pl
     for (d, ordinal) in pending {
         let candidates: Vec<&NodeInfo> = nodes
             .iter()
-            .filter(|n| n.schedulable && matches(n, &d.node_selector) && !d.avoid.contains(&n.id))
+            .filter(|n| {
+                n.schedulable && matches(&n.labels, &d.node_selector) && !d.avoid.contains(&n.id)
+            })
             .collect();
         if candidates.is_empty() {
             out.unplaced

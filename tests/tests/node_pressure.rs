@@ -204,6 +204,15 @@ fn starved(image: &str) -> String {
     )
 }
 
+/// Whether this kernel has no memory PSI (said on stderr): the test has nothing to check.
+fn memory_psi_off() -> bool {
+    let off = fs::metadata("/proc/pressure/memory").is_err();
+    if off {
+        eprintln!("PSI is off on this kernel");
+    }
+    off
+}
+
 fn mem_some10(v: &Value) -> f64 {
     v["replicas"][0]["pressure"]["memory"]["some"]["avg10"]
         .as_f64()
@@ -215,8 +224,7 @@ fn mem_some10(v: &Value) -> f64 {
 #[test]
 fn a_memory_starved_container_shows_memory_pressure() {
     let _serial = serial();
-    if fs::metadata("/proc/pressure/memory").is_err() {
-        eprintln!("PSI is off on this kernel");
+    if memory_psi_off() {
         return;
     }
     let reg = Registry::start(false).unwrap();
@@ -255,8 +263,7 @@ fn a_memory_starved_container_shows_memory_pressure() {
 #[test]
 fn new_replicas_are_refused_under_memory_pressure() {
     let _serial = serial();
-    if fs::metadata("/proc/pressure/memory").is_err() {
-        eprintln!("PSI is off on this kernel");
+    if memory_psi_off() {
         return;
     }
     let reg = Registry::start(false).unwrap();
@@ -324,8 +331,7 @@ fn new_replicas_are_refused_under_memory_pressure() {
 #[test]
 fn placement_prefers_the_calmer_node() {
     let _serial = serial();
-    if fs::metadata("/proc/pressure/memory").is_err() {
-        eprintln!("PSI is off on this kernel");
+    if memory_psi_off() {
         return;
     }
     let reg = Registry::start(false).unwrap();

@@ -324,7 +324,7 @@ pub struct ProtectionStatus {
     /// The settings (`throttle=10,evict=20,...`).
     pub settings: String,
     /// The signal: the memory `full` stall of the node's workloads, percent of the last
-    /// second; none before the first reading or without PSI.
+    /// `sustain` seconds; none before the first full window or without PSI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<f32>,
     /// Replicas throttled now.
@@ -337,15 +337,6 @@ pub struct ProtectionStatus {
     /// The last action, with its figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_action: Option<String>,
-}
-
-impl Pressure {
-    /// One number for comparing nodes: `some avg10` of cpu, memory and io, with memory
-    /// weighted double (a memory stall also costs reclaim and risks the OOM killer, where a
-    /// cpu or io stall only slows work down).
-    pub fn score(&self) -> f32 {
-        self.cpu.some.avg10 + 2.0 * self.memory.some.avg10 + self.io.some.avg10
-    }
 }
 
 /// Error body of every non-2xx API answer.

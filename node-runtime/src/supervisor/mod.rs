@@ -124,7 +124,7 @@ pub struct Supervisor {
     /// The last PSI samples of each running container, by container id.
     pressure: StdMutex<HashMap<String, PressureSamples>>,
     /// The node's own PSI samples (the higher of the host's and the workloads'), for its trend.
-    node_pressure: StdMutex<std::collections::VecDeque<(std::time::Instant, [f32; 3])>>,
+    node_pressure: StdMutex<PressureHistory>,
     /// Pressure protection, when on.
     protection: StdMutex<Option<protection::ProtectionState>>,
     /// Images kept ready for work likely to land here.
@@ -138,13 +138,27 @@ pub struct Supervisor {
 struct PressureSamples {
     latest: Option<hyperbox_api::Pressure>,
     cgroup_id: Option<u64>,
-    history: std::collections::VecDeque<(std::time::Instant, [f32; 3])>,
+    history: PressureHistory,
+}
+
+/// `some avg10` of cpu, memory and io, with when each was read.
+type PressureHistory = std::collections::VecDeque<(std::time::Instant, [f32; 3])>;
+
+/// `some avg10` of cpu, memory and io of a reading.
+fn some_avg10(p: &hyperbox_api::Pressure) -> [f32; 3] {
+    [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10]
+}
+
+/// Add a sample, keeping the last [`PRESSURE_HISTORY`].
+fn push_sample(h: &mut PressureHistory, at: std::time::Instant, sample: [f32; 3]) {
+    h.push_back((at, sample));
+    while h.len() > PRESSURE_HISTORY {
+        h.pop_front();
+    }
 }
 
 /// Change of `some avg10` from the first sample to the last (at least two).
-fn trend_of(
-    h: &std::collections::VecDeque<(std::time::Instant, [f32; 3])>,
-) -> Option<hyperbox_api::PressureTrend> {
+fn trend_of(h: &PressureHistory) -> Option<hyperbox_api::PressureTrend> {
     match (h.front(), h.back()) {
         (Some(first), Some(last)) if h.len() >= 2 => Some(hyperbox_api::PressureTrend {
             cpu: last.1[0] - first.1[0],
@@ -430,7 +444,7 @@ impl Supervisor {
             });
         }
         if !results.is_empty() {
-            self.digests_version.send_modify(|v| *v += 1);
+            self.bump_digests();
         }
         // The answer means "recorded": make the batch durable first. A few records are fsynced
         // one by one; a bulk apply (a Git sync of thousands of workloads) pays one syncfs.
@@ -598,7 +612,7 @@ impl Supervisor {
             h.deleting.store(true, Ordering::SeqCst);
             // Its requests are free for others from the moment the delete is accepted.
             self.admitted.lock().unwrap().remove(name);
-            self.digests_version.send_modify(|v| *v += 1);
+            self.bump_digests();
             if h.tx.send(Msg::Delete { reply }).is_err() {
                 return Ok(true);
             }
@@ -1035,11 +1049,12 @@ impl Supervisor {
                     (id, p, cid)
                 })
                 .collect::<Vec<_>>();
-            let some = |p: Option<hyperbox_api::Pressure>| {
-                p.map(|p| [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10])
-            };
-            let host = some(crate::psi::node());
-            let workloads = some(parent.as_deref().and_then(crate::psi::cgroup));
+            let host = crate::psi::node().as_ref().map(some_avg10);
+            let workloads = parent
+                .as_deref()
+                .and_then(crate::psi::cgroup)
+                .as_ref()
+                .map(some_avg10);
             let node = match (host, workloads) {
                 (Some(a), Some(b)) => Some([a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]),
                 (a, b) => a.or(b),
@@ -1052,24 +1067,14 @@ impl Supervisor {
         };
         let now = std::time::Instant::now();
         if let Some(n) = node {
-            let mut h = self.node_pressure.lock().unwrap();
-            h.push_back((now, n));
-            while h.len() > PRESSURE_HISTORY {
-                h.pop_front();
-            }
+            push_sample(&mut self.node_pressure.lock().unwrap(), now, n);
         }
         let mut map = self.pressure.lock().unwrap();
         let mut next = HashMap::with_capacity(readings.len());
         for (id, p, cid) in readings {
             let mut s = map.remove(&id).unwrap_or_default();
             if let Some(p) = &p {
-                s.history.push_back((
-                    now,
-                    [p.cpu.some.avg10, p.memory.some.avg10, p.io.some.avg10],
-                ));
-                while s.history.len() > PRESSURE_HISTORY {
-                    s.history.pop_front();
-                }
+                push_sample(&mut s.history, now, some_avg10(p));
             }
             s.latest = p;
             s.cgroup_id = cid;

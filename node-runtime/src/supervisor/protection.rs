@@ -31,13 +31,15 @@ impl ProtectionState {
     }
 }
 
-/// Memory `full` total (microseconds) of the workloads' parent, or of the host.
+/// Memory `full` total (microseconds) of the workloads' parent, or of the host where the
+/// parent has none: one file.
 fn memory_full_total(signal: Option<&std::path::Path>) -> Option<u64> {
-    let p = match signal {
-        Some(dir) if dir.join("memory.pressure").exists() => crate::psi::cgroup(dir),
-        _ => crate::psi::node(),
+    let parent = signal.map(|dir| dir.join("memory.pressure"));
+    let r = match parent.filter(|f| f.exists()) {
+        Some(f) => crate::psi::read(&f),
+        None => crate::psi::read(std::path::Path::new("/proc/pressure/memory")),
     }?;
-    Some(p.memory.full.total)
+    Some(r.full.total)
 }
 
 impl Supervisor {
