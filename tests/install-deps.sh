@@ -29,3 +29,9 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+# The real Kubernetes control plane the kube tests start (etcd, kube-apiserver, kubectl built
+# from the Go modules; about 3 minutes the first time, cached in /var/cache/hyperbox-kube).
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+  export PATH=$PATH:/usr/local/go/bin
+fi
+"$(dirname "$0")/kube/cluster.sh" build >/dev/null

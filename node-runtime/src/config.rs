@@ -35,6 +35,10 @@ hyperbox_client::config_file! {
         tls_cert: PathBuf,
         tls_key: PathBuf,
         client_ca: PathBuf,
+        kubeconfig: String,
+        node_name: String,
+        advertise_address: String,
+        heartbeat_interval: String,
     }
 }
 

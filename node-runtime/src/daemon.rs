@@ -13,7 +13,7 @@ use crate::policy::NodePolicy;
 use crate::runtime::LibcontainerRuntime;
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub state_dir: PathBuf,
     /// Per-boot runtime state (tmpfs): libcontainer state, so nothing outlives a reboot.
@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub pressure_gate: Option<crate::admission::PressureGate>,
     /// Pressure protection (`--pressure-protection`), none when off.
     pub protection: Option<crate::protect::ProtectConfig>,
+    /// Register and heartbeat a HyperNode (`--kubeconfig`).
+    pub kubernetes: Option<(crate::kubeapi::ApiServer, crate::kubeapi::Registration)>,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -256,6 +258,9 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
                 }
             }
         });
+    }
+    if let Some((api, reg)) = opts.kubernetes.clone() {
+        tokio::spawn(crate::kubeapi::run(sup.clone(), api, reg));
     }
     {
         // Prewarming pulls in its own task: a long pull holds up neither log rotation nor

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod erofs;
 pub mod fsutil;
 pub mod image;
+pub mod kubeapi;
 pub mod logs;
 pub mod node;
 pub mod policy;

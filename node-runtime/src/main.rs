@@ -141,6 +141,21 @@ enum Command {
         /// capacity minus this (like kubelet's --system-reserved).
         #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::admission::parse_amounts)]
         reserve: hyperbox_api::ResourceAmounts,
+        /// Register with a Kubernetes API server as a HyperNode and heartbeat it: a kubeconfig
+        /// file, or `in-cluster` (the service account of the pod, for the DaemonSet). Needs
+        /// --listen: the operator reaches the node over TCP.
+        #[arg(long, value_name = "FILE|in-cluster", requires = "listen")]
+        kubeconfig: Option<String>,
+        /// The HyperNode's name (default: the host name).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// The node API address the operator should use (default: from --listen, https:// with
+        /// --tls-cert, the host name in place of 0.0.0.0).
+        #[arg(long)]
+        advertise_address: Option<String>,
+        /// How often the HyperNode's status (heartbeat, capacity, pressure) is written.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        heartbeat_interval: Duration,
     },
     /// Apply Workload documents from a YAML file (- for stdin).
     Apply {
@@ -299,6 +314,10 @@ async fn run(cli: Cli) -> Result<bool> {
             allow_net_raw,
             labels,
             reserve,
+            kubeconfig,
+            node_name,
+            advertise_address,
+            heartbeat_interval,
         } => {
             init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
             serve(ServeOptions {
@@ -336,6 +355,32 @@ async fn run(cli: Cli) -> Result<bool> {
                 reserve: *reserve,
                 pressure_gate: pressure_admission.0,
                 protection: pressure_protection.0,
+                kubernetes: match kubeconfig {
+                    Some(k) => {
+                        let name = node_name
+                            .clone()
+                            .unwrap_or_else(hyperbox_node::node::hostname);
+                        hyperbox_node::kubeapi::check_node_name(&name)
+                            .map_err(anyhow::Error::msg)?;
+                        let api = hyperbox_node::kubeapi::ApiServer::load(k)?;
+                        let address = advertise_address.clone().unwrap_or_else(|| {
+                            hyperbox_node::kubeapi::default_address(
+                                listen.as_deref().unwrap_or_default(),
+                                tls_cert.is_some(),
+                                &hyperbox_node::node::hostname(),
+                            )
+                        });
+                        Some((
+                            api,
+                            hyperbox_node::kubeapi::Registration {
+                                name,
+                                address,
+                                interval: *heartbeat_interval,
+                            },
+                        ))
+                    }
+                    None => None,
+                },
             })
             .await?;
             Ok(true)

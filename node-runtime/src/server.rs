@@ -632,7 +632,7 @@ async fn node(State(sup): State<AppState>) -> Response {
     Json(node_summary(&sup).await).into_response()
 }
 
-async fn node_summary(sup: &Supervisor) -> hyperbox_api::NodeSummary {
+pub(crate) async fn node_summary(sup: &Supervisor) -> hyperbox_api::NodeSummary {
     let (cpu_millis, memory_bytes, containers) = sup.allocations().await;
     let facts = sup.node_facts();
     let mut summary = crate::node::summary(

@@ -6,6 +6,7 @@ pub mod config;
 pub mod fleet;
 pub mod gitsource;
 pub mod init;
+pub mod k8s;
 pub mod manifests;
 pub mod nodewatch;
 pub mod placement;

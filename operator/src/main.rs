@@ -50,6 +50,10 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Reconcile Workload custom resources onto the node runtimes registered as HyperNodes.
+    Kubernetes(Box<KubeArgs>),
+    /// Print the CustomResourceDefinitions (Workload, HyperNode) as YAML.
+    Crd,
     /// Print the version, the Git commit and the features of this build.
     Version,
     /// Print a shell completion script (bash, zsh or fish) to stdout.
@@ -107,6 +111,59 @@ struct InitArgs {
     /// Replace the config file if it exists.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(clap::Args)]
+struct KubeArgs {
+    /// Kubeconfig to use; without it: in-cluster (the pod's service account), else
+    /// $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Bearer token for the nodes' APIs (their --token-file).
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) the nodes' TLS certificates chain to (https:// nodes).
+    #[arg(long, alias = "node-ca-file")]
+    node_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for nodes that require them (mTLS).
+    #[arg(long, requires = "node_key")]
+    node_cert: Option<PathBuf>,
+    #[arg(long, requires = "node_cert")]
+    node_key: Option<PathBuf>,
+    /// A node whose last heartbeat is older than this is marked Ready=False (kube's
+    /// node-monitor-grace-period).
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    node_monitor_grace: Duration,
+    /// A node not ready for this long loses its replicas to other nodes.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    node_grace: Duration,
+    /// How long one long-poll of a node's workloads is held.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    node_watch_timeout: Duration,
+    /// Names this cluster in the manager of every workload it places
+    /// (`kubernetes:<cluster>/<uid>`): another cluster or a Git source never overwrites them.
+    #[arg(long, default_value = "kubernetes")]
+    cluster_name: String,
+    /// How node pressure ranks nodes for new replicas (see `git --pressure-weights`).
+    #[arg(long, default_value = "cpu=1,memory=2,io=1,trend=1,band=10")]
+    pressure_weights: hyperbox_operator::placement::PressureWeights,
+    /// Elect a leader on a Lease, so that several replicas can run and only one acts.
+    #[arg(long, default_value = "true", action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    #[arg(long, default_value = "hyperbox-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (default: the pod's name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// A lease not renewed for this long is taken over by another replica.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// Workloads reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
 }
 
 #[derive(clap::Args)]
@@ -280,6 +337,55 @@ async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Init(_) => unreachable!("init runs before the runtime"),
         Command::Validate { paths } => Ok(hyperbox_operator::validate::run(&paths)? == 0),
+        Command::Kubernetes(a) => {
+            init_tracing(&cli.log_format, "info,kube=warn");
+            let a = *a;
+            let token = match &a.node_token_file {
+                Some(f) => Some(read_secret_file(f, "node token").map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let identity = a.identity.unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    hyperbox_operator::k8s::hostname(),
+                    std::process::id()
+                )
+            });
+            hyperbox_operator::k8s::run(hyperbox_operator::k8s::KubeOptions {
+                kubeconfig: a.kubeconfig,
+                access: hyperbox_operator::k8s::nodes::NodeAccess {
+                    token,
+                    tls: hyperbox_client::tls::TlsFiles {
+                        ca_file: a.node_ca,
+                        cert: a.node_cert,
+                        key: a.node_key,
+                    },
+                },
+                timings: hyperbox_operator::k8s::nodes::NodeTimings {
+                    monitor_grace: a.node_monitor_grace,
+                    eviction_grace: a.node_grace,
+                    watch_timeout: a.node_watch_timeout,
+                },
+                cluster: a.cluster_name,
+                weights: a.pressure_weights,
+                lease: a
+                    .leader_elect
+                    .then(|| hyperbox_operator::k8s::lease::LeaseConfig {
+                        name: a.lease_name,
+                        namespace: a.lease_namespace,
+                        identity,
+                        duration: a.lease_duration,
+                        renew: a.lease_duration / 3,
+                    }),
+                concurrency: a.concurrency.max(1),
+            })
+            .await?;
+            Ok(true)
+        }
+        Command::Crd => {
+            print!("{}", hyperbox_operator::k8s::crd::crds_yaml());
+            Ok(true)
+        }
         Command::Version => {
             println!("hyperbox-operator {}", long_version(&features()));
             Ok(true)

@@ -7,6 +7,7 @@
 #   tests/kube/cluster.sh up DIR     start; writes DIR/kubeconfig (admin) and DIR/bin/kubectl,
 #                                    returns once /readyz answers
 #   tests/kube/cluster.sh down DIR   stop and remove DIR
+#   tests/kube/cluster.sh restart-apiserver DIR   stop the API server and start it again
 #   tests/kube/cluster.sh build      only build (cached under $HYPERBOX_KUBE_CACHE)
 #
 # The binaries are built once and kept in $HYPERBOX_KUBE_CACHE (default
@@ -28,8 +29,16 @@ build() {
   if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] && [ -x "$bin/etcd" ]; then
     return
   fi
-  command -v go >/dev/null || { echo "cluster.sh: go is not installed" >&2; exit 1; }
+  command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+  command -v go >/dev/null || { echo "cluster.sh: go is not installed (https://go.dev/dl)" >&2; exit 1; }
   mkdir -p "$bin"
+  # Tests start clusters in parallel: one build at a time, the others wait and reuse it.
+  exec 9>"$bin/.build.lock"
+  flock 9
+  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] && [ -x "$bin/etcd" ]; then
+    flock -u 9
+    return
+  fi
   local v=${k8s_version#v} ld
   # Without these the API server reports v0.0.0-master, which version-skew checks refuse.
   ld="-X k8s.io/component-base/version.gitVersion=$k8s_version"
@@ -41,10 +50,35 @@ build() {
     go build -ldflags "$ld" -o "$bin/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl &&
     go build -o "$bin/etcd.tmp" ./etcd)
   for b in kube-apiserver kubectl etcd; do mv "$bin/$b.tmp" "$bin/$b"; done
+  flock -u 9
 }
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# The admin kubeconfig, trusting the self-signed serving certificate (and its CA) that the
+# API server wrote at start.
+write_kubeconfig() {
+  local dir=$1 port=$2 token=$3
+  cat >"$dir/kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: hyperbox-test
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $(base64 -w0 "$dir/certs/apiserver.crt")
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: hyperbox-test
+  context: {cluster: hyperbox-test, user: admin}
+current-context: hyperbox-test
+EOF
+  mv "$dir/kubeconfig.tmp" "$dir/kubeconfig"
 }
 
 up() {
@@ -65,33 +99,26 @@ up() {
   "$bin/etcd" --data-dir "$dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
   echo $! >"$dir/etcd.pid"
+  echo "$etcd_port $api_port" >"$dir/ports"
+  start_apiserver "$dir" || { down "$dir"; return 1; }
+  write_kubeconfig "$dir" "$api_port" "$token"
+  echo "cluster.sh: API server ready at https://127.0.0.1:$api_port ($dir/kubeconfig)" >&2
+}
+
+# Start kube-apiserver on the ports in DIR/ports and wait for /readyz.
+start_apiserver() {
+  local dir=$1 etcd_port api_port token
+  read -r etcd_port api_port <"$dir/ports"
+  token=$(cut -d, -f1 "$dir/tokens.csv")
   "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --cert-dir="$dir/certs" \
     --secure-port="$api_port" --bind-address=127.0.0.1 \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
     --token-auth-file="$dir/tokens.csv" --authorization-mode=RBAC \
-    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true >"$dir/apiserver.log" 2>&1 &
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true >>"$dir/apiserver.log" 2>&1 &
   echo $! >"$dir/apiserver.pid"
-  cat >"$dir/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: hyperbox-test
-  cluster:
-    server: https://127.0.0.1:$api_port
-    insecure-skip-tls-verify: true
-users:
-- name: admin
-  user:
-    token: $token
-contexts:
-- name: hyperbox-test
-  context: {cluster: hyperbox-test, user: admin}
-current-context: hyperbox-test
-EOF
   for _ in $(seq 120); do
     if curl -sfk -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
-      echo "cluster.sh: API server ready at https://127.0.0.1:$api_port ($dir/kubeconfig)" >&2
       return 0
     fi
     kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null || break
@@ -99,8 +126,19 @@ EOF
   done
   echo "cluster.sh: the API server did not become ready; last lines of $dir/apiserver.log:" >&2
   tail -20 "$dir/apiserver.log" >&2
-  down "$dir"
   return 1
+}
+
+# Stop the API server (SIGTERM, then SIGKILL) and start it again: same port, certificate and
+# etcd data; what clients see is a real API server restart.
+restart_apiserver() {
+  local dir=$1 pid
+  build
+  pid=$(cat "$dir/apiserver.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  start_apiserver "$dir"
 }
 
 down() {
@@ -119,6 +157,7 @@ down() {
 case "${1:-}" in
   up) [ -n "${2:-}" ] || { echo "usage: $0 up DIR" >&2; exit 2; }; up "$2" ;;
   down) [ -n "${2:-}" ] || { echo "usage: $0 down DIR" >&2; exit 2; }; down "$2" ;;
+  restart-apiserver) [ -n "${2:-}" ] || { echo "usage: $0 restart-apiserver DIR" >&2; exit 2; }; restart_apiserver "$2" ;;
   build) build; echo "$bin" ;;
-  *) echo "usage: $0 up DIR | down DIR | build" >&2; exit 2 ;;
+  *) echo "usage: $0 up DIR | down DIR | restart-apiserver DIR | build" >&2; exit 2 ;;
 esac

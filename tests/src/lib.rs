@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+pub mod kube;
 pub mod operator_fixtures;
 
 /// A built binary of the workspace (`cargo build` puts them next to the test's deps dir).

@@ -40,9 +40,13 @@ pub fn parse_cpu_millis(q: &str) -> Result<u64, String> {
         Some(n) => (n, 1.0),
         None => (q, 1000.0),
     };
+    // Digits and one dot only (what the CRD's pattern allows): no exponent, sign or `inf`.
+    let plain = num.chars().all(|c| c.is_ascii_digit() || c == '.');
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{q:?} is not a cpu quantity like 500m or 1.5"))?;
+        .ok()
+        .filter(|_| plain)
+        .ok_or_else(|| format!("{q:?} is not a cpu quantity like 500m or 1.5"))?;
     if !n.is_finite() || !(0.0..=1e6).contains(&n) {
         return Err(format!("{q:?} is out of range"));
     }
@@ -69,5 +73,7 @@ mod tests {
         assert_eq!(parse_cpu_millis("2").unwrap(), 2000);
         assert_eq!(parse_cpu_millis("0.25").unwrap(), 250);
         assert!(parse_cpu_millis("fast").is_err());
+        assert!(parse_cpu_millis("1e3").is_err());
+        assert!(parse_cpu_millis("-1").is_err());
     }
 }

@@ -148,11 +148,25 @@ pub struct RollingUpdate {
 }
 
 /// `2` or `"25%"`, as Kubernetes' IntOrString.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum IntOrPercent {
     Int(u32),
     Percent(String),
+}
+
+/// Kubernetes' own schema for IntOrString (an untagged enum's `anyOf` is not structural).
+impl JsonSchema for IntOrPercent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrPercent".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A count (`2`) or a percentage of `replicas` (`\"25%\"`).",
+            "x-kubernetes-int-or-string": true
+        })
+    }
 }
 
 /// Default `progressDeadlineSeconds`.
@@ -179,9 +193,11 @@ pub struct EnvVar {
 pub struct Resources {
     /// Memory limit, Kubernetes quantity (`64Mi`, `1G`, `1048576`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(k|K|M|G|T|Ki|Mi|Gi|Ti)?$"))]
     pub memory: Option<String>,
     /// CPU limit, Kubernetes quantity (`500m`, `1`, `0.25`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$"))]
     pub cpu: Option<String>,
     /// Maximum number of processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,9 +223,11 @@ impl Resources {
 pub struct Requests {
     /// Kubernetes quantity (`64Mi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(k|K|M|G|T|Ki|Mi|Gi|Ti)?$"))]
     pub memory: Option<String>,
     /// Kubernetes quantity (`250m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$"))]
     pub cpu: Option<String>,
 }
 
@@ -282,9 +300,24 @@ pub struct HostPathVolume {
     pub path: String,
 }
 
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmptyDirVolume {}
+
+/// An object with no fields (`additionalProperties: false` is not a structural schema:
+/// Kubernetes prunes and, with strict validation, refuses unknown fields by itself).
+impl JsonSchema for EmptyDirVolume {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EmptyDirVolume".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A scratch directory that lives as long as the replica.",
+            "type": "object"
+        })
+    }
+}
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

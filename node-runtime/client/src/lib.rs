@@ -298,11 +298,40 @@ impl NodeClient {
             .await
     }
 
+    /// Like [`NodeClient::raw`] with a body of another content type (the Kubernetes API's
+    /// `application/apply-patch+yaml`, for the node's HyperNode).
+    pub async fn raw_typed(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.exchange(
+            method,
+            path,
+            Some((content_type, body)),
+            self.request_timeout,
+        )
+        .await
+    }
+
     async fn raw_within(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.exchange(method, path, body.map(|b| ("application/json", b)), timeout)
+            .await
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let timeout_err = |stage, timeout| ClientError::Timeout {
@@ -327,11 +356,15 @@ impl NodeClient {
         {
             req = req.header("authorization", format!("Bearer {token}"));
         }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
+        let body = match body {
+            Some((content_type, bytes)) => {
+                req = req.header("content-type", content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| http_err(e.to_string()))?;
         let connect_err = |cause| ClientError::Connect {
             endpoint: self.endpoint.to_string(),
@@ -537,22 +570,22 @@ impl NodeClient {
 
     /// Every workload once anything on the node changed after `after` (a `resourceVersion`),
     /// or after `timeout`: one long-poll for the whole node instead of one per workload.
-    /// Returns the node's resourceVersion with the list; pass it as the next `after`.
+    /// Without `after`, at once. Returns the node's resourceVersion with the list; pass it as
+    /// the next `after`.
     pub async fn watch_all(
         &self,
-        after: u64,
+        after: Option<u64>,
         timeout: Duration,
     ) -> Result<(u64, Vec<WorkloadStatus>), ClientError> {
+        let path = match after {
+            Some(after) => format!(
+                "/v1/workloads?watch=true&after={after}&timeoutMs={}",
+                timeout.as_millis()
+            ),
+            None => "/v1/workloads?watch=true".to_string(),
+        };
         let list: WorkloadList = self
-            .json_within(
-                Method::GET,
-                &format!(
-                    "/v1/workloads?watch=true&after={after}&timeoutMs={}",
-                    timeout.as_millis()
-                ),
-                None,
-                timeout + LONG_POLL_MARGIN,
-            )
+            .json_within(Method::GET, &path, None, timeout + LONG_POLL_MARGIN)
             .await?;
         Ok((list.resource_version, list.items))
     }

@@ -65,6 +65,43 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, Stri
     Ok(Arc::new(config))
 }
 
+/// A client configuration from PEM bytes (a kubeconfig's `certificate-authority-data` and
+/// `client-certificate-data` / `client-key-data`); `what` names where they came from.
+pub fn client_config_pem(
+    ca: &[u8],
+    client: Option<(&[u8], &[u8])>,
+    what: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        let c = c.map_err(|e| format!("{what}: parse the CA certificate: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("{what}: not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{what}: no PEM CA certificate"));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{what}: parse the client certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| format!("{what}: parse the client key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("{what}: client certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
 /// What a failed TLS handshake means, in words a user can act on.
 pub fn explain(e: &std::io::Error) -> String {
     format!("tls handshake: {}", with_hint(&e.to_string()))

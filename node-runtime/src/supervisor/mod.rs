@@ -1178,7 +1178,7 @@ impl Supervisor {
     }
 }
 
-fn format_rfc3339(unix: u64) -> String {
+pub(crate) fn format_rfc3339(unix: u64) -> String {
     // Civil-from-days (Howard Hinnant's algorithm), UTC.
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;

@@ -1,0 +1,517 @@
+//! Node registration with a Kubernetes API server: the node creates its `HyperNode` and keeps
+//! it current with heartbeats (server-side apply of the object and of its status), so the
+//! operator finds it, places work on it and notices when it goes away.
+//!
+//! The node side does not depend on `kube`: a kubeconfig (or the in-cluster service account)
+//! gives an API address, a CA and credentials, and the few requests below go through the
+//! node API client's HTTP/TLS stack.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use hyperbox_api::hypernode::{
+    HyperNodeSpec, HyperNodeStatus, NodeCondition, CONDITION_READY, HYPERNODES, KIND_HYPERNODE,
+};
+use hyperbox_client::{Endpoint, NodeClient};
+use serde::Deserialize;
+
+use crate::supervisor::Supervisor;
+
+/// `--kubeconfig in-cluster`: the service account a DaemonSet pod gets.
+pub const IN_CLUSTER: &str = "in-cluster";
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Who the node's writes belong to (server-side apply).
+pub const FIELD_MANAGER: &str = "hyperbox-node";
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
+
+/// Where the API server is and how to authenticate.
+#[derive(Clone)]
+pub struct ApiServer {
+    /// `host:port`.
+    addr: String,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    token: Option<String>,
+    /// Re-read before each request: service account tokens are rotated.
+    token_file: Option<PathBuf>,
+    /// Where the settings came from, for errors.
+    source: String,
+}
+
+#[derive(Deserialize, Default)]
+struct Kubeconfig {
+    #[serde(default)]
+    clusters: Vec<NamedCluster>,
+    #[serde(default)]
+    users: Vec<NamedUser>,
+    #[serde(default)]
+    contexts: Vec<NamedContext>,
+    #[serde(rename = "current-context", default)]
+    current_context: String,
+}
+
+#[derive(Deserialize)]
+struct NamedCluster {
+    name: String,
+    cluster: Cluster,
+}
+
+#[derive(Deserialize)]
+struct Cluster {
+    server: String,
+    #[serde(rename = "certificate-authority-data", default)]
+    ca_data: Option<String>,
+    #[serde(rename = "certificate-authority", default)]
+    ca_file: Option<PathBuf>,
+    #[serde(rename = "insecure-skip-tls-verify", default)]
+    insecure: bool,
+}
+
+#[derive(Deserialize)]
+struct NamedUser {
+    name: String,
+    #[serde(default)]
+    user: User,
+}
+
+#[derive(Deserialize, Default)]
+struct User {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(rename = "tokenFile", default)]
+    token_file: Option<PathBuf>,
+    #[serde(rename = "client-certificate-data", default)]
+    cert_data: Option<String>,
+    #[serde(rename = "client-key-data", default)]
+    key_data: Option<String>,
+    #[serde(rename = "client-certificate", default)]
+    cert_file: Option<PathBuf>,
+    #[serde(rename = "client-key", default)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct NamedContext {
+    name: String,
+    context: Context_,
+}
+
+#[derive(Deserialize)]
+struct Context_ {
+    cluster: String,
+    #[serde(default)]
+    user: String,
+}
+
+fn b64(what: &str, s: &str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| anyhow!("{what}: not base64: {e}"))
+}
+
+fn read(path: &Path, base: &Path, what: &str) -> Result<Vec<u8>> {
+    let p = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    std::fs::read(&p).with_context(|| format!("{what}: read {}", p.display()))
+}
+
+/// `https://host:port` → `host:port` (no path prefix: the node talks to the API directly).
+fn host_port(server: &str, what: &str) -> Result<String> {
+    let rest = server.strip_prefix("https://").ok_or_else(|| {
+        anyhow!("{what}: server {server:?} must be https:// (the API server's TLS address)")
+    })?;
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') {
+        bail!("{what}: server {server:?} has a path; only https://host:port is supported");
+    }
+    Ok(if rest.contains(':') && !rest.ends_with(']') {
+        rest.to_string()
+    } else {
+        format!("{rest}:443")
+    })
+}
+
+impl ApiServer {
+    /// From `--kubeconfig`: a file, or `in-cluster`.
+    pub fn load(kubeconfig: &str) -> Result<ApiServer> {
+        if kubeconfig == IN_CLUSTER {
+            return ApiServer::in_cluster();
+        }
+        ApiServer::from_file(Path::new(kubeconfig))
+    }
+
+    fn from_file(path: &Path) -> Result<ApiServer> {
+        let what = format!("kubeconfig {}", path.display());
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {what}"))?;
+        let cfg: Kubeconfig = serde_norway::from_str(&text).map_err(|e| anyhow!("{what}: {e}"))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let ctx = cfg
+            .contexts
+            .iter()
+            .find(|c| c.name == cfg.current_context)
+            .ok_or_else(|| {
+                anyhow!(
+                    "{what}: current-context {:?} is not among its contexts",
+                    cfg.current_context
+                )
+            })?;
+        let cluster = &cfg
+            .clusters
+            .iter()
+            .find(|c| c.name == ctx.context.cluster)
+            .ok_or_else(|| anyhow!("{what}: no cluster named {:?}", ctx.context.cluster))?
+            .cluster;
+        let user = cfg
+            .users
+            .iter()
+            .find(|u| u.name == ctx.context.user)
+            .map(|u| &u.user);
+        if cluster.insecure {
+            bail!("{what}: insecure-skip-tls-verify is not supported: give certificate-authority(-data)");
+        }
+        let ca = match (&cluster.ca_data, &cluster.ca_file) {
+            (Some(d), _) => b64(&format!("{what}: certificate-authority-data"), d)?,
+            (None, Some(f)) => read(f, base, &format!("{what}: certificate-authority"))?,
+            (None, None) => bail!(
+                "{what}: the cluster has no certificate-authority(-data): the node verifies the API server"
+            ),
+        };
+        let empty = User::default();
+        let user = user.unwrap_or(&empty);
+        let cert = match (&user.cert_data, &user.cert_file) {
+            (Some(d), _) => Some(b64(&format!("{what}: client-certificate-data"), d)?),
+            (None, Some(f)) => Some(read(f, base, &format!("{what}: client-certificate"))?),
+            _ => None,
+        };
+        let key = match (&user.key_data, &user.key_file) {
+            (Some(d), _) => Some(b64(&format!("{what}: client-key-data"), d)?),
+            (None, Some(f)) => Some(read(f, base, &format!("{what}: client-key"))?),
+            _ => None,
+        };
+        let client = match (&cert, &key) {
+            (Some(c), Some(k)) => Some((c.as_slice(), k.as_slice())),
+            (None, None) => None,
+            _ => bail!("{what}: a client certificate needs its key, and the other way round"),
+        };
+        let tls =
+            hyperbox_client::tls::client_config_pem(&ca, client, &what).map_err(|e| anyhow!(e))?;
+        let token_file = user.token_file.as_ref().map(|f| {
+            if f.is_absolute() {
+                f.clone()
+            } else {
+                base.join(f)
+            }
+        });
+        if user.token.is_none() && token_file.is_none() && client.is_none() {
+            bail!("{what}: the user has no token, tokenFile or client certificate");
+        }
+        Ok(ApiServer {
+            addr: host_port(&cluster.server, &what)?,
+            tls,
+            token: user.token.clone(),
+            token_file,
+            source: what,
+        })
+    }
+
+    fn in_cluster() -> Result<ApiServer> {
+        let what = "in-cluster config".to_string();
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .map_err(|_| anyhow!("{what}: KUBERNETES_SERVICE_HOST is not set (not in a pod?)"))?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let dir = Path::new(SERVICE_ACCOUNT_DIR);
+        let ca = read(&dir.join("ca.crt"), dir, &what)?;
+        let tls =
+            hyperbox_client::tls::client_config_pem(&ca, None, &what).map_err(|e| anyhow!(e))?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Ok(ApiServer {
+            addr: format!("{host}:{port}"),
+            tls,
+            token: None,
+            token_file: Some(dir.join("token")),
+            source: what,
+        })
+    }
+
+    fn client(&self) -> Result<NodeClient> {
+        let token = match &self.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("{}: read token {}", self.source, f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.token.clone(),
+        };
+        Ok(NodeClient::new(Endpoint::Tcp {
+            addr: self.addr.clone(),
+            token,
+            tls: Some(self.tls.clone()),
+        })
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(15)))
+    }
+
+    /// Server-side apply of `body` at `path`; the answer's JSON on success.
+    async fn apply(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let client = self.client()?;
+        let url = format!("{path}?fieldManager={FIELD_MANAGER}&force=true");
+        let (status, bytes) = client
+            .raw_typed(
+                hyper::Method::PATCH,
+                &url,
+                APPLY_PATCH,
+                serde_json::to_vec(body).expect("serialize"),
+            )
+            .await
+            .map_err(|e| anyhow!("{}: {e}", self.source))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
+            let hint = if status.as_u16() == 404 {
+                " (is the HyperNode CRD installed? kubectl apply -f crds/hyperbox.yaml)"
+            } else {
+                ""
+            };
+            bail!("PATCH {path}: {status}: {message}{hint}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("PATCH {path}: decode the answer"))
+    }
+}
+
+/// What the node registers as.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The HyperNode's name (`--node-name`, default the host name).
+    pub name: String,
+    /// The node API address the operator uses (`--advertise-address`).
+    pub address: String,
+    pub interval: Duration,
+}
+
+/// A HyperNode name must be a DNS subdomain (lowercase letters, digits, `-` and `.`).
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name {name:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.'): set --node-name"
+        ))
+    }
+}
+
+/// The address to advertise when `--advertise-address` is not given: the TCP listener's, with
+/// the host name in place of a wildcard address.
+pub fn default_address(listen: &str, tls: bool, hostname: &str) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "7443"));
+    let host = match host {
+        "" | "0.0.0.0" | "[::]" | "::" => hostname,
+        h => h,
+    };
+    format!("{scheme}://{host}:{port}")
+}
+
+pub(crate) fn rfc3339_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    crate::supervisor::format_rfc3339(now)
+}
+
+/// The object part (labels and spec) of the node's HyperNode.
+pub fn object_body(reg: &Registration, summary: &hyperbox_api::NodeSummary) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": hyperbox_api::API_VERSION,
+        "kind": KIND_HYPERNODE,
+        "metadata": {"name": reg.name, "labels": summary.labels},
+        "spec": HyperNodeSpec {address: reg.address.clone(), node_id: summary.id.clone()},
+    })
+}
+
+/// The status part: the summary's figures, the heartbeat and `Ready=True` since `ready_since`.
+pub fn status_body(
+    reg: &Registration,
+    summary: &hyperbox_api::NodeSummary,
+    now: &str,
+    ready_since: &str,
+) -> serde_json::Value {
+    let status = HyperNodeStatus {
+        version: summary.version.clone(),
+        capacity: summary.capacity,
+        allocatable: summary.allocatable,
+        requested: summary.requested,
+        allocations: summary.allocations,
+        workloads: summary.workloads as u32,
+        containers: summary.containers as u32,
+        pressure: summary.pressure.clone(),
+        heartbeat_time: Some(now.to_string()),
+        conditions: vec![NodeCondition {
+            kind: CONDITION_READY.to_string(),
+            status: "True".to_string(),
+            reason: "HeartbeatReceived".to_string(),
+            message: "the node runtime is running and reports to the API server".to_string(),
+            last_transition_time: Some(ready_since.to_string()),
+        }],
+    };
+    serde_json::json!({
+        "apiVersion": hyperbox_api::API_VERSION,
+        "kind": KIND_HYPERNODE,
+        "metadata": {"name": reg.name},
+        "status": status,
+    })
+}
+
+/// Register and heartbeat until the daemon stops. Failures are logged and retried at the
+/// next heartbeat: the API server being away never affects the containers.
+pub async fn run(sup: std::sync::Arc<Supervisor>, api: ApiServer, reg: Registration) {
+    let path = format!(
+        "/apis/{}/{HYPERNODES}/{}",
+        hyperbox_api::API_VERSION,
+        reg.name
+    );
+    let status_path = format!("{path}/status");
+    let mut applied_object: Option<serde_json::Value> = None;
+    let mut ready_since: Option<String> = None;
+    let mut failing = false;
+    let mut registered = false;
+    let mut tick = tokio::time::interval(reg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let summary = crate::server::node_summary(&sup).await;
+        let object = object_body(&reg, &summary);
+        let round = async {
+            if applied_object.as_ref() != Some(&object) {
+                api.apply(&path, &object).await?;
+                applied_object = Some(object);
+            }
+            let now = rfc3339_now();
+            let since = ready_since.get_or_insert_with(|| now.clone()).clone();
+            api.apply(&status_path, &status_body(&reg, &summary, &now, &since))
+                .await?;
+            anyhow::Ok(())
+        };
+        match round.await {
+            Ok(()) => {
+                if failing || !registered {
+                    tracing::info!(node = %reg.name, address = %reg.address, "HyperNode registered; heartbeats every {:?}", reg.interval);
+                }
+                registered = true;
+                failing = false;
+            }
+            Err(e) => {
+                // The operator may have marked the node not ready meanwhile: the next
+                // success starts a new ready period, and re-applies the object.
+                ready_since = None;
+                applied_object = None;
+                if !failing {
+                    tracing::warn!(node = %reg.name, error = %format!("{e:#}"), "heartbeat to the API server failed; retrying every interval");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_must_be_dns_subdomains() {
+        assert!(check_node_name("edge-1.site").is_ok());
+        for bad in ["", "Edge", "-a", "a-", "a_b", &"a".repeat(254)] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_address_is_the_listener_with_a_host_for_wildcards() {
+        assert_eq!(
+            default_address("127.0.0.1:7443", true, "h"),
+            "https://127.0.0.1:7443"
+        );
+        assert_eq!(default_address("0.0.0.0:80", false, "h"), "http://h:80");
+        assert_eq!(default_address("[::]:7443", true, "h"), "https://h:7443");
+    }
+
+    #[test]
+    fn kubeconfig_errors_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kc");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        let err = |text: &str| {
+            write(text);
+            format!("{:#}", ApiServer::from_file(&path).err().unwrap())
+        };
+        let base = "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'CA}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n";
+        let e = err(&base.replace("CA", ""));
+        assert!(
+            e.contains("kubeconfig") && e.contains("certificate-authority"),
+            "{e}"
+        );
+        let e = err(&base.replace("CA", ", insecure-skip-tls-verify: true"));
+        assert!(e.contains("insecure-skip-tls-verify"), "{e}");
+        let e = err(&base.replace("CA", ", certificate-authority-data: '!!'"));
+        assert!(e.contains("certificate-authority-data: not base64"), "{e}");
+        let e = err(&base
+            .replace("CA", "")
+            .replace("current-context: x", "current-context: y"));
+        assert!(e.contains("current-context \"y\""), "{e}");
+        let e = err(&base
+            .replace("https://127.0.0.1:6443", "http://127.0.0.1:6443")
+            .replace("CA", ", certificate-authority: /nonexistent"));
+        assert!(e.contains("/nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn the_status_carries_the_heartbeat_and_a_ready_condition() {
+        let reg = Registration {
+            name: "n1".into(),
+            address: "https://127.0.0.1:7443".into(),
+            interval: Duration::from_secs(10),
+        };
+        let summary = hyperbox_api::NodeSummary {
+            id: "abc".into(),
+            workloads: 2,
+            ..Default::default()
+        };
+        let body = status_body(
+            &reg,
+            &summary,
+            "2026-01-01T00:00:10Z",
+            "2026-01-01T00:00:00Z",
+        );
+        let status: HyperNodeStatus = serde_json::from_value(body["status"].clone()).unwrap();
+        assert_eq!(
+            status.heartbeat_time.as_deref(),
+            Some("2026-01-01T00:00:10Z")
+        );
+        let ready = status.condition(CONDITION_READY).unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(
+            ready.last_transition_time.as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(status.workloads, 2);
+        assert_eq!(object_body(&reg, &summary)["spec"]["nodeId"], "abc");
+    }
+}

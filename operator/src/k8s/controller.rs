@@ -1,0 +1,678 @@
+//! The Workload controller: a kube-runtime `Controller` on Workloads, also triggered when a
+//! node reports a change to one of them and when the set of nodes changes. Each reconcile
+//! places the workload's replicas with the pure placement of a fleet, applies each node's
+//! share through the node API (as manager `kubernetes:<cluster>/<uid>`), and writes the status
+//! by server-side apply. A finalizer deletes the containers before the object goes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hyperbox_api::{config_hash, spec_hash, Workload};
+use hyperbox_client::ClientError;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::crd::{KubeWorkload, KubeWorkloadStatus};
+use super::nodes::{Nodes, Receivers};
+use super::status::{find, same_status, workload_status, Observation, READY};
+use crate::fleet::{place_fleet, Counts};
+use crate::manifests::{ManifestSet, SourcedWorkload};
+use crate::placement::PressureWeights;
+
+pub const FINALIZER: &str = "hyperbox.dev/containers";
+/// The field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "hyperbox-operator";
+
+pub struct Context {
+    pub client: kube::Client,
+    pub nodes: Arc<Nodes>,
+    /// `kubernetes:<cluster>/`: the manager of a workload is this plus its uid.
+    pub manager_prefix: String,
+    pub weights: PressureWeights,
+    pub recorder: Recorder,
+    /// Placement and the applies that follow are one at a time: two workloads placed at once
+    /// would both count the same free room.
+    place_lock: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Failed reconciles in a row, by workload: the error policy backs off with it.
+    failures: HashMap<String, u32>,
+    /// Nodes that refused a workload's spec (by its config hash): avoided for that spec.
+    refused: HashMap<String, (String, BTreeSet<String>)>,
+    /// Nodes that evicted one of its replicas for pressure, and when.
+    pressure: HashMap<String, BTreeMap<String, Instant>>,
+    /// What was last applied to each node (node, key) → config hash: an unchanged workload
+    /// costs no request.
+    applied: HashMap<(String, String), String>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        nodes: Arc<Nodes>,
+        manager_prefix: String,
+        weights: PressureWeights,
+        instance: String,
+    ) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_string(),
+                instance: Some(instance),
+            },
+        );
+        Context {
+            client,
+            nodes,
+            manager_prefix,
+            weights,
+            recorder,
+            place_lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes api: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Nodes(String),
+}
+
+/// Backoff after `failures` failed reconciles in a row: 1 s doubling to 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+}
+
+fn key_of(cr: &KubeWorkload) -> String {
+    hyperbox_api::workload_key(
+        cr.metadata.namespace.as_deref().unwrap_or("default"),
+        &cr.name_any(),
+    )
+}
+
+/// How long a workload avoids a node that evicted a replica for pressure.
+const PRESSURE_AVOID: Duration = crate::sync::PRESSURE_AVOID;
+
+async fn reconcile(cr: Arc<KubeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = cr.metadata.namespace.clone().unwrap_or_default();
+    let api: Api<KubeWorkload> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = key_of(&cr);
+    let result = finalizer(&api, FINALIZER, cr, |event| async {
+        match event {
+            Finalizer::Apply(cr) => apply(cr, &api, &ctx).await,
+            Finalizer::Cleanup(cr) => cleanup(cr, &ctx).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            ctx.state().failures.remove(&key);
+            Ok(action)
+        }
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
+        Err(kube::runtime::finalizer::Error::AddFinalizer(e))
+        | Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) => Err(Error::Kube(e)),
+        Err(e) => Err(Error::Nodes(e.to_string())),
+    }
+}
+
+fn error_policy(cr: Arc<KubeWorkload>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = key_of(&cr);
+    let n = {
+        let mut st = ctx.state();
+        let n = st.failures.entry(key.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let wait = backoff(n);
+    tracing::warn!(workload = %key, error = %error, failures = n, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+async fn event(ctx: &Context, cr: &KubeWorkload, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing an event failed");
+    }
+}
+
+fn describe(counts: &BTreeMap<String, u32>) -> String {
+    counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(node, n)| format!("{node} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where this workload's replicas run now (our own copies only), from the nodes' reports.
+fn current_counts(ctx: &Context, key: &str, manager: &str) -> BTreeMap<String, u32> {
+    ctx.nodes.with(|entries| {
+        entries
+            .values()
+            .filter_map(|e| {
+                let st = e.workloads.as_ref()?.get(key)?;
+                (st.manager.as_deref() == Some(manager))
+                    .then(|| (e.name.clone(), st.desired_replicas))
+            })
+            .collect()
+    })
+}
+
+async fn apply(
+    cr: Arc<KubeWorkload>,
+    api: &Api<KubeWorkload>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let key = key_of(&cr);
+    let uid = cr.metadata.uid.clone().unwrap_or_default();
+    let manager = format!("{}{uid}", ctx.manager_prefix);
+    let generation = cr.metadata.generation.unwrap_or(0);
+    let mut w = cr.to_workload();
+    w.metadata.annotations.insert(
+        hyperbox_api::REVISION_ANNOTATION.to_string(),
+        format!("generation-{generation}"),
+    );
+    let previous_status = cr.status.clone();
+    let errors = hyperbox_api::validate::validate_workload(&w);
+    if !errors.is_empty() {
+        let message = errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let o = Observation {
+            generation,
+            desired: w.desired_replicas(),
+            problem: Some(("InvalidSpec".into(), message.clone(), true)),
+            previous: previous_status.as_ref(),
+            ..Default::default()
+        };
+        write_status(api, &cr, ctx, workload_status(&o), &previous_status).await?;
+        return Ok(Action::await_change());
+    }
+    if !ctx.nodes.synced() {
+        // Where replicas run is not known until every node answered once.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let hash = config_hash(&w);
+    let shash = spec_hash(&w);
+    let mut problem: Option<(String, String, bool)> = None;
+    let mut applied_all = true;
+    let (counts, unplaced) = {
+        let _guard = ctx.place_lock.lock().await;
+        let previous = current_counts(ctx, &key, &manager);
+        // Nodes to avoid: those that refused this spec, and those that evicted a replica for
+        // pressure lately.
+        let avoid: BTreeSet<String> = {
+            let mut st = ctx.state();
+            let mut avoid = match st.refused.get(&key) {
+                Some((h, nodes)) if *h == hash => nodes.clone(),
+                _ => BTreeSet::new(),
+            };
+            let evicted = ctx.nodes.with(|entries| {
+                entries
+                    .values()
+                    .filter(|e| {
+                        e.workloads
+                            .as_ref()
+                            .and_then(|m| m.get(&key))
+                            .is_some_and(|s| {
+                                s.replicas
+                                    .iter()
+                                    .any(|r| r.reason.as_deref() == Some("EvictedForPressure"))
+                            })
+                    })
+                    .map(|e| e.name.clone())
+                    .collect::<Vec<_>>()
+            });
+            let p = st.pressure.entry(key.clone()).or_default();
+            for n in evicted {
+                p.entry(n).or_insert_with(Instant::now);
+            }
+            p.retain(|_, t| t.elapsed() < PRESSURE_AVOID);
+            avoid.extend(p.keys().cloned());
+            avoid
+        };
+        let set = ManifestSet {
+            workloads: BTreeMap::from([(
+                key.clone(),
+                SourcedWorkload {
+                    file: String::new(),
+                    workload: w.clone(),
+                },
+            )]),
+            ..ManifestSet::default()
+        };
+        let prev_counts: Counts = BTreeMap::from([(key.clone(), previous.clone())]);
+        let views = ctx.nodes.views();
+        let placement = place_fleet(
+            &set,
+            &prev_counts,
+            &views,
+            &BTreeMap::from([(key.clone(), avoid)]),
+            &ctx.weights,
+        );
+        let counts = placement.counts.get(&key).cloned().unwrap_or_default();
+        let unplaced: Vec<(&'static str, String)> = placement
+            .unplaced
+            .get(&key)
+            .map(|v| {
+                v.iter()
+                    .map(|u| {
+                        (
+                            u.reason(),
+                            format!("{} (nodes: {})", u.reason(), views.len()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Apply each node's share.
+        for (node, &n) in &counts {
+            let Some(client) = ctx.nodes.client(node) else {
+                continue;
+            };
+            let mut copy = w.clone();
+            if !copy.spec.suspend && !copy.spec.standby {
+                copy.spec.replicas = n;
+            }
+            let copy_hash = config_hash(&copy);
+            let has = ctx.nodes.with(|e| {
+                e.get(node)
+                    .and_then(|e| e.workloads.as_ref())
+                    .is_some_and(|m| m.contains_key(&key))
+            });
+            let cache_key = (node.clone(), key.clone());
+            if has && ctx.state().applied.get(&cache_key) == Some(&copy_hash) {
+                continue;
+            }
+            match apply_one(&client, &manager, &ctx.manager_prefix, copy).await {
+                Ok(()) => {
+                    ctx.state().applied.insert(cache_key, copy_hash);
+                }
+                Err(ApplyError::Refused(message)) => {
+                    applied_all = false;
+                    {
+                        let mut st = ctx.state();
+                        let e = st
+                            .refused
+                            .entry(key.clone())
+                            .or_insert_with(|| (hash.clone(), BTreeSet::new()));
+                        if e.0 != hash {
+                            *e = (hash.clone(), BTreeSet::new());
+                        }
+                        e.1.insert(node.clone());
+                    }
+                    event(
+                        ctx,
+                        &cr,
+                        true,
+                        "Refused",
+                        format!("node {node} refused it: {message}"),
+                    )
+                    .await;
+                    problem.get_or_insert(("Refused".into(), format!("{node}: {message}"), false));
+                }
+                Err(ApplyError::Conflict(message)) => {
+                    applied_all = false;
+                    problem = Some((
+                        "ManagedElsewhere".into(),
+                        format!("{node}: {message}"),
+                        true,
+                    ));
+                }
+                Err(ApplyError::Unreachable(message)) => {
+                    applied_all = false;
+                    problem.get_or_insert((
+                        "NodeUnreachable".into(),
+                        format!("{node}: {message}"),
+                        false,
+                    ));
+                }
+            }
+        }
+        // Remove it from nodes that should no longer run it.
+        for (node, _) in previous.iter().filter(|(n, _)| !counts.contains_key(*n)) {
+            let Some(client) = ctx.nodes.client(node) else {
+                continue;
+            };
+            let client = client.with_manager(manager.clone(), false);
+            match client.delete(&key).await {
+                Ok(()) => {
+                    ctx.state().applied.remove(&(node.clone(), key.clone()));
+                }
+                Err(e) if e.status() == Some(404) => {}
+                Err(e) => {
+                    applied_all = false;
+                    problem.get_or_insert((
+                        "NodeUnreachable".into(),
+                        format!("removing it from {node}: {e}"),
+                        false,
+                    ));
+                }
+            }
+        }
+        if previous
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .collect::<BTreeMap<_, _>>()
+            != counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .collect::<BTreeMap<_, _>>()
+            && !counts.values().all(|n| *n == 0)
+        {
+            event(
+                ctx,
+                &cr,
+                false,
+                "Placed",
+                format!("replicas placed on {}", describe(&counts)),
+            )
+            .await;
+        }
+        (counts, unplaced)
+    };
+    if !unplaced.is_empty() {
+        let was = previous_status
+            .as_ref()
+            .and_then(|s| find(s, "Stalled"))
+            .map(|c| c.reason.clone());
+        if was.as_deref() != Some(unplaced[0].0) {
+            event(
+                ctx,
+                &cr,
+                true,
+                "FailedPlacement",
+                format!(
+                    "{} replica(s) fit on no node: {}",
+                    unplaced.len(),
+                    unplaced[0].0
+                ),
+            )
+            .await;
+        }
+    }
+    let reports: BTreeMap<String, Option<hyperbox_api::WorkloadStatus>> = ctx.nodes.with(|e| {
+        counts
+            .keys()
+            .map(|node| {
+                let r = e
+                    .get(node)
+                    .and_then(|e| e.workloads.as_ref())
+                    .and_then(|m| m.get(&key))
+                    .filter(|s| s.manager.as_deref() == Some(manager.as_str()))
+                    .cloned();
+                (node.clone(), r)
+            })
+            .collect()
+    });
+    let o = Observation {
+        generation,
+        desired: w.desired_replicas(),
+        suspended: w.spec.suspend,
+        counts: counts.clone(),
+        reports: reports
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_ref()))
+            .collect(),
+        spec_hash: shash,
+        unplaced,
+        problem,
+        applied: applied_all,
+        previous: previous_status.as_ref(),
+    };
+    let status = workload_status(&o);
+    let ready = find(&status, READY).is_some_and(|c| c.status == "True");
+    // Failures and pressure evictions the nodes report become events once, on the change.
+    let before = previous_status
+        .as_ref()
+        .and_then(|s| find(s, "Stalled"))
+        .map(|c| c.reason.clone());
+    if let Some(c) = find(&status, "Stalled") {
+        if before.as_deref() != Some(c.reason.as_str())
+            && c.reason != "InsufficientMemory"
+            && c.reason != "InsufficientCPU"
+            && c.reason != "NoMatchingNode"
+        {
+            event(
+                ctx,
+                &cr,
+                true,
+                "Failed",
+                format!("{}: {}", c.reason, c.message),
+            )
+            .await;
+        }
+    }
+    let evicted_now = status
+        .replica_statuses
+        .iter()
+        .any(|r| r.reason.as_deref() == Some("EvictedForPressure"));
+    let evicted_before = previous_status.as_ref().is_some_and(|s| {
+        s.replica_statuses
+            .iter()
+            .any(|r| r.reason.as_deref() == Some("EvictedForPressure"))
+    });
+    if evicted_now && !evicted_before {
+        event(
+            ctx,
+            &cr,
+            true,
+            "Evicted",
+            "a replica was evicted for node pressure; it is placed on another node".to_string(),
+        )
+        .await;
+    }
+    write_status(api, &cr, ctx, status, &previous_status).await?;
+    if o.problem.as_ref().is_some_and(|p| !p.2) {
+        return Err(Error::Nodes(o.problem.map(|p| p.1).unwrap_or_default()));
+    }
+    Ok(if ready {
+        Action::requeue(Duration::from_secs(300))
+    } else {
+        Action::requeue(Duration::from_secs(30))
+    })
+}
+
+async fn write_status(
+    api: &Api<KubeWorkload>,
+    cr: &KubeWorkload,
+    _ctx: &Context,
+    status: KubeWorkloadStatus,
+    previous: &Option<KubeWorkloadStatus>,
+) -> Result<(), Error> {
+    if previous.as_ref().is_some_and(|p| same_status(p, &status)) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": hyperbox_api::API_VERSION,
+        "kind": hyperbox_api::KIND_WORKLOAD,
+        "status": status,
+    });
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+enum ApplyError {
+    /// The node's admission or policy said no: place elsewhere.
+    Refused(String),
+    /// Another manager owns a workload of that name on the node.
+    Conflict(String),
+    Unreachable(String),
+}
+
+async fn apply_one(
+    client: &hyperbox_client::NodeClient,
+    manager: &str,
+    prefix: &str,
+    w: Workload,
+) -> Result<(), ApplyError> {
+    let key = w.key();
+    let first = client
+        .clone()
+        .with_manager(manager.to_string(), false)
+        .apply(vec![w.clone()])
+        .await;
+    let e = match first {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    match &e {
+        ClientError::Api { status: 409, .. } => {
+            // A leftover of an earlier object of the same name in this cluster (deleted while
+            // the operator was away) is ours to replace; anyone else's is not.
+            let owner = client.get(&key).await.ok().and_then(|s| s.manager);
+            if owner.as_deref().is_some_and(|m| m.starts_with(prefix)) {
+                return client
+                    .clone()
+                    .with_manager(manager.to_string(), true)
+                    .apply(vec![w])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ApplyError::Unreachable(e.to_string()));
+            }
+            Err(ApplyError::Conflict(format!(
+                "managed by {}",
+                owner.unwrap_or_else(|| "another source".into())
+            )))
+        }
+        ClientError::Api {
+            status: 403 | 400,
+            body,
+        } => Err(ApplyError::Refused(
+            body.fields
+                .first()
+                .map(|f| f.message.clone())
+                .unwrap_or_else(|| body.error.clone()),
+        )),
+        _ => Err(ApplyError::Unreachable(e.to_string())),
+    }
+}
+
+/// Deleting a Workload: its containers stop on every node first; the finalizer goes after.
+/// A node past its eviction grace is gone: it is not waited for.
+async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> {
+    let key = key_of(&cr);
+    let manager = format!(
+        "{}{}",
+        ctx.manager_prefix,
+        cr.metadata.uid.clone().unwrap_or_default()
+    );
+    let grace = ctx.nodes.timings.eviction_grace;
+    let targets: Vec<(String, hyperbox_client::NodeClient, bool)> = ctx.nodes.with(|entries| {
+        entries
+            .values()
+            .filter(|e| {
+                // Unknown (not listed yet) counts as possibly holding it.
+                e.workloads.as_ref().is_none_or(|m| {
+                    m.get(&key)
+                        .is_some_and(|s| s.manager.as_deref() == Some(manager.as_str()))
+                })
+            })
+            .map(|e| (e.name.clone(), e.client.clone(), e.schedulable(grace)))
+            .collect()
+    });
+    let mut pending = Vec::new();
+    for (node, client, alive) in targets {
+        match client
+            .with_manager(manager.clone(), false)
+            .delete(&key)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) if !alive => {
+                tracing::warn!(workload = %key, node = %node, error = %e, "node gone: not waiting for it to stop the workload");
+            }
+            Err(e) => pending.push(format!("{node}: {e}")),
+        }
+        ctx.state().applied.remove(&(node.clone(), key.clone()));
+    }
+    if !pending.is_empty() {
+        return Err(Error::Nodes(format!(
+            "stopping its containers failed: {}",
+            pending.join("; ")
+        )));
+    }
+    {
+        let mut st = ctx.state();
+        st.refused.remove(&key);
+        st.pressure.remove(&key);
+    }
+    event(
+        ctx,
+        &cr,
+        false,
+        "Deleted",
+        "its containers were stopped and removed on every node".to_string(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Run the controller until the process ends.
+pub async fn run(ctx: Arc<Context>, receivers: Receivers, concurrency: u16) {
+    let api: Api<KubeWorkload> = Api::all(ctx.client.clone());
+    let (changed, all) = receivers;
+    Controller::new(api, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .reconcile_on(UnboundedReceiverStream::new(changed))
+        .reconcile_all_on(UnboundedReceiverStream::new(all))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            match r {
+                Ok((obj, _)) => tracing::debug!(workload = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(256));
+        assert!(backoff(u32::MAX) <= Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,481 @@
+//! The operator's view of the node runtimes registered as HyperNodes: a watch of the
+//! HyperNode objects, one long-poll per node of the workloads it runs (so the controller reads
+//! a cache instead of asking every node at every reconcile), and the node lifecycle: a node
+//! whose heartbeats stop is marked `Ready=False`, and after a grace period its replicas move.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hyperbox_api::hypernode::{HyperNodeStatus, NodeCondition, CONDITION_READY};
+use hyperbox_api::{NodeSummary, WorkloadStatus};
+use hyperbox_client::tls::TlsFiles;
+use hyperbox_client::{Endpoint, NodeClient};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use tokio::sync::mpsc;
+
+use super::crd::{KubeHyperNode, KubeWorkload};
+use crate::fleet::NodeView;
+
+/// How the operator reaches the nodes' APIs.
+#[derive(Clone, Default)]
+pub struct NodeAccess {
+    pub token: Option<String>,
+    pub tls: TlsFiles,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeTimings {
+    /// A node whose last heartbeat is older than this is marked `Ready=False`.
+    pub monitor_grace: Duration,
+    /// A node not ready for this long loses its replicas to other nodes.
+    pub eviction_grace: Duration,
+    /// How long one long-poll of a node's workloads is held.
+    pub watch_timeout: Duration,
+}
+
+/// One HyperNode as the operator knows it.
+pub struct NodeEntry {
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: HyperNodeStatus,
+    pub client: NodeClient,
+    /// The node's own last answer to `GET /v1/node` (fresher than the HyperNode's status).
+    pub summary: Option<NodeSummary>,
+    /// Every workload on the node, by key, from the last long-poll; none before the first.
+    pub workloads: Option<BTreeMap<String, WorkloadStatus>>,
+    /// Since when its heartbeats are missing (none while it is ready).
+    pub not_ready_since: Option<Instant>,
+    pub reachable: bool,
+    pub error: Option<String>,
+    poll: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for NodeEntry {
+    fn drop(&mut self) {
+        if let Some(p) = self.poll.take() {
+            p.abort();
+        }
+    }
+}
+
+impl NodeEntry {
+    /// The node keeps its replicas and takes work: ready, or not ready for less than the
+    /// eviction grace.
+    pub fn schedulable(&self, grace: Duration) -> bool {
+        self.not_ready_since.is_none_or(|t| t.elapsed() < grace)
+    }
+
+    /// What placement needs: the node's own summary, else the HyperNode's status.
+    pub fn summary(&self) -> NodeSummary {
+        if let Some(s) = &self.summary {
+            return s.clone();
+        }
+        NodeSummary {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            capacity: self.status.capacity,
+            allocatable: self.status.allocatable,
+            requested: self.status.requested,
+            allocations: self.status.allocations,
+            pressure: self.status.pressure.clone(),
+            ..NodeSummary::default()
+        }
+    }
+}
+
+/// Everything the controller reads about the nodes.
+pub struct Nodes {
+    entries: Mutex<BTreeMap<String, NodeEntry>>,
+    access: NodeAccess,
+    pub timings: NodeTimings,
+    /// Workloads whose status changed on a node: the controller reconciles them.
+    changed: mpsc::UnboundedSender<ObjectRef<KubeWorkload>>,
+    /// The node set changed in a way placement sees (ready, address, labels): reconcile all.
+    all: mpsc::UnboundedSender<()>,
+    /// Manager prefix of this operator's workloads on the nodes (`kubernetes:<cluster>/`).
+    manager_prefix: String,
+}
+
+/// Whether a node answer belongs to a workload this operator manages.
+fn ours(st: &WorkloadStatus, prefix: &str) -> bool {
+    st.manager.as_deref().is_some_and(|m| m.starts_with(prefix))
+}
+
+pub type Receivers = (
+    mpsc::UnboundedReceiver<ObjectRef<KubeWorkload>>,
+    mpsc::UnboundedReceiver<()>,
+);
+
+impl Nodes {
+    pub fn new(
+        access: NodeAccess,
+        timings: NodeTimings,
+        manager_prefix: String,
+    ) -> (Arc<Nodes>, Receivers) {
+        let (changed, changed_rx) = mpsc::unbounded_channel();
+        let (all, all_rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Nodes {
+                entries: Mutex::new(BTreeMap::new()),
+                access,
+                timings,
+                changed,
+                all,
+                manager_prefix,
+            }),
+            (changed_rx, all_rx),
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeEntry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Run `f` on the entries (never across an await).
+    pub fn with<T>(&self, f: impl FnOnce(&BTreeMap<String, NodeEntry>) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// The client of a node, by HyperNode name.
+    pub fn client(&self, name: &str) -> Option<NodeClient> {
+        self.lock().get(name).map(|e| e.client.clone())
+    }
+
+    /// The nodes as placement sees them.
+    pub fn views(&self) -> Vec<NodeView> {
+        let grace = self.timings.eviction_grace;
+        self.lock()
+            .values()
+            .map(|e| NodeView {
+                key: e.name.clone(),
+                summary: Some(e.summary()),
+                schedulable: e.schedulable(grace),
+            })
+            .collect()
+    }
+
+    /// Whether every node has answered its first long-poll (before that, where replicas run
+    /// is not known and nothing is placed).
+    pub fn synced(&self) -> bool {
+        self.lock().values().all(|e| {
+            e.workloads.is_some() || !e.schedulable(self.timings.eviction_grace) || !e.reachable
+        })
+    }
+
+    fn endpoint(&self, address: &str) -> Endpoint {
+        Endpoint::parse_tls(address, self.access.token.clone(), &self.access.tls).unwrap_or_else(
+            |why| Endpoint::Unusable {
+                shown: address.to_string(),
+                why,
+            },
+        )
+    }
+
+    fn fingerprint(&self) -> Vec<(String, String, bool, BTreeMap<String, String>)> {
+        let grace = self.timings.eviction_grace;
+        self.lock()
+            .values()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    e.address.clone(),
+                    e.schedulable(grace) && e.not_ready_since.is_none(),
+                    e.labels.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Add or update a node from its HyperNode.
+    fn upsert(self: &Arc<Self>, node: &KubeHyperNode) {
+        let Some(name) = node.metadata.name.clone() else {
+            return;
+        };
+        let address = node.spec.0.address.clone();
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let status = node.status.clone().map(|s| s.0).unwrap_or_default();
+        let mut entries = self.lock();
+        let restart = entries.get(&name).is_none_or(|e| e.address != address);
+        if restart {
+            let client = NodeClient::new(self.endpoint(&address));
+            let mut entry = NodeEntry {
+                name: name.clone(),
+                address: address.clone(),
+                labels,
+                status,
+                client: client.clone(),
+                summary: None,
+                workloads: None,
+                not_ready_since: None,
+                reachable: true,
+                error: None,
+                poll: None,
+            };
+            entry.poll = Some(tokio::spawn(poll(self.clone(), name.clone(), client)));
+            entries.insert(name, entry);
+        } else if let Some(e) = entries.get_mut(&name) {
+            e.labels = labels;
+            e.status = status;
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        self.lock().remove(name);
+    }
+}
+
+/// Keep the node's workloads current with long-polls; tell the controller which of ours
+/// changed.
+async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
+    let mut after: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        let first = after.is_none();
+        match client.watch_all(after, nodes.timings.watch_timeout).await {
+            Ok((version, items)) => {
+                failures = 0;
+                let unchanged = after == Some(version);
+                after = Some(version);
+                if unchanged {
+                    continue;
+                }
+                let summary = client.node().await.ok();
+                let items: BTreeMap<String, WorkloadStatus> =
+                    items.into_iter().map(|s| (s.key(), s)).collect();
+                let mut changed: BTreeSet<String> = BTreeSet::new();
+                {
+                    let mut entries = nodes.lock();
+                    let Some(e) = entries.get_mut(&name) else {
+                        return;
+                    };
+                    let before = e.workloads.take().unwrap_or_default();
+                    for (k, st) in &items {
+                        if before.get(k) != Some(st) && ours(st, &nodes.manager_prefix) {
+                            changed.insert(k.clone());
+                        }
+                    }
+                    for (k, st) in &before {
+                        if !items.contains_key(k) && ours(st, &nodes.manager_prefix) {
+                            changed.insert(k.clone());
+                        }
+                    }
+                    e.workloads = Some(items);
+                    if summary.is_some() {
+                        e.summary = summary;
+                    }
+                    e.reachable = true;
+                    e.error = None;
+                }
+                for key in changed {
+                    let (ns, n) = hyperbox_api::split_key(&key);
+                    let _ = nodes.changed.send(ObjectRef::new(n).within(ns));
+                }
+                if first {
+                    // Placement waits for every node's first answer.
+                    let _ = nodes.all.send(());
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                {
+                    let mut entries = nodes.lock();
+                    let Some(entry) = entries.get_mut(&name) else {
+                        return;
+                    };
+                    if entry.reachable {
+                        tracing::warn!(node = %name, error = %e, "node api unreachable; retrying");
+                    }
+                    entry.reachable = false;
+                    entry.error = Some(e.to_string());
+                }
+                after = None;
+                let wait = Duration::from_millis(500u64 << failures.min(4));
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Seconds since an RFC 3339 time (none when it does not parse).
+fn age(rfc3339: &str) -> Option<Duration> {
+    let t: k8s_openapi::jiff::Timestamp = rfc3339.parse().ok()?;
+    let d = k8s_openapi::jiff::Timestamp::now().duration_since(t);
+    Some(Duration::from_secs_f64(d.as_secs_f64().max(0.0)))
+}
+
+/// Whether a node's status says it is ready now: `Ready=True` and a heartbeat younger than
+/// `grace`.
+pub fn heartbeat_fresh(status: &HyperNodeStatus, grace: Duration) -> bool {
+    let ready = status
+        .condition(CONDITION_READY)
+        .is_some_and(|c| c.status == "True");
+    ready
+        && status
+            .heartbeat_time
+            .as_deref()
+            .and_then(age)
+            .is_some_and(|a| a < grace)
+}
+
+/// Watch the HyperNodes and run the node lifecycle until the process ends.
+pub async fn run(nodes: Arc<Nodes>, api: Api<KubeHyperNode>, field_manager: String) {
+    let watch = {
+        let nodes = nodes.clone();
+        let api = api.clone();
+        async move {
+            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            let mut seen: BTreeSet<String> = BTreeSet::new();
+            let mut listing: BTreeSet<String> = BTreeSet::new();
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(n)) => {
+                        seen.extend(n.metadata.name.clone());
+                        nodes.upsert(&n);
+                    }
+                    Ok(watcher::Event::Delete(n)) => {
+                        if let Some(name) = &n.metadata.name {
+                            seen.remove(name);
+                            nodes.remove(name);
+                        }
+                    }
+                    Ok(watcher::Event::Init) => listing.clear(),
+                    Ok(watcher::Event::InitApply(n)) => {
+                        listing.extend(n.metadata.name.clone());
+                        nodes.upsert(&n);
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        for gone in seen.difference(&listing) {
+                            nodes.remove(gone);
+                        }
+                        seen = std::mem::take(&mut listing);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching HyperNodes failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    };
+    let lifecycle = async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = nodes.fingerprint();
+        loop {
+            tick.tick().await;
+            let mut stale: Vec<(String, String)> = Vec::new();
+            {
+                let mut entries = nodes.lock();
+                for e in entries.values_mut() {
+                    if heartbeat_fresh(&e.status, nodes.timings.monitor_grace) {
+                        e.not_ready_since = None;
+                    } else {
+                        if e.not_ready_since.is_none() {
+                            tracing::warn!(node = %e.name, "node not ready: no heartbeat within {:?}", nodes.timings.monitor_grace);
+                            e.not_ready_since = Some(Instant::now());
+                        }
+                        let marked = e
+                            .status
+                            .condition(CONDITION_READY)
+                            .is_some_and(|c| c.status == "False");
+                        if !marked {
+                            stale.push((
+                                e.name.clone(),
+                                e.status.heartbeat_time.clone().unwrap_or_default(),
+                            ));
+                        }
+                    }
+                }
+            }
+            for (name, heartbeat) in stale {
+                if let Err(e) = mark_not_ready(&api, &name, &heartbeat, &field_manager).await {
+                    tracing::warn!(node = %name, error = %e, "marking the node not ready failed");
+                }
+            }
+            let now = nodes.fingerprint();
+            if now != last {
+                last = now;
+                let _ = nodes.all.send(());
+            }
+        }
+    };
+    tokio::join!(watch, lifecycle);
+}
+
+async fn mark_not_ready(
+    api: &Api<KubeHyperNode>,
+    name: &str,
+    heartbeat: &str,
+    field_manager: &str,
+) -> kube::Result<()> {
+    let condition = NodeCondition {
+        kind: CONDITION_READY.to_string(),
+        status: "False".to_string(),
+        reason: "NodeHeartbeatMissed".to_string(),
+        message: if heartbeat.is_empty() {
+            "the node runtime never reported a heartbeat".to_string()
+        } else {
+            format!("the node runtime stopped reporting (last heartbeat {heartbeat})")
+        },
+        last_transition_time: Some(k8s_openapi::jiff::Timestamp::now().to_string()),
+    };
+    let patch = serde_json::json!({
+        "apiVersion": hyperbox_api::API_VERSION,
+        "kind": hyperbox_api::hypernode::KIND_HYPERNODE,
+        "metadata": {"name": name},
+        "status": {"conditions": [condition]},
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(field_manager).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    tracing::info!(node = %name, "HyperNode marked Ready=False (NodeHeartbeatMissed)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(ready: &str, heartbeat: Option<String>) -> HyperNodeStatus {
+        HyperNodeStatus {
+            heartbeat_time: heartbeat,
+            conditions: vec![NodeCondition {
+                kind: CONDITION_READY.into(),
+                status: ready.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_is_ready_with_a_recent_heartbeat_only() {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let grace = Duration::from_secs(40);
+        assert!(heartbeat_fresh(
+            &status("True", Some(now.to_string())),
+            grace
+        ));
+        let old = now - k8s_openapi::jiff::SignedDuration::from_secs(41);
+        assert!(!heartbeat_fresh(
+            &status("True", Some(old.to_string())),
+            grace
+        ));
+        assert!(!heartbeat_fresh(
+            &status("False", Some(now.to_string())),
+            grace
+        ));
+        assert!(!heartbeat_fresh(&status("True", None), grace));
+        assert!(!heartbeat_fresh(
+            &status("True", Some("yesterday".into())),
+            grace
+        ));
+    }
+}

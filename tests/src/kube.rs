@@ -1,0 +1,313 @@
+//! A real Kubernetes control plane for the tests (`tests/kube/cluster.sh`: etcd and
+//! kube-apiserver built from the Go modules), kubectl against it, and the HyperBox pieces
+//! that run against it: nodes that register as HyperNodes and the operator's `kubernetes`
+//! mode.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{bin, random_suffix, tail, wait_until, Node};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The CRDs as generated into the repository.
+pub fn crds_file() -> PathBuf {
+    repo_root().join("crds/hyperbox.yaml")
+}
+
+pub struct KubeCluster {
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+impl KubeCluster {
+    /// Start etcd and the API server (building them the first time), and install the CRDs.
+    pub fn start() -> Result<KubeCluster> {
+        let c = KubeCluster::start_bare()?;
+        c.kubectl_ok(&["apply", "-f", crds_file().to_str().unwrap()])?;
+        c.kubectl_ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/workloads.hyperbox.dev",
+            "crd/hypernodes.hyperbox.dev",
+        ])?;
+        Ok(c)
+    }
+
+    /// Start etcd and the API server without installing anything.
+    pub fn start_bare() -> Result<KubeCluster> {
+        let dir = tempfile::Builder::new().prefix("hbkube").tempdir()?;
+        let out = Command::new(repo_root().join("tests/kube/cluster.sh"))
+            .arg("up")
+            .arg(dir.path())
+            .output()
+            .context("run tests/kube/cluster.sh up")?;
+        if !out.status.success() {
+            bail!(
+                "cluster.sh up failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(KubeCluster {
+            kubeconfig: dir.path().join("kubeconfig"),
+            kubectl: dir.path().join("bin/kubectl"),
+            dir,
+        })
+    }
+
+    /// Stop the API server and start it again on the same port and etcd data.
+    pub fn restart_apiserver(&self) -> Result<()> {
+        let out = Command::new(repo_root().join("tests/kube/cluster.sh"))
+            .arg("restart-apiserver")
+            .arg(self.dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cluster.sh restart-apiserver failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// kubectl that must succeed; its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args);
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// `kubectl apply -f -` of a YAML text.
+    pub fn apply(&self, yaml: &str) -> Output {
+        let f = self
+            .dir
+            .path()
+            .join(format!("apply-{}.yaml", random_suffix()));
+        fs::write(&f, yaml).unwrap();
+        self.kubectl(&["apply", "-f", f.to_str().unwrap()])
+    }
+
+    /// An object as JSON, if it exists.
+    pub fn get(&self, kind: &str, name: &str) -> Option<Value> {
+        let out = self.kubectl(&["get", kind, name, "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Wait until `pred` holds for the object; the error shows the last state seen.
+    pub fn wait_for(
+        &self,
+        kind: &str,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut last = Value::Null;
+        wait_until(timeout, what, || {
+            let v = self.get(kind, name)?;
+            last = v.clone();
+            pred(&v).then_some(v)
+        })
+        .with_context(|| format!("last {kind}/{name}: {last:#}"))
+    }
+
+    /// A token for a ServiceAccount (the TokenRequest API, as a pod would get).
+    pub fn token_for(&self, namespace: &str, sa: &str) -> Result<String> {
+        Ok(self
+            .kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=2h"])?
+            .trim()
+            .to_string())
+    }
+
+    /// A kubeconfig that authenticates with `token` instead of the admin's.
+    pub fn kubeconfig_with_token(&self, token: &str) -> Result<PathBuf> {
+        let admin = fs::read_to_string(&self.kubeconfig)?;
+        let mut out = String::new();
+        for line in admin.lines() {
+            if line.trim_start().starts_with("token:") {
+                out.push_str(&format!("    token: {token}\n"));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-{}", random_suffix()));
+        fs::write(&path, out)?;
+        Ok(path)
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("tests/kube/cluster.sh"))
+            .arg("down")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// The condition `kind` of an object's status: (status, reason).
+pub fn condition(obj: &Value, kind: &str) -> Option<(String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// `Ready=True` at the object's current generation.
+pub fn ready_now(obj: &Value) -> bool {
+    condition(obj, "Ready").is_some_and(|(s, _)| s == "True")
+        && obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+}
+
+/// A node runtime that registers with the cluster as HyperNode `name` (TCP listener with a
+/// token, heartbeats every second).
+pub fn start_node(
+    cluster: &KubeCluster,
+    name: &str,
+    token_file: &Path,
+    extra: &[&str],
+) -> Result<Node> {
+    let listen = format!("127.0.0.1:{}", crate::free_port());
+    let token = token_file.display().to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--token-file",
+        &token,
+        "--kubeconfig",
+        cluster.kubeconfig.to_str().unwrap(),
+        "--node-name",
+        name,
+        "--heartbeat-interval",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    Node::start(&args)
+}
+
+/// A token file for the nodes' APIs (mode 0600).
+pub fn write_token(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("node-token-{}", random_suffix()));
+    fs::write(&path, format!("hyperbox-test-token-{}", random_suffix()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}
+
+/// `hyperbox-operator kubernetes` with its log in `dir`.
+pub struct KubeOperator {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl KubeOperator {
+    pub fn start(
+        kubeconfig: &Path,
+        token_file: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<KubeOperator> {
+        let mut args = vec![
+            "kubernetes".to_string(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut op = KubeOperator {
+            child: None,
+            log: dir.join(format!("operator-{}.log", random_suffix())),
+            args,
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.child = Some(
+            Command::new(bin("hyperbox-operator"))
+                .args(&self.args)
+                .env("RUST_LOG", "info,hyperbox_operator=debug")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("start hyperbox-operator kubernetes")?,
+        );
+        Ok(())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    pub fn log_text(&self) -> String {
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 6000).to_string()
+    }
+}
+
+impl Drop for KubeOperator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

