@@ -20,22 +20,24 @@ k8s_version=$(awk '($1 == "require" && $2 == "k8s.io/kubernetes") {print $3} ($1
 [ -n "$k8s_version" ] || { echo "cluster.sh: no k8s.io/kubernetes version in $here/go.mod" >&2; exit 1; }
 cache=${HYPERBOX_KUBE_CACHE:-/var/cache/hyperbox-kube/$k8s_version}
 
+# Binaries: kube-apiserver and etcd from $KUBEBUILDER_ASSETS when it has them (what
+# setup-envtest installs), else built; kubectl, helm and argolua always from the cache.
 build() {
-  if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] && [ -x "$KUBEBUILDER_ASSETS/etcd" ]; then
-    bin=$KUBEBUILDER_ASSETS
-    return
+  local assets=${KUBEBUILDER_ASSETS:-}
+  if [ -n "$assets" ] && [ -x "$assets/kube-apiserver" ] && [ -x "$assets/etcd" ]; then
+    server_bin=$assets
+  else
+    server_bin=$cache
   fi
   bin=$cache
-  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] && [ -x "$bin/etcd" ]; then
-    return
-  fi
+  built && return
   command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
   command -v go >/dev/null || { echo "cluster.sh: go is not installed (https://go.dev/dl)" >&2; exit 1; }
-  mkdir -p "$bin"
+  mkdir -p "$cache"
   # Tests start clusters in parallel: one build at a time, the others wait and reuse it.
-  exec 9>"$bin/.build.lock"
+  exec 9>"$cache/.build.lock"
   flock 9
-  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] && [ -x "$bin/etcd" ]; then
+  if built; then
     flock -u 9
     return
   fi
@@ -45,12 +47,46 @@ build() {
   ld="$ld -X k8s.io/component-base/version.gitMajor=${v%%.*}"
   ld="$ld -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2)"
   ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=$k8s_version"
-  echo "cluster.sh: building kube-apiserver, kubectl and etcd ($k8s_version) into $bin" >&2
-  (cd "$here" && go build -ldflags "$ld" -o "$bin/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver &&
-    go build -ldflags "$ld" -o "$bin/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl &&
-    go build -o "$bin/etcd.tmp" ./etcd)
-  for b in kube-apiserver kubectl etcd; do mv "$bin/$b.tmp" "$bin/$b"; done
+  if [ "$server_bin" = "$cache" ] && { [ ! -x "$cache/kube-apiserver" ] || [ ! -x "$cache/etcd" ]; }; then
+    echo "cluster.sh: building kube-apiserver and etcd ($k8s_version) into $cache" >&2
+    (cd "$here" && go build -ldflags "$ld" -o "$cache/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver &&
+      go build -o "$cache/etcd.tmp" ./etcd)
+    for b in kube-apiserver etcd; do mv "$cache/$b.tmp" "$cache/$b"; done
+  fi
+  if [ ! -x "$cache/kubectl" ]; then
+    echo "cluster.sh: building kubectl ($k8s_version) into $cache" >&2
+    (cd "$here" && go build -ldflags "$ld" -o "$cache/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl)
+    mv "$cache/kubectl.tmp" "$cache/kubectl"
+  fi
+  # helm (its own module: its k8s.io requirements differ from the API server's), and the
+  # Lua VM Argo CD embeds, for the health check.
+  local hv
+  hv=$(helm_version)
+  if [ ! -x "$cache/helm-$hv" ]; then
+    echo "cluster.sh: building helm $hv into $cache" >&2
+    (cd "$here/helm" && go build -ldflags "-X helm.sh/helm/v3/internal/version.version=$hv" -o "$cache/helm.tmp" helm.sh/helm/v3/cmd/helm)
+    mv "$cache/helm.tmp" "$cache/helm-$hv"
+  fi
+  ln -sf "helm-$hv" "$cache/helm"
+  if [ ! -x "$cache/argolua" ]; then
+    (cd "$here/argolua" && go build -o "$cache/argolua.tmp" .)
+    mv "$cache/argolua.tmp" "$cache/argolua"
+  fi
   flock -u 9
+}
+
+helm_version() {
+  awk '($1 == "require" && $2 == "helm.sh/helm/v3") {print $3} $1 == "helm.sh/helm/v3" {print $2}' "$here/helm/go.mod" | head -1
+}
+
+# Whether every binary is there.
+built() {
+  [ -x "$server_bin/kube-apiserver" ] && [ -x "$server_bin/etcd" ] || return 1
+  local b
+  for b in kubectl "helm-$(helm_version)" argolua; do
+    [ -x "$cache/$b" ] || return 1
+  done
+  [ -L "$cache/helm" ] || ln -sf "helm-$(helm_version)" "$cache/helm"
 }
 
 free_port() {
@@ -86,7 +122,7 @@ up() {
   build
   mkdir -p "$dir/bin" "$dir/certs"
   dir=$(cd "$dir" && pwd)
-  if [ -x "$bin/kubectl" ]; then ln -sf "$bin/kubectl" "$dir/bin/kubectl"; else ln -sf "$cache/kubectl" "$dir/bin/kubectl"; fi
+  for b in kubectl helm argolua; do ln -sf "$cache/$b" "$dir/bin/$b"; done
   openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
   openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
   local token
@@ -96,7 +132,7 @@ up() {
   etcd_port=$(free_port)
   peer_port=$(free_port)
   api_port=$(free_port)
-  "$bin/etcd" --data-dir "$dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+  "$server_bin/etcd" --data-dir "$dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
   echo $! >"$dir/etcd.pid"
   echo "$etcd_port $api_port" >"$dir/ports"
@@ -110,7 +146,7 @@ start_apiserver() {
   local dir=$1 etcd_port api_port token
   read -r etcd_port api_port <"$dir/ports"
   token=$(cut -d, -f1 "$dir/tokens.csv")
-  "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --cert-dir="$dir/certs" \
+  "$server_bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --cert-dir="$dir/certs" \
     --secure-port="$api_port" --bind-address=127.0.0.1 \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
@@ -158,6 +194,6 @@ case "${1:-}" in
   up) [ -n "${2:-}" ] || { echo "usage: $0 up DIR" >&2; exit 2; }; up "$2" ;;
   down) [ -n "${2:-}" ] || { echo "usage: $0 down DIR" >&2; exit 2; }; down "$2" ;;
   restart-apiserver) [ -n "${2:-}" ] || { echo "usage: $0 restart-apiserver DIR" >&2; exit 2; }; restart_apiserver "$2" ;;
-  build) build; echo "$bin" ;;
+  build) build; echo "$cache" ;;
   *) echo "usage: $0 up DIR | down DIR | restart-apiserver DIR | build" >&2; exit 2 ;;
 esac

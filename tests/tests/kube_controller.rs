@@ -201,3 +201,174 @@ fn kubectl_apply_update_scale_and_delete_drive_real_containers() {
     assert!(n1.get("web").is_none() && n2.get("web").is_none());
     assert!(n1.container_pids().is_empty() && n2.container_pids().is_empty());
 }
+
+#[test]
+fn a_dead_node_goes_not_ready_and_its_replicas_move_after_the_grace() {
+    let s = setup();
+    let mut n1 = s.node("n1", &[]);
+    let n2 = s.node("n2", &[]);
+    let op = s.operator(&["--node-monitor-grace", "3s", "--node-grace", "4s"]);
+    assert!(s.c.apply(&s.workload("svc", 2, "")).status.success());
+    s.wait_ready("svc", &op);
+    let nodes = [("n1", &n1), ("n2", &n2)];
+    assert_eq!(running(&nodes, "svc")["n2"].len(), 1);
+    n1.kill9();
+    let hn =
+        s.c.wait_for("hypernode", "n1", T, "n1 marked not ready", |n| {
+            condition(n, "Ready").is_some_and(|(st, _)| st == "False")
+        })
+        .with_context_log(&op);
+    assert_eq!(
+        condition(&hn, "Ready").unwrap().1,
+        "NodeHeartbeatMissed",
+        "{hn:#}"
+    );
+    // After the grace, n2 runs both replicas and the workload is Ready there.
+    let w =
+        s.c.wait_for("workload", "svc", T, "replicas moved to n2", |w| {
+            ready_now(w) && w["status"]["nodes"] == "n2" && w["status"]["readyReplicas"] == 2
+        })
+        .with_context_log(&op);
+    assert_eq!(
+        n2.get("svc").unwrap()["replicas"].as_array().unwrap().len(),
+        2,
+        "{w:#}"
+    );
+    // n2 still Ready, n1 not: placement saw both.
+    let n2obj = s.c.get("hypernode", "n2").unwrap();
+    assert_eq!(condition(&n2obj, "Ready").unwrap().0, "True");
+    let on_n2 = running(&[("n2", &n2)], "svc");
+    // n1 comes back (its container kept running, and it re-adopts it): its stale copy is
+    // removed, and n2's replicas stay where they are.
+    n1.spawn().unwrap();
+    s.c.wait_for("hypernode", "n1", T, "n1 ready again", |n| {
+        condition(n, "Ready").is_some_and(|(st, _)| st == "True")
+    })
+    .with_context_log(&op);
+    wait_until(T, "n1's copy removed", || {
+        n1.get("svc").is_none().then_some(())
+    })
+    .with_context_log(&op);
+    assert!(n1.container_pids().is_empty());
+    assert_eq!(running(&[("n2", &n2)], "svc"), on_n2);
+    assert!(ready_now(&s.c.get("workload", "svc").unwrap()));
+}
+
+#[test]
+fn operator_kill_and_api_server_restart_make_no_duplicates_and_no_flapping() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let n2 = s.node("n2", &[]);
+    let nodes = [("n1", &n1), ("n2", &n2)];
+    let mut op = s.operator(&[]);
+    // Ten workloads at once; kill -9 the operator while it works through them.
+    let mut yaml = String::new();
+    for i in 0..10 {
+        yaml.push_str(&s.workload(&format!("w{i}"), 2, ""));
+        yaml.push_str("---\n");
+    }
+    assert!(s.c.apply(&yaml).status.success());
+    wait_until(T, "some containers started", || {
+        (0..10)
+            .any(|i| total(&running(&nodes, &format!("w{i}"))) > 0)
+            .then_some(())
+    })
+    .unwrap();
+    op.kill9();
+    op.spawn().unwrap();
+    for i in 0..10 {
+        s.wait_ready(&format!("w{i}"), &op);
+    }
+    let before: Vec<BTreeMap<String, Vec<String>>> =
+        (0..10).map(|i| running(&nodes, &format!("w{i}"))).collect();
+    for (i, r) in before.iter().enumerate() {
+        assert_eq!(total(r), 2, "w{i}: {r:?}");
+    }
+    let versions = |c: &KubeCluster| -> Vec<String> {
+        (0..10)
+            .map(|i| {
+                c.get("workload", &format!("w{i}")).unwrap()["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let rv = versions(&s.c);
+    // An API server restart: watches break and resume; nothing is re-created and the
+    // statuses are not rewritten (Ready stays True, the objects do not change).
+    s.c.restart_apiserver().unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    for i in 0..10 {
+        let w = s.c.get("workload", &format!("w{i}")).unwrap();
+        assert!(ready_now(&w), "w{i}: {w:#}");
+    }
+    let after: Vec<BTreeMap<String, Vec<String>>> =
+        (0..10).map(|i| running(&nodes, &format!("w{i}"))).collect();
+    assert_eq!(before, after, "containers changed");
+    assert_eq!(
+        rv,
+        versions(&s.c),
+        "statuses were rewritten\n{}",
+        op.log_text()
+    );
+    // Another kill -9 of the idle operator changes nothing either.
+    op.kill9();
+    op.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        before,
+        (0..10)
+            .map(|i| running(&nodes, &format!("w{i}")))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rv,
+        versions(&s.c),
+        "statuses flapped after a restart\n{}",
+        op.log_text()
+    );
+}
+
+#[test]
+fn two_operators_elect_one_leader_and_the_other_takes_over() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let nodes = [("n1", &n1)];
+    let lease = ["--lease-duration", "6s"];
+    let mut a = s.operator(&[&lease[..], &["--identity", "op-a"]].concat());
+    wait_until(T, "op-a leads", || {
+        let l = s.c.get("lease", "hyperbox-operator")?;
+        (l["spec"]["holderIdentity"] == "op-a").then_some(())
+    })
+    .with_context_log(&a);
+    let b = s.operator(&[&lease[..], &["--identity", "op-b"]].concat());
+    assert!(s.c.apply(&s.workload("one", 1, "")).status.success());
+    s.wait_ready("one", &a);
+    wait_until(T, "op-b stands by", || {
+        b.log_text().contains("standing by").then_some(())
+    })
+    .with_context_log(&b);
+    // Only the leader acts: the standby never reconciled anything.
+    assert!(!b.log_text().contains("reconciled"), "{}", b.log_text());
+    let l = s.c.get("lease", "hyperbox-operator").unwrap();
+    assert_eq!(l["spec"]["holderIdentity"], "op-a");
+    // Kill the leader: op-b takes over within the lease duration (plus a renew period) and
+    // does the work.
+    a.kill9();
+    let killed = std::time::Instant::now();
+    wait_until(Duration::from_secs(20), "op-b leads", || {
+        let l = s.c.get("lease", "hyperbox-operator")?;
+        (l["spec"]["holderIdentity"] == "op-b").then_some(())
+    })
+    .with_context_log(&b);
+    assert!(
+        killed.elapsed() < Duration::from_secs(6 + 2 + 2),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(s.c.apply(&s.workload("two", 1, "")).status.success());
+    s.wait_ready("two", &b);
+    assert_eq!(total(&running(&nodes, "two")), 1);
+    assert_eq!(total(&running(&nodes, "one")), 1);
+}

@@ -54,6 +54,8 @@ struct State {
     /// What was last applied to each node (node, key) → config hash: an unchanged workload
     /// costs no request.
     applied: HashMap<(String, String), String>,
+    /// Where the last reconcile placed each workload's replicas: node → count.
+    placed: HashMap<String, BTreeMap<String, u32>>,
 }
 
 impl Context {
@@ -173,6 +175,12 @@ fn describe(counts: &BTreeMap<String, u32>) -> String {
         .join(", ")
 }
 
+fn node_schedulable(ctx: &Context, node: &str) -> bool {
+    let grace = ctx.nodes.timings.eviction_grace;
+    ctx.nodes
+        .with(|e| e.get(node).is_some_and(|e| e.schedulable(grace)))
+}
+
 /// Where this workload's replicas run now (our own copies only), from the nodes' reports.
 fn current_counts(ctx: &Context, key: &str, manager: &str) -> BTreeMap<String, u32> {
     ctx.nodes.with(|entries| {
@@ -229,7 +237,16 @@ async fn apply(
     let mut applied_all = true;
     let (counts, unplaced) = {
         let _guard = ctx.place_lock.lock().await;
-        let previous = current_counts(ctx, &key, &manager);
+        // Where it runs: the nodes holding our copy. Where it was placed: what the last
+        // reconcile decided (a node that comes back after its replicas moved still holds a
+        // copy, which is removed, not counted), else (after a restart) the holders.
+        let holders = current_counts(ctx, &key, &manager);
+        let previous = ctx
+            .state()
+            .placed
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| holders.clone());
         // Nodes to avoid: those that refused this spec, and those that evicted a replica for
         // pressure lately.
         let avoid: BTreeSet<String> = {
@@ -361,7 +378,12 @@ async fn apply(
             }
         }
         // Remove it from nodes that should no longer run it.
-        for (node, _) in previous.iter().filter(|(n, _)| !counts.contains_key(*n)) {
+        let leaving: BTreeSet<&String> = previous
+            .keys()
+            .chain(holders.keys())
+            .filter(|n| !counts.contains_key(*n))
+            .collect();
+        for node in leaving {
             let Some(client) = ctx.nodes.client(node) else {
                 continue;
             };
@@ -371,6 +393,11 @@ async fn apply(
                     ctx.state().applied.remove(&(node.clone(), key.clone()));
                 }
                 Err(e) if e.status() == Some(404) => {}
+                // A node past its grace is gone for placement: its copy is removed when it
+                // comes back (its next report still lists it), not waited for.
+                Err(e) if !node_schedulable(ctx, node) => {
+                    tracing::debug!(workload = %key, node = %node, error = %e, "removal from a gone node deferred");
+                }
                 Err(e) => {
                     applied_all = false;
                     problem.get_or_insert((
@@ -400,6 +427,7 @@ async fn apply(
             )
             .await;
         }
+        ctx.state().placed.insert(key.clone(), counts.clone());
         (counts, unplaced)
     };
     if !unplaced.is_empty() {
@@ -633,6 +661,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
         let mut st = ctx.state();
         st.refused.remove(&key);
         st.pressure.remove(&key);
+        st.placed.remove(&key);
     }
     event(
         ctx,

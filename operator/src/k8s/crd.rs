@@ -241,6 +241,14 @@ mod tests {
             on_disk == crds_yaml(),
             "crds/hyperbox.yaml is stale: run `cargo run -p hyperbox-operator -- crd > crds/hyperbox.yaml`"
         );
+        let chart = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/hyperbox/crds/hyperbox.yaml"
+        );
+        assert!(
+            std::fs::read_to_string(chart).unwrap_or_default() == on_disk,
+            "charts/hyperbox/crds/hyperbox.yaml is stale: cp crds/hyperbox.yaml charts/hyperbox/crds/"
+        );
     }
 
     #[test]

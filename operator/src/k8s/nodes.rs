@@ -176,7 +176,9 @@ impl Nodes {
         )
     }
 
-    fn fingerprint(&self) -> Vec<(String, String, bool, BTreeMap<String, String>)> {
+    /// What placement depends on, per node: a change re-places every workload.
+    #[allow(clippy::type_complexity)]
+    fn fingerprint(&self) -> Vec<(String, String, bool, bool, BTreeMap<String, String>)> {
         let grace = self.timings.eviction_grace;
         self.lock()
             .values()
@@ -184,7 +186,8 @@ impl Nodes {
                 (
                     e.name.clone(),
                     e.address.clone(),
-                    e.schedulable(grace) && e.not_ready_since.is_none(),
+                    e.not_ready_since.is_none(),
+                    e.schedulable(grace),
                     e.labels.clone(),
                 )
             })

@@ -1,0 +1,200 @@
+//! The Helm chart against a real API server: `helm lint`, `helm template` accepted by the
+//! server (`kubectl apply --dry-run=server`), and the operator and two nodes doing their whole
+//! job with exactly the chart's RBAC, authenticated as the chart's ServiceAccounts (tokens from
+//! the TokenRequest API, checked by the real RBAC authorizer).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyperbox_e2e::kube::*;
+use hyperbox_e2e::*;
+
+const T: Duration = Duration::from_secs(90);
+const NS: &str = "hyperbox-system";
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/hyperbox")
+}
+
+fn helm(c: &KubeCluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(c.dir.path().join("bin/helm"))
+        .args(args)
+        .env("HOME", c.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn the_chart_lints_and_the_api_server_accepts_its_templates() {
+    let c = KubeCluster::start_bare().unwrap();
+    let chart = chart();
+    let lint = helm(&c, &["lint", "--strict", chart.to_str().unwrap()]);
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    // The chart ships the generated CRDs unchanged.
+    assert_eq!(
+        std::fs::read_to_string(chart.join("crds/hyperbox.yaml")).unwrap(),
+        std::fs::read_to_string(crds_file()).unwrap(),
+        "charts/hyperbox/crds is stale: cp crds/hyperbox.yaml charts/hyperbox/crds/"
+    );
+    c.kubectl_ok(&["create", "namespace", NS]).unwrap();
+    for values in [
+        vec![],
+        vec!["--set", "node.metricsPort=0,operator.replicas=1"],
+    ] {
+        let mut args = vec![
+            "template",
+            "hb",
+            chart.to_str().unwrap(),
+            "-n",
+            NS,
+            "--include-crds",
+        ];
+        args.extend(values.iter().copied());
+        let rendered = helm(&c, &args);
+        let f = c.dir.path().join("rendered.yaml");
+        std::fs::write(&f, &rendered).unwrap();
+        let out = c
+            .kubectl_ok(&[
+                "apply",
+                "--dry-run=server",
+                "--validate=strict",
+                "-f",
+                f.to_str().unwrap(),
+            ])
+            .unwrap();
+        for kind in [
+            "customresourcedefinition.apiextensions.k8s.io/workloads.hyperbox.dev",
+            "deployment.apps/hb-operator",
+            "daemonset.apps/hb-node",
+            "clusterrole.rbac.authorization.k8s.io/hb-operator",
+            "role.rbac.authorization.k8s.io/hb-operator-leader",
+        ] {
+            assert!(out.contains(kind), "{kind} missing: {out}");
+        }
+        assert!(rendered.contains("privileged: true") && rendered.contains("hostPID: true"));
+    }
+}
+
+#[test]
+fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
+    let c = KubeCluster::start().unwrap();
+    let chart = chart();
+    c.kubectl_ok(&["create", "namespace", NS]).unwrap();
+    let rbac = helm(
+        &c,
+        &[
+            "template",
+            "hb",
+            chart.to_str().unwrap(),
+            "-n",
+            NS,
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+    );
+    let f = c.dir.path().join("rbac.yaml");
+    std::fs::write(&f, rbac).unwrap();
+    c.kubectl_ok(&["apply", "-f", f.to_str().unwrap()]).unwrap();
+    let op_kc = c
+        .kubeconfig_with_token(&c.token_for(NS, "hb-operator").unwrap())
+        .unwrap();
+    let node_kc = c
+        .kubeconfig_with_token(&c.token_for(NS, "hb-node").unwrap())
+        .unwrap();
+    // The node credential cannot touch Workloads: RBAC is really on.
+    let out = c.kubectl(&[
+        "--kubeconfig",
+        node_kc.to_str().unwrap(),
+        "get",
+        "workloads",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path()).unwrap();
+    let node = |name: &str| {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let n = Node::start(&[
+            "--listen",
+            &listen,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--kubeconfig",
+            node_kc.to_str().unwrap(),
+            "--node-name",
+            name,
+            "--heartbeat-interval",
+            "1s",
+            "--insecure-registry",
+            &reg.addr,
+        ])
+        .unwrap();
+        c.wait_for(
+            "hypernode",
+            name,
+            T,
+            "registered with the node's own RBAC",
+            |n| condition(n, "Ready").is_some_and(|(s, _)| s == "True"),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&n.daemon_log(), 3000)));
+        n
+    };
+    let n1 = node("n1");
+    let mut n2 = node("n2");
+    let op = KubeOperator::start(
+        &op_kc,
+        &token,
+        dir.path(),
+        &[
+            "--lease-name",
+            "hb-operator",
+            "--lease-namespace",
+            NS,
+            "--node-monitor-grace",
+            "3s",
+            "--node-grace",
+            "4s",
+        ],
+    )
+    .unwrap();
+    let yaml = format!(
+        "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: app\nspec:\n  image: {image}\n  command: [sleep, '1000']\n  replicas: 2\n  terminationGracePeriodSeconds: 0\n"
+    );
+    assert!(c.apply(&yaml).status.success());
+    let ready = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        c.wait_for("workload", "app", T, what, |w| ready_now(w) && pred(w))
+            .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", op.log_text()))
+    };
+    ready("ready with the chart's RBAC", &|_| true);
+    // The leader lease in the release namespace, by the name the Role allows.
+    let lease = c
+        .kubectl_ok(&["get", "lease", "hb-operator", "-n", NS, "-o", "name"])
+        .unwrap();
+    assert!(lease.contains("hb-operator"));
+    c.kubectl_ok(&["scale", "workload/app", "--replicas=3"])
+        .unwrap();
+    ready("scaled", &|w| w["status"]["readyReplicas"] == 3);
+    // Marking a dead node not ready (hypernodes/status), and events.
+    n2.kill9();
+    c.wait_for("hypernode", "n2", T, "n2 not ready", |n| {
+        condition(n, "Ready").is_some_and(|(s, _)| s == "False")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", op.log_text()));
+    ready("moved off n2", &|w| {
+        w["status"]["nodes"] == "n1" && w["status"]["readyReplicas"] == 3
+    });
+    let events = c.kubectl_ok(&["get", "events", "-o", "json"]).unwrap();
+    assert!(events.contains("\"Placed\""), "{events}");
+    // Delete: the finalizer is removed (patch on workloads) after the containers stop.
+    let out = c.kubectl(&["delete", "workload", "app", "--timeout=60s"]);
+    assert!(out.status.success(), "{out:?}\n{}", op.log_text());
+    assert!(n1.get("app").is_none());
+    let log = op.log_text();
+    assert!(!log.to_lowercase().contains("forbidden"), "{log}");
+    assert!(!n1.daemon_log().to_lowercase().contains("forbidden"));
+}
