@@ -28,6 +28,8 @@ pub struct NodeView {
     pub summary: Option<NodeSummary>,
     /// Answered now, or not yet past the grace period: its replicas stay and it takes work.
     pub schedulable: bool,
+    /// See [`NodeInfo::nominal_load`] (0 when the whole set is placed at once).
+    pub nominal_load: u64,
 }
 
 /// Where every desired workload's replicas go, and the replicas that fit nowhere (by workload,
@@ -82,6 +84,7 @@ pub fn place_fleet(
                     memory_bytes: s.requested.memory_bytes.saturating_sub(mine.memory_bytes),
                 },
                 schedulable: v.schedulable && v.summary.is_some(),
+                nominal_load: v.nominal_load,
                 // The host's pressure, plus what the node's own workloads suffer on top (of
                 // two nodes on one stalled host, the one whose workloads stall is worse), plus
                 // how fast it rises.
@@ -354,6 +357,7 @@ mod tests {
                 ..Default::default()
             }),
             schedulable: true,
+            nominal_load: 0,
         }
     }
 

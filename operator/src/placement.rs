@@ -46,6 +46,11 @@ pub struct NodeInfo {
     /// preferred, in bands of [`PRESSURE_BAND`] so that noise does not move new replicas
     /// from one node to another.
     pub pressure: f32,
+    /// Nominal requests of replicas placed earlier without a memory request (see
+    /// [`NOMINAL_MEMORY_REQUEST`]): counted by the preference only, never by the fit. A
+    /// caller that places one workload at a time passes what it placed before, so that
+    /// workloads requesting nothing still spread over equal nodes.
+    pub nominal_load: u64,
 }
 
 /// Width of a pressure band: nodes whose scores fall in the same band count as equally calm
@@ -146,7 +151,10 @@ pub fn place_with(demands: &[Demand], nodes: &[NodeInfo], band_width: f32) -> Pl
     // nominal requests exceed the node, so that nodes still compare).
     let mut score_free: BTreeMap<&str, i128> = free
         .iter()
-        .map(|(id, f)| (*id, i128::from(f.memory_bytes)))
+        .map(|(id, f)| {
+            let load = by_id.get(id).map_or(0, |n| n.nominal_load);
+            (*id, i128::from(f.memory_bytes) - i128::from(load))
+        })
         .collect();
     let take = |free: &mut BTreeMap<&str, Amounts>,
                 score_free: &mut BTreeMap<&str, i128>,
@@ -347,8 +355,32 @@ mod tests {
             },
             reserved: Amounts::default(),
             schedulable: true,
+            nominal_load: 0,
             pressure: 0.0,
         }
+    }
+
+    #[test]
+    fn nominal_load_spreads_workloads_placed_one_at_a_time() {
+        // Two equal nodes; `a` already holds 3 replicas without a memory request (placed
+        // earlier, one workload at a time): the next one goes to `b`. The fit check ignores
+        // the nominal bytes: an `a` "full" by nominal count alone still takes it.
+        let mut a = node("a", &[], 1);
+        a.nominal_load = 3 * NOMINAL_MEMORY_REQUEST;
+        let b = node("b", &[], 1);
+        let d = Demand {
+            workload: "w".into(),
+            replicas: 1,
+            node_selector: BTreeMap::new(),
+            request: Amounts::default(),
+            current: BTreeMap::new(),
+            avoid: BTreeSet::new(),
+        };
+        let p = place(std::slice::from_ref(&d), &[a.clone(), b]);
+        assert_eq!(p.assigned[&("w".to_string(), 0)], "b");
+        a.nominal_load = 100 * GI;
+        let p = place(&[d], &[a]);
+        assert_eq!(p.assigned[&("w".to_string(), 0)], "a");
     }
 
     #[test]

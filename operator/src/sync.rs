@@ -602,6 +602,7 @@ impl Syncer {
                 key: n.key.clone(),
                 summary: n.summary.clone(),
                 schedulable: !evacuated(n),
+                nominal_load: 0,
             })
             .collect();
         let mut avoid = fleet.refused.clone();

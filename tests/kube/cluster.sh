@@ -136,6 +136,11 @@ up() {
     --listen-peer-urls "http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
   echo $! >"$dir/etcd.pid"
   echo "$etcd_port $api_port" >"$dir/ports"
+  if [ -n "${HYPERBOX_KUBE_AUDIT:-}" ]; then
+    # Every request's metadata (who, verb, resource) in DIR/audit.log: what the benchmarks
+    # count requests per client with.
+    printf 'apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n' >"$dir/audit-policy.yaml"
+  fi
   start_apiserver "$dir" || { down "$dir"; return 1; }
   write_kubeconfig "$dir" "$api_port" "$token"
   echo "cluster.sh: API server ready at https://127.0.0.1:$api_port ($dir/kubeconfig)" >&2
@@ -146,12 +151,17 @@ start_apiserver() {
   local dir=$1 etcd_port api_port token
   read -r etcd_port api_port <"$dir/ports"
   token=$(cut -d, -f1 "$dir/tokens.csv")
+  local audit=()
+  if [ -f "$dir/audit-policy.yaml" ]; then
+    audit=(--audit-policy-file="$dir/audit-policy.yaml" --audit-log-path="$dir/audit.log" --audit-log-maxsize=1000)
+  fi
   "$server_bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" --cert-dir="$dir/certs" \
     --secure-port="$api_port" --bind-address=127.0.0.1 \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
     --token-auth-file="$dir/tokens.csv" --authorization-mode=RBAC \
-    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true >>"$dir/apiserver.log" 2>&1 &
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
+    ${audit[@]+"${audit[@]}"} >>"$dir/apiserver.log" 2>&1 &
   echo $! >"$dir/apiserver.pid"
   for _ in $(seq 120); do
     if curl -sfk -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then

@@ -24,7 +24,7 @@ use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY};
 use crate::fleet::{place_fleet, Counts};
 use crate::manifests::{ManifestSet, SourcedWorkload};
-use crate::placement::PressureWeights;
+use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
 
 pub const FINALIZER: &str = "hyperbox.dev/containers";
 /// The field manager of everything the operator writes.
@@ -56,6 +56,9 @@ struct State {
     applied: HashMap<(String, String), String>,
     /// Where the last reconcile placed each workload's replicas: node → count.
     placed: HashMap<String, BTreeMap<String, u32>>,
+    /// The nominal memory of the replicas placed without a memory request, by workload and
+    /// node (see [`crate::placement::NodeInfo::nominal_load`]).
+    nominal: HashMap<String, BTreeMap<String, u64>>,
 }
 
 impl Context {
@@ -290,7 +293,20 @@ async fn apply(
             ..ManifestSet::default()
         };
         let prev_counts: Counts = BTreeMap::from([(key.clone(), previous.clone())]);
-        let views = ctx.nodes.views();
+        let mut views = ctx.nodes.views();
+        // Workloads are placed one at a time: the nominal requests of the others (those
+        // without a memory request) keep equal nodes from taking all of them.
+        {
+            let st = ctx.state();
+            for v in &mut views {
+                v.nominal_load = st
+                    .nominal
+                    .iter()
+                    .filter(|(k, _)| **k != key)
+                    .filter_map(|(_, per_node)| per_node.get(&v.key))
+                    .sum();
+            }
+        }
         let placement = place_fleet(
             &set,
             &prev_counts,
@@ -427,7 +443,19 @@ async fn apply(
             )
             .await;
         }
-        ctx.state().placed.insert(key.clone(), counts.clone());
+        {
+            let mut st = ctx.state();
+            st.placed.insert(key.clone(), counts.clone());
+            if w.request_per_replica().memory_bytes == 0 {
+                let per_node = counts
+                    .iter()
+                    .map(|(n, c)| (n.clone(), u64::from(*c) * NOMINAL_MEMORY_REQUEST))
+                    .collect();
+                st.nominal.insert(key.clone(), per_node);
+            } else {
+                st.nominal.remove(&key);
+            }
+        }
         (counts, unplaced)
     };
     if !unplaced.is_empty() {
@@ -662,6 +690,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
         st.refused.remove(&key);
         st.pressure.remove(&key);
         st.placed.remove(&key);
+        st.nominal.remove(&key);
     }
     event(
         ctx,

@@ -155,6 +155,7 @@ impl Nodes {
                 key: e.name.clone(),
                 summary: Some(e.summary()),
                 schedulable: e.schedulable(grace),
+                nominal_load: 0,
             })
             .collect()
     }
