@@ -10,6 +10,8 @@ the nodes authenticated as the chart's ServiceAccounts (the chart's RBAC):
   - steady:   API requests per second at steady state (a quiet minute after all are Ready,
               from the API server's audit log): the operator's, and the three nodes'
               heartbeats
+  - resync:   a full no-op resync (a HyperNode label change re-places every workload):
+              the operator's API requests and CPU seconds over the 30 s after it
 Prints one JSON line.
 
 usage: kube.py NODE_BIN OPERATOR_BIN CLUSTER_DIR IMAGE COUNT MODE(suspended|tiny) CHART WORK
@@ -84,6 +86,11 @@ def vm_hwm(pid):
     return 0.0
 
 
+def cpu_seconds(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def audit_counts(since, until):
     """Requests completed in [since, until) (unix seconds) by user."""
     import datetime
@@ -156,8 +163,20 @@ try:
     # Steady state: let the last status writes settle, then a quiet minute.
     time.sleep(10)
     since = time.time()
+    quiet_cpu0 = cpu_seconds(op.pid)
     time.sleep(60)
     until = time.time()
+    quiet_cpu = cpu_seconds(op.pid) - quiet_cpu0
+    # A full no-op resync: a new label on a HyperNode re-places every workload (nothing moves,
+    # no status changes). Its API requests and the operator's CPU time for it.
+    cpu0 = cpu_seconds(op.pid)
+    resync_since = time.time()
+    k("label", "hypernode", "bench-n0", "bench=resync")
+    time.sleep(30)
+    resync_until = time.time()
+    resync_cpu = cpu_seconds(op.pid) - cpu0
+    resync_counts = audit_counts(resync_since, resync_until)
+    resync_reqs = resync_counts.get(f"system:serviceaccount:{NS}:hb-operator", 0)
     rss = vm_hwm(op.pid)
     counts = audit_counts(since, until)
     op_rps = counts.get(f"system:serviceaccount:{NS}:hb-operator", 0) / (until - since)
@@ -169,6 +188,8 @@ try:
     print(json.dumps({
         "mode": mode, "count": count, "apply_s": round(apply_s, 2), "ready_s": round(ready_s, 2),
         "rss_mib": round(rss, 1), "operator_rps": round(op_rps, 2), "nodes_rps": round(node_rps, 2),
+        "quiet_cpu_s": round(quiet_cpu, 2),
+        "resync_requests": resync_reqs, "resync_cpu_s": round(resync_cpu, 2),
         "replicas_per_node": per_node,
     }))
 finally:

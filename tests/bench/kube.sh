@@ -65,7 +65,7 @@ def show(key, unit):
     print(f"{key}: median {statistics.median(v)}{unit} (min {v[0]}, max {v[-1]}, {len(v)} runs)")
 first = rs[0]
 print("%d workloads, %s, 3 node runtimes, real kube-apiserver" % (first["count"], first["mode"]))
-for k, u in [("apply_s", " s"), ("ready_s", " s"), ("rss_mib", " MiB"), ("operator_rps", " req/s"), ("nodes_rps", " req/s")]:
+for k, u in [("apply_s", " s"), ("ready_s", " s"), ("rss_mib", " MiB"), ("operator_rps", " req/s"), ("nodes_rps", " req/s"), ("quiet_cpu_s", " s"), ("resync_requests", ""), ("resync_cpu_s", " s")]:
     show(k, u)
 print("replicas per node (last run):", rs[-1]["replicas_per_node"])
 print("anchor: Flux, 1,000 Kustomizations in 255 s at 190 MiB (published)")

@@ -1,6 +1,6 @@
 //! The Argo CD health check (examples/argocd/argocd-cm.yaml) run in gopher-lua, the Lua VM
 //! Argo CD embeds, against the statuses the operator really writes for each state. Argo CD
-//! itself cannot be built here (its module does not build on this machine's Go toolchain).
+//! itself cannot be built here (its module does not build on this machine: see STACK.md).
 
 use std::time::Duration;
 
