@@ -219,11 +219,17 @@ impl ApiServer {
     }
 
     fn in_cluster() -> Result<ApiServer> {
-        let what = "in-cluster config".to_string();
-        let host = std::env::var("KUBERNETES_SERVICE_HOST")
-            .map_err(|_| anyhow!("{what}: KUBERNETES_SERVICE_HOST is not set (not in a pod?)"))?;
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+            anyhow!("in-cluster config: KUBERNETES_SERVICE_HOST is not set (not in a pod?)")
+        })?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let dir = Path::new(SERVICE_ACCOUNT_DIR);
+        ApiServer::in_cluster_at(Path::new(SERVICE_ACCOUNT_DIR), host, &port)
+    }
+
+    /// The service account mounted at `dir` (its `ca.crt` and `token`), for the API server at
+    /// `host:port`.
+    fn in_cluster_at(dir: &Path, host: String, port: &str) -> Result<ApiServer> {
+        let what = "in-cluster config".to_string();
         let ca = read(&dir.join("ca.crt"), dir, &what)?;
         let tls =
             hyperbox_client::tls::client_config_pem(&ca, None, &what).map_err(|e| anyhow!(e))?;
@@ -480,6 +486,32 @@ mod tests {
             .replace("https://127.0.0.1:6443", "http://127.0.0.1:6443")
             .replace("CA", ", certificate-authority: /nonexistent"));
         assert!(e.contains("/nonexistent"), "{e}");
+    }
+
+    /// A throwaway self-signed CA certificate (PEM), only parsed here.
+    const TEST_CA: &str = include_str!("../tests/data/test-ca.pem");
+
+    #[test]
+    fn in_cluster_reads_the_service_account_and_rereads_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), TEST_CA).unwrap();
+        std::fs::write(dir.path().join("token"), "first\n").unwrap();
+        let api = ApiServer::in_cluster_at(dir.path(), "10.0.0.1".into(), "443").unwrap();
+        assert_eq!(api.addr, "10.0.0.1:443");
+        let token = |api: &ApiServer| match api.client().unwrap().endpoint() {
+            Endpoint::Tcp { token, .. } => token.clone(),
+            _ => None,
+        };
+        assert_eq!(token(&api).as_deref(), Some("first"));
+        // Projected tokens rotate: the next request reads the new one.
+        std::fs::write(dir.path().join("token"), "second").unwrap();
+        assert_eq!(token(&api).as_deref(), Some("second"));
+        let v6 = ApiServer::in_cluster_at(dir.path(), "fd00::1".into(), "6443").unwrap();
+        assert_eq!(v6.addr, "[fd00::1]:6443");
+        let e = ApiServer::in_cluster_at(Path::new("/nonexistent"), "h".into(), "443")
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("/nonexistent/ca.crt"), "{e:#}");
     }
 
     #[test]

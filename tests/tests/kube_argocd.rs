@@ -86,6 +86,9 @@ fn the_argo_cd_health_check_maps_each_state_the_operator_writes() {
     let (status, message) = health(&c, &w);
     assert_eq!(status, "Degraded", "{w:#}");
     assert!(message.contains("InsufficientMemory"), "{message}");
+    // ...and a Warning event says so.
+    let events = c.kubectl_ok(&["get", "events", "-o", "json"]).unwrap();
+    assert!(events.contains("FailedPlacement"), "{events}");
 
     let never_ready = "  readinessProbe: {exec: {command: ['false']}, periodSeconds: 1}\n";
     assert!(c.apply(&doc("starting", never_ready)).status.success());

@@ -1,7 +1,8 @@
 //! The Helm chart against a real API server: `helm lint`, `helm template` accepted by the
 //! server (`kubectl apply --dry-run=server`), and the operator and two nodes doing their whole
 //! job with exactly the chart's RBAC, authenticated as the chart's ServiceAccounts (tokens from
-//! the TokenRequest API, checked by the real RBAC authorizer).
+//! the TokenRequest API, checked by the real RBAC authorizer), and talking to the nodes over
+//! TLS with a token, as the chart sets them up.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -117,11 +118,16 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     let image = push_busybox(&reg).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path()).unwrap();
+    let pki = TestPki::new().unwrap();
     let node = |name: &str| {
         let listen = format!("127.0.0.1:{}", free_port());
         let n = Node::start(&[
             "--listen",
             &listen,
+            "--tls-cert",
+            &pki.path("server.crt"),
+            "--tls-key",
+            &pki.path("server.key"),
             "--token-file",
             token.to_str().unwrap(),
             "--kubeconfig",
@@ -146,6 +152,14 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     };
     let n1 = node("n1");
     let mut n2 = node("n2");
+    let hn = c.get("hypernode", "n1").unwrap();
+    assert!(
+        hn["spec"]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://127.0.0.1:"),
+        "{hn:#}"
+    );
     let op = KubeOperator::start(
         &op_kc,
         &token,
@@ -155,6 +169,8 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
             "hb-operator",
             "--lease-namespace",
             NS,
+            "--node-ca",
+            &pki.path("ca.crt"),
             "--node-monitor-grace",
             "3s",
             "--node-grace",
