@@ -5,13 +5,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{bin, random_suffix, tail, wait_until, Node};
+use crate::{random_suffix, wait_until, Node, Operator};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -235,79 +235,23 @@ pub fn write_token(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `hyperbox-operator kubernetes` with its log in `dir`.
-pub struct KubeOperator {
-    child: Option<Child>,
-    pub log: PathBuf,
-    pub args: Vec<String>,
-}
-
-impl KubeOperator {
-    pub fn start(
-        kubeconfig: &Path,
-        token_file: &Path,
-        dir: &Path,
-        extra: &[&str],
-    ) -> Result<KubeOperator> {
-        let mut args = vec![
-            "kubernetes".to_string(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--node-token-file".into(),
-            token_file.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut op = KubeOperator {
-            child: None,
-            log: dir.join(format!("operator-{}.log", random_suffix())),
-            args,
-        };
-        op.spawn()?;
-        Ok(op)
-    }
-
-    pub fn spawn(&mut self) -> Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        self.child = Some(
-            Command::new(bin("hyperbox-operator"))
-                .args(&self.args)
-                .env("RUST_LOG", "info,hyperbox_operator=debug")
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("start hyperbox-operator kubernetes")?,
-        );
-        Ok(())
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Whether the process has exited.
-    pub fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
-    }
-
-    pub fn log_text(&self) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 6000).to_string()
-    }
-}
-
-impl Drop for KubeOperator {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// `hyperbox-operator kubernetes` against the cluster of `kubeconfig`, reaching the nodes with
+/// `token_file`; its state dir (where its log is) is a new directory under `dir`.
+pub fn start_kube_operator(
+    kubeconfig: &Path,
+    token_file: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Operator> {
+    let kubeconfig = kubeconfig.display().to_string();
+    let token = token_file.display().to_string();
+    let mut args = vec![
+        "kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-token-file",
+        &token,
+    ];
+    args.extend_from_slice(extra);
+    Operator::start_with_args(dir.join(format!("operator-{}", random_suffix())), &args)
 }

@@ -61,10 +61,10 @@ fn the_argo_cd_health_check_maps_each_state_the_operator_writes() {
     assert!(c.apply(&doc("healthy", "")).status.success());
     let fresh = c.get("workload", "healthy").unwrap();
     assert_eq!(health(&c, &fresh).0, "Progressing");
-    let op = KubeOperator::start(&c.kubeconfig, &token, dir.path(), &[]).unwrap();
+    let op = start_kube_operator(&c.kubeconfig, &token, dir.path(), &[]).unwrap();
     let wait = |name: &str, what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
         c.wait_for("workload", name, T, what, |w| pred(w))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_text()))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&op.log_text(), 6000)))
     };
     let w = wait("healthy", "ready", &|w| ready_now(w));
     assert_eq!(health(&c, &w).0, "Healthy", "{w:#}");

@@ -160,7 +160,7 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
             .starts_with("https://127.0.0.1:"),
         "{hn:#}"
     );
-    let op = KubeOperator::start(
+    let op = start_kube_operator(
         &op_kc,
         &token,
         dir.path(),
@@ -172,9 +172,9 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
             "--node-ca",
             &pki.path("ca.crt"),
             "--node-monitor-grace",
-            "3s",
+            "5s",
             "--node-grace",
-            "4s",
+            "5s",
         ],
     )
     .unwrap();
@@ -184,7 +184,7 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     assert!(c.apply(&yaml).status.success());
     let ready = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
         c.wait_for("workload", "app", T, what, |w| ready_now(w) && pred(w))
-            .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", op.log_text()))
+            .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", tail(&op.log_text(), 6000)))
     };
     ready("ready with the chart's RBAC", &|_| true);
     // The leader lease in the release namespace, by the name the Role allows.
@@ -200,7 +200,7 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     c.wait_for("hypernode", "n2", T, "n2 not ready", |n| {
         condition(n, "Ready").is_some_and(|(s, _)| s == "False")
     })
-    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", op.log_text()));
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", tail(&op.log_text(), 6000)));
     ready("moved off n2", &|w| {
         w["status"]["nodes"] == "n1" && w["status"]["readyReplicas"] == 3
     });
@@ -208,7 +208,11 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     assert!(events.contains("\"Placed\""), "{events}");
     // Delete: the finalizer is removed (patch on workloads) after the containers stop.
     let out = c.kubectl(&["delete", "workload", "app", "--timeout=60s"]);
-    assert!(out.status.success(), "{out:?}\n{}", op.log_text());
+    assert!(
+        out.status.success(),
+        "{out:?}\n{}",
+        tail(&op.log_text(), 6000)
+    );
     assert!(n1.get("app").is_none());
     let log = op.log_text();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
