@@ -238,6 +238,8 @@ async fn apply(
     let shash = spec_hash(&w);
     let mut problem: Option<(String, String, bool)> = None;
     let mut applied_all = true;
+    // Events are sent after the placement lock is released: they cost a request each.
+    let mut events: Vec<(bool, &'static str, String)> = Vec::new();
     let (counts, unplaced) = {
         let _guard = ctx.place_lock.lock().await;
         // Where it runs: the nodes holding our copy. Where it was placed: what the last
@@ -365,14 +367,11 @@ async fn apply(
                         }
                         e.1.insert(node.clone());
                     }
-                    event(
-                        ctx,
-                        &cr,
+                    events.push((
                         true,
                         "Refused",
                         format!("node {node} refused it: {message}"),
-                    )
-                    .await;
+                    ));
                     problem.get_or_insert(("Refused".into(), format!("{node}: {message}"), false));
                 }
                 Err(ApplyError::Conflict(message)) => {
@@ -434,14 +433,11 @@ async fn apply(
                 .collect::<BTreeMap<_, _>>()
             && !counts.values().all(|n| *n == 0)
         {
-            event(
-                ctx,
-                &cr,
+            events.push((
                 false,
                 "Placed",
                 format!("replicas placed on {}", describe(&counts)),
-            )
-            .await;
+            ));
         }
         {
             let mut st = ctx.state();
@@ -458,6 +454,9 @@ async fn apply(
         }
         (counts, unplaced)
     };
+    for (warning, reason, note) in events {
+        event(ctx, &cr, warning, reason, note).await;
+    }
     if !unplaced.is_empty() {
         let was = previous_status
             .as_ref()
