@@ -21,7 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::crd::{KubeWorkload, KubeWorkloadStatus};
 use super::nodes::{Nodes, Receivers};
-use super::status::{find, same_status, workload_status, Observation, READY};
+use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet::{place_fleet, Counts};
 use crate::manifests::{ManifestSet, SourcedWorkload};
 use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
@@ -107,13 +107,29 @@ pub fn backoff(failures: u32) -> Duration {
 
 fn key_of(cr: &KubeWorkload) -> String {
     hyperbox_api::workload_key(
-        cr.metadata.namespace.as_deref().unwrap_or("default"),
+        cr.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(hyperbox_api::DEFAULT_NAMESPACE),
         &cr.name_any(),
     )
 }
 
-/// How long a workload avoids a node that evicted a replica for pressure.
-const PRESSURE_AVOID: Duration = crate::sync::PRESSURE_AVOID;
+/// The manager of a Workload's copies on the nodes: `kubernetes:<cluster>/<uid>`.
+fn manager_of(ctx: &Context, cr: &KubeWorkload) -> String {
+    format!(
+        "{}{}",
+        ctx.manager_prefix,
+        cr.metadata.uid.as_deref().unwrap_or_default()
+    )
+}
+
+/// The replica reason of a pressure eviction (the node's `EvictedForPressure`).
+const EVICTED_FOR_PRESSURE: &str = "EvictedForPressure";
+
+fn evicted_for_pressure<'a>(mut reasons: impl Iterator<Item = Option<&'a str>>) -> bool {
+    reasons.any(|r| r == Some(EVICTED_FOR_PRESSURE))
+}
 
 async fn reconcile(cr: Arc<KubeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cr.metadata.namespace.clone().unwrap_or_default();
@@ -184,28 +200,13 @@ fn node_schedulable(ctx: &Context, node: &str) -> bool {
         .with(|e| e.get(node).is_some_and(|e| e.schedulable(grace)))
 }
 
-/// Where this workload's replicas run now (our own copies only), from the nodes' reports.
-fn current_counts(ctx: &Context, key: &str, manager: &str) -> BTreeMap<String, u32> {
-    ctx.nodes.with(|entries| {
-        entries
-            .values()
-            .filter_map(|e| {
-                let st = e.workloads.as_ref()?.get(key)?;
-                (st.manager.as_deref() == Some(manager))
-                    .then(|| (e.name.clone(), st.desired_replicas))
-            })
-            .collect()
-    })
-}
-
 async fn apply(
     cr: Arc<KubeWorkload>,
     api: &Api<KubeWorkload>,
     ctx: &Context,
 ) -> Result<Action, Error> {
     let key = key_of(&cr);
-    let uid = cr.metadata.uid.clone().unwrap_or_default();
-    let manager = format!("{}{uid}", ctx.manager_prefix);
+    let manager = manager_of(ctx, &cr);
     let generation = cr.metadata.generation.unwrap_or(0);
     let mut w = cr.to_workload();
     w.metadata.annotations.insert(
@@ -227,7 +228,7 @@ async fn apply(
             previous: previous_status.as_ref(),
             ..Default::default()
         };
-        write_status(api, &cr, ctx, workload_status(&o), &previous_status).await?;
+        write_status(api, &cr, workload_status(&o), &previous_status).await?;
         return Ok(Action::await_change());
     }
     if !ctx.nodes.synced() {
@@ -238,14 +239,20 @@ async fn apply(
     let shash = spec_hash(&w);
     let mut problem: Option<(String, String, bool)> = None;
     let mut applied_all = true;
-    // Events are sent after the placement lock is released: they cost a request each.
+    // Events are sent after the placement lock is released (they cost a request each), in the
+    // order they arise.
     let mut events: Vec<(bool, &'static str, String)> = Vec::new();
     let (counts, unplaced) = {
         let _guard = ctx.place_lock.lock().await;
+        let copies = ctx.nodes.copies(&key);
         // Where it runs: the nodes holding our copy. Where it was placed: what the last
         // reconcile decided (a node that comes back after its replicas moved still holds a
         // copy, which is removed, not counted), else (after a restart) the holders.
-        let holders = current_counts(ctx, &key, &manager);
+        let holders: BTreeMap<String, u32> = copies
+            .iter()
+            .filter(|(_, st)| st.manager.as_deref() == Some(manager.as_str()))
+            .map(|(node, st)| (node.clone(), st.desired_replicas))
+            .collect();
         let previous = ctx
             .state()
             .placed
@@ -260,27 +267,13 @@ async fn apply(
                 Some((h, nodes)) if *h == hash => nodes.clone(),
                 _ => BTreeSet::new(),
             };
-            let evicted = ctx.nodes.with(|entries| {
-                entries
-                    .values()
-                    .filter(|e| {
-                        e.workloads
-                            .as_ref()
-                            .and_then(|m| m.get(&key))
-                            .is_some_and(|s| {
-                                s.replicas
-                                    .iter()
-                                    .any(|r| r.reason.as_deref() == Some("EvictedForPressure"))
-                            })
-                    })
-                    .map(|e| e.name.clone())
-                    .collect::<Vec<_>>()
-            });
             let p = st.pressure.entry(key.clone()).or_default();
-            for n in evicted {
-                p.entry(n).or_insert_with(Instant::now);
+            for (node, copy) in &copies {
+                if evicted_for_pressure(copy.replicas.iter().map(|r| r.reason.as_deref())) {
+                    p.entry(node.clone()).or_insert_with(Instant::now);
+                }
             }
-            p.retain(|_, t| t.elapsed() < PRESSURE_AVOID);
+            p.retain(|_, t| t.elapsed() < crate::sync::PRESSURE_AVOID);
             avoid.extend(p.keys().cloned());
             avoid
         };
@@ -341,13 +334,9 @@ async fn apply(
                 copy.spec.replicas = n;
             }
             let copy_hash = config_hash(&copy);
-            let has = ctx.nodes.with(|e| {
-                e.get(node)
-                    .and_then(|e| e.workloads.as_ref())
-                    .is_some_and(|m| m.contains_key(&key))
-            });
             let cache_key = (node.clone(), key.clone());
-            if has && ctx.state().applied.get(&cache_key) == Some(&copy_hash) {
+            if copies.contains_key(node) && ctx.state().applied.get(&cache_key) == Some(&copy_hash)
+            {
                 continue;
             }
             match apply_one(&client, &manager, &ctx.manager_prefix, copy).await {
@@ -454,52 +443,37 @@ async fn apply(
         }
         (counts, unplaced)
     };
-    for (warning, reason, note) in events {
-        event(ctx, &cr, warning, reason, note).await;
-    }
-    if !unplaced.is_empty() {
-        let was = previous_status
-            .as_ref()
-            .and_then(|s| find(s, "Stalled"))
-            .map(|c| c.reason.clone());
-        if was.as_deref() != Some(unplaced[0].0) {
-            event(
-                ctx,
-                &cr,
+    // Failures and pressure evictions become events once, when they appear.
+    let stalled_before = previous_status
+        .as_ref()
+        .and_then(|s| find(s, STALLED))
+        .map(|c| c.reason.clone());
+    if let Some((reason, _)) = unplaced.first() {
+        if stalled_before.as_deref() != Some(*reason) {
+            events.push((
                 true,
                 "FailedPlacement",
-                format!(
-                    "{} replica(s) fit on no node: {}",
-                    unplaced.len(),
-                    unplaced[0].0
-                ),
-            )
-            .await;
+                format!("{} replica(s) fit on no node: {reason}", unplaced.len()),
+            ));
         }
     }
-    let reports: BTreeMap<String, Option<hyperbox_api::WorkloadStatus>> = ctx.nodes.with(|e| {
-        counts
-            .keys()
-            .map(|node| {
-                let r = e
-                    .get(node)
-                    .and_then(|e| e.workloads.as_ref())
-                    .and_then(|m| m.get(&key))
-                    .filter(|s| s.manager.as_deref() == Some(manager.as_str()))
-                    .cloned();
-                (node.clone(), r)
-            })
-            .collect()
-    });
+    // The nodes' reports as they are now (after the applies above).
+    let copies = ctx.nodes.copies(&key);
+    let reports: BTreeMap<String, Option<&hyperbox_api::WorkloadStatus>> = counts
+        .keys()
+        .map(|node| {
+            let ours = copies
+                .get(node)
+                .filter(|s| s.manager.as_deref() == Some(manager.as_str()));
+            (node.clone(), ours)
+        })
+        .collect();
     let o = Observation {
         generation,
         desired: w.desired_replicas(),
         suspended: w.spec.suspend,
         counts: counts.clone(),
-        reports: reports
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_ref()))
-            .collect(),
+        reports,
         spec_hash: shash,
         unplaced,
         problem,
@@ -508,47 +482,29 @@ async fn apply(
     };
     let status = workload_status(&o);
     let ready = find(&status, READY).is_some_and(|c| c.status == "True");
-    // Failures and pressure evictions the nodes report become events once, on the change.
-    let before = previous_status
-        .as_ref()
-        .and_then(|s| find(s, "Stalled"))
-        .map(|c| c.reason.clone());
-    if let Some(c) = find(&status, "Stalled") {
-        if before.as_deref() != Some(c.reason.as_str())
+    if let Some(c) = find(&status, STALLED) {
+        if stalled_before.as_deref() != Some(c.reason.as_str())
             && c.reason != "InsufficientMemory"
             && c.reason != "InsufficientCPU"
             && c.reason != "NoMatchingNode"
         {
-            event(
-                ctx,
-                &cr,
-                true,
-                "Failed",
-                format!("{}: {}", c.reason, c.message),
-            )
-            .await;
+            events.push((true, "Failed", format!("{}: {}", c.reason, c.message)));
         }
     }
-    let evicted_now = status
-        .replica_statuses
-        .iter()
-        .any(|r| r.reason.as_deref() == Some("EvictedForPressure"));
-    let evicted_before = previous_status.as_ref().is_some_and(|s| {
-        s.replica_statuses
-            .iter()
-            .any(|r| r.reason.as_deref() == Some("EvictedForPressure"))
-    });
-    if evicted_now && !evicted_before {
-        event(
-            ctx,
-            &cr,
+    let evicted = |s: &KubeWorkloadStatus| {
+        evicted_for_pressure(s.replica_statuses.iter().map(|r| r.reason.as_deref()))
+    };
+    if evicted(&status) && !previous_status.as_ref().is_some_and(evicted) {
+        events.push((
             true,
             "Evicted",
             "a replica was evicted for node pressure; it is placed on another node".to_string(),
-        )
-        .await;
+        ));
     }
-    write_status(api, &cr, ctx, status, &previous_status).await?;
+    for (warning, reason, note) in events {
+        event(ctx, &cr, warning, reason, note).await;
+    }
+    write_status(api, &cr, status, &previous_status).await?;
     if o.problem.as_ref().is_some_and(|p| !p.2) {
         return Err(Error::Nodes(o.problem.map(|p| p.1).unwrap_or_default()));
     }
@@ -562,7 +518,6 @@ async fn apply(
 async fn write_status(
     api: &Api<KubeWorkload>,
     cr: &KubeWorkload,
-    _ctx: &Context,
     status: KubeWorkloadStatus,
     previous: &Option<KubeWorkloadStatus>,
 ) -> Result<(), Error> {
@@ -643,11 +598,7 @@ async fn apply_one(
 /// A node past its eviction grace is gone: it is not waited for.
 async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(&cr);
-    let manager = format!(
-        "{}{}",
-        ctx.manager_prefix,
-        cr.metadata.uid.clone().unwrap_or_default()
-    );
+    let manager = manager_of(ctx, &cr);
     let grace = ctx.nodes.timings.eviction_grace;
     let targets: Vec<(String, hyperbox_client::NodeClient, bool)> = ctx.nodes.with(|entries| {
         entries

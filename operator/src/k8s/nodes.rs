@@ -51,7 +51,6 @@ pub struct NodeEntry {
     /// Since when its heartbeats are missing (none while it is ready).
     pub not_ready_since: Option<Instant>,
     pub reachable: bool,
-    pub error: Option<String>,
     poll: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -141,6 +140,17 @@ impl Nodes {
         f(&self.lock())
     }
 
+    /// What each node last reported for workload `key` (whoever manages it), by node.
+    pub fn copies(&self, key: &str) -> BTreeMap<String, WorkloadStatus> {
+        self.lock()
+            .values()
+            .filter_map(|e| {
+                let st = e.workloads.as_ref()?.get(key)?;
+                Some((e.name.clone(), st.clone()))
+            })
+            .collect()
+    }
+
     /// The client of a node, by HyperNode name.
     pub fn client(&self, name: &str) -> Option<NodeClient> {
         self.lock().get(name).map(|e| e.client.clone())
@@ -217,7 +227,6 @@ impl Nodes {
                 workloads: None,
                 not_ready_since: None,
                 reachable: true,
-                error: None,
                 poll: None,
             };
             entry.poll = Some(tokio::spawn(poll(self.clone(), name.clone(), client)));
@@ -273,7 +282,6 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
                         e.summary = summary;
                     }
                     e.reachable = true;
-                    e.error = None;
                 }
                 for key in changed {
                     let (ns, n) = hyperbox_api::split_key(&key);
@@ -295,7 +303,6 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
                         tracing::warn!(node = %name, error = %e, "node api unreachable; retrying");
                     }
                     entry.reachable = false;
-                    entry.error = Some(e.to_string());
                 }
                 after = None;
                 let wait = Duration::from_millis(500u64 << failures.min(4));
