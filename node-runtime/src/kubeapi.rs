@@ -7,7 +7,7 @@
 //! node API client's HTTP/TLS stack.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -110,12 +110,17 @@ fn b64(what: &str, s: &str) -> Result<Vec<u8>> {
         .map_err(|e| anyhow!("{what}: not base64: {e}"))
 }
 
-fn read(path: &Path, base: &Path, what: &str) -> Result<Vec<u8>> {
-    let p = if path.is_absolute() {
+/// A kubeconfig's paths are relative to the kubeconfig's directory.
+fn resolve(path: &Path, base: &Path) -> PathBuf {
+    if path.is_absolute() {
         path.to_path_buf()
     } else {
         base.join(path)
-    };
+    }
+}
+
+fn read(path: &Path, base: &Path, what: &str) -> Result<Vec<u8>> {
+    let p = resolve(path, base);
     std::fs::read(&p).with_context(|| format!("{what}: read {}", p.display()))
 }
 
@@ -199,13 +204,7 @@ impl ApiServer {
         };
         let tls =
             hyperbox_client::tls::client_config_pem(&ca, client, &what).map_err(|e| anyhow!(e))?;
-        let token_file = user.token_file.as_ref().map(|f| {
-            if f.is_absolute() {
-                f.clone()
-            } else {
-                base.join(f)
-            }
-        });
+        let token_file = user.token_file.as_ref().map(|f| resolve(f, base));
         if user.token.is_none() && token_file.is_none() && client.is_none() {
             bail!("{what}: the user has no token, tokenFile or client certificate");
         }
@@ -335,11 +334,7 @@ pub fn default_address(listen: &str, tls: bool, hostname: &str) -> String {
 }
 
 pub(crate) fn rfc3339_now() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    crate::supervisor::format_rfc3339(now)
+    crate::supervisor::format_rfc3339(hyperbox_api::util::now_unix())
 }
 
 /// The object part (labels and spec) of the node's HyperNode.
