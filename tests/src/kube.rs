@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{random_suffix, wait_until, Node, Operator};
+use crate::{random_suffix, wait_for_value, Node, Operator};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -133,13 +133,13 @@ impl KubeCluster {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let mut last = Value::Null;
-        wait_until(timeout, what, || {
-            let v = self.get(kind, name)?;
-            last = v.clone();
-            pred(&v).then_some(v)
-        })
-        .with_context(|| format!("last {kind}/{name}: {last:#}"))
+        wait_for_value(
+            timeout,
+            what,
+            || self.get(kind, name),
+            pred,
+            |last| format!("last {kind}/{name}: {last:#}"),
+        )
     }
 
     /// A token for a ServiceAccount (the TokenRequest API, as a pod would get).
@@ -194,16 +194,21 @@ pub fn condition(obj: &Value, kind: &str) -> Option<(String, String)> {
         })
 }
 
+/// Whether the object's condition `kind` has status `status` (`True`, `False`).
+pub fn condition_is(obj: &Value, kind: &str, status: &str) -> bool {
+    condition(obj, kind).is_some_and(|(s, _)| s == status)
+}
+
 /// `Ready=True` at the object's current generation.
 pub fn ready_now(obj: &Value) -> bool {
-    condition(obj, "Ready").is_some_and(|(s, _)| s == "True")
+    condition_is(obj, "Ready", "True")
         && obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 }
 
-/// A node runtime that registers with the cluster as HyperNode `name` (TCP listener with a
-/// token, heartbeats every second).
+/// A node runtime that registers as HyperNode `name` with the API server of `kubeconfig` (TCP
+/// listener with a token, heartbeats every second).
 pub fn start_node(
-    cluster: &KubeCluster,
+    kubeconfig: &Path,
     name: &str,
     token_file: &Path,
     extra: &[&str],
@@ -216,7 +221,7 @@ pub fn start_node(
         "--token-file",
         &token,
         "--kubeconfig",
-        cluster.kubeconfig.to_str().unwrap(),
+        kubeconfig.to_str().unwrap(),
         "--node-name",
         name,
         "--heartbeat-interval",

@@ -93,6 +93,24 @@ pub fn random_suffix() -> String {
     hex::encode(b)
 }
 
+/// Wait until `get` returns a value that satisfies `pred`; on timeout the error carries
+/// `context` of the last value seen (Null when none).
+pub fn wait_for_value(
+    timeout: Duration,
+    what: &str,
+    mut get: impl FnMut() -> Option<Value>,
+    pred: impl Fn(&Value) -> bool,
+    context: impl FnOnce(&Value) -> String,
+) -> Result<Value> {
+    let mut last = Value::Null;
+    wait_until(timeout, what, || {
+        let v = get()?;
+        last = v.clone();
+        pred(&v).then_some(v)
+    })
+    .with_context(|| context(&last))
+}
+
 pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -765,18 +783,18 @@ impl Node {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let mut last = Value::Null;
-        let r = wait_until(timeout, what, || {
-            let v = self.get(name)?;
-            last = v.clone();
-            pred(&v).then_some(v)
-        });
-        r.with_context(|| {
-            format!(
-                "last status of {name}: {last:#}\ndaemon log:\n{}",
-                tail(&self.daemon_log(), 4000)
-            )
-        })
+        wait_for_value(
+            timeout,
+            what,
+            || self.get(name),
+            pred,
+            |last| {
+                format!(
+                    "last status of {name}: {last:#}\ndaemon log:\n{}",
+                    tail(&self.daemon_log(), 4000)
+                )
+            },
+        )
     }
 
     /// Mount points under this node's state dir.

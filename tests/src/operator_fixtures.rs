@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::{bin, tail, wait_until};
+use crate::{bin, tail, wait_for_value};
 
 /// A TCP server on a free loopback port that accepts every connection, holds it open and
 /// never writes a byte: a hung Git server or node, as seen from the client.
@@ -104,18 +104,18 @@ pub fn wait_operator_status(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
-    let mut last = Value::Null;
-    wait_until(timeout, what, || {
-        let v = operator_status(state)?;
-        last = v.clone();
-        pred(&v).then_some(v)
-    })
-    .with_context(|| {
-        format!(
-            "last operator status: {last:#}\noperator log:\n{}",
-            tail(&fs::read_to_string(log).unwrap_or_default(), 4000)
-        )
-    })
+    wait_for_value(
+        timeout,
+        what,
+        || operator_status(state),
+        pred,
+        |last| {
+            format!(
+                "last operator status: {last:#}\noperator log:\n{}",
+                tail(&fs::read_to_string(log).unwrap_or_default(), 4000)
+            )
+        },
+    )
 }
 
 /// `hyperbox-operator status` (the text form) of a state dir.

@@ -51,7 +51,13 @@ fn the_argo_cd_health_check_maps_each_state_the_operator_writes() {
     let image = push_busybox(&reg).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path()).unwrap();
-    let _n1 = start_node(&c, "n1", &token, &["--insecure-registry", &reg.addr]).unwrap();
+    let _n1 = start_node(
+        &c.kubeconfig,
+        "n1",
+        &token,
+        &["--insecure-registry", &reg.addr],
+    )
+    .unwrap();
     let doc = |name: &str, extra: &str| {
         format!(
             "apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n{extra}"
@@ -80,9 +86,7 @@ fn the_argo_cd_health_check_maps_each_state_the_operator_writes() {
 
     let huge = "  resources: {requests: {memory: 4000Gi}}\n";
     assert!(c.apply(&doc("huge", huge)).status.success());
-    let w = wait("huge", "stalled", &|w| {
-        condition(w, "Stalled").is_some_and(|(s, _)| s == "True")
-    });
+    let w = wait("huge", "stalled", &|w| condition_is(w, "Stalled", "True"));
     let (status, message) = health(&c, &w);
     assert_eq!(status, "Degraded", "{w:#}");
     assert!(message.contains("InsufficientMemory"), "{message}");
@@ -93,8 +97,7 @@ fn the_argo_cd_health_check_maps_each_state_the_operator_writes() {
     let never_ready = "  readinessProbe: {exec: {command: ['false']}, periodSeconds: 1}\n";
     assert!(c.apply(&doc("starting", never_ready)).status.success());
     let w = wait("starting", "running but not ready", &|w| {
-        w["status"]["replicas"] == 1
-            && condition(w, "Reconciling").is_some_and(|(s, _)| s == "True")
+        w["status"]["replicas"] == 1 && condition_is(w, "Reconciling", "True")
     });
     assert_eq!(health(&c, &w).0, "Progressing", "{w:#}");
 

@@ -120,32 +120,26 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     let token = write_token(dir.path()).unwrap();
     let pki = TestPki::new().unwrap();
     let node = |name: &str| {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let n = Node::start(&[
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &pki.path("server.crt"),
-            "--tls-key",
-            &pki.path("server.key"),
-            "--token-file",
-            token.to_str().unwrap(),
-            "--kubeconfig",
-            node_kc.to_str().unwrap(),
-            "--node-name",
+        let n = start_node(
+            &node_kc,
             name,
-            "--heartbeat-interval",
-            "1s",
-            "--insecure-registry",
-            &reg.addr,
-        ])
+            &token,
+            &[
+                "--tls-cert",
+                &pki.path("server.crt"),
+                "--tls-key",
+                &pki.path("server.key"),
+                "--insecure-registry",
+                &reg.addr,
+            ],
+        )
         .unwrap();
         c.wait_for(
             "hypernode",
             name,
             T,
             "registered with the node's own RBAC",
-            |n| condition(n, "Ready").is_some_and(|(s, _)| s == "True"),
+            |n| condition_is(n, "Ready", "True"),
         )
         .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&n.daemon_log(), 3000)));
         n
@@ -198,7 +192,7 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     // Marking a dead node not ready (hypernodes/status), and events.
     n2.kill9();
     c.wait_for("hypernode", "n2", T, "n2 not ready", |n| {
-        condition(n, "Ready").is_some_and(|(s, _)| s == "False")
+        condition_is(n, "Ready", "False")
     })
     .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", tail(&op.log_text(), 6000)));
     ready("moved off n2", &|w| {

@@ -38,10 +38,10 @@ impl Setup {
     fn node(&self, name: &str, extra: &[&str]) -> Node {
         let mut args = vec!["--insecure-registry", self.reg.addr.as_str()];
         args.extend_from_slice(extra);
-        let n = start_node(&self.c, name, &self.token, &args).unwrap();
+        let n = start_node(&self.c.kubeconfig, name, &self.token, &args).unwrap();
         self.c
             .wait_for("hypernode", name, T, "the node registers", |n| {
-                condition(n, "Ready").is_some_and(|(s, _)| s == "True")
+                condition_is(n, "Ready", "True")
             })
             .unwrap();
         n
@@ -219,7 +219,7 @@ fn a_dead_node_goes_not_ready_and_its_replicas_move_after_the_grace() {
     n1.kill9();
     let hn =
         s.c.wait_for("hypernode", "n1", T, "n1 marked not ready", |n| {
-            condition(n, "Ready").is_some_and(|(st, _)| st == "False")
+            condition_is(n, "Ready", "False")
         })
         .with_context_log(&op);
     assert_eq!(
@@ -246,7 +246,7 @@ fn a_dead_node_goes_not_ready_and_its_replicas_move_after_the_grace() {
     // removed, and n2's replicas stay where they are.
     n1.spawn().unwrap();
     s.c.wait_for("hypernode", "n1", T, "n1 ready again", |n| {
-        condition(n, "Ready").is_some_and(|(st, _)| st == "True")
+        condition_is(n, "Ready", "True")
     })
     .with_context_log(&op);
     wait_until(T, "n1's copy removed", || {
