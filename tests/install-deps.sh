@@ -4,14 +4,16 @@
 set -euo pipefail
 
 packages=(
-  # build
-  libseccomp-dev pkg-config libssl-dev zlib1g-dev git
+  # build (clang, libbpf headers and bpftool compile the eBPF programs in ebpf/)
+  libseccomp-dev pkg-config libssl-dev zlib1g-dev git clang libbpf-dev bpftool
   # runtime: EROFS images
   erofs-utils
   # tests: a real registry, image tools, a static userland, htpasswd for registry auth
   docker-registry skopeo umoci busybox-static apache2-utils
   # tests: a real ssh server for git over ssh
   openssh-server openssh-client
+  # tests: a real Prometheus to scrape /metrics
+  prometheus
   # benchmarks: the peer runtime, a timer, load
   runc hyperfine stress-ng time
 )
@@ -35,3 +37,6 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ] && ! command -v go >/dev/null && [ -x /usr/l
   export PATH=$PATH:/usr/local/go/bin
 fi
 "$(dirname "$0")/kube/cluster.sh" build >/dev/null
+# A real OpenTelemetry Collector for the telemetry tests (built from the collector's Go modules,
+# about a minute the first time, cached in /var/cache/hyperbox-otel).
+"$(dirname "$0")/otel/collector.sh" build >/dev/null

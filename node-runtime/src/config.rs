@@ -39,6 +39,9 @@ hyperbox_client::config_file! {
         node_name: String,
         advertise_address: String,
         heartbeat_interval: String,
+        ebpf: String,
+        otlp_endpoint: String,
+        otlp_interval: String,
     }
 }
 

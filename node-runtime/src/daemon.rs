@@ -44,6 +44,12 @@ pub struct ServeOptions {
     pub pressure_gate: Option<crate::admission::PressureGate>,
     /// Pressure protection (`--pressure-protection`), none when off.
     pub protection: Option<crate::protect::ProtectConfig>,
+    /// The node's name in telemetry (`--node-name`; default: the host name).
+    pub node_name: Option<String>,
+    /// Load the eBPF telemetry programs (`--ebpf`).
+    pub ebpf: crate::telemetry::EbpfMode,
+    /// Push metrics over OTLP to this endpoint at this interval (`--otlp-endpoint`).
+    pub otlp: Option<(String, Duration)>,
     /// Register and heartbeat a HyperNode (`--kubeconfig`).
     pub kubernetes: Option<(crate::kubeapi::ApiServer, crate::kubeapi::Registration)>,
 }
@@ -122,6 +128,19 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     )?);
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("create run dir {}", opts.run_dir.display()))?;
+    // Before any container starts or is adopted: the eBPF programs attach to the cgroup
+    // parent and count from then on.
+    let t0 = std::time::Instant::now();
+    let telemetry = crate::telemetry::init(
+        opts.ebpf,
+        &opts.cgroup_parent,
+        opts.node_name.clone().unwrap_or_else(crate::node::hostname),
+    );
+    tracing::debug!(
+        ebpf = telemetry.ebpf.active,
+        ms = t0.elapsed().as_millis() as u64,
+        "telemetry ready"
+    );
     let legacy = state.join("libcontainer");
     let dirs = RuntimeDirs {
         containers: state.join("containers"),
@@ -238,6 +257,24 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     if let Some(addr) = opts.metrics_listen.clone() {
         let sup = sup.clone();
         servers.spawn(async move { crate::server::serve_metrics(sup, &addr).await });
+    }
+    if let Some((endpoint, interval)) = opts.otlp.clone() {
+        let requests = crate::telemetry::otlp::spawn_sender(&endpoint)?;
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let req =
+                    crate::telemetry::otlp::request(&crate::server::telemetry_snapshot(&sup).await);
+                // A collector slower than the interval gets the newest data, not a queue.
+                if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = requests.try_send(req)
+                {
+                    return;
+                }
+            }
+        });
     }
     {
         let sup = sup.clone();

@@ -20,3 +20,4 @@ pub mod runtime;
 pub mod seccomp;
 pub mod server;
 pub mod supervisor;
+pub mod telemetry;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use hyperbox_api::util::{parse_duration, read_secret_file};
 use hyperbox_client::buildinfo::{long_version, Feature};
-use hyperbox_client::cli::{init_tracing, parse_with_config, run_main};
+use hyperbox_client::cli::{init_tracing, init_tracing_with, parse_with_config, run_main};
 use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_node::config::NodeConfig;
@@ -156,6 +156,18 @@ enum Command {
         /// How often the HyperNode's status (heartbeat, capacity, pressure) is written.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         heartbeat_interval: Duration,
+        /// Per-container eBPF telemetry (execs, exits, OOM kills, run-queue latency, network
+        /// and TCP counters): `auto` loads it where the kernel allows and says why not
+        /// otherwise; `off` never loads it. Cgroup and runtime metrics are exported either way.
+        #[arg(long, default_value = "auto", value_name = "auto|off")]
+        ebpf: hyperbox_node::telemetry::EbpfMode,
+        /// Export metrics and the daemon's traces over OTLP/HTTP (protobuf) to this collector
+        /// base URL (`/v1/metrics` and `/v1/traces` are appended), e.g. http://127.0.0.1:4318.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+        otlp_endpoint: Option<String>,
+        /// How often metrics are pushed to --otlp-endpoint.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        otlp_interval: Duration,
     },
     /// Apply Workload documents from a YAML file (- for stdin).
     Apply {
@@ -227,12 +239,20 @@ enum Command {
     Man { dir: PathBuf },
 }
 
-/// What this build has and what this machine offers it: eBPF telemetry is not in this build;
+/// What this build has and what this machine offers it: whether the eBPF programs were
+/// compiled in (whether they load is up to the kernel when `serve` starts: `node -o json`);
 /// EROFS depends on the kernel and mkfs.erofs, so it is looked up now.
 fn features() -> Vec<Feature> {
     let erofs = hyperbox_node::erofs::ErofsSupport::detect();
     vec![
-        Feature::new("ebpf", "not built"),
+        Feature::new(
+            "ebpf",
+            match hyperbox_node::telemetry::ebpf::BUILD {
+                "built" => "built (telemetry programs load when serve starts; see node -o json)"
+                    .to_string(),
+                other => other.to_string(),
+            },
+        ),
         Feature::new(
             "erofs",
             match (&erofs.mkfs, &erofs.reason) {
@@ -318,9 +338,25 @@ async fn run(cli: Cli) -> Result<bool> {
             node_name,
             advertise_address,
             heartbeat_interval,
+            ebpf,
+            otlp_endpoint,
+            otlp_interval,
         } => {
-            init_tracing(&cli.log_format, "info,libcontainer=warn,libcgroups=error");
-            serve(ServeOptions {
+            let filter = "info,libcontainer=warn,libcgroups=error";
+            let node = node_name
+                .clone()
+                .unwrap_or_else(hyperbox_node::node::hostname);
+            let mut tracer = None;
+            match otlp_endpoint {
+                Some(endpoint) => {
+                    let (layer, provider) =
+                        hyperbox_node::telemetry::otlp::trace_layer(endpoint, &node)?;
+                    init_tracing_with(&cli.log_format, filter, Some(layer));
+                    tracer = Some(provider);
+                }
+                None => init_tracing(&cli.log_format, filter),
+            }
+            let served = serve(ServeOptions {
                 state_dir: state_dir.clone(),
                 run_dir: run_dir.clone(),
                 socket: cli.socket.clone(),
@@ -355,6 +391,9 @@ async fn run(cli: Cli) -> Result<bool> {
                 reserve: *reserve,
                 pressure_gate: pressure_admission.0,
                 protection: pressure_protection.0,
+                node_name: node_name.clone(),
+                ebpf: *ebpf,
+                otlp: otlp_endpoint.clone().map(|e| (e, *otlp_interval)),
                 kubernetes: match kubeconfig {
                     Some(k) => {
                         let name = node_name
@@ -382,7 +421,12 @@ async fn run(cli: Cli) -> Result<bool> {
                     None => None,
                 },
             })
-            .await?;
+            .await;
+            if let Some(p) = tracer {
+                // Send the spans still batched.
+                let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+            }
+            served?;
             Ok(true)
         }
         Command::Apply {

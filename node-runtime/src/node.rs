@@ -93,7 +93,14 @@ pub fn summary(
         features: Features {
             erofs: erofs.is_some_and(|e| e.enabled()),
             erofs_reason: erofs.and_then(|e| e.reason.clone()),
-            ebpf: false,
+            ebpf: crate::telemetry::get().is_some_and(|t| t.ebpf.active),
+            ebpf_reason: match crate::telemetry::get() {
+                Some(t) => t.ebpf.reason.clone(),
+                None => Some("telemetry not started".into()),
+            },
+            ebpf_programs: crate::telemetry::get()
+                .map(|t| t.ebpf.programs.clone())
+                .unwrap_or_default(),
             cgroup: cgroup_mode(),
             psi: pressure.is_some(),
             image_store: if layered { "layers" } else { "flattened" }.into(),

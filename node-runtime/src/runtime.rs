@@ -211,7 +211,27 @@ impl LibcontainerRuntime {
 
 impl Runtime for LibcontainerRuntime {
     fn start(&self, req: &StartRequest<'_>) -> Result<Started> {
-        let pid = container::create_and_start(&self.dirs, &self.policy, req)?;
+        let t0 = std::time::Instant::now();
+        let _span = tracing::info_span!("container.start", container = req.id, workload = %req.workload.metadata.name, replica = req.replica).entered();
+        let started = container::create_and_start(&self.dirs, &self.policy, req);
+        let counters = &crate::telemetry::COUNTERS;
+        counters.starts.record(started.is_ok());
+        let pid = started?;
+        counters.start_seconds.observe(t0.elapsed());
+        if let Some(t) = crate::telemetry::get() {
+            let dir = container::v2_cgroup_dir(&self.dirs, req.id);
+            if let Some(cgid) = dir.as_deref().and_then(crate::psi::cgroup_id) {
+                t.container_started(
+                    req.id,
+                    crate::telemetry::ReplicaKey {
+                        namespace: req.workload.metadata.namespace().to_string(),
+                        workload: req.workload.metadata.name.clone(),
+                        replica: req.replica,
+                    },
+                    cgid,
+                );
+            }
+        }
         // The init is our child and not yet reaped, so the pid is still it.
         let proc = match ProcHandle::open(pid, true) {
             Ok(p) => p,
@@ -289,6 +309,13 @@ impl Runtime for LibcontainerRuntime {
     }
 
     fn destroy(&self, id: &str) -> Result<()> {
+        if let Some(t) = crate::telemetry::get() {
+            // Once its processes are gone and before its cgroup is: its last readings.
+            container::kill_cgroup(&self.dirs, id);
+            let cpu = container::v2_cgroup_dir(&self.dirs, id)
+                .and_then(|d| crate::telemetry::cpu_usec(&d));
+            t.container_removed(id, cpu);
+        }
         container::destroy(&self.dirs, id)
     }
 

@@ -815,196 +815,465 @@ async fn refuse_plain_http(mut tcp: tokio::net::TcpStream) {
     let _ = tcp.shutdown().await;
 }
 
-/// Prometheus label value escaping (backslash, quote, newline).
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// PSI readings (each with its labels, ending in a comma) as two families: `{prefix}_avg10`
-/// gauges and `{prefix}_stalled_seconds_total` counters, by resource and kind.
-fn write_pressure(
-    out: &mut String,
-    prefix: &str,
-    what: &str,
-    readings: &[(String, &hyperbox_api::Pressure)],
-) {
-    use std::fmt::Write;
-    let lines = |pick: &dyn Fn(&hyperbox_api::PsiAverages) -> f64, metric: &str| {
-        let mut text = String::new();
-        for (labels, p) in readings {
-            for (res, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
-                for (kind, a) in [("some", &r.some), ("full", &r.full)] {
-                    let _ = writeln!(
-                        text,
-                        "{prefix}_{metric}{{{labels}resource=\"{res}\",kind=\"{kind}\"}} {}",
-                        pick(a)
-                    );
-                }
-            }
-        }
-        text
+/// Everything the node exports, gathered once: node and container PSI, pressure protection,
+/// workload states, per-container cgroup readings and eBPF counters, and the runtime's own
+/// counters. Both `/metrics` and the OTLP export encode this.
+pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot {
+    use crate::telemetry::{
+        Attrs, Current, Kind, Point, ReplicaKey, Resource, Snapshot, Value, COUNTERS,
     };
-    help(
-        out,
-        &format!("{prefix}_avg10"),
-        "gauge",
-        &format!("{what}: PSI share of time stalled over 10s (percent)."),
-    );
-    out.push_str(&lines(&|a| f64::from(a.avg10), "avg10"));
-    help(
-        out,
-        &format!("{prefix}_stalled_seconds_total"),
-        "counter",
-        &format!("{what}: PSI total stall time (seconds)."),
-    );
-    out.push_str(&lines(&|a| a.total as f64 / 1e6, "stalled_seconds_total"));
-}
-
-/// `namespace="..",workload=".."` and, for a replica, `,replica="N"` (no trailing comma).
-fn workload_labels(w: &hyperbox_api::WorkloadStatus, replica: Option<u32>) -> String {
-    let mut l = format!(
-        "namespace=\"{}\",workload=\"{}\"",
-        label(&w.namespace),
-        label(&w.name)
-    );
-    if let Some(r) = replica {
-        l.push_str(&format!(",replica=\"{r}\""));
-    }
-    l
-}
-
-fn help(out: &mut String, name: &str, kind: &str, text: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {text}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Prometheus text exposition of node and container pressure, pressure protection and
-/// workload states.
-pub async fn metrics_text(sup: &Supervisor) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
+    use std::collections::{BTreeMap, HashMap};
     let list = sup.list().await;
     let summary = node_summary(sup).await;
-    let node: Vec<(String, &hyperbox_api::Pressure)> = [
+    let telemetry = crate::telemetry::get();
+    let since = telemetry
+        .map(|t| t.since)
+        .unwrap_or_else(std::time::SystemTime::now);
+    let node_name = telemetry
+        .map(|t| t.node_name.clone())
+        .unwrap_or_else(|| summary.name.clone());
+    let mut snap = Snapshot {
+        resources: vec![Resource {
+            otel: vec![
+                ("service.name", "hyperbox-node".into()),
+                ("service.version", env!("CARGO_PKG_VERSION").into()),
+                ("host.name", node_name.clone()),
+                ("hyperbox.node.id", summary.id.clone()),
+            ],
+            labels: vec![],
+            since,
+        }],
+        families: vec![],
+        at: std::time::SystemTime::now(),
+    };
+    // One resource per replica with a container (or with counters from earlier ones).
+    let mut current: BTreeMap<ReplicaKey, Option<Current>> = BTreeMap::new();
+    let mut replicas = Vec::new();
+    let dirs: Vec<(
+        String,
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+    )> = list
+        .iter()
+        .flat_map(|w| w.replicas.iter().filter_map(|r| r.container_id.clone()))
+        .map(|id| {
+            let v2 = sup.container_v2_cgroup(&id);
+            let mem = sup.container_memory_cgroup(&id);
+            (id, v2, mem)
+        })
+        .collect();
+    let readings: HashMap<String, (Option<u64>, Option<u64>)> =
+        tokio::task::spawn_blocking(move || {
+            dirs.into_iter()
+                .map(|(id, v2, mem)| {
+                    let cpu = v2.as_deref().and_then(crate::telemetry::cpu_usec);
+                    let memory = mem.as_deref().and_then(crate::telemetry::memory_bytes);
+                    (id, (cpu, memory))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+    for w in &list {
+        for r in &w.replicas {
+            let key = ReplicaKey {
+                namespace: w.namespace.clone(),
+                workload: w.name.clone(),
+                replica: r.index,
+            };
+            // The cgroup id comes with the PSI sample; until then, from the directory.
+            let cur = r.container_id.as_ref().and_then(|id| {
+                let cg = r.cgroup_id.or_else(|| {
+                    sup.container_v2_cgroup(id)
+                        .as_deref()
+                        .and_then(crate::psi::cgroup_id)
+                })?;
+                Some(Current {
+                    id: id.clone(),
+                    cgroup_id: cg,
+                    cpu_usec: readings.get(id).and_then(|x| x.0),
+                })
+            });
+            // An outdated replica of a rolling update shares the index: the current one wins.
+            if r.outdated && current.contains_key(&key) {
+                continue;
+            }
+            current.insert(key.clone(), cur);
+            let mut otel = vec![
+                ("host.name", node_name.clone()),
+                ("k8s.namespace.name", w.namespace.clone()),
+                ("hyperbox.workload.name", w.name.clone()),
+                ("hyperbox.replica.index", r.index.to_string()),
+                ("container.name", format!("{}-{}", w.name, r.index)),
+                ("container.runtime", "hyperbox".into()),
+                ("container.image.name", w.image.clone()),
+            ];
+            if let Some(id) = &r.container_id {
+                otel.push(("container.id", id.clone()));
+            }
+            if let Some(d) = &w.image_digest {
+                otel.push(("oci.manifest.digest", d.clone()));
+            }
+            if let Some(rev) = &w.revision {
+                otel.push(("vcs.ref.head.revision", rev.clone()));
+            }
+            snap.resources.push(Resource {
+                otel,
+                labels: vec![
+                    ("namespace", w.namespace.clone()),
+                    ("workload", w.name.clone()),
+                    ("replica", r.index.to_string()),
+                ],
+                since,
+            });
+            replicas.push((snap.resources.len() - 1, key, w, r));
+        }
+    }
+    let totals = match telemetry {
+        Some(t) => t.replica_totals(&current),
+        None => BTreeMap::new(),
+    };
+
+    let pressure_points =
+        |snap: &mut Snapshot,
+         prefix: (&'static str, &'static str),
+         help: (&'static str, &'static str),
+         readings: Vec<(usize, Attrs, hyperbox_api::Pressure)>| {
+            for (res, attrs, p) in readings {
+                for (rname, r) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
+                    for (kind, a) in [("some", &r.some), ("full", &r.full)] {
+                        let mut at = attrs.clone();
+                        at.push(("resource", rname.to_string()));
+                        at.push(("kind", kind.to_string()));
+                        snap.family(prefix.0, help.0, "%", Kind::Gauge)
+                            .points
+                            .push(Point {
+                                resource: res,
+                                attrs: at.clone(),
+                                value: Value::Float(f64::from(a.avg10)),
+                            });
+                        snap.family(prefix.1, help.1, "s", Kind::Counter)
+                            .points
+                            .push(Point {
+                                resource: res,
+                                attrs: at,
+                                value: Value::Float(a.total as f64 / 1e6),
+                            });
+                    }
+                }
+            }
+        };
+    let node_readings: Vec<_> = [
         ("host", &summary.pressure),
         ("workloads", &summary.workloads_pressure),
     ]
     .into_iter()
-    .filter_map(|(scope, p)| Some((format!("scope=\"{scope}\","), p.as_ref()?)))
+    .filter_map(|(scope, p)| Some((0, vec![("scope", scope.to_string())], p.clone()?)))
     .collect();
-    write_pressure(
-        &mut out,
-        "hyperbox_node_pressure",
-        "The host (scope=\"host\") and the node's workloads together (scope=\"workloads\")",
-        &node,
+    pressure_points(
+        &mut snap,
+        ("hyperbox.node.pressure.avg10", "hyperbox.node.pressure.stalled"),
+        (
+            "The host (scope=host) and the node's workloads together (scope=workloads): PSI share of time stalled over 10s (percent).",
+            "The host (scope=host) and the node's workloads together (scope=workloads): PSI total stall time.",
+        ),
+        node_readings,
     );
-    let containers: Vec<(String, &hyperbox_api::Pressure)> = list
+    let container_readings: Vec<_> = replicas
         .iter()
-        .flat_map(|w| {
-            w.replicas.iter().filter_map(|r| {
-                Some((
-                    format!("{},", workload_labels(w, Some(r.index))),
-                    r.pressure.as_ref()?,
-                ))
-            })
-        })
+        .filter_map(|(res, _, _, r)| Some((*res, vec![], r.pressure.clone()?)))
         .collect();
-    write_pressure(
-        &mut out,
-        "hyperbox_container_pressure",
-        "A container",
-        &containers,
+    pressure_points(
+        &mut snap,
+        (
+            "hyperbox.container.pressure.avg10",
+            "hyperbox.container.pressure.stalled",
+        ),
+        (
+            "A container: PSI share of time stalled over 10s (percent).",
+            "A container: PSI total stall time.",
+        ),
+        container_readings,
     );
-    help(
-        &mut out,
-        "hyperbox_container_throttled",
-        "gauge",
-        "Whether pressure protection holds the replica back.",
-    );
-    for w in &list {
-        for r in w.replicas.iter().filter(|r| r.throttled) {
-            let _ = writeln!(
-                out,
-                "hyperbox_container_throttled{{{}}} 1",
-                workload_labels(w, Some(r.index))
+
+    for (res, key, w, r) in &replicas {
+        let int = |v: u64| Value::Int(v);
+        snap.family(
+            "hyperbox.container.info",
+            "The replica's current container, image and source revision (value 1).",
+            "",
+            Kind::Gauge,
+        )
+        .push(
+            *res,
+            vec![
+                ("container.id", r.container_id.clone().unwrap_or_default()),
+                ("image", w.image.clone()),
+                ("image.digest", w.image_digest.clone().unwrap_or_default()),
+                ("revision", w.revision.clone().unwrap_or_default()),
+            ],
+            int(1),
+        );
+        snap.family(
+            "hyperbox.container.restarts",
+            "Restarts of the replica's container.",
+            "{restart}",
+            Kind::Counter,
+        )
+        .push(*res, vec![], int(u64::from(r.restarts)));
+        if r.throttled {
+            snap.family(
+                "hyperbox.container.throttled",
+                "Whether pressure protection holds the replica back.",
+                "",
+                Kind::Gauge,
+            )
+            .push(*res, vec![], int(1));
+        }
+        if let Some(id) = &r.container_id {
+            if let Some(m) = readings.get(id).and_then(|x| x.1) {
+                snap.family(
+                    "container.memory.usage",
+                    "Memory used by the container's cgroup.",
+                    "By",
+                    Kind::Gauge,
+                )
+                .push(*res, vec![], int(m));
+            }
+        }
+        let Some(t) = totals.get(key) else { continue };
+        snap.family(
+            "container.cpu.time",
+            "CPU time the replica's containers used.",
+            "s",
+            Kind::Counter,
+        )
+        .push(*res, vec![], Value::Float(t.cpu_usec as f64 / 1e6));
+        if !telemetry.is_some_and(|t| t.ebpf.active) {
+            continue;
+        }
+        let e = &t.ebpf;
+        for (dir, bytes, packets) in [
+            ("transmit", e.tx_bytes, e.tx_packets),
+            ("receive", e.rx_bytes, e.rx_packets),
+        ] {
+            snap.family(
+                "container.network.io",
+                "Bytes the replica's containers sent and received (IP packets, eBPF cgroup_skb).",
+                "By",
+                Kind::Counter,
+            )
+            .push(*res, vec![("network.io.direction", dir.into())], int(bytes));
+            snap.family(
+                "hyperbox.container.network.packets",
+                "IP packets the replica's containers sent and received.",
+                "{packet}",
+                Kind::Counter,
+            )
+            .push(
+                *res,
+                vec![("network.io.direction", dir.into())],
+                int(packets),
             );
         }
-    }
-    if let Some(p) = &summary.protection {
-        help(
-            &mut out,
-            "hyperbox_protection_level",
-            "gauge",
-            "Pressure protection's signal: the workloads' memory full stall over its sustain window (percent).",
-        );
-        let _ = writeln!(out, "hyperbox_protection_level {}", p.level.unwrap_or(0.0));
-        for (name, v, text) in [
+        for (name, help, unit, v) in [
             (
-                "throttles",
+                "hyperbox.container.process.execs",
+                "Successful execve calls in the replica's containers.",
+                "{exec}",
+                e.execs,
+            ),
+            (
+                "hyperbox.container.process.exits",
+                "Processes (not threads) that exited in the replica's containers.",
+                "{process}",
+                e.exits,
+            ),
+            (
+                "hyperbox.container.oom_kills",
+                "Processes of the replica's containers chosen by the OOM killer.",
+                "{kill}",
+                e.oom_kills,
+            ),
+            (
+                "hyperbox.container.tcp.connects",
+                "TCP connections the replica's containers opened (SYN sent).",
+                "{connection}",
+                e.tcp_connects,
+            ),
+            (
+                "hyperbox.container.tcp.accepts",
+                "TCP connections the replica's containers' listeners established.",
+                "{connection}",
+                e.tcp_accepts,
+            ),
+            (
+                "hyperbox.container.tcp.retransmits",
+                "TCP segments the replica's containers retransmitted.",
+                "{segment}",
+                e.tcp_retransmits,
+            ),
+        ] {
+            snap.family(name, help, unit, Kind::Counter)
+                .push(*res, vec![], int(v));
+        }
+        let buckets: Vec<(f64, u64)> = e
+            .rq_slots
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (crate::telemetry::CgStats::rq_bound_seconds(i), *c))
+            .collect();
+        snap.family(
+            "hyperbox.container.runqueue.latency",
+            "Time the replica's tasks waited in a run queue (wakeup or preemption to running).",
+            "s",
+            Kind::Histogram,
+        )
+        .push(
+            *res,
+            vec![],
+            Value::Histogram(crate::telemetry::HistogramValue {
+                buckets,
+                sum: e.rq_sum_ns as f64 / 1e9,
+                count: e.rq_count,
+            }),
+        );
+    }
+
+    if let Some(p) = &summary.protection {
+        snap.family("hyperbox.protection.level", "Pressure protection's signal: the workloads' memory full stall over its sustain window (percent).", "", Kind::Gauge)
+            .push(0, vec![], Value::Float(f64::from(p.level.unwrap_or(0.0))));
+        for (name, v, help) in [
+            (
+                "hyperbox.protection.throttles",
                 p.throttles_total,
                 "Replicas throttled by pressure protection.",
             ),
             (
-                "evictions",
+                "hyperbox.protection.evictions",
                 p.evictions_total,
                 "Replicas evicted by pressure protection (EvictedForPressure).",
             ),
             (
-                "restores",
+                "hyperbox.protection.restores",
                 p.restores_total,
                 "Evicted replicas started again once the node was calm.",
             ),
         ] {
-            let metric = format!("hyperbox_protection_{name}_total");
-            help(&mut out, &metric, "counter", text);
-            let _ = writeln!(out, "{metric} {v}");
+            snap.family(name, help, "", Kind::Counter)
+                .push(0, vec![], Value::Int(v));
         }
     }
     if let Some(g) = &summary.pressure_admission {
-        help(
-            &mut out,
-            "hyperbox_pressure_admission_info",
-            "gauge",
+        snap.family(
+            "hyperbox.pressure_admission.info",
             "The signal and threshold above which new replicas are refused (NodePressure).",
-        );
-        let _ = writeln!(
-            out,
-            "hyperbox_pressure_admission_info{{gate=\"{}\"}} 1",
-            label(g)
-        );
+            "",
+            Kind::Gauge,
+        )
+        .push(0, vec![("gate", g.clone())], Value::Int(1));
     }
-    help(
-        &mut out,
-        "hyperbox_workload_ready",
-        "gauge",
-        "Whether all replicas of the workload are ready.",
-    );
     for w in &list {
-        let _ = writeln!(
-            out,
-            "hyperbox_workload_ready{{{}}} {}",
-            workload_labels(w, None),
-            u8::from(w.ready)
-        );
+        let labels = vec![
+            ("namespace", w.namespace.clone()),
+            ("workload", w.name.clone()),
+        ];
+        snap.family(
+            "hyperbox.workload.ready",
+            "Whether all replicas of the workload are ready.",
+            "",
+            Kind::Gauge,
+        )
+        .push(0, labels.clone(), Value::Int(u64::from(w.ready)));
+        snap.family(
+            "hyperbox.workload.restarts",
+            "Container restarts of the workload.",
+            "",
+            Kind::Counter,
+        )
+        .push(0, labels, Value::Int(u64::from(w.restarts)));
     }
-    help(
-        &mut out,
-        "hyperbox_workload_restarts_total",
-        "counter",
-        "Container restarts of the workload.",
-    );
-    for w in &list {
-        let _ = writeln!(
-            out,
-            "hyperbox_workload_restarts_total{{{}}} {}",
-            workload_labels(w, None),
-            w.restarts
-        );
+    // The runtime's own counters.
+    let c = &COUNTERS;
+    for (name, help, o) in [
+        (
+            "hyperbox.image.pulls",
+            "Image pulls from a registry, by result.",
+            &c.pulls,
+        ),
+        (
+            "hyperbox.image.prepares",
+            "Image preparations (pull if needed, unpack into the store), by result.",
+            &c.prepares,
+        ),
+        (
+            "hyperbox.container.starts",
+            "Container creations, by result.",
+            &c.starts,
+        ),
+        (
+            "hyperbox.probe.runs",
+            "Readiness probe runs, by result.",
+            &c.probes,
+        ),
+    ] {
+        let f = snap.family(name, help, "", Kind::Counter);
+        for (result, v) in [("success", &o.ok), ("failure", &o.failed)] {
+            f.push(
+                0,
+                vec![("result", result.into())],
+                Value::Int(v.load(std::sync::atomic::Ordering::Relaxed)),
+            );
+        }
     }
-    out
+    for (name, help, h) in [
+        (
+            "hyperbox.image.prepare.duration",
+            "How long image preparations took (pull included).",
+            &c.prepare_seconds,
+        ),
+        (
+            "hyperbox.container.start.duration",
+            "How long container creation and start took.",
+            &c.start_seconds,
+        ),
+        (
+            "hyperbox.reconcile.duration",
+            "From a workload's spec being applied to all its replicas running it.",
+            &c.reconcile_seconds,
+        ),
+    ] {
+        snap.family(name, help, "s", Kind::Histogram)
+            .push(0, vec![], Value::Histogram(h.read()));
+    }
+    if let Some(t) = telemetry {
+        let f = snap.family(
+            "hyperbox.ebpf.program.attached",
+            "Whether each eBPF telemetry program is attached.",
+            "",
+            Kind::Gauge,
+        );
+        for (p, state) in &t.ebpf.programs {
+            f.push(
+                0,
+                vec![("program", p.clone())],
+                Value::Int(u64::from(state == "attached")),
+            );
+        }
+        snap.family(
+            "hyperbox.ebpf.map.entries",
+            "Containers in the eBPF counters map.",
+            "",
+            Kind::Gauge,
+        )
+        .push(0, vec![], Value::Int(t.map_entries() as u64));
+    }
+    snap
+}
+
+/// OpenMetrics text of [`telemetry_snapshot`].
+pub async fn metrics_text(sup: &Supervisor) -> String {
+    crate::telemetry::prom::encode(telemetry_snapshot(sup).await)
 }
 
 pub async fn serve_metrics(sup: Arc<Supervisor>, addr: &str) -> Result<()> {
@@ -1017,7 +1286,7 @@ pub async fn serve_metrics(sup: Arc<Supervisor>, addr: &str) -> Result<()> {
             "/metrics",
             get(|State(sup): State<AppState>| async move {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(header::CONTENT_TYPE, crate::telemetry::prom::CONTENT_TYPE)],
                     metrics_text(&sup).await,
                 )
             }),

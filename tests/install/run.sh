@@ -92,10 +92,15 @@ for b in hyperbox-node hyperbox-operator; do
   [[ "$(sed -n 1p <<<"$long")" == "$b $version" ]] || fail "$b --version: first line: $long"
   [[ "$(sed -n 2p <<<"$long")" == "commit: $commit" ]] || fail "$b --version: commit (want $commit): $long"
   grep -qx "features:" <<<"$long" || fail "$b --version: no features: $long"
-  grep -qx "  ebpf: not built" <<<"$long" || fail "$b --version: ebpf: $long"
+  grep -q "^  ebpf: " <<<"$long" || fail "$b --version: ebpf: $long"
   grep -q "^  erofs: " <<<"$long" || fail "$b --version: erofs: $long"
   [[ "$("$bin_dir/$b" -V)" == "$b $version (commit $commit)" ]] || fail "$b -V: $("$bin_dir/$b" -V)"
 done
+# The installed node was built with its eBPF programs (install-deps.sh installs clang, bpftool).
+"$bin_dir/hyperbox-node" --version | grep -q '^  ebpf: built' ||
+  fail "hyperbox-node --version: ebpf not built: $("$bin_dir/hyperbox-node" --version)"
+"$bin_dir/hyperbox-operator" --version | grep -qx '  ebpf: not built' ||
+  fail "hyperbox-operator --version: ebpf"
 "$bin_dir/hyperbox-node" --version | grep -Eq '^  erofs: (available|unavailable) \(detected at run time' ||
   fail "hyperbox-node --version: erofs is not detected at run time"
 echo "ok: both binaries report version $version, commit $commit and features" >&2

@@ -578,7 +578,7 @@ fn tcp_api_requires_the_token() {
         "{m}"
     );
     assert!(
-        m.contains("# TYPE hyperbox_protection_evictions_total counter"),
+        m.contains("# TYPE hyperbox_protection_evictions counter"),
         "{m}"
     );
     // The unix socket is private.

@@ -234,7 +234,14 @@ pub struct Features {
     pub erofs: bool,
     /// Why EROFS is off, when it is.
     pub erofs_reason: Option<String>,
+    /// eBPF telemetry runs (at least one program attached).
     pub ebpf: bool,
+    /// Why eBPF telemetry is off, or which programs failed, when not all are attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ebpf_reason: Option<String>,
+    /// Per eBPF program: `attached`, `disabled`, or why it is not running.
+    #[serde(default)]
+    pub ebpf_programs: std::collections::BTreeMap<String, String>,
     /// `v1`, `v2` or `hybrid`.
     pub cgroup: String,
     pub psi: bool,

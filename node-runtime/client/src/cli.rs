@@ -3,19 +3,40 @@
 use crate::buildinfo::{long_version, long_version_requested, short_version, Feature};
 use crate::config::{self, ConfigFile};
 
+/// A layer added beside the log output (the node's OpenTelemetry span export).
+pub type ExtraLayer =
+    Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static>;
+
 /// Logs to stderr through `tracing`: text (colored on a terminal) or JSON. `RUST_LOG`
 /// overrides `default_filter`.
 pub fn init_tracing(format: &str, default_filter: &str) {
+    init_tracing_with(format, default_filter, None)
+}
+
+/// [`init_tracing`] plus an extra layer that sees the same (filtered) spans and events.
+pub fn init_tracing_with(format: &str, default_filter: &str, extra: Option<ExtraLayer>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let registry = tracing_subscriber::registry().with(extra).with(filter);
     if format == "json" {
-        builder.json().init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     }
 }
 

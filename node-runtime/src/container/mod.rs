@@ -44,6 +44,8 @@ pub use spec::{oci_spec, read_in_root, resolve_process, ProcessSpec};
 pub struct StartRequest<'a> {
     pub id: &'a str,
     pub workload: &'a Workload,
+    /// Which replica of the workload (what telemetry attributes the container to).
+    pub replica: u32,
     pub image: &'a PreparedImage,
     pub log_file: &'a Path,
 }

@@ -322,11 +322,15 @@ impl ImageStore {
     /// The work runs in its own task: a caller that goes away (its workload was deleted) does
     /// not cancel a pull half-way, which would leave its staging area behind.
     pub async fn ensure(self: &Arc<Self>, reference: &str) -> Result<PreparedImage, ImageError> {
+        use tracing::Instrument;
         let store = self.clone();
+        let span = tracing::info_span!("image.prepare", image = %reference);
         let reference = reference.to_string();
-        tokio::spawn(async move { store.ensure_now(&reference).await })
+        let r = tokio::spawn(async move { store.ensure_now(&reference).await }.instrument(span))
             .await
-            .map_err(|e| ImageError::Prepare(format!("image preparation task: {e}")))?
+            .map_err(|e| ImageError::Prepare(format!("image preparation task: {e}")))?;
+        crate::telemetry::COUNTERS.prepares.record(r.is_ok());
+        r
     }
 
     async fn ensure_now(&self, reference: &str) -> Result<PreparedImage, ImageError> {
@@ -351,7 +355,16 @@ impl ImageStore {
             .lock()
             .unwrap()
             .insert(reference.to_string(), progress.clone());
-        let result = self.pull_and_prepare(reference, &parsed, &progress).await;
+        let t0 = Instant::now();
+        let result = {
+            use tracing::Instrument;
+            self.pull_and_prepare(reference, &parsed, &progress)
+                .instrument(tracing::info_span!("image.pull", image = %reference))
+                .await
+        };
+        let counters = &crate::telemetry::COUNTERS;
+        counters.pulls.record(result.is_ok());
+        counters.prepare_seconds.observe(t0.elapsed());
         self.progress.lock().unwrap().remove(reference);
         result
     }

@@ -126,6 +126,9 @@ pub(crate) struct Actor {
     apply_replies: Vec<(oneshot::Sender<ApplyAction>, ApplyAction)>,
     delete_replies: Vec<oneshot::Sender<()>>,
     dirty: bool,
+    /// A spec change being rolled out: when it was applied, and its `workload.reconcile` span
+    /// (closed once every replica runs it).
+    reconciling: Option<(std::time::Instant, tracing::Span)>,
 }
 
 impl Actor {
@@ -167,6 +170,7 @@ impl Actor {
             apply_replies: Vec::new(),
             delete_replies: Vec::new(),
             dirty: false,
+            reconciling: None,
         };
         tokio::spawn(actor.run(begin));
         handle
@@ -183,6 +187,7 @@ impl Actor {
             Begin::New(reply) => {
                 self.dirty = true;
                 self.apply_replies.push((reply, ApplyAction::Created));
+                self.begin_reconcile();
                 self.start_idle();
             }
             Begin::Recovered => self.recover().await,
@@ -421,6 +426,7 @@ impl Actor {
         self.rec.spec_hash = hash;
         self.rec.generation += 1;
         self.rec.progress_ms = Some(now_unix_ms());
+        self.begin_reconcile();
         self.policy = super::policy_for(&self.shared.cfg, &self.rec.workload);
         self.prepared = None;
         let want = self.rec.workload.desired_replicas();
@@ -896,6 +902,7 @@ impl Actor {
                 .start(&StartRequest {
                     id: &container_id,
                     workload: &workload,
+                    replica: index,
                     image: &image,
                     log_file: &log_file,
                 })
@@ -937,6 +944,7 @@ impl Actor {
                     timeout,
                 )
                 .await;
+                crate::telemetry::COUNTERS.probes.record(ok);
                 if tx
                     .send(Msg::Replica {
                         slot,
@@ -1081,7 +1089,28 @@ impl Actor {
         self.shared.records_dir.join(record::file_name(&self.name))
     }
 
+    /// A spec to roll out: time it (and trace it) until every replica runs it.
+    fn begin_reconcile(&mut self) {
+        self.reconciling = Some((
+            std::time::Instant::now(),
+            tracing::info_span!("workload.reconcile", workload = %self.name, generation = self.rec.generation),
+        ));
+    }
+
     fn publish(&mut self) {
+        if self.reconciling.is_some()
+            && self.rec.outgoing.is_empty()
+            && self.rec.replicas.iter().all(|r| {
+                matches!(r.stage, Stage::Running { .. })
+                    && (r.ready || self.rec.workload.spec.readiness_probe.is_none())
+            })
+        {
+            if let Some((t0, _span)) = self.reconciling.take() {
+                crate::telemetry::COUNTERS
+                    .reconcile_seconds
+                    .observe(t0.elapsed());
+            }
+        }
         *self.snapshot.lock().unwrap() = Arc::new(self.rec.clone());
         self.shared.bump();
     }

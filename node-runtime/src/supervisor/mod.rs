@@ -1018,6 +1018,18 @@ impl Supervisor {
         }
     }
 
+    /// A container's cgroup v2 directory (its CPU time and PSI).
+    pub fn container_v2_cgroup(&self, id: &str) -> Option<PathBuf> {
+        self.shared.runtime.v2_cgroup(id)
+    }
+
+    /// The cgroup a container's memory use is read from (v2 with the memory controller, else
+    /// v1 memory).
+    pub fn container_memory_cgroup(&self, id: &str) -> Option<PathBuf> {
+        let c = self.shared.runtime.controls(id);
+        c.v2.or(c.v1_memory)
+    }
+
     /// The current change counter.
     pub fn version(&self) -> u64 {
         *self.shared.changes.borrow()
