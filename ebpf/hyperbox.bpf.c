@@ -5,8 +5,8 @@
 // Every event is attributed to a container by its cgroup v2 id: the id of the cgroup one level
 // below the runtime's cgroup parent (`parent_cgid` at `parent_level`, set by the loader). Tasks
 // and sockets elsewhere on the host are skipped after a couple of loads, so the programs cost
-// little outside containers. Counters live in one bounded hash map keyed by that id; the node
-// runtime reads them, and deletes a container's entry once the container is gone.
+// little outside containers. Counters live in one bounded per-CPU hash map keyed by that id;
+// the node runtime reads them, and deletes a container's entry once the container is gone.
 //
 // Built by node-runtime/build.rs with clang against a vmlinux.h dumped from the running
 // kernel's BTF (CO-RE: field offsets are relocated at load time). Loaded with aya. Only
@@ -23,7 +23,6 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 // under 1 us); the last slot takes everything longer.
 #define RQ_SLOTS 24
 #define MAX_CONTAINERS 16384
-#define MAX_RUNNABLE 16384
 
 // Must match `CgStats` in node-runtime/src/telemetry/ebpf.rs.
 struct cg_stats {
@@ -46,34 +45,48 @@ struct cg_stats {
 const volatile __u64 parent_cgid = 0;
 const volatile __u32 parent_level = 0;
 
+// Per CPU: a container's packets go in on one CPU and out on another at the same time, and
+// one shared entry would bounce between their caches on every packet. The runtime sums the
+// CPUs' copies when it reads.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, MAX_CONTAINERS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct cg_stats);
 } stats SEC(".maps");
 
-// When a container's task became runnable (woken, or preempted while running), by pid. LRU: a
-// task that exits while runnable ages out instead of filling the map.
+// When a container's task became runnable (woken, or preempted while running): task-local
+// storage, freed with the task, so it cannot grow with exited tasks and costs no hashing.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_RUNNABLE);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, __u64);
 } runnable SEC(".maps");
 
 static const struct cg_stats zero_stats;
 
 // The container (cgroup v2 id one level below the parent) a cgroup belongs to, or 0.
+//
+// Hot: it runs on every context switch and wakeup of the host. The pointers come from
+// BTF-typed tracepoint arguments, so the walk is plain loads (the verifier guards them), no
+// helper calls; tasks outside the parent's subtree are dismissed after reading their level.
 static __always_inline __u64 container_of_cgroup(struct cgroup *cg)
 {
 	if (!cg)
 		return 0;
-	int level = BPF_CORE_READ(cg, level);
+	int level = cg->level;
 	if (level <= (int)parent_level)
 		return 0;
-	// ancestors[i] is the cgroup's ancestor at level i (itself at its own level).
+	if (level == (int)parent_level + 1) {
+		// The usual case: the container's own cgroup. Its parent must be ours.
+		struct cgroup_subsys_state *up = cg->self.parent;
+		if (!up || !up->cgroup || up->cgroup->kn->id != parent_cgid)
+			return 0;
+		return cg->kn->id;
+	}
+	// A cgroup nested inside a container: its ancestors at our level and one below.
 	unsigned long base = (unsigned long)cg + bpf_core_field_offset(struct cgroup, ancestors);
 	struct cgroup *anc = NULL;
 	bpf_probe_read_kernel(&anc, sizeof(anc), (void *)(base + parent_level * sizeof(anc)));
@@ -88,12 +101,12 @@ static __always_inline __u64 container_of_cgroup(struct cgroup *cg)
 
 static __always_inline __u64 container_of_task(struct task_struct *t)
 {
-	return container_of_cgroup(BPF_CORE_READ(t, cgroups, dfl_cgrp));
+	return container_of_cgroup(t->cgroups->dfl_cgrp);
 }
 
 static __always_inline __u64 container_of_sock(const struct sock *sk)
 {
-	return container_of_cgroup(BPF_CORE_READ(sk, sk_cgrp_data.cgroup));
+	return container_of_cgroup(sk->sk_cgrp_data.cgroup);
 }
 
 static __always_inline struct cg_stats *stats_of(__u64 cg)
@@ -126,14 +139,11 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(hb_exit, struct task_struct *p)
 {
 	// A process, not a thread: only the thread-group leader's exit counts.
-	if (BPF_CORE_READ(p, pid) != BPF_CORE_READ(p, tgid))
+	if (p->pid != p->tgid)
 		return 0;
 	__u64 cg = container_of_task(p);
-	if (!cg)
-		return 0;
-	COUNT(cg, exits, 1);
-	__u32 pid = BPF_CORE_READ(p, pid);
-	bpf_map_delete_elem(&runnable, &pid);
+	if (cg)
+		COUNT(cg, exits, 1);
 	return 0;
 }
 
@@ -150,11 +160,9 @@ static __always_inline void became_runnable(struct task_struct *p)
 {
 	if (!container_of_task(p))
 		return;
-	__u32 pid = BPF_CORE_READ(p, pid);
-	if (!pid)
-		return;
-	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&runnable, &pid, &now, BPF_ANY);
+	__u64 *since = bpf_task_storage_get(&runnable, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (since)
+		*since = bpf_ktime_get_ns();
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -181,13 +189,12 @@ int BPF_PROG(hb_switch, bool preempt, struct task_struct *prev, struct task_stru
 	__u64 cg = container_of_task(next);
 	if (!cg)
 		return 0;
-	__u32 pid = BPF_CORE_READ(next, pid);
-	__u64 *since = bpf_map_lookup_elem(&runnable, &pid);
-	if (!since)
+	__u64 *since = bpf_task_storage_get(&runnable, next, 0, 0);
+	if (!since || !*since)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 wait = now > *since ? now - *since : 0;
-	bpf_map_delete_elem(&runnable, &pid);
+	*since = 0;
 	struct cg_stats *s = stats_of(cg);
 	if (!s)
 		return 0;
@@ -207,7 +214,7 @@ int BPF_PROG(hb_switch, bool preempt, struct task_struct *prev, struct task_stru
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(hb_sock_state, const struct sock *sk, const int oldstate, const int newstate)
 {
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	int connect = newstate == TCP_SYN_SENT;
 	int accept = oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED;
@@ -233,12 +240,11 @@ int BPF_PROG(hb_retransmit, const struct sock *sk)
 	return 0;
 }
 
-// Attached once to the cgroup parent, so they run for every container below it; the socket's
-// cgroup says which. They only count: 1 lets every packet through.
+// Attached once to the cgroup parent, so they run only for sockets below it; the socket's
+// cgroup one level below the parent says which container. They only count: 1 lets every
+// packet through.
 static __always_inline void count_skb(struct __sk_buff *skb, int egress)
 {
-	if (bpf_skb_ancestor_cgroup_id(skb, parent_level) != parent_cgid)
-		return;
 	__u64 cg = bpf_skb_ancestor_cgroup_id(skb, parent_level + 1);
 	if (!cg)
 		return;

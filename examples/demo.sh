@@ -47,9 +47,10 @@ start_registry "$work/registry" 5050
 tests/bench/build-busybox-image.sh 127.0.0.1:5050 hyperbox/busybox:demo
 
 echo "== hyperbox-node (state in $work/node)"
+metrics=127.0.0.1:$(free_port)
 "$node_bin" --socket "$sock" serve --state-dir "$work/node" --run-dir "$work/run" \
   --insecure-registry 127.0.0.1:5050 --allow-host-path /etc/os-release \
-  >"$work/node.log" 2>&1 &
+  --metrics-listen "$metrics" >"$work/node.log" 2>&1 &
 node_pid=$!
 wait_for 10 "the node socket" test -S "$sock"
 
@@ -75,6 +76,10 @@ echo "== logs of hello"
 node logs hello
 echo "== the web workload answers"
 busybox wget -q -O - http://127.0.0.1:8088/index.html
+echo "== per-container telemetry (eBPF and cgroups) at http://$metrics/metrics"
+node node | grep '^features'
+busybox wget -q -O - "http://$metrics/metrics" |
+  grep -E '^(hyperbox_container_process_execs_total|container_network_io_bytes_total|hyperbox_container_tcp_accepts_total|container_cpu_time_seconds_total)\{namespace="default",workload="web"' || true
 
 echo
 echo "== second commit: worker scaled to 1 replica, hello removed"

@@ -365,8 +365,10 @@ pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
                 ),
                 None => println!("pressure:    unavailable (no PSI)"),
             }
+            let programs = &n.features.ebpf_programs;
+            let attached = programs.values().filter(|s| *s == "attached").count();
             println!(
-                "features:    erofs={}{} ebpf={} cgroup={} psi={}",
+                "features:    erofs={}{} ebpf={} ({attached}/{} programs attached{}) cgroup={} psi={}",
                 n.features.erofs,
                 n.features
                     .erofs_reason
@@ -374,6 +376,12 @@ pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
                     .map(|r| format!(" ({r})"))
                     .unwrap_or_default(),
                 n.features.ebpf,
+                programs.len(),
+                n.features
+                    .ebpf_reason
+                    .as_deref()
+                    .map(|r| format!("; {r}"))
+                    .unwrap_or_default(),
                 n.features.cgroup,
                 n.features.psi
             );

@@ -642,3 +642,88 @@ fn a_real_prometheus_scrapes_the_workload_series() {
     let targets = http_tcp(&prom.addr, "/api/v1/targets", None);
     assert!(targets.contains("\"health\":\"up\""), "{targets}");
 }
+
+/// Without permission to use bpf() (CAP_BPF and CAP_SYS_ADMIN dropped, as in a container that
+/// is not privileged), the daemon still serves, says why once, and exports the rest.
+#[test]
+fn without_permission_the_node_runs_and_says_why() {
+    let dir = tempfile::Builder::new()
+        .prefix("hbnocap")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("node.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let log = fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let node = bin("hyperbox-node");
+    let cmd = format!(
+        "exec {} --socket {} serve --state-dir {} --run-dir {} --cgroup-parent /hyperbox-nocap-{} --metrics-listen {metrics}",
+        node.display(),
+        sock.display(),
+        dir.path().join("state").display(),
+        dir.path().join("run").display(),
+        std::process::id(),
+    );
+    let mut child = Command::new("capsh")
+        .args(["--drop=cap_bpf,cap_sys_admin,cap_perfmon", "--", "-c", &cmd])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("capsh (libcap2-bin)");
+    let daemon_log = || fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    let up = wait_until(Duration::from_secs(30), "node socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).ok()
+    });
+    let result = std::panic::catch_unwind(|| {
+        up.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log()));
+        let out = Command::new(&node)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["node", "-o", "json"])
+            .output()
+            .unwrap();
+        let n: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(n["features"]["ebpf"], false, "{}", n["features"]);
+        let reason = n["features"]["ebpfReason"].as_str().unwrap().to_lowercase();
+        assert!(
+            reason.contains("not permitted") || reason.contains("permission"),
+            "{reason}"
+        );
+        for (p, state) in n["features"]["ebpfPrograms"].as_object().unwrap() {
+            assert!(
+                state.as_str().unwrap().starts_with("not loaded"),
+                "{p}: {state}"
+            );
+        }
+        // Said once, in the log.
+        assert_eq!(
+            daemon_log().matches("eBPF telemetry off").count(),
+            1,
+            "{}",
+            daemon_log()
+        );
+        let m = wait_until(T, "metrics", || {
+            std::net::TcpStream::connect(&metrics).ok()?;
+            Some(http_tcp(&metrics, "/metrics", None))
+        })
+        .unwrap();
+        assert!(
+            m.contains("hyperbox_ebpf_program_attached{program=\"exec\"} 0"),
+            "{m}"
+        );
+        assert!(m.contains("hyperbox_container_starts_total"), "{m}");
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let parent = format!("hyperbox-nocap-{}", std::process::id());
+    let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&parent));
+    for hierarchy in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_dir(hierarchy.path().join(&parent));
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -101,7 +101,7 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
 /// Loaded and attached programs and the counters map.
 pub struct Probes {
     _bpf: Ebpf,
-    stats: HashMap<MapData, u64, CgStats>,
+    stats: PerCpuHashMap<MapData, u64, CgStats>,
     /// Per program: `attached` or why not.
     pub programs: BTreeMap<String, String>,
 }
@@ -126,6 +126,9 @@ impl Probes {
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
+            // The run-queue timestamps are task storage, which aya creates but has no
+            // userspace type for (only the programs use it).
+            .allow_unsupported_maps()
             .override_global("parent_cgid", &parent_id, true)
             .override_global("parent_level", &level, true)
             .load(OBJECT)
@@ -166,7 +169,7 @@ impl Probes {
             let why: Vec<String> = programs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             return Err(format!("no program attached ({})", why.join("; ")));
         }
-        let stats = HashMap::try_from(bpf.take_map("stats").ok_or("no stats map")?)
+        let stats = PerCpuHashMap::try_from(bpf.take_map("stats").ok_or("no stats map")?)
             .map_err(|e| format!("stats map: {}", chain(&e)))?;
         Ok(Probes {
             _bpf: bpf,
@@ -175,20 +178,37 @@ impl Probes {
         })
     }
 
-    /// Every container's counters, by cgroup id.
+    /// Every container's counters, by cgroup id (the CPUs' copies summed).
     pub fn read_all(&self) -> Vec<(u64, CgStats)> {
-        self.stats.iter().filter_map(Result::ok).collect()
+        self.stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, sum(&v)))
+            .collect()
     }
 
     /// One container's counters.
     pub fn read(&self, cgroup_id: u64) -> Option<CgStats> {
-        self.stats.get(&cgroup_id, 0).ok()
+        self.stats.get(&cgroup_id, 0).ok().map(|v| sum(&v))
+    }
+
+    /// Containers in the map (keys only: cheaper than reading them).
+    pub fn entries(&self) -> usize {
+        self.stats.keys().filter(Result::is_ok).count()
     }
 
     /// Forget a container (gone, its counters folded into its replica's).
     pub fn remove(&mut self, cgroup_id: u64) {
         let _ = self.stats.remove(&cgroup_id);
     }
+}
+
+fn sum(per_cpu: &PerCpuValues<CgStats>) -> CgStats {
+    let mut total = CgStats::default();
+    for v in per_cpu.iter() {
+        total.add(v);
+    }
+    total
 }
 
 fn status(r: Result<(), String>) -> String {
@@ -214,8 +234,11 @@ fn chain(e: &dyn std::error::Error) -> String {
             }
             None => t,
         };
-        s.push_str(": ");
-        s.push_str(t.trim());
+        // Some errors print their source in their own message already.
+        if !s.contains(t.trim()) {
+            s.push_str(": ");
+            s.push_str(t.trim());
+        }
         cur = c.source();
     }
     s

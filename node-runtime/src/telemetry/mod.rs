@@ -151,7 +151,12 @@ impl Telemetry {
                 },
             ),
             (_, Some(root), Some(parent)) if !rel.is_empty() => {
-                match ebpf::Probes::load(parent, root) {
+                let loaded = ebpf::Probes::load(parent, root);
+                // Loading parses the kernel's whole BTF (megabytes, freed right after): give
+                // the freed heap back rather than carry it for the daemon's life.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+                match loaded {
                     Ok(p) => {
                         let failed: Vec<String> = p
                             .programs
@@ -306,7 +311,7 @@ impl Telemetry {
             .lock()
             .unwrap()
             .as_ref()
-            .map(|p| p.read_all().len())
+            .map(|p| p.entries())
             .unwrap_or(0)
     }
 }
