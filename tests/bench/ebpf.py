@@ -112,33 +112,25 @@ class Node:
                 return int(l.split()[1]) * 1024
         return 0
 
-    def bpf_run_seconds(self):
-        """CPU time the daemon's eBPF programs ran (kernel.bpf_stats_enabled must be 1):
-        the run_time_ns of every program fd it holds."""
+    def fdinfo_sum(self, kind, field):
+        """The sum of `field` over the daemon's file descriptors whose fdinfo has `kind`
+        (`prog_type` for programs, links excluded; `map_type` for maps)."""
         total = 0
         for fd in os.listdir(f"/proc/{self.proc.pid}/fdinfo"):
             try:
                 t = open(f"/proc/{self.proc.pid}/fdinfo/{fd}").read()
             except OSError:
                 continue
-            if "prog_type:" in t and "link_type:" not in t:
-                for l in t.splitlines():
-                    if l.startswith("run_time_ns:"):
-                        total += int(l.split()[1])
-        return total / 1e9
+            if f"{kind}:" in t and "link_type:" not in t:
+                total += sum(int(l.split()[1]) for l in t.splitlines() if l.startswith(f"{field}:"))
+        return total
+
+    def bpf_run_seconds(self):
+        """CPU time the daemon's eBPF programs ran (kernel.bpf_stats_enabled must be 1)."""
+        return self.fdinfo_sum("prog_type", "run_time_ns") / 1e9
 
     def map_memlock(self):
-        total = 0
-        for fd in os.listdir(f"/proc/{self.proc.pid}/fdinfo"):
-            try:
-                t = open(f"/proc/{self.proc.pid}/fdinfo/{fd}").read()
-            except OSError:
-                continue
-            if "map_type:" in t:
-                for l in t.splitlines():
-                    if l.startswith("memlock:"):
-                        total += int(l.split()[1])
-        return total
+        return self.fdinfo_sum("map_type", "memlock")
 
     def stop(self):
         self.proc.terminate()

@@ -758,6 +758,17 @@ impl Node {
             .expect("run hyperbox-node client")
     }
 
+    /// `node -o json`: capacity, allocations, pressure, features; panics when it fails.
+    pub fn node_json(&self) -> Value {
+        let out = self.cli(&["node", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Apply YAML text; panics with the output when it fails.
     pub fn apply(&self, yaml: &str) -> Output {
         let f = self

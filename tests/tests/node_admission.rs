@@ -4,20 +4,9 @@
 use std::time::Duration;
 
 use hyperbox_e2e::*;
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 const MI: u64 = 1 << 20;
-
-fn node_json(node: &Node) -> Value {
-    let out = node.cli(&["node", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn sleeper(name: &str, image: &str, extra: &str) -> String {
     workload(
@@ -44,7 +33,7 @@ fn requests_are_admitted_against_allocatable_with_typed_refusals() {
         "topology.kubernetes.io/region=eu",
     ])
     .unwrap();
-    let n = node_json(&node);
+    let n = node.node_json();
     assert_eq!(n["allocatable"]["memoryBytes"], 1000 * MI);
     let id = n["id"].as_str().unwrap().to_string();
     assert_eq!(id.len(), 32, "{n}");
@@ -63,7 +52,7 @@ fn requests_are_admitted_against_allocatable_with_typed_refusals() {
     let a = node
         .wait_for("a", T, "a running", |v| v["phase"] == "Running")
         .unwrap();
-    assert_eq!(node_json(&node)["requested"]["memoryBytes"], 600 * MI);
+    assert_eq!(node.node_json()["requested"]["memoryBytes"], 600 * MI);
 
     // b asks for 600Mi more: refused with its reason, field and numbers; nothing of it exists.
     let out = node.apply(&sleeper(
@@ -132,7 +121,7 @@ fn requests_are_admitted_against_allocatable_with_typed_refusals() {
     // After a restart the node keeps its id and counts what it admitted before.
     node.kill9();
     node.spawn().unwrap();
-    let n = node_json(&node);
+    let n = node.node_json();
     assert_eq!(n["id"], id.as_str());
     assert_eq!(n["requested"]["memoryBytes"], 600 * MI);
     let out = node.apply(&sleeper(

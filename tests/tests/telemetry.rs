@@ -36,16 +36,6 @@ fn start_node(reg: &Registry, more: &[&str]) -> (Node, String) {
     (node, metrics)
 }
 
-fn node_json(node: &Node) -> Value {
-    let out = node.cli(&["node", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The value of the sample `name{labels...}` whose labels include all of `want`.
 fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -96,7 +86,7 @@ fn ebpf_counts_execs_network_oom_and_run_queue_per_container() {
     let reg = Registry::start(false).unwrap();
     let image = push_busybox(&reg).unwrap();
     let (node, metrics) = start_node(&reg, &[]);
-    let n = node_json(&node);
+    let n = node.node_json();
     assert_eq!(n["features"]["ebpf"], true, "{}", n["features"]);
     let programs = n["features"]["ebpfPrograms"].as_object().unwrap();
     assert!(programs.len() >= 10, "{programs:?}");
@@ -252,7 +242,7 @@ fn ebpf_off_exports_the_rest() {
     let reg = Registry::start(false).unwrap();
     let image = push_busybox(&reg).unwrap();
     let (node, metrics) = start_node(&reg, &["--ebpf", "off"]);
-    let n = node_json(&node);
+    let n = node.node_json();
     assert_eq!(n["features"]["ebpf"], false, "{}", n["features"]);
     assert!(
         n["features"]["ebpfReason"]

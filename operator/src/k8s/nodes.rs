@@ -98,6 +98,9 @@ pub struct Nodes {
     all: mpsc::UnboundedSender<()>,
     /// Manager prefix of this operator's workloads on the nodes (`kubernetes:<cluster>/`).
     manager_prefix: String,
+    /// The HyperNodes have been listed once: before that, an empty node set means "not
+    /// known yet", not "no nodes".
+    listed: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a node answer belongs to a workload this operator manages.
@@ -126,6 +129,7 @@ impl Nodes {
                 changed,
                 all,
                 manager_prefix,
+                listed: std::sync::atomic::AtomicBool::new(false),
             }),
             (changed_rx, all_rx),
         )
@@ -170,12 +174,19 @@ impl Nodes {
             .collect()
     }
 
-    /// Whether every node has answered its first long-poll (before that, where replicas run
-    /// is not known and nothing is placed).
+    /// The HyperNode list has been read once.
+    pub fn mark_listed(&self) {
+        self.listed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the HyperNodes were listed and every node has answered its first long-poll
+    /// (before that, where replicas run is not known and nothing is placed: after an operator
+    /// restart, a status written from a partial view would flap).
     pub fn synced(&self) -> bool {
-        self.lock().values().all(|e| {
-            e.workloads.is_some() || !e.schedulable(self.timings.eviction_grace) || !e.reachable
-        })
+        self.listed.load(std::sync::atomic::Ordering::SeqCst)
+            && self.lock().values().all(|e| {
+                e.workloads.is_some() || !e.schedulable(self.timings.eviction_grace) || !e.reachable
+            })
     }
 
     fn endpoint(&self, address: &str) -> Endpoint {
@@ -364,6 +375,7 @@ pub async fn run(nodes: Arc<Nodes>, api: Api<KubeHyperNode>, field_manager: Stri
                             nodes.remove(gone);
                         }
                         seen = std::mem::take(&mut listing);
+                        nodes.mark_listed();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching HyperNodes failed; retrying");
