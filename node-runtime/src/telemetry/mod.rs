@@ -141,6 +141,15 @@ impl Telemetry {
                 .map(|n| (n.to_string(), state.to_string()))
                 .collect()
         };
+        // Said once, here: everything else goes on without the programs.
+        let not_loaded = |e: String| {
+            tracing::warn!(reason = %e, "eBPF telemetry off; cgroup and runtime metrics are still exported");
+            EbpfStatus {
+                active: false,
+                programs: all(&format!("not loaded: {e}")),
+                reason: Some(e),
+            }
+        };
         let (probes, ebpf) = match (mode, &v2_root, &v2_parent) {
             (EbpfMode::Off, _, _) => (
                 None,
@@ -183,31 +192,13 @@ impl Telemetry {
                             },
                         )
                     }
-                    Err(e) => {
-                        tracing::warn!(reason = %e, "eBPF telemetry off; cgroup and runtime metrics are still exported");
-                        (
-                            None,
-                            EbpfStatus {
-                                active: false,
-                                programs: all(&format!("not loaded: {e}")),
-                                reason: Some(e),
-                            },
-                        )
-                    }
+                    Err(e) => (None, not_loaded(e)),
                 }
             }
-            _ => {
-                let e = "no cgroup v2 hierarchy (or no cgroup parent) to attribute by".to_string();
-                tracing::warn!(reason = %e, "eBPF telemetry off");
-                (
-                    None,
-                    EbpfStatus {
-                        active: false,
-                        programs: all(&format!("not loaded: {e}")),
-                        reason: Some(e),
-                    },
-                )
-            }
+            _ => (
+                None,
+                not_loaded("no cgroup v2 hierarchy (or no cgroup parent) to attribute by".into()),
+            ),
         };
         Telemetry {
             probes: Mutex::new(probes),
