@@ -366,7 +366,10 @@ pub async fn node(client: &NodeClient, output: &str) -> Result<()> {
                 None => println!("pressure:    unavailable (no PSI)"),
             }
             let programs = &n.features.ebpf_programs;
-            let attached = programs.values().filter(|s| *s == "attached").count();
+            let attached = programs
+                .values()
+                .filter(|s| *s == crate::telemetry::ebpf::ATTACHED)
+                .count();
             println!(
                 "features:    erofs={}{} ebpf={} ({attached}/{} programs attached{}) cgroup={} psi={}",
                 n.features.erofs,

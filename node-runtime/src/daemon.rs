@@ -44,8 +44,8 @@ pub struct ServeOptions {
     pub pressure_gate: Option<crate::admission::PressureGate>,
     /// Pressure protection (`--pressure-protection`), none when off.
     pub protection: Option<crate::protect::ProtectConfig>,
-    /// The node's name in telemetry (`--node-name`; default: the host name).
-    pub node_name: Option<String>,
+    /// The node's name in telemetry (`--node-name`, else the host name).
+    pub node_name: String,
     /// Load the eBPF telemetry programs (`--ebpf`).
     pub ebpf: crate::telemetry::EbpfMode,
     /// Push metrics over OTLP to this endpoint at this interval (`--otlp-endpoint`).
@@ -131,11 +131,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     // Before any container starts or is adopted: the eBPF programs attach to the cgroup
     // parent and count from then on.
     let t0 = std::time::Instant::now();
-    let telemetry = crate::telemetry::init(
-        opts.ebpf,
-        &opts.cgroup_parent,
-        opts.node_name.clone().unwrap_or_else(crate::node::hostname),
-    );
+    let telemetry = crate::telemetry::init(opts.ebpf, &opts.cgroup_parent, opts.node_name.clone());
     tracing::debug!(
         ebpf = telemetry.ebpf.active,
         ms = t0.elapsed().as_millis() as u64,

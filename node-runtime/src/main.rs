@@ -343,6 +343,7 @@ async fn run(cli: Cli) -> Result<bool> {
             otlp_interval,
         } => {
             let filter = "info,libcontainer=warn,libcgroups=error";
+            // One name for the node everywhere: traces, metrics and the HyperNode.
             let node = node_name
                 .clone()
                 .unwrap_or_else(hyperbox_node::node::hostname);
@@ -391,14 +392,12 @@ async fn run(cli: Cli) -> Result<bool> {
                 reserve: *reserve,
                 pressure_gate: pressure_admission.0,
                 protection: pressure_protection.0,
-                node_name: node_name.clone(),
+                node_name: node.clone(),
                 ebpf: *ebpf,
                 otlp: otlp_endpoint.clone().map(|e| (e, *otlp_interval)),
                 kubernetes: match kubeconfig {
                     Some(k) => {
-                        let name = node_name
-                            .clone()
-                            .unwrap_or_else(hyperbox_node::node::hostname);
+                        let name = node.clone();
                         hyperbox_node::kubeapi::check_node_name(&name)
                             .map_err(anyhow::Error::msg)?;
                         let api = hyperbox_node::kubeapi::ApiServer::load(k)?;

@@ -79,6 +79,7 @@ pub fn summary(
     let verity = images.map(|s| s.verity());
     let pressure = pressure();
     let capacity = facts.map(|f| f.capacity).unwrap_or_else(capacity);
+    let telemetry = crate::telemetry::get();
     NodeSummary {
         name: hostname(),
         id: facts.map(|f| f.id.clone()).unwrap_or_default(),
@@ -93,12 +94,12 @@ pub fn summary(
         features: Features {
             erofs: erofs.is_some_and(|e| e.enabled()),
             erofs_reason: erofs.and_then(|e| e.reason.clone()),
-            ebpf: crate::telemetry::get().is_some_and(|t| t.ebpf.active),
-            ebpf_reason: match crate::telemetry::get() {
+            ebpf: telemetry.is_some_and(|t| t.ebpf.active),
+            ebpf_reason: match telemetry {
                 Some(t) => t.ebpf.reason.clone(),
                 None => Some("telemetry not started".into()),
             },
-            ebpf_programs: crate::telemetry::get()
+            ebpf_programs: telemetry
                 .map(|t| t.ebpf.programs.clone())
                 .unwrap_or_default(),
             cgroup: cgroup_mode(),

@@ -819,10 +819,8 @@ async fn refuse_plain_http(mut tcp: tokio::net::TcpStream) {
 /// workload states, per-container cgroup readings and eBPF counters, and the runtime's own
 /// counters. Both `/metrics` and the OTLP export encode this.
 pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot {
-    use crate::telemetry::{
-        Attrs, Current, Kind, Point, ReplicaKey, Resource, Snapshot, Value, COUNTERS,
-    };
-    use std::collections::{BTreeMap, HashMap};
+    use crate::telemetry::{Attrs, Current, Kind, ReplicaKey, Resource, Snapshot, Value, COUNTERS};
+    use std::collections::BTreeMap;
     let list = sup.list().await;
     let summary = node_summary(sup).await;
     let telemetry = crate::telemetry::get();
@@ -849,31 +847,13 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
     // One resource per replica with a container (or with counters from earlier ones).
     let mut current: BTreeMap<ReplicaKey, Option<Current>> = BTreeMap::new();
     let mut replicas = Vec::new();
-    let dirs: Vec<(
-        String,
-        Option<std::path::PathBuf>,
-        Option<std::path::PathBuf>,
-    )> = list
-        .iter()
-        .flat_map(|w| w.replicas.iter().filter_map(|r| r.container_id.clone()))
-        .map(|id| {
-            let v2 = sup.container_v2_cgroup(&id);
-            let mem = sup.container_memory_cgroup(&id);
-            (id, v2, mem)
-        })
-        .collect();
-    let readings: HashMap<String, (Option<u64>, Option<u64>)> =
-        tokio::task::spawn_blocking(move || {
-            dirs.into_iter()
-                .map(|(id, v2, mem)| {
-                    let cpu = v2.as_deref().and_then(crate::telemetry::cpu_usec);
-                    let memory = mem.as_deref().and_then(crate::telemetry::memory_bytes);
-                    (id, (cpu, memory))
-                })
-                .collect()
-        })
-        .await
-        .unwrap_or_default();
+    let readings = sup
+        .cgroup_readings(
+            list.iter()
+                .flat_map(|w| w.replicas.iter().filter_map(|r| r.container_id.clone()))
+                .collect(),
+        )
+        .await;
     for w in &list {
         for r in &w.replicas {
             let key = ReplicaKey {
@@ -881,17 +861,13 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
                 workload: w.name.clone(),
                 replica: r.index,
             };
-            // The cgroup id comes with the PSI sample; until then, from the directory.
+            // The cgroup id comes with the PSI sample; until then, from this snapshot's read.
             let cur = r.container_id.as_ref().and_then(|id| {
-                let cg = r.cgroup_id.or_else(|| {
-                    sup.container_v2_cgroup(id)
-                        .as_deref()
-                        .and_then(crate::psi::cgroup_id)
-                })?;
+                let reading = readings.get(id).copied().unwrap_or_default();
                 Some(Current {
                     id: id.clone(),
-                    cgroup_id: cg,
-                    cpu_usec: readings.get(id).and_then(|x| x.0),
+                    cgroup_id: r.cgroup_id.or(reading.cgroup_id)?,
+                    cpu_usec: reading.cpu_usec,
                 })
             });
             // An outdated replica of a rolling update shares the index: the current one wins.
@@ -930,8 +906,10 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
         }
     }
     let totals = match telemetry {
-        Some(t) => t.replica_totals(&current),
-        None => BTreeMap::new(),
+        Some(t) => tokio::task::spawn_blocking(move || t.replica_totals(&current))
+            .await
+            .unwrap_or_default(),
+        None => Default::default(),
     };
 
     let pressure_points =
@@ -945,20 +923,16 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
                         let mut at = attrs.clone();
                         at.push(("resource", rname.to_string()));
                         at.push(("kind", kind.to_string()));
-                        snap.family(prefix.0, help.0, "%", Kind::Gauge)
-                            .points
-                            .push(Point {
-                                resource: res,
-                                attrs: at.clone(),
-                                value: Value::Float(f64::from(a.avg10)),
-                            });
-                        snap.family(prefix.1, help.1, "s", Kind::Counter)
-                            .points
-                            .push(Point {
-                                resource: res,
-                                attrs: at,
-                                value: Value::Float(a.total as f64 / 1e6),
-                            });
+                        snap.family(prefix.0, help.0, "%", Kind::Gauge).push(
+                            res,
+                            at.clone(),
+                            Value::Float(f64::from(a.avg10)),
+                        );
+                        snap.family(prefix.1, help.1, "s", Kind::Counter).push(
+                            res,
+                            at,
+                            Value::Float(a.total as f64 / 1e6),
+                        );
                     }
                 }
             }
@@ -1031,7 +1005,7 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
             .push(*res, vec![], int(1));
         }
         if let Some(id) = &r.container_id {
-            if let Some(m) = readings.get(id).and_then(|x| x.1) {
+            if let Some(m) = readings.get(id).and_then(|x| x.memory_bytes) {
                 snap.family(
                     "container.memory.usage",
                     "Memory used by the container's cgroup.",
@@ -1041,7 +1015,9 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
                 .push(*res, vec![], int(m));
             }
         }
-        let Some(t) = totals.get(key) else { continue };
+        let Some(t) = totals.by_replica.get(key) else {
+            continue;
+        };
         snap.family(
             "container.cpu.time",
             "CPU time the replica's containers used.",
@@ -1264,7 +1240,7 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
             f.push(
                 0,
                 vec![("program", p.clone())],
-                Value::Int(u64::from(state == "attached")),
+                Value::Int(u64::from(state == crate::telemetry::ebpf::ATTACHED)),
             );
         }
         snap.family(
@@ -1273,7 +1249,7 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
             "",
             Kind::Gauge,
         )
-        .push(0, vec![], Value::Int(t.map_entries() as u64));
+        .push(0, vec![], Value::Int(totals.map_entries as u64));
     }
     snap
 }

@@ -758,6 +758,22 @@ impl Node {
             .expect("run hyperbox-node client")
     }
 
+    /// The v2 directory of a container of this node (its cgroup parent for ""): under the
+    /// unified tree of a hybrid host, or the root of a pure v2 host; none without a v2 tree.
+    pub fn v2_dir(&self, container: &str) -> Option<PathBuf> {
+        let root = if fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else if fs::metadata("/sys/fs/cgroup/unified/cgroup.controllers").is_ok() {
+            PathBuf::from("/sys/fs/cgroup/unified")
+        } else {
+            return None;
+        };
+        Some(
+            root.join(self.cgroup_parent.trim_start_matches('/'))
+                .join(container),
+        )
+    }
+
     /// `node -o json`: capacity, allocations, pressure, features; panics when it fails.
     pub fn node_json(&self) -> Value {
         let out = self.cli(&["node", "-o", "json"]);

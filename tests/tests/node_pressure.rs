@@ -48,22 +48,6 @@ fn serial() -> Serial {
     Serial(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// The v2 directory of a container of `node`: under the unified tree of a hybrid host, or
-/// the root of a pure v2 host.
-fn v2_dir(node: &Node, container: &str) -> Option<PathBuf> {
-    let root = if fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
-        PathBuf::from("/sys/fs/cgroup")
-    } else if fs::metadata("/sys/fs/cgroup/unified/cgroup.controllers").is_ok() {
-        PathBuf::from("/sys/fs/cgroup/unified")
-    } else {
-        return None;
-    };
-    Some(
-        root.join(node.cgroup_parent.trim_start_matches('/'))
-            .join(container),
-    )
-}
-
 fn cpu_some10(v: &Value) -> f64 {
     v["replicas"][0]["pressure"]["cpu"]["some"]["avg10"]
         .as_f64()
@@ -102,7 +86,7 @@ fn containers_report_their_own_cpu_pressure() {
         .unwrap();
     let id = container_ids(&hog)[0].clone();
     let pid = hog["replicas"][0]["pid"].as_i64().unwrap();
-    let Some(dir) = v2_dir(&node, &id) else {
+    let Some(dir) = node.v2_dir(&id) else {
         eprintln!("no cgroup v2 tree on this host: per-container PSI is not available");
         return;
     };
@@ -507,7 +491,9 @@ fn protection_scenario(protection: bool) -> Scenario {
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
     wait_until(T, "high's http endpoint", || timed_get(&addr)).unwrap();
-    let high_dir = v2_dir(&node, &container_ids(&high)[0]).expect("a cgroup v2 tree");
+    let high_dir = node
+        .v2_dir(&container_ids(&high)[0])
+        .expect("a cgroup v2 tree");
     // Let high's working set settle in before the hog comes.
     std::thread::sleep(Duration::from_secs(5));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -534,7 +520,7 @@ fn protection_scenario(protection: bool) -> Scenario {
         &image,
         &format!("  priority: 500\n  restartPolicy: Never\n  command: [sh, -c, 'head -c 100663296 /dev/urandom > /data/big; (while :; do cat /data/big; done) > /dev/null & (head -c 209715200 /dev/zero; sleep 20; while :; do head -c 8388608 /dev/zero; sleep 1; done) | busybox tail > /dev/null']\n  terminationGracePeriodSeconds: 0\n{SCRATCH}"),
     ));
-    let parent_v2 = v2_dir(&node, "").unwrap();
+    let parent_v2 = node.v2_dir("").unwrap();
     let mut hog_gone_s = None;
     let mut levels = Vec::new();
     let mut last_total = memory_full_total(&parent_v2);
@@ -725,7 +711,7 @@ fn prewarmed_images_start_with_the_registry_stopped() {
     let logs = String::from_utf8_lossy(&node.cli(&["logs", "app"]).stdout).to_string();
     assert!(logs.contains("two"), "{logs}");
     // Per-container PSI in /metrics (once sampled), each family declared once.
-    if fs::metadata("/proc/pressure/memory").is_ok() && v2_dir(&node, "").is_some() {
+    if fs::metadata("/proc/pressure/memory").is_ok() && node.v2_dir("").is_some() {
         let m = wait_until(T, "per-container PSI in /metrics", || {
             let m = http_tcp(&metrics, "/metrics", None);
             m.contains("hyperbox_container_pressure_avg10{namespace=\"default\",workload=\"app\",replica=\"0\",resource=\"memory\",kind=\"some\"}")

@@ -269,7 +269,7 @@ fn ebpf_off_exports_the_rest() {
         "{m}"
     );
     // No eBPF program attached to this node's cgroup.
-    let parent = v2_parent(&node);
+    let parent = node.v2_dir("").expect("a cgroup v2 tree");
     let out = Command::new("bpftool")
         .args(["cgroup", "show"])
         .arg(&parent)
@@ -280,15 +280,6 @@ fn ebpf_off_exports_the_rest() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-fn v2_parent(node: &Node) -> std::path::PathBuf {
-    let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        Path::new("/sys/fs/cgroup").to_path_buf()
-    } else {
-        Path::new("/sys/fs/cgroup/unified").to_path_buf()
-    };
-    root.join(node.cgroup_parent.trim_start_matches('/'))
 }
 
 /// Ids of the BPF programs a process holds (the `prog_id` of its file descriptors' fdinfo:
@@ -329,7 +320,7 @@ fn nothing_of_ebpf_outlives_a_killed_daemon() {
         .unwrap();
     let ids = programs_of(node.pid());
     assert!(ids.len() >= 10, "programs held by the daemon: {ids:?}");
-    let parent = v2_parent(&node);
+    let parent = node.v2_dir("").expect("a cgroup v2 tree");
     let attached = || {
         let out = Command::new("bpftool")
             .args(["cgroup", "show"])

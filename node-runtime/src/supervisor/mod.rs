@@ -1018,16 +1018,31 @@ impl Supervisor {
         }
     }
 
-    /// A container's cgroup v2 directory (its CPU time and PSI).
-    pub fn container_v2_cgroup(&self, id: &str) -> Option<PathBuf> {
-        self.shared.runtime.v2_cgroup(id)
-    }
-
-    /// The cgroup a container's memory use is read from (v2 with the memory controller, else
-    /// v1 memory).
-    pub fn container_memory_cgroup(&self, id: &str) -> Option<PathBuf> {
-        let c = self.shared.runtime.controls(id);
-        c.v2.or(c.v1_memory)
+    /// What telemetry reads of each container's cgroups (cgroup id, CPU time, memory), off
+    /// the async threads.
+    pub async fn cgroup_readings(
+        &self,
+        ids: Vec<String>,
+    ) -> HashMap<String, crate::telemetry::CgroupReading> {
+        let runtime = self.shared.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| {
+                    let v2 = runtime.v2_cgroup(&id);
+                    let controls = runtime.controls(&id);
+                    // Memory where its controller is: v2 on pure v2 hosts, else v1.
+                    let memory = controls.v2.or(controls.v1_memory);
+                    let reading = crate::telemetry::CgroupReading {
+                        cgroup_id: v2.as_deref().and_then(crate::psi::cgroup_id),
+                        cpu_usec: v2.as_deref().and_then(crate::telemetry::cpu_usec),
+                        memory_bytes: memory.as_deref().and_then(crate::telemetry::memory_bytes),
+                    };
+                    (id, reading)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// The current change counter.

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
-use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::programs::{
+    BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, ProgramError,
+};
 use aya::{Btf, Ebpf, EbpfLoader};
 
 /// The compiled object (empty when the build had no clang, bpftool or kernel BTF).
@@ -135,39 +137,26 @@ impl Probes {
             .map_err(|e| format!("load eBPF object: {}", chain(&e)))?;
         let mut programs = BTreeMap::new();
         for (prog, tp, name) in TRACEPOINTS {
-            let r = (|| -> Result<(), String> {
-                let p: &mut BtfTracePoint = bpf
-                    .program_mut(prog)
-                    .ok_or("not in the object")?
-                    .try_into()
-                    .map_err(|e| chain(&e))?;
-                p.load(tp, &btf)
-                    .map_err(|e| format!("load: {}", chain(&e)))?;
-                p.attach().map_err(|e| format!("attach: {}", chain(&e)))?;
-                Ok(())
-            })();
+            let r = program::<BtfTracePoint>(&mut bpf, prog).and_then(|p| {
+                p.load(tp, &btf).map_err(step("load"))?;
+                p.attach().map_err(step("attach")).map(drop)
+            });
             programs.insert(name.to_string(), status(r));
         }
         let cgroup = File::open(parent).map_err(|e| format!("open {}: {e}", parent.display()))?;
         for (prog, kind, name) in SKB {
-            let r = (|| -> Result<(), String> {
-                let p: &mut CgroupSkb = bpf
-                    .program_mut(prog)
-                    .ok_or("not in the object")?
-                    .try_into()
-                    .map_err(|e| chain(&e))?;
-                p.load().map_err(|e| format!("load: {}", chain(&e)))?;
+            let r = program::<CgroupSkb>(&mut bpf, prog).and_then(|p| {
+                p.load().map_err(step("load"))?;
                 // Through a BPF link (kernel 5.7+), which always sits beside other programs on
                 // the cgroup; the mode only matters for the legacy attach.
                 p.attach(&cgroup, *kind, CgroupAttachMode::Single)
-                    .map_err(|e| format!("attach: {}", chain(&e)))?;
-                Ok(())
-            })();
+                    .map_err(step("attach"))
+                    .map(drop)
+            });
             programs.insert(name.to_string(), status(r));
         }
-        if !programs.values().any(|s| s == "attached") {
-            let why: Vec<String> = programs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-            return Err(format!("no program attached ({})", why.join("; ")));
+        if !programs.values().any(|s| s == ATTACHED) {
+            return Err(format!("no program attached ({})", failures(&programs)));
         }
         let stats = PerCpuHashMap::try_from(bpf.take_map("stats").ok_or("no stats map")?)
             .map_err(|e| format!("stats map: {}", chain(&e)))?;
@@ -192,11 +181,6 @@ impl Probes {
         self.stats.get(&cgroup_id, 0).ok().map(|v| sum(&v))
     }
 
-    /// Containers in the map (keys only: cheaper than reading them).
-    pub fn entries(&self) -> usize {
-        self.stats.keys().filter(Result::is_ok).count()
-    }
-
     /// Forget a container (gone, its counters folded into its replica's).
     pub fn remove(&mut self, cgroup_id: u64) {
         let _ = self.stats.remove(&cgroup_id);
@@ -211,9 +195,38 @@ fn sum(per_cpu: &PerCpuValues<CgStats>) -> CgStats {
     total
 }
 
+/// A program's state once it runs.
+pub const ATTACHED: &str = "attached";
+
+/// The programs not attached, with why: `name: why; ...`.
+pub fn failures(programs: &BTreeMap<String, String>) -> String {
+    programs
+        .iter()
+        .filter(|(_, s)| *s != ATTACHED)
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A program of the object as its type.
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or_else(|| "not in the object".to_string())?
+        .try_into()
+        .map_err(|e: ProgramError| chain(&e))
+}
+
+/// The error of a load or attach step, with its cause.
+fn step(what: &'static str) -> impl Fn(ProgramError) -> String {
+    move |e| format!("{what}: {}", chain(&e))
+}
+
 fn status(r: Result<(), String>) -> String {
     match r {
-        Ok(()) => "attached".into(),
+        Ok(()) => ATTACHED.into(),
         Err(e) => e,
     }
 }

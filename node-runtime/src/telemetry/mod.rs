@@ -79,6 +79,23 @@ pub struct Current {
     pub cpu_usec: Option<u64>,
 }
 
+/// A container's cgroup readings, taken for one snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupReading {
+    pub cgroup_id: Option<u64>,
+    /// CPU time so far (microseconds).
+    pub cpu_usec: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// Each replica's totals, and how many containers the eBPF counters map holds (bounded by
+/// `MAX_CONTAINERS` in the C), from one read of the map.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaTotals {
+    pub by_replica: BTreeMap<ReplicaKey, Totals>,
+    pub map_entries: usize,
+}
+
 /// Attributes of a series or a resource.
 pub type Attrs = Vec<(&'static str, String)>;
 
@@ -166,14 +183,9 @@ impl Telemetry {
                 // SAFETY: malloc_trim has no preconditions.
                 unsafe { libc::malloc_trim(0) };
                 match loaded {
-                    Ok(p) => {
-                        let failed: Vec<String> = p
-                            .programs
-                            .iter()
-                            .filter(|(_, s)| *s != "attached")
-                            .map(|(k, v)| format!("{k}: {v}"))
-                            .collect();
-                        let reason = (!failed.is_empty()).then(|| failed.join("; "));
+                    Ok(mut p) => {
+                        let failed = ebpf::failures(&p.programs);
+                        let reason = (!failed.is_empty()).then_some(failed);
                         match &reason {
                             Some(r) => {
                                 tracing::warn!(failed = %r, "some eBPF telemetry programs did not attach; the others run")
@@ -182,7 +194,7 @@ impl Telemetry {
                                 tracing::info!(programs = p.programs.len(), cgroup = %parent.display(), "eBPF telemetry attached")
                             }
                         }
-                        let programs = p.programs.clone();
+                        let programs = std::mem::take(&mut p.programs);
                         (
                             Some(p),
                             EbpfStatus {
@@ -241,11 +253,9 @@ impl Telemetry {
     /// Each replica's totals: its gone containers' plus, from `current` (replica -> its
     /// current container's id, cgroup id and CPU reading, if it runs), the current one's.
     /// Replicas not in `current` are forgotten; map entries of cgroups that no longer exist and
-    /// belong to no known container are deleted.
-    pub fn replica_totals(
-        &self,
-        current: &BTreeMap<ReplicaKey, Option<Current>>,
-    ) -> BTreeMap<ReplicaKey, Totals> {
+    /// belong to no known container are deleted. Blocking (bpf syscalls per container, and a
+    /// directory listing when there are orphans): call it off the async threads.
+    pub fn replica_totals(&self, current: &BTreeMap<ReplicaKey, Option<Current>>) -> ReplicaTotals {
         let mut books = self.books.lock().unwrap();
         for (key, c) in current {
             if let Some(c) = c {
@@ -256,7 +266,7 @@ impl Telemetry {
             }
         }
         books.retired.retain(|k, _| current.contains_key(k));
-        let mut out: BTreeMap<ReplicaKey, Totals> = current
+        let mut by_replica: BTreeMap<ReplicaKey, Totals> = current
             .iter()
             .map(|(k, c)| {
                 let mut t = books.retired.get(k).copied().unwrap_or_default();
@@ -266,19 +276,23 @@ impl Telemetry {
             .collect();
         let mut probes = self.probes.lock().unwrap();
         let Some(p) = probes.as_mut() else {
-            return out;
+            return ReplicaTotals {
+                by_replica,
+                map_entries: 0,
+            };
         };
         let entries = p.read_all();
         let by_cgid: HashMap<u64, &ReplicaKey> =
             books.live.values().map(|(c, k)| (*c, k)).collect();
         let mut orphans = Vec::new();
         for (cgid, s) in &entries {
-            match by_cgid.get(cgid).and_then(|k| out.get_mut(*k)) {
+            match by_cgid.get(cgid).and_then(|k| by_replica.get_mut(*k)) {
                 Some(total) => total.ebpf.add(s),
                 None if by_cgid.contains_key(cgid) => {}
                 None => orphans.push(*cgid),
             }
         }
+        let mut removed = 0;
         if !orphans.is_empty() {
             // Listed after the map was read: a cgroup that had an entry then and still exists
             // is listed, so only the gone ones are deleted.
@@ -290,20 +304,14 @@ impl Telemetry {
             for cgid in orphans {
                 if !existing.contains(&cgid) {
                     p.remove(cgid);
+                    removed += 1;
                 }
             }
         }
-        out
-    }
-
-    /// Entries in the eBPF counters map (bounded by `MAX_CONTAINERS` in the C).
-    pub fn map_entries(&self) -> usize {
-        self.probes
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|p| p.entries())
-            .unwrap_or(0)
+        ReplicaTotals {
+            by_replica,
+            map_entries: entries.len() - removed,
+        }
     }
 }
 

@@ -38,14 +38,14 @@ fn a_replica_keeps_its_gone_containers_cpu_and_is_forgotten_with_its_replica() {
     let mut cur = BTreeMap::new();
     cur.insert(key("a", 0), current("a-0-2", 12, 250_000));
     cur.insert(key("b", 0), None);
-    let totals = t.replica_totals(&cur);
+    let totals = t.replica_totals(&cur).by_replica;
     assert_eq!(totals[&key("a", 0)].cpu_usec, 1_750_000);
     assert_eq!(totals[&key("b", 0)], Totals::default());
     // The replica goes: so does what it had.
     cur.remove(&key("a", 0));
     t.replica_totals(&cur);
     cur.insert(key("a", 0), current("a-0-3", 13, 10));
-    assert_eq!(t.replica_totals(&cur)[&key("a", 0)].cpu_usec, 10);
+    assert_eq!(t.replica_totals(&cur).by_replica[&key("a", 0)].cpu_usec, 10);
     // An unknown container going is not an error.
     t.container_removed("nobody", Some(5));
 }
