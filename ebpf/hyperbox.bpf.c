@@ -204,10 +204,12 @@ int BPF_PROG(hb_switch, bool preempt, struct task_struct *prev, struct task_stru
 		us >>= 1;
 		slot++;
 	}
-	__sync_fetch_and_add(&s->rq_count, 1);
-	__sync_fetch_and_add(&s->rq_sum_ns, wait);
+	// Plain adds: the entry is this CPU's, and sched_switch runs with interrupts off, so
+	// nothing else on this CPU can be halfway through an update of these fields.
+	s->rq_count += 1;
+	s->rq_sum_ns += wait;
 	if (slot < RQ_SLOTS)
-		__sync_fetch_and_add(&s->rq_slots[slot], 1);
+		s->rq_slots[slot] += 1;
 	return 0;
 }
 
@@ -234,6 +236,13 @@ int BPF_PROG(hb_sock_state, const struct sock *sk, const int oldstate, const int
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(hb_retransmit, const struct sock *sk)
 {
+	// Kernels whose event records the transmit's error fire it for retransmits that did not
+	// go out too (the original still queued, a local drop). Only those that went out count
+	// here; the kernel's RetransSegs counts the failed attempts as well (and TCPRetransFail
+	// counts them again). The field check is a CO-RE constant, so older kernels, whose
+	// tracepoint has no third argument, never read one.
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err) && (int)ctx[2])
+		return 0;
 	__u64 cg = container_of_sock(sk);
 	if (cg)
 		COUNT(cg, tcp_retransmits, 1);

@@ -12,8 +12,8 @@ packages=(
   docker-registry skopeo umoci busybox-static apache2-utils
   # tests: a real ssh server for git over ssh
   openssh-server openssh-client
-  # tests: a real Prometheus to scrape /metrics
-  prometheus
+  # tests: a real Prometheus to scrape /metrics; iptables drops packets to force TCP retransmits
+  prometheus iptables
   # benchmarks: the peer runtime, a timer, load
   runc hyperfine stress-ng time
 )

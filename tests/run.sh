@@ -3,6 +3,9 @@
 # real containers, mounts and cgroups. Run as root on Linux (CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A fresh run takes about 6 GiB here (the debug build, the test builds and the fuzz build);
+# the disk is shared, so say what there was if it runs out.
+echo "free disk: $(df -h --output=avail . | tail -1 | tr -d ' ') (a fresh run needs about 6 GiB)" >&2
 tests/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

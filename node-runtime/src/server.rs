@@ -1085,8 +1085,8 @@ pub async fn telemetry_snapshot(sup: &Supervisor) -> crate::telemetry::Snapshot 
             ),
             (
                 "hyperbox.container.tcp.retransmits",
-                "TCP segments the replica's containers retransmitted.",
-                "{segment}",
+                "TCP retransmissions the replica's containers sent (one per retransmitted packet, which may carry several segments).",
+                "{packet}",
                 e.tcp_retransmits,
             ),
         ] {

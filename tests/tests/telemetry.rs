@@ -1,5 +1,5 @@
 //! Per-container telemetry on a real kernel: the eBPF programs count a container's execs,
-//! exits, network bytes, TCP connects and accepts, OOM kills and run-queue waits, attributed by
+//! exits, network bytes, TCP connects, accepts and retransmits, OOM kills and run-queue waits, attributed by
 //! its cgroup v2 id; a real OpenTelemetry Collector receives the OTLP export and a real
 //! Prometheus scrapes `/metrics`. Also: the `--ebpf off` path, and that nothing of the programs
 //! outlives a killed daemon.
@@ -235,6 +235,111 @@ fn ebpf_counts_execs_network_oom_and_run_queue_per_container() {
         (entries(&m) == 0.0 && sample(&m, execs, &of("execs")).is_none()).then_some(())
     })
     .unwrap();
+}
+
+const LOSSY: u64 = 4 << 20;
+
+/// Like `loopback_transfer`, but the client waits for /tmp/go, so that the test can make the
+/// container's loopback lossy first.
+fn lossy_transfer() -> String {
+    format!(
+        "  command: [sh, -c, 'mkdir -p /tmp/www && head -c {LOSSY} /dev/zero > /tmp/www/f && httpd -p 127.0.0.1:8080 -h /tmp/www && echo serving && until [ -e /tmp/go ]; do sleep 0.1; done && wget -q -O /dev/null http://127.0.0.1:8080/f && echo fetched && exec /bin/sleep 1000']\n  network: none\n  terminationGracePeriodSeconds: 0\n"
+    )
+}
+
+/// A counter of the network namespace of `pid`: `file` under /proc/PID/net (snmp, netstat),
+/// the line pair starting `group` ("Tcp:", "TcpExt:"), the column `name`.
+fn net_counter(pid: i32, file: &str, group: &str, name: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(group));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// TCP retransmits, on a real kernel: 10% of the container's loopback TCP packets are dropped
+/// on input (real loss, so its server retransmits) and 10% on output (so some retransmits fail
+/// to go out: the kernel counts those attempts in RetransSegs and again in TCPRetransFail, and
+/// on newer kernels fires the tracepoint for them too). The count is the sender's; it is at
+/// least one and at most the retransmitted segments that went out (a retransmitted GSO packet
+/// is one event and several segments), so failed attempts are not counted; and a container on
+/// a clean loopback counts none.
+#[test]
+fn tcp_retransmits_are_counted_for_the_sender() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let (node, metrics) = start_node(&reg, &[]);
+    assert_eq!(node.node_json()["features"]["ebpf"], true);
+    node.apply(&workload("lossy", &image, &lossy_transfer()));
+    node.apply(&workload("clean", &image, &loopback_transfer()));
+    let v = node
+        .wait_for("lossy", T, "lossy running", |v| v["phase"] == "Running")
+        .unwrap();
+    let pid = v["replicas"][0]["pid"].as_i64().unwrap() as i32;
+    wait_until(T, "lossy serving", || {
+        let out = node.cli(&["logs", "lossy"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("serving")
+            .then_some(())
+    })
+    .unwrap();
+    let ns = pid.to_string();
+    for chain in [["INPUT", "-i"], ["OUTPUT", "-o"]] {
+        let drop = Command::new("nsenter")
+            .args([
+                "-t", &ns, "-n", "iptables", "-A", chain[0], chain[1], "lo", "-p", "tcp",
+            ])
+            .args([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.1",
+            ])
+            .args(["-j", "DROP"])
+            .output()
+            .unwrap();
+        assert!(drop.status.success(), "iptables: {drop:?}");
+    }
+    let segs = || net_counter(pid, "snmp", "Tcp:", "RetransSegs");
+    let fails = || net_counter(pid, "netstat", "TcpExt:", "TCPRetransFail");
+    let (before, failed_before) = (segs(), fails());
+    fs::write(format!("/proc/{pid}/root/tmp/go"), b"").unwrap();
+    for w in ["lossy", "clean"] {
+        wait_until(T, &format!("{w} fetched"), || {
+            let out = node.cli(&["logs", w]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains("fetched")
+                .then_some(())
+        })
+        .unwrap();
+    }
+    let (kernel, failed) = (segs() - before, fails() - failed_before);
+    let sent = kernel - failed;
+    assert!(sent > 0, "the kernel retransmitted nothing: no loss?");
+    let name = "hyperbox_container_tcp_retransmits_total";
+    let m = wait_until(T, "retransmits counted", || {
+        let m = http_tcp(&metrics, "/metrics", None);
+        (sample(&m, name, &of("lossy")) > Some(0.0)).then_some(m)
+    })
+    .unwrap();
+    let counted = sample(&m, name, &of("lossy")).unwrap() as u64;
+    eprintln!("retransmits: {counted} counted, the kernel's RetransSegs +{kernel}, TCPRetransFail +{failed}");
+    assert!(
+        (1..=sent).contains(&counted),
+        "{counted} retransmits counted; the kernel's RetransSegs rose by {kernel}, \
+         TCPRetransFail by {failed}\n{m}"
+    );
+    assert_eq!(sample(&m, name, &of("clean")), Some(0.0), "{m}");
+    // The loss cost packets, not bytes: the whole body still arrived, once, at the client.
+    let mut want = of("lossy").to_vec();
+    want.push(("network_io_direction", "receive"));
+    let got = sample(&m, "container_network_io_bytes_total", &want).unwrap() as u64;
+    assert!(
+        got >= LOSSY,
+        "{got} bytes received for a {LOSSY}-byte body\n{m}"
+    );
 }
 
 #[test]
