@@ -761,15 +761,9 @@ impl Node {
     /// The v2 directory of a container of this node (its cgroup parent for ""): under the
     /// unified tree of a hybrid host, or the root of a pure v2 host; none without a v2 tree.
     pub fn v2_dir(&self, container: &str) -> Option<PathBuf> {
-        let root = if fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
-            PathBuf::from("/sys/fs/cgroup")
-        } else if fs::metadata("/sys/fs/cgroup/unified/cgroup.controllers").is_ok() {
-            PathBuf::from("/sys/fs/cgroup/unified")
-        } else {
-            return None;
-        };
         Some(
-            root.join(self.cgroup_parent.trim_start_matches('/'))
+            v2_root()?
+                .join(self.cgroup_parent.trim_start_matches('/'))
                 .join(container),
         )
     }
@@ -863,6 +857,18 @@ impl Node {
         pids.sort();
         pids.dedup();
         pids
+    }
+}
+
+/// The cgroup v2 tree: the unified tree of a hybrid host or the root of a pure v2 host; none
+/// without one.
+pub fn v2_root() -> Option<PathBuf> {
+    if fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
+        Some(PathBuf::from("/sys/fs/cgroup"))
+    } else if fs::metadata("/sys/fs/cgroup/unified/cgroup.controllers").is_ok() {
+        Some(PathBuf::from("/sys/fs/cgroup/unified"))
+    } else {
+        None
     }
 }
 

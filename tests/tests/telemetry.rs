@@ -731,35 +731,37 @@ fn a_real_prometheus_scrapes_the_workload_series() {
 
 /// Without permission to use bpf() (CAP_BPF and CAP_SYS_ADMIN dropped, as in a container that
 /// is not privileged), the daemon still serves, says why once, and exports the rest.
-#[test]
-fn without_permission_the_node_runs_and_says_why() {
-    let dir = tempfile::Builder::new()
-        .prefix("hbnocap")
-        .tempdir()
-        .unwrap();
+/// A node started by `wrap`, given the node's command line (an `exec` for `sh -c`), with
+/// `check` run on its `node -o json`, its metrics address and its log. Whatever happens, the
+/// daemon is killed and its cgroup parent removed from every hierarchy afterwards.
+fn wrapped_node(
+    tag: &str,
+    wrap: impl FnOnce(&str) -> Command,
+    check: impl FnOnce(&Value, &str, &dyn Fn() -> String),
+) {
+    let dir = tempfile::Builder::new().prefix(tag).tempdir().unwrap();
     let sock = dir.path().join("node.sock");
     let metrics = format!("127.0.0.1:{}", free_port());
     let log = fs::File::create(dir.path().join("daemon.log")).unwrap();
     let node = bin("hyperbox-node");
+    let parent = format!("hyperbox-{tag}-{}", std::process::id());
     let cmd = format!(
-        "exec {} --socket {} serve --state-dir {} --run-dir {} --cgroup-parent /hyperbox-nocap-{} --metrics-listen {metrics}",
+        "exec {} --socket {} serve --state-dir {} --run-dir {} --cgroup-parent /{parent} --metrics-listen {metrics}",
         node.display(),
         sock.display(),
         dir.path().join("state").display(),
         dir.path().join("run").display(),
-        std::process::id(),
     );
-    let mut child = Command::new("capsh")
-        .args(["--drop=cap_bpf,cap_sys_admin,cap_perfmon", "--", "-c", &cmd])
+    let mut child = wrap(&cmd)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
-        .expect("capsh (libcap2-bin)");
+        .expect("the wrapper");
     let daemon_log = || fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     let up = wait_until(Duration::from_secs(30), "node socket", || {
         std::os::unix::net::UnixStream::connect(&sock).ok()
     });
-    let result = std::panic::catch_unwind(|| {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         up.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log()));
         let out = Command::new(&node)
             .arg("--socket")
@@ -768,40 +770,10 @@ fn without_permission_the_node_runs_and_says_why() {
             .output()
             .unwrap();
         let n: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(n["features"]["ebpf"], false, "{}", n["features"]);
-        let reason = n["features"]["ebpfReason"].as_str().unwrap().to_lowercase();
-        assert!(
-            reason.contains("not permitted") || reason.contains("permission"),
-            "{reason}"
-        );
-        for (p, state) in n["features"]["ebpfPrograms"].as_object().unwrap() {
-            assert!(
-                state.as_str().unwrap().starts_with("not loaded"),
-                "{p}: {state}"
-            );
-        }
-        // Said once, in the log.
-        assert_eq!(
-            daemon_log().matches("eBPF telemetry off").count(),
-            1,
-            "{}",
-            daemon_log()
-        );
-        let m = wait_until(T, "metrics", || {
-            std::net::TcpStream::connect(&metrics).ok()?;
-            Some(http_tcp(&metrics, "/metrics", None))
-        })
-        .unwrap();
-        assert!(
-            m.contains("hyperbox_ebpf_program_attached{program=\"exec\"} 0"),
-            "{m}"
-        );
-        assert!(m.contains("hyperbox_container_starts_total"), "{m}");
-    });
+        check(&n, &metrics, &daemon_log);
+    }));
     let _ = child.kill();
     let _ = child.wait();
-    let parent = format!("hyperbox-nocap-{}", std::process::id());
-    let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&parent));
     for hierarchy in fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
@@ -809,7 +781,106 @@ fn without_permission_the_node_runs_and_says_why() {
     {
         let _ = fs::remove_dir(hierarchy.path().join(&parent));
     }
+    let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&parent));
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+}
+
+/// What a node without eBPF still exports, and that it said why once.
+fn exports_without_ebpf(n: &Value, metrics: &str, daemon_log: &dyn Fn() -> String) {
+    for (p, state) in n["features"]["ebpfPrograms"].as_object().unwrap() {
+        assert!(
+            state.as_str().unwrap().starts_with("not loaded"),
+            "{p}: {state}"
+        );
+    }
+    assert_eq!(
+        daemon_log().matches("eBPF telemetry off").count(),
+        1,
+        "{}",
+        daemon_log()
+    );
+    let m = wait_until(T, "metrics", || {
+        std::net::TcpStream::connect(metrics).ok()?;
+        Some(http_tcp(metrics, "/metrics", None))
+    })
+    .unwrap();
+    assert!(
+        m.contains("hyperbox_ebpf_program_attached{program=\"exec\"} 0"),
+        "{m}"
+    );
+    assert!(m.contains("hyperbox_container_starts_total"), "{m}");
+}
+
+#[test]
+fn without_permission_the_node_runs_and_says_why() {
+    wrapped_node(
+        "nocap",
+        |cmd| {
+            let mut c = Command::new("capsh");
+            c.args(["--drop=cap_bpf,cap_sys_admin,cap_perfmon", "--", "-c", cmd]);
+            c
+        },
+        |n, metrics, daemon_log| {
+            assert_eq!(n["features"]["ebpf"], false, "{}", n["features"]);
+            let reason = n["features"]["ebpfReason"].as_str().unwrap().to_lowercase();
+            assert!(
+                reason.contains("not permitted") || reason.contains("permission"),
+                "{reason}"
+            );
+            exports_without_ebpf(n, metrics, daemon_log);
+        },
+    );
+}
+
+/// In a cgroup namespace, a cgroup2 mount shows the namespace's root, and a container's depth
+/// read from its path is not its depth in the kernel: the programs would count nothing. The
+/// node sees that (the mount's cgroup id is not 1), says so and exports the rest.
+#[test]
+fn in_a_cgroup_namespace_the_node_says_why() {
+    let v2 = v2_root().expect("cgroup v2");
+    let ns_root = v2.join(format!("hbcgns-{}", std::process::id()));
+    fs::create_dir_all(&ns_root).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            if let Ok(d) = fs::read_dir(&self.0) {
+                for e in d.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(ns_root.clone());
+    wrapped_node(
+        "cgns",
+        |cmd| {
+            // Into the new cgroup first, so that it is the namespace's root; then, in a private
+            // mount namespace, a new cgroup2 mount in place of the host's.
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                &format!(
+                    "echo $$ > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private sh -c \"$0\"",
+                    ns_root.display()
+                ),
+                &format!(
+                    "umount -l {v2} && mount -t cgroup2 none {v2} && {cmd}",
+                    v2 = v2.display()
+                ),
+            ]);
+            c
+        },
+        |n, metrics, daemon_log| {
+            assert_eq!(n["features"]["ebpf"], false, "{}", n["features"]);
+            let reason = n["features"]["ebpfReason"].as_str().unwrap();
+            assert!(
+                reason.contains("is not the hierarchy's root") && reason.contains("namespace"),
+                "{reason}"
+            );
+            exports_without_ebpf(n, metrics, daemon_log);
+        },
+    );
 }
