@@ -748,6 +748,16 @@ impl Node {
         }
     }
 
+    /// Wait until `workload`'s container log (`logs WORKLOAD`) contains `text`.
+    pub fn wait_for_log(&self, workload: &str, text: &str, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("{workload} logging {text:?}"), || {
+            let out = self.cli(&["logs", workload]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(text)
+                .then_some(())
+        })
+    }
+
     /// Run the CLI against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("hyperbox-node"))

@@ -107,13 +107,7 @@ fn ebpf_counts_execs_network_oom_and_run_queue_per_container() {
         .wait_for("hog", T, "oom kill", |v| v["phase"] == "Failed")
         .unwrap();
     assert_eq!(hog["reason"], "OOMKilled", "{hog}");
-    wait_until(T, "net fetched", || {
-        let out = node.cli(&["logs", "net"]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("fetched")
-            .then_some(())
-    })
-    .unwrap();
+    node.wait_for_log("net", "fetched", T).unwrap();
 
     // Execs: exactly the container's own, however long we wait.
     let execs = "hyperbox_container_process_execs_total";
@@ -276,13 +270,7 @@ fn tcp_retransmits_are_counted_for_the_sender() {
         .wait_for("lossy", T, "lossy running", |v| v["phase"] == "Running")
         .unwrap();
     let pid = v["replicas"][0]["pid"].as_i64().unwrap() as i32;
-    wait_until(T, "lossy serving", || {
-        let out = node.cli(&["logs", "lossy"]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("serving")
-            .then_some(())
-    })
-    .unwrap();
+    node.wait_for_log("lossy", "serving", T).unwrap();
     let ns = pid.to_string();
     for chain in [["INPUT", "-i"], ["OUTPUT", "-o"]] {
         let drop = Command::new("nsenter")
@@ -307,13 +295,7 @@ fn tcp_retransmits_are_counted_for_the_sender() {
     let (before, failed_before) = (segs(), fails());
     fs::write(format!("/proc/{pid}/root/tmp/go"), b"").unwrap();
     for w in ["lossy", "clean"] {
-        wait_until(T, &format!("{w} fetched"), || {
-            let out = node.cli(&["logs", w]);
-            String::from_utf8_lossy(&out.stdout)
-                .contains("fetched")
-                .then_some(())
-        })
-        .unwrap();
+        node.wait_for_log(w, "fetched", T).unwrap();
     }
     let (kernel, failed) = (segs() - before, fails() - failed_before);
     let sent = kernel - failed;
