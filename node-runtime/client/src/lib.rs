@@ -744,7 +744,7 @@ enum Stream {
 
 /// Aborts the task driving a connection when the request using it is done or given up (a
 /// timed-out request must not leave its connection open in the background).
-struct ConnectionTask(tokio::task::JoinHandle<()>);
+struct ConnectionTask(tokio::task::JoinHandle<Result<(), hyper::Error>>);
 
 impl Drop for ConnectionTask {
     fn drop(&mut self) {
@@ -760,11 +760,19 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let task = ConnectionTask(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
-    let resp = sender.send_request(req).await?;
-    Ok((resp, task))
+    let mut task = ConnectionTask(tokio::spawn(conn));
+    match sender.send_request(req).await {
+        Ok(resp) => Ok((resp, task)),
+        Err(e) => {
+            // When the connection failed first (with TLS 1.3, a server that refuses the client
+            // certificate says so on the first read, which can beat the request), the request
+            // only says "canceled": the connection's own error says why.
+            match tokio::time::timeout(Duration::from_secs(1), &mut task.0).await {
+                Ok(Ok(Err(conn_err))) => Err(conn_err),
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 /// An error with its causes, `outer: inner: innermost` (hyper's own message alone often says
