@@ -32,6 +32,8 @@ import sys
 import time
 import urllib.request
 
+from benchlib import free_port
+
 node_bin, image, work, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 floor_loader, floor_object = sys.argv[5], sys.argv[6]
 EXECS = int(os.environ.get("EXECS", "10000"))
@@ -50,16 +52,6 @@ def v2_root():
         if f[2] == "cgroup2":
             return f[1]
     raise SystemExit("no cgroup v2 mount")
-
-
-def free_port():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def busy_seconds():

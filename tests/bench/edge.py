@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import free_port
+
 NODE, OP, SOCK, IMAGE, WORK = sys.argv[1:6]
 PUSHES = int(os.environ.get("PUSHES", "15"))
 SIZES = [int(s) for s in os.environ.get("SIZES", "1000,10000").split(",")]
@@ -39,14 +41,6 @@ def doc(name, extra=""):
     return (f"apiVersion: hyperbox.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: {name}\n"
             f"spec:\n  image: {IMAGE}\n  command: [sleep, '100000']\n"
             f"  terminationGracePeriodSeconds: 0\n{extra}")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def make_repo(path, n, suspended):

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import free_port
+
 node_bin, op_bin, cdir, image, count, mode, chart, work = sys.argv[1:9]
 count = int(count)
 kubectl = [os.path.join(cdir, "bin/kubectl"), "--kubeconfig", os.path.join(cdir, "kubeconfig")]
@@ -45,15 +47,6 @@ def kubeconfig_for(sa):
     path = os.path.join(work, f"kubeconfig-{sa}")
     open(path, "w").write("\n".join(out) + "\n")
     return path
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait(what, pred, timeout=300, every=0.5):

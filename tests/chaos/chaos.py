@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from benchlib import free_port  # noqa: E402
+
 SETTLE_TIMEOUT = 90.0  # seconds a round may take to converge
 NAMES = [f"w{i}" for i in range(10)]  # names are reused: re-adds after removals
 MIN_WORKLOADS, MAX_WORKLOADS = 3, 8
@@ -31,14 +34,6 @@ IMAGE_PAD_MB = 32  # random bytes in each image: pulls take long enough to be in
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def port_open(port):

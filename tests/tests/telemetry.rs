@@ -73,11 +73,12 @@ fn exec_loop() -> String {
 
 const SERVED: u64 = 1 << 20;
 
-/// An HTTP server and a client in one container, over loopback: SERVED bytes of body go out
-/// of the server's socket and into the client's, both the container's.
-fn loopback_transfer() -> String {
+/// An HTTP server and a client in one container, over loopback: `bytes` of body go out of the
+/// server's socket and into the client's, both the container's. `before_fetch` runs between
+/// the server's start and the client's (a shell command list ending in `&&`, or nothing).
+fn loopback_transfer(bytes: u64, before_fetch: &str) -> String {
     format!(
-        "  command: [sh, -c, 'mkdir -p /tmp/www && head -c {SERVED} /dev/zero > /tmp/www/f && httpd -p 127.0.0.1:8080 -h /tmp/www && wget -q -O /dev/null http://127.0.0.1:8080/f && echo fetched && exec /bin/sleep 1000']\n  network: none\n  terminationGracePeriodSeconds: 0\n"
+        "  command: [sh, -c, 'mkdir -p /tmp/www && head -c {bytes} /dev/zero > /tmp/www/f && httpd -p 127.0.0.1:8080 -h /tmp/www && {before_fetch}wget -q -O /dev/null http://127.0.0.1:8080/f && echo fetched && exec /bin/sleep 1000']\n  network: none\n  terminationGracePeriodSeconds: 0\n"
     )
 }
 
@@ -95,7 +96,7 @@ fn ebpf_counts_execs_network_oom_and_run_queue_per_container() {
     }
 
     node.apply(&workload("execs", &image, &exec_loop()));
-    node.apply(&workload("net", &image, &loopback_transfer()));
+    node.apply(&workload("net", &image, &loopback_transfer(SERVED, "")));
     node.apply(&workload(
         "hog",
         &image,
@@ -233,13 +234,9 @@ fn ebpf_counts_execs_network_oom_and_run_queue_per_container() {
 
 const LOSSY: u64 = 4 << 20;
 
-/// Like `loopback_transfer`, but the client waits for /tmp/go, so that the test can make the
-/// container's loopback lossy first.
-fn lossy_transfer() -> String {
-    format!(
-        "  command: [sh, -c, 'mkdir -p /tmp/www && head -c {LOSSY} /dev/zero > /tmp/www/f && httpd -p 127.0.0.1:8080 -h /tmp/www && echo serving && until [ -e /tmp/go ]; do sleep 0.1; done && wget -q -O /dev/null http://127.0.0.1:8080/f && echo fetched && exec /bin/sleep 1000']\n  network: none\n  terminationGracePeriodSeconds: 0\n"
-    )
-}
+/// Before its client fetches, the lossy container says it serves and waits for /tmp/go, so
+/// that the test can make its loopback lossy first.
+const WAIT_FOR_GO: &str = "echo serving && until [ -e /tmp/go ]; do sleep 0.1; done && ";
 
 /// A counter of the network namespace of `pid`: `file` under /proc/PID/net (snmp, netstat),
 /// the line pair starting `group` ("Tcp:", "TcpExt:"), the column `name`.
@@ -264,8 +261,12 @@ fn tcp_retransmits_are_counted_for_the_sender() {
     let image = push_busybox(&reg).unwrap();
     let (node, metrics) = start_node(&reg, &[]);
     assert_eq!(node.node_json()["features"]["ebpf"], true);
-    node.apply(&workload("lossy", &image, &lossy_transfer()));
-    node.apply(&workload("clean", &image, &loopback_transfer()));
+    node.apply(&workload(
+        "lossy",
+        &image,
+        &loopback_transfer(LOSSY, WAIT_FOR_GO),
+    ));
+    node.apply(&workload("clean", &image, &loopback_transfer(SERVED, "")));
     let v = node
         .wait_for("lossy", T, "lossy running", |v| v["phase"] == "Running")
         .unwrap();
