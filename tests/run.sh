@@ -15,18 +15,33 @@ cargo build --workspace
 if (($#)); then
   cargo test "$@"
 else
-  cargo test --workspace
+  # Every stage runs even when one before it failed, and `cargo test` goes on past a failing
+  # test binary (--no-fail-fast): one report shows every failure, not only the first.
+  failed=()
+  stage() {
+    local name=$1
+    shift
+    echo "== $name" >&2
+    "$@" || failed+=("$name")
+  }
+  stage "cargo test" cargo test --workspace --no-fail-fast
   # Edge install: the Debian package built from the debug build made above, installed,
   # checked (files, modes, completions, man pages, systemd-analyze verify, the units'
   # ExecStart lines run as written), removed and purged again (about 30 s).
-  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/install/run.sh
+  export HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug"
+  stage "install" tests/install/run.sh
   # In-place upgrade: two package builds; the new node daemon re-adopts the old one's two
   # running containers (same ids and pids) after a KillMode=process restart (about 1 min).
-  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/install/upgrade.sh
+  stage "upgrade" tests/install/upgrade.sh
   # Chaos soak: 20 rounds of kill -9, pushes, outages and drift deletes, on the debug build
   # made above (no release build in CI).
-  HYPERBOX_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" tests/chaos/run.sh 20
+  stage "chaos" tests/chaos/run.sh 20
   # A short coverage-guided fuzz of every untrusted-input parser (15 s each; an unoptimized
   # build because building dominates a run this short).
-  FUZZ_PROFILE=dev tests/fuzz/run.sh 15
+  stage "fuzz" env FUZZ_PROFILE=dev tests/fuzz/run.sh 15
+  if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]}" >&2
+    exit 1
+  fi
+  echo "all stages passed" >&2
 fi

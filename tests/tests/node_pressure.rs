@@ -179,12 +179,21 @@ fn thrash_image(reg: &Registry) -> String {
     .0
 }
 
-/// A workload whose working set (the thrash image's file) does not fit its memory limit.
+/// A workload whose working set (the thrash image's file) does not fit its memory limit,
+/// read by four readers at once.
+///
+/// One reader's stall depends on the disk: the refault reads wait on I/O, which PSI counts as
+/// I/O pressure, so on a slow disk a lone reader's memory `some` stays low (measured here with
+/// the disk throttled to 20 MB/s: 6%, with 20% wanted; a fresh CI machine saw 10.5%). With
+/// several readers of one file, a page one reader faults in is soon read by another, so its
+/// eviction and refault count as thrashing (memory stall, waits included), and `some` counts
+/// any one reader stalled: 40% at 30 s here, quiet or with both cores busy, at 20 MB/s, and
+/// 28% at 5 MB/s (RELIABILITY.md, "memory pressure in tests").
 fn starved(image: &str) -> String {
     workload(
         "starved",
         image,
-        "  command: [sh, -c, 'while :; do cat /big > /dev/null; done']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
+        "  command: [sh, -c, 'for i in 1 2 3 4; do (while :; do cat /big > /dev/null; done) & done; wait']\n  resources: {memory: 32Mi}\n  terminationGracePeriodSeconds: 0\n",
     )
 }
 
