@@ -41,9 +41,9 @@ pub struct ServeOptions {
     /// Held back from the capacity for the system and HyperBox itself (`--reserve`).
     pub reserve: hyperbox_api::ResourceAmounts,
     /// New replicas are refused while this PSI signal is above its threshold.
-    pub pressure_gate: Option<crate::admission::PressureGate>,
+    pub pressure_gate: Option<crate::pressure::admission::PressureGate>,
     /// Pressure protection (`--pressure-protection`), none when off.
-    pub protection: Option<crate::protect::ProtectConfig>,
+    pub protection: Option<crate::pressure::protect::ProtectConfig>,
     /// The node's name in telemetry (`--node-name`, else the host name).
     pub node_name: String,
     /// Load the eBPF telemetry programs (`--ebpf`).
@@ -177,27 +177,27 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     )?;
     sup.set_policy(policy);
     let capacity = crate::node::capacity();
-    let facts = crate::admission::NodeFacts {
+    let facts = crate::pressure::admission::NodeFacts {
         id: crate::node::load_or_create_id(&state)?,
-        labels: crate::admission::node_labels(&crate::node::hostname(), &opts.labels),
+        labels: crate::pressure::admission::node_labels(&crate::node::hostname(), &opts.labels),
         capacity,
         allocatable: capacity.minus(opts.reserve),
         pressure_gate: opts.pressure_gate,
-        pressure_dir: crate::psi::v2_root()
+        pressure_dir: crate::pressure::psi::v2_root()
             .map(|r| r.join(opts.cgroup_parent.trim_start_matches('/'))),
     };
     tracing::info!(
         node_id = %facts.id,
         labels = ?facts.labels,
         allocatable_cpu_millis = facts.allocatable.cpu_millis,
-        allocatable_memory = %crate::admission::bytes(facts.allocatable.memory_bytes),
+        allocatable_memory = %crate::pressure::admission::bytes(facts.allocatable.memory_bytes),
         "node admission"
     );
     let protection_signal = facts.pressure_dir.clone();
     sup.set_node(facts);
     sup.recover().await?;
     match opts.protection {
-        Some(cfg) if crate::psi::node().is_some() => {
+        Some(cfg) if crate::pressure::psi::node().is_some() => {
             tracing::info!(settings = %cfg.describe(), "pressure protection on");
             sup.enable_protection(cfg, protection_signal).await;
             let sup = sup.clone();

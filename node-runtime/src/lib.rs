@@ -1,7 +1,6 @@
 //! HyperBox node runtime: pulls OCI images into EROFS and runs Workloads as supervised
 //! libcontainer containers, behind an HTTP/JSON API.
 
-pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod container;
@@ -13,9 +12,8 @@ pub mod kubeapi;
 pub mod logs;
 pub mod node;
 pub mod policy;
+pub mod pressure;
 pub mod probe;
-pub mod protect;
-pub mod psi;
 pub mod runtime;
 pub mod seccomp;
 pub mod server;

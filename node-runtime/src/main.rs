@@ -114,12 +114,12 @@ enum Command {
         /// Refuse new replicas while a PSI signal (the higher of the host's and the node's
         /// workloads') is above a threshold: RESOURCE.KIND.WINDOW=PERCENT, or `off`.
         #[arg(long, default_value = "memory.full.avg10=10")]
-        pressure_admission: hyperbox_node::admission::PressureAdmission,
+        pressure_admission: hyperbox_node::pressure::admission::PressureAdmission,
         /// Under sustained memory pressure, throttle and then evict the lowest-priority
         /// replicas (reason EvictedForPressure): `on`, `off`, or settings over the defaults,
         /// `throttle=10,evict=20,release=2,sustain=3s,cooldown=5s,release-after=30s,restore-after=60s`.
         #[arg(long, default_value = "on")]
-        pressure_protection: hyperbox_node::protect::PressureProtection,
+        pressure_protection: hyperbox_node::pressure::protect::PressureProtection,
         /// How images are prepared: `layers` (one EROFS per layer, shared between images,
         /// stacked by overlayfs) or `flattened` (one EROFS per image).
         #[arg(long, default_value = "layers", value_parser = ["layers", "flattened"])]
@@ -135,11 +135,11 @@ enum Command {
         allow_net_raw: bool,
         /// A node label, key=value (repeatable); nodeSelectors match these and the built-in
         /// kubernetes.io/hostname, kubernetes.io/arch and kubernetes.io/os.
-        #[arg(long = "label", value_parser = hyperbox_node::admission::parse_label)]
+        #[arg(long = "label", value_parser = hyperbox_node::pressure::admission::parse_label)]
         labels: Vec<(String, String)>,
         /// Held back from admission for the system and HyperBox itself: allocatable is the
         /// capacity minus this (like kubelet's --system-reserved).
-        #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::admission::parse_amounts)]
+        #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::pressure::admission::parse_amounts)]
         reserve: hyperbox_api::ResourceAmounts,
         /// Register with a Kubernetes API server as a HyperNode and heartbeat it: a kubeconfig
         /// file, or `in-cluster` (the service account of the pod, for the DaemonSet). Needs

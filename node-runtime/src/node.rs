@@ -17,9 +17,9 @@ pub fn cgroup_mode() -> String {
     }
 }
 
-/// Node-wide PSI, or `None` when the kernel does not expose it (see [`crate::psi`]).
+/// Node-wide PSI, or `None` when the kernel does not expose it (see [`crate::pressure::psi`]).
 pub fn pressure() -> Option<Pressure> {
-    crate::psi::node()
+    crate::pressure::psi::node()
 }
 
 pub fn capacity() -> ResourceAmounts {
@@ -67,7 +67,7 @@ pub fn hostname() -> String {
 }
 
 pub fn summary(
-    facts: Option<&crate::admission::NodeFacts>,
+    facts: Option<&crate::pressure::admission::NodeFacts>,
     requested: ResourceAmounts,
     allocations: ResourceAmounts,
     workloads: usize,
@@ -117,7 +117,7 @@ pub fn summary(
         pressure,
         workloads_pressure: facts
             .and_then(|f| f.pressure_dir.as_deref())
-            .and_then(crate::psi::cgroup),
+            .and_then(crate::pressure::psi::cgroup),
         pressure_admission: facts
             .and_then(|f| f.pressure_gate)
             .map(|g| format!("{}={}", g.name(), g.threshold)),

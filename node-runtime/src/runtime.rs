@@ -154,8 +154,8 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
     /// Where pressure protection throttles the container (nothing in test doubles).
-    fn controls(&self, _id: &str) -> crate::protect::Controls {
-        crate::protect::Controls::default()
+    fn controls(&self, _id: &str) -> crate::pressure::protect::Controls {
+        crate::pressure::protect::Controls::default()
     }
     /// Run a command inside the container; killed at the timeout. Returns its exit code.
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32>;
@@ -220,7 +220,7 @@ impl Runtime for LibcontainerRuntime {
         counters.start_seconds.observe(t0.elapsed());
         if let Some(t) = crate::telemetry::get() {
             let dir = container::v2_cgroup_dir(&self.dirs, req.id);
-            if let Some(cgid) = dir.as_deref().and_then(crate::psi::cgroup_id) {
+            if let Some(cgid) = dir.as_deref().and_then(crate::pressure::psi::cgroup_id) {
                 t.container_started(
                     req.id,
                     crate::telemetry::ReplicaKey {
@@ -327,7 +327,7 @@ impl Runtime for LibcontainerRuntime {
         container::v2_cgroup_dir(&self.dirs, id)
     }
 
-    fn controls(&self, id: &str) -> crate::protect::Controls {
+    fn controls(&self, id: &str) -> crate::pressure::protect::Controls {
         container::controls(&self.dirs, id)
     }
 

@@ -79,7 +79,7 @@ pub fn create_and_start(
             bundle: bundle.clone(),
             log: req.log_file.to_path_buf(),
             loopback: req.workload.spec.network == NetworkMode::None,
-            v2_cgroup: crate::psi::needs_v2_placement()
+            v2_cgroup: crate::pressure::psi::needs_v2_placement()
                 .then(|| v2_cgroup_dir(dirs, req.id))
                 .flatten(),
         })?;
@@ -272,16 +272,16 @@ pub fn cgroup_parent_dirs(parent: &str) -> Vec<PathBuf> {
 /// hybrid host, or its own cgroup on a pure v2 host. `None` on a v1-only host.
 pub fn v2_cgroup_dir(dirs: &RuntimeDirs, id: &str) -> Option<PathBuf> {
     let rel = dirs.cgroup_parent.trim_start_matches('/');
-    Some(crate::psi::v2_root()?.join(rel).join(id))
+    Some(crate::pressure::psi::v2_root()?.join(rel).join(id))
 }
 
 /// Where pressure protection holds the container back: its v2 cgroup when that has the memory
 /// controller (pure v2 hosts), else its v1 memory and cpu cgroups.
-pub fn controls(dirs: &RuntimeDirs, id: &str) -> crate::protect::Controls {
+pub fn controls(dirs: &RuntimeDirs, id: &str) -> crate::pressure::protect::Controls {
     let rel = dirs.cgroup_parent.trim_start_matches('/');
     let root = Path::new("/sys/fs/cgroup");
     let existing = |p: PathBuf| p.is_dir().then_some(p);
-    crate::protect::Controls {
+    crate::pressure::protect::Controls {
         v2: v2_cgroup_dir(dirs, id).filter(|d| d.join("memory.current").exists()),
         v1_memory: existing(root.join("memory").join(rel).join(id))
             .filter(|d| d.join("memory.soft_limit_in_bytes").exists()),

@@ -31,9 +31,9 @@ use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use self::actor::{Actor, ActorHandle, Begin, Msg};
 use self::record::{Quarantined, WorkloadRecord};
 use self::replica::{Policy, Stage};
-use crate::admission::{self, NodeFacts};
 use crate::fsutil::{fsync_path, syncfs};
 use crate::image::{ImageSource, ImageStore};
+use crate::pressure::admission::{self, NodeFacts};
 use crate::runtime::Runtime;
 
 #[derive(Debug, Clone)]
@@ -1033,7 +1033,7 @@ impl Supervisor {
                     // Memory where its controller is: v2 on pure v2 hosts, else v1.
                     let memory = controls.v2.or(controls.v1_memory);
                     let reading = crate::telemetry::CgroupReading {
-                        cgroup_id: v2.as_deref().and_then(crate::psi::cgroup_id),
+                        cgroup_id: v2.as_deref().and_then(crate::pressure::psi::cgroup_id),
                         cpu_usec: v2.as_deref().and_then(crate::telemetry::cpu_usec),
                         memory_bytes: memory.as_deref().and_then(crate::telemetry::memory_bytes),
                     };
@@ -1071,15 +1071,15 @@ impl Supervisor {
                 .into_iter()
                 .map(|id| {
                     let dir = runtime.v2_cgroup(&id);
-                    let p = dir.as_deref().and_then(crate::psi::cgroup);
-                    let cid = dir.as_deref().and_then(crate::psi::cgroup_id);
+                    let p = dir.as_deref().and_then(crate::pressure::psi::cgroup);
+                    let cid = dir.as_deref().and_then(crate::pressure::psi::cgroup_id);
                     (id, p, cid)
                 })
                 .collect::<Vec<_>>();
-            let host = crate::psi::node().as_ref().map(some_avg10);
+            let host = crate::pressure::psi::node().as_ref().map(some_avg10);
             let workloads = parent
                 .as_deref()
-                .and_then(crate::psi::cgroup)
+                .and_then(crate::pressure::psi::cgroup)
                 .as_ref()
                 .map(some_avg10);
             let node = match (host, workloads) {

@@ -87,7 +87,7 @@ impl Supervisor {
         let gate = facts
             .as_ref()
             .and_then(|f| f.pressure_gate)
-            .unwrap_or(crate::admission::DEFAULT_PRESSURE_GATE);
+            .unwrap_or(crate::pressure::admission::DEFAULT_PRESSURE_GATE);
         let limit = gate.threshold / 2.0;
         match gate.read(facts.as_ref().and_then(|f| f.pressure_dir.as_deref())) {
             Some(v) if v >= limit => Err(format!(

@@ -1,4 +1,4 @@
-//! One round of pressure protection: read the signal, let [`crate::protect::Protector`]
+//! One round of pressure protection: read the signal, let [`crate::pressure::protect::Protector`]
 //! decide, carry out its actions.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::replica::{Reason, Stage};
 use super::Supervisor;
-use crate::protect::{Action, Candidate, ProtectConfig, Protector, StallRate};
+use crate::pressure::protect::{Action, Candidate, ProtectConfig, Protector, StallRate};
 
 /// What the protection loop keeps between rounds besides the protector.
 pub struct ProtectionState {
@@ -36,14 +36,14 @@ impl ProtectionState {
 fn memory_full_total(signal: Option<&std::path::Path>) -> Option<u64> {
     let parent = signal.map(|dir| dir.join("memory.pressure"));
     let r = match parent.filter(|f| f.exists()) {
-        Some(f) => crate::psi::read(&f),
-        None => crate::psi::read(std::path::Path::new("/proc/pressure/memory")),
+        Some(f) => crate::pressure::psi::read(&f),
+        None => crate::pressure::psi::read(std::path::Path::new("/proc/pressure/memory")),
     }?;
     Some(r.full.total)
 }
 
 impl Supervisor {
-    /// Turn pressure protection on (see [`crate::protect`]). Throttles left by an earlier
+    /// Turn pressure protection on (see [`crate::pressure::protect`]). Throttles left by an earlier
     /// daemon are lifted now: which replicas they held back was not recorded.
     pub async fn enable_protection(&self, cfg: ProtectConfig, signal: Option<PathBuf>) {
         let (running, _) = self.protection_view().await;

@@ -151,7 +151,7 @@ pub fn get() -> Option<&'static Telemetry> {
 impl Telemetry {
     fn new(mode: EbpfMode, cgroup_parent: &str, node_name: String) -> Telemetry {
         let rel = cgroup_parent.trim_start_matches('/');
-        let v2_root = crate::psi::v2_root();
+        let v2_root = crate::pressure::psi::v2_root();
         let v2_parent = v2_root.as_ref().map(|r| r.join(rel));
         let all = |state: &str| -> BTreeMap<String, String> {
             ebpf::program_names()
@@ -322,7 +322,7 @@ fn cgroup_ids_below(parent: &Path) -> HashSet<u64> {
         .flatten()
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .filter_map(|e| crate::psi::cgroup_id(&e.path()))
+        .filter_map(|e| crate::pressure::psi::cgroup_id(&e.path()))
         .collect()
 }
 

@@ -80,7 +80,7 @@ impl PressureGate {
                 .find(|a| *a == v)
                 .ok_or_else(|| format!("{v:?} is not a {what} (one of {})", allowed.join(", ")))
         };
-        let threshold = crate::psi::parse_percent(value)?;
+        let threshold = crate::pressure::psi::parse_percent(value)?;
         Ok(Some(PressureGate {
             resource: pick(resource, &["cpu", "memory", "io"], "PSI resource")?,
             kind: pick(kind, &["some", "full"], "PSI line")?,
@@ -115,8 +115,10 @@ impl PressureGate {
     /// The signal now: the higher of the host's reading and that of the node's workloads
     /// (`dir`, their cgroup v2 parent). `None` without PSI.
     pub fn read(&self, dir: Option<&std::path::Path>) -> Option<f32> {
-        let host = crate::psi::node().map(|p| self.value(&p));
-        let workloads = dir.and_then(crate::psi::cgroup).map(|p| self.value(&p));
+        let host = crate::pressure::psi::node().map(|p| self.value(&p));
+        let workloads = dir
+            .and_then(crate::pressure::psi::cgroup)
+            .map(|p| self.value(&p));
         match (host, workloads) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),

@@ -92,7 +92,7 @@ impl ProtectConfig {
                 .split_once('=')
                 .ok_or_else(|| format!("{part:?}: expected KEY=VALUE (or off, on)"))?;
             let (k, v) = (k.trim(), v.trim());
-            let pct = || crate::psi::parse_percent(v).map_err(|e| format!("{k}: {e}"));
+            let pct = || crate::pressure::psi::parse_percent(v).map_err(|e| format!("{k}: {e}"));
             let dur = || -> Result<Duration, String> {
                 hyperbox_api::util::parse_duration(v)
                     .map_err(|e| format!("{k}: {v:?} is not a duration: {e}"))
