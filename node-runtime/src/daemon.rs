@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::container::RuntimeDirs;
-use crate::erofs::ErofsSupport;
-use crate::image::{ImageStore, StoreConfig, UnpackLimits};
-use crate::policy::NodePolicy;
-use crate::runtime::LibcontainerRuntime;
+use crate::containers::policy::NodePolicy;
+use crate::containers::LibcontainerRuntime;
+use crate::containers::RuntimeDirs;
+use crate::images::erofs::ErofsSupport;
+use crate::images::{ImageStore, StoreConfig, UnpackLimits};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
 #[derive(Clone)]
@@ -327,7 +327,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     // Containers keep running; the next start re-adopts them (live restore).
     sup.detach_all().await;
     // The cgroup parent goes when no container is left in it (rmdir fails otherwise).
-    for parent in crate::container::cgroup_parent_dirs(&opts.cgroup_parent) {
+    for parent in crate::containers::cgroup_parent_dirs(&opts.cgroup_parent) {
         let _ = std::fs::remove_dir(parent);
     }
     let _ = std::fs::remove_file(&opts.socket);

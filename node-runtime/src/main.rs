@@ -243,7 +243,7 @@ enum Command {
 /// compiled in (whether they load is up to the kernel when `serve` starts: `node -o json`);
 /// EROFS depends on the kernel and mkfs.erofs, so it is looked up now.
 fn features() -> Vec<Feature> {
-    let erofs = hyperbox_node::erofs::ErofsSupport::detect();
+    let erofs = hyperbox_node::images::erofs::ErofsSupport::detect();
     vec![
         Feature::new(
             "ebpf",
@@ -277,8 +277,8 @@ fn workload_key(namespace: Option<&str>, name: &str) -> String {
 fn main() -> ExitCode {
     // The container spawner: a single-threaded helper the daemon starts (see
     // `container::spawner`). Checked before anything else runs, so it never has a second thread.
-    if std::env::args().nth(1).as_deref() == Some(hyperbox_node::container::spawner::SPAWNER_ARG) {
-        hyperbox_node::container::spawner::serve();
+    if std::env::args().nth(1).as_deref() == Some(hyperbox_node::containers::spawner::SPAWNER_ARG) {
+        hyperbox_node::containers::spawner::serve();
     }
     run_main(run(parse_with_config::<Cli, NodeConfig>(features)))
 }

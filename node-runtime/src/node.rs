@@ -72,7 +72,7 @@ pub fn summary(
     allocations: ResourceAmounts,
     workloads: usize,
     containers: usize,
-    images: Option<&crate::image::ImageStore>,
+    images: Option<&crate::images::ImageStore>,
 ) -> NodeSummary {
     let erofs = images.map(|s| s.erofs());
     let layered = images.is_some_and(|s| s.layered());

@@ -17,10 +17,10 @@ use super::record::{self, WorkloadRecord};
 use super::replica::{Action, Event, ImageFailure, Policy, Replica, Stage};
 use super::rollout;
 use super::Shared;
-use crate::container::StartRequest;
+use crate::containers::StartRequest;
+use crate::containers::{ProcHandle, Started};
 use crate::fsutil::{now_unix_ms, remove_dir_all_if_exists};
-use crate::image::{ImageError, PreparedImage};
-use crate::runtime::{ProcHandle, Started};
+use crate::images::{ImageError, PreparedImage};
 
 /// Longest grace period a stop allows before SIGKILL, whatever the spec says: the same cap
 /// validation puts on the spec (a record written before the cap still obeys it).
@@ -935,7 +935,7 @@ impl Actor {
             ))
             .await;
             loop {
-                let ok = crate::probe::run(
+                let ok = super::probe::run(
                     runtime.clone(),
                     slots.clone(),
                     &container_id,

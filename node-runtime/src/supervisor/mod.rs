@@ -7,6 +7,7 @@
 
 pub mod actor;
 mod prewarm;
+mod probe;
 pub use prewarm::MAX_IMAGES as MAX_PREWARM_IMAGES;
 mod protection;
 pub mod record;
@@ -31,10 +32,10 @@ use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use self::actor::{Actor, ActorHandle, Begin, Msg};
 use self::record::{Quarantined, WorkloadRecord};
 use self::replica::{Policy, Stage};
+use crate::containers::Runtime;
 use crate::fsutil::{fsync_path, syncfs};
-use crate::image::{ImageSource, ImageStore};
+use crate::images::{ImageSource, ImageStore};
 use crate::pressure::admission::{self, NodeFacts};
-use crate::runtime::Runtime;
 
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -112,7 +113,7 @@ pub struct Supervisor {
     store: Option<Arc<ImageStore>>,
     quarantined: StdMutex<BTreeMap<String, Quarantined>>,
     /// The node's policy for admission (none in tests that do not care).
-    policy: StdMutex<Option<crate::policy::NodePolicy>>,
+    policy: StdMutex<Option<crate::containers::policy::NodePolicy>>,
     /// Labels and allocatable for capacity admission (none: everything fits).
     node: StdMutex<Option<NodeFacts>>,
     /// Requests of every admitted workload's desired replicas, by key.
@@ -183,7 +184,7 @@ pub enum Refused {
 }
 
 impl Supervisor {
-    pub fn set_policy(&self, policy: crate::policy::NodePolicy) {
+    pub fn set_policy(&self, policy: crate::containers::policy::NodePolicy) {
         *self.policy.lock().unwrap() = Some(policy);
     }
 
@@ -235,7 +236,7 @@ impl Supervisor {
                 logs_dir,
                 volumes_dir,
                 changes: watch::channel(0).0,
-                probe_slots: Arc::new(Semaphore::new(crate::probe::MAX_CONCURRENT_PROBES)),
+                probe_slots: Arc::new(Semaphore::new(probe::MAX_CONCURRENT_PROBES)),
                 registry: tokio::sync::Mutex::new(BTreeMap::new()),
                 gc_kick: Notify::new(),
                 records: writer::RecordWriter::start().context("start the record writer")?,

@@ -63,7 +63,7 @@ impl Supervisor {
                 continue;
             }
             let key = rec.workload.key();
-            let quota = crate::container::spec::cpu_quota_us(&rec.workload.spec);
+            let quota = crate::containers::spec::cpu_quota_us(&rec.workload.spec);
             for r in &rec.replicas {
                 if r.reason == Some(Reason::EvictedForPressure) {
                     evicted.push((key.clone(), r.index));

@@ -12,6 +12,8 @@ use std::time::Duration;
 use hyperbox_api::{Phase, RestartPolicy};
 use serde::{Deserialize, Serialize};
 
+use crate::containers::ProcIdentity;
+
 /// Why a replica is in its phase (Kubernetes vocabulary where one exists).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reason {
@@ -64,17 +66,6 @@ pub enum ImageFailure {
     Invalid,
     Pull,
     Prepare,
-}
-
-/// Proof that a pid is the container's init: a pid alone is reused by the kernel, the pair
-/// (boot, start time) is not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProcIdentity {
-    pub pid: i32,
-    pub boot_id: String,
-    /// Start time in clock ticks since boot (`/proc/PID/stat` field 22).
-    pub start_ticks: u64,
 }
 
 /// Where the replica is in its life.

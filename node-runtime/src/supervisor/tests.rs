@@ -7,8 +7,8 @@ use std::time::Duration;
 use hyperbox_api::{ApplyAction, Phase, Workload};
 
 use super::*;
-use crate::image::{ImageConfig, ImageError, ImageFuture, ImageSource, PreparedImage};
-use crate::runtime::fake::FakeRuntime;
+use crate::containers::fake::FakeRuntime;
+use crate::images::{ImageConfig, ImageError, ImageFuture, ImageSource, PreparedImage};
 
 struct InstantImages;
 

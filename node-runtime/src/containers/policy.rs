@@ -3,7 +3,7 @@
 //!
 //! - hostPath volumes only under allowed directories (by default only HyperBox's volumes dir);
 //! - no `CAP_NET_RAW` unless allowed;
-//! - a seccomp allow-list (see [`crate::seccomp`]).
+//! - a seccomp allow-list (see [`super::seccomp`]).
 //!
 //! Admission checks are pure and give field errors naming the rule; the runtime checks again
 //! with symlinks resolved when it builds the container, since a path can change in between.

@@ -1,44 +1,20 @@
-//! Containers: the overlay rootfs, and the libcontainer (youki) calls that create, signal and
-//! delete them, in process. The runtime spec itself is built in [`spec`].
+//! A container's life: the overlay rootfs, and the libcontainer (youki) calls that create,
+//! signal and delete it, in process. The runtime spec itself is built in [`super::spec`].
 
 use std::fs;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyperbox_api::{NetworkMode, Workload};
 
-use crate::erofs::mount_overlay;
+use super::dirs::RuntimeDirs;
+use super::policy::NodePolicy;
 use crate::fsutil::{remove_dir_all_if_exists, unmount_if_mounted};
-use crate::image::PreparedImage;
-use crate::policy::NodePolicy;
+use crate::images::erofs::mount_overlay;
+use crate::images::PreparedImage;
 
-/// Where the runtime keeps container state.
-#[derive(Debug, Clone)]
-pub struct RuntimeDirs {
-    /// `<state>/containers/<id>`: bundle (config.json), rootfs, upper, work.
-    pub containers: PathBuf,
-    /// libcontainer's own state root: per boot, under the run dir (tmpfs), so that nothing
-    /// from before a reboot (a pid above all) is ever taken for current.
-    pub libcontainer_root: PathBuf,
-    /// Where an older version kept libcontainer state (in the persistent state dir); only
-    /// cleaned up.
-    pub legacy_libcontainer_root: Option<PathBuf>,
-    /// `<state>/volumes/<workload>/<volume>` for emptyDir volumes.
-    pub volumes: PathBuf,
-    /// cgroup parent, e.g. `/hyperbox`.
-    pub cgroup_parent: String,
-}
-
-impl RuntimeDirs {
-    pub fn bundle(&self, id: &str) -> PathBuf {
-        self.containers.join(id)
-    }
-}
-
-pub mod spawner;
-pub mod spec;
-pub use spec::{oci_spec, read_in_root, resolve_process, ProcessSpec};
+use super::spawner;
+use super::spec::{oci_spec, resolve_process};
 
 /// Everything needed to start one replica's container.
 pub struct StartRequest<'a> {
@@ -95,49 +71,6 @@ pub fn create_and_start(
         let _ = destroy(dirs, req.id);
     }
     result
-}
-
-#[repr(C)]
-struct IfReqFlags {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// A fresh network namespace has its loopback down; services inside expect 127.0.0.1 to work
-/// (runc brings it up too). Done from a short-lived thread: setns only moves that thread.
-pub(crate) fn bring_up_loopback(pid: i32) -> Result<()> {
-    use std::os::fd::{AsFd, AsRawFd};
-    const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
-    const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
-    // The init is our unreaped child here, so the pid is still it.
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
-        .with_context(|| format!("open network namespace of pid {pid}"))?;
-    crate::fsutil::in_network_namespace(ns.as_fd(), || {
-        // SAFETY: socket() has no memory arguments; the fd is wrapped right away.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: sock is a fresh fd we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-        let mut req = IfReqFlags {
-            name: [0; 16],
-            flags: 0,
-            _pad: [0; 22],
-        };
-        req.name[..2].copy_from_slice(b"lo");
-        // SAFETY: ioctl with a properly sized ifreq.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS as _, &mut req) } != 0 {
-            bail!("get flags of lo: {}", std::io::Error::last_os_error());
-        }
-        req.flags |= libc::IFF_UP as libc::c_short;
-        // SAFETY: as above.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS as _, &req) } != 0 {
-            bail!("bring up lo: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
-    })
 }
 
 /// Kill everything in the container's cgroups, delete its libcontainer state, cgroups, rootfs
@@ -360,7 +293,7 @@ pub fn exec_in(
     })
     .with_context(|| format!("exec in {id}"))?;
     // Our unreaped child (a sibling of the spawner): the pid is still it.
-    let proc = match crate::runtime::ProcHandle::open_child(pid) {
+    let proc = match super::process::ProcHandle::open_child(pid) {
         Ok(p) => p,
         Err(e) => {
             let _ = wait_exit(pid);

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use super::{ProcHandle, ProcIdentity, Runtime, Started};
-use crate::container::StartRequest;
+use super::lifecycle::StartRequest;
+use super::process::{ProcHandle, ProcIdentity};
+use super::runtime::{Runtime, Started};
 
 #[derive(Debug, Default, Clone)]
 pub struct FakeContainer {

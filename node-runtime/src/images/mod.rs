@@ -1,5 +1,11 @@
-//! Image store (this module), its pull pipeline ([`pull`]) and registry credentials
-//! ([`auth`]).
+//! Images: the image store (this module), its pull pipeline ([`pull`]), layer images
+//! ([`layers`]), fs-verity sealing ([`verity`]), EROFS building and mounts ([`erofs`]) and
+//! registry credentials ([`auth`]). A reference goes in; a [`PreparedImage`] (read-only lower
+//! layers for an overlay) comes out.
+//!
+//! It may call `crate::telemetry` (its counters), `crate::fsutil` and the kernel (mounts,
+//! mkfs.erofs). It never names a workload or a container: the workloads ask it for images,
+//! and the containers mount what it prepared.
 //!
 //! The store pulls OCI images with oci-client into a content-addressed blob store, unpacks
 //! their layers safely and turns each image into one read-only EROFS image (or, without EROFS,
@@ -32,9 +38,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::erofs::{self, ErofsSupport};
+use self::erofs::ErofsSupport;
 
 mod auth;
+pub mod erofs;
 mod layers;
 mod pull;
 pub mod verity;

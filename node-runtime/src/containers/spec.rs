@@ -2,7 +2,16 @@
 //! inside the image), mounts, namespaces, cgroup limits, capabilities and seccomp profile,
 //! built with `oci-spec`'s types under the node's policy.
 
-use super::*;
+use std::fs;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hyperbox_api::{NetworkMode, Workload};
+
+use super::dirs::RuntimeDirs;
+use super::policy::NodePolicy;
+use crate::images::PreparedImage;
 use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use libcontainer::oci_spec::runtime::{
     Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
@@ -401,7 +410,7 @@ pub fn oci_spec(
         .cgroups_path(PathBuf::from(format!("{}/{id}", dirs.cgroup_parent)))
         .namespaces(namespaces)
         .resources(resources.build().map_err(spec_err)?)
-        .seccomp(crate::seccomp::default_profile())
+        .seccomp(super::seccomp::default_profile())
         .masked_paths(to_paths(&[
             "/proc/acpi",
             "/proc/asound",
@@ -462,8 +471,8 @@ pub fn cpu_quota_us(s: &hyperbox_api::WorkloadSpec) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::container::RuntimeDirs;
-    use crate::image::ImageConfig;
+    use crate::containers::RuntimeDirs;
+    use crate::images::ImageConfig;
 
     fn workload(yaml: &str) -> Workload {
         serde_norway::from_str(yaml).unwrap()

@@ -1,125 +1,18 @@
 //! The container runtime behind a trait, in the spirit of youki's `Syscall`: the supervisor
-//! talks to [`Runtime`], libcontainer is the real implementation, and [`fake::FakeRuntime`]
+//! talks to [`Runtime`], libcontainer is the real implementation, and [`super::fake::FakeRuntime`]
 //! lets the orchestration be tested without root.
 //!
 //! Processes are handled through pidfds: once a container's init has been proven to be ours (it
 //! is our unreaped child, or its boot id, start time and cgroup match what we recorded), every
 //! signal goes through the pidfd, so a pid that the kernel reuses later can never be hit.
 
-use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
-use crate::container::{self, RuntimeDirs, StartRequest};
-pub use crate::supervisor::replica::ProcIdentity;
-
-pub mod fake;
-
-/// A process we have proven to be a container's init.
-#[derive(Debug)]
-pub struct ProcHandle {
-    pub pid: i32,
-    /// Started by this daemon: its exit code is ours to collect.
-    pub own_child: bool,
-    pidfd: Option<OwnedFd>,
-}
-
-impl ProcHandle {
-    /// A handle without a pidfd (test doubles).
-    pub fn detached(pid: i32, own_child: bool) -> ProcHandle {
-        ProcHandle {
-            pid,
-            own_child,
-            pidfd: None,
-        }
-    }
-
-    /// A handle on our own, not yet reaped, child.
-    pub fn open_child(pid: i32) -> std::io::Result<ProcHandle> {
-        ProcHandle::open(pid, true)
-    }
-
-    fn open(pid: i32, own_child: bool) -> std::io::Result<ProcHandle> {
-        // SAFETY: pidfd_open has no memory arguments.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(ProcHandle {
-            pid,
-            own_child,
-            // SAFETY: a fresh fd we own.
-            pidfd: Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        })
-    }
-
-    /// Send a signal through the pidfd: it reaches this process or nothing.
-    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
-        let Some(fd) = &self.pidfd else {
-            return Ok(());
-        };
-        // SAFETY: pidfd_send_signal with a valid fd and no siginfo.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            // Already exited: nothing to signal.
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                return Ok(());
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Wait until the process exits, up to `timeout` (forever with `None`); true once gone.
-    pub fn wait_gone(&self, timeout: Option<Duration>) -> bool {
-        let Some(fd) = &self.pidfd else {
-            return true;
-        };
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        loop {
-            let ms = match deadline {
-                None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(std::time::Instant::now());
-                    left.as_millis().min(i32::MAX as u128) as i32
-                }
-            };
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r > 0 {
-                return true;
-            }
-            if r == 0 {
-                return false;
-            }
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return true;
-            }
-        }
-    }
-
-    /// The pidfd, for setns into the process's namespaces.
-    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.pidfd.as_ref().map(|f| f.as_fd())
-    }
-}
+use super::dirs::RuntimeDirs;
+use super::lifecycle::{self, StartRequest};
+use super::process::{boot_id, in_cgroup, start_ticks, ProcHandle, ProcIdentity};
 
 /// A container just started.
 #[derive(Debug)]
@@ -170,37 +63,10 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> bool;
 }
 
-/// This boot's id (changes on every reboot).
-pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
-pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // After ')' come field 3 (state) onwards; start time is field 22.
-    rest.split(' ').nth(22 - 3)?.parse().ok()
-}
-
-/// Whether `/proc/PID/cgroup` places the process in `<parent>/<id>` in some hierarchy.
-pub fn in_cgroup(pid: i32, cgroup_path: &str) -> bool {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return false;
-    };
-    let want = format!("/{}", cgroup_path.trim_start_matches('/'));
-    text.lines()
-        .filter_map(|l| l.splitn(3, ':').nth(2))
-        .any(|p| p == want || p.starts_with(&format!("{want}/")))
-}
-
 /// libcontainer in process.
 pub struct LibcontainerRuntime {
     pub dirs: RuntimeDirs,
-    pub policy: crate::policy::NodePolicy,
+    pub policy: super::policy::NodePolicy,
 }
 
 impl LibcontainerRuntime {
@@ -213,13 +79,13 @@ impl Runtime for LibcontainerRuntime {
     fn start(&self, req: &StartRequest<'_>) -> Result<Started> {
         let t0 = std::time::Instant::now();
         let _span = tracing::info_span!("container.start", container = req.id, workload = %req.workload.metadata.name, replica = req.replica).entered();
-        let started = container::create_and_start(&self.dirs, &self.policy, req);
+        let started = lifecycle::create_and_start(&self.dirs, &self.policy, req);
         let counters = &crate::telemetry::COUNTERS;
         counters.starts.record(started.is_ok());
         let pid = started?;
         counters.start_seconds.observe(t0.elapsed());
         if let Some(t) = crate::telemetry::get() {
-            let dir = container::v2_cgroup_dir(&self.dirs, req.id);
+            let dir = lifecycle::v2_cgroup_dir(&self.dirs, req.id);
             if let Some(cgid) = dir.as_deref().and_then(crate::pressure::psi::cgroup_id) {
                 t.container_started(
                     req.id,
@@ -281,7 +147,7 @@ impl Runtime for LibcontainerRuntime {
         }
         // An exec probe interrupted by the daemon's death leaves libcontainer's helper waiting
         // in the container's cgroup for a message that never comes: remove it.
-        container::kill_stray_helpers(&self.dirs, id, identity.pid);
+        lifecycle::kill_stray_helpers(&self.dirs, id, identity.pid);
         Ok(proc)
     }
 
@@ -294,45 +160,45 @@ impl Runtime for LibcontainerRuntime {
     fn wait(&self, proc: &ProcHandle) -> Option<i32> {
         proc.wait_gone(None);
         if proc.own_child {
-            return container::wait_exit(proc.pid).ok();
+            return lifecycle::wait_exit(proc.pid).ok();
         }
         // Not our child after a restart: the exit code belongs to its new parent.
         None
     }
 
     fn kill_all(&self, id: &str) {
-        container::kill_cgroup(&self.dirs, id);
+        lifecycle::kill_cgroup(&self.dirs, id);
     }
 
     fn oom_kills(&self, id: &str) -> u64 {
-        container::oom_kills(&self.dirs, id)
+        lifecycle::oom_kills(&self.dirs, id)
     }
 
     fn destroy(&self, id: &str) -> Result<()> {
         if let Some(t) = crate::telemetry::get() {
             // Once its processes are gone and before its cgroup is: its last readings.
-            container::kill_cgroup(&self.dirs, id);
-            let cpu = container::v2_cgroup_dir(&self.dirs, id)
+            lifecycle::kill_cgroup(&self.dirs, id);
+            let cpu = lifecycle::v2_cgroup_dir(&self.dirs, id)
                 .and_then(|d| crate::telemetry::cpu_usec(&d));
             t.container_removed(id, cpu);
         }
-        container::destroy(&self.dirs, id)
+        lifecycle::destroy(&self.dirs, id)
     }
 
     fn list(&self) -> Vec<String> {
-        container::list_ids(&self.dirs)
+        lifecycle::list_ids(&self.dirs)
     }
 
     fn v2_cgroup(&self, id: &str) -> Option<std::path::PathBuf> {
-        container::v2_cgroup_dir(&self.dirs, id)
+        lifecycle::v2_cgroup_dir(&self.dirs, id)
     }
 
     fn controls(&self, id: &str) -> crate::pressure::protect::Controls {
-        container::controls(&self.dirs, id)
+        lifecycle::controls(&self.dirs, id)
     }
 
     fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<i32> {
-        container::exec_in(&self.dirs, id, command, timeout)
+        lifecycle::exec_in(&self.dirs, id, command, timeout)
     }
 
     fn http_get(
@@ -346,6 +212,6 @@ impl Runtime for LibcontainerRuntime {
         let Some(fd) = proc.pidfd() else {
             return false;
         };
-        crate::probe::http_get_in_netns(fd, host, port, path, timeout)
+        super::netns::http_get_in_netns(fd, host, port, path, timeout)
     }
 }

@@ -298,7 +298,7 @@ fn handle(req: Request) -> Result<i32> {
                 .ok_or_else(|| anyhow!("container {id} has no pid after create"))?
                 .as_raw();
             if loopback {
-                super::bring_up_loopback(pid)?;
+                super::netns::bring_up_loopback(pid)?;
             }
             if let Some(dir) = &v2_cgroup {
                 // Before start: everything the init runs is then accounted there (PSI, and
