@@ -11,7 +11,7 @@ use crate::containers::LibcontainerRuntime;
 use crate::containers::RuntimeDirs;
 use crate::images::erofs::ErofsSupport;
 use crate::images::{ImageStore, StoreConfig, UnpackLimits};
-use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::workloads::{Supervisor, SupervisorConfig};
 
 #[derive(Clone)]
 pub struct ServeOptions {
@@ -22,7 +22,7 @@ pub struct ServeOptions {
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
     /// TLS for the TCP listener.
-    pub tls: Option<crate::server::ServerTls>,
+    pub tls: Option<crate::api::ServerTls>,
     pub metrics_listen: Option<String>,
     pub insecure_registries: Vec<String>,
     pub auth_file: Option<PathBuf>,
@@ -51,7 +51,7 @@ pub struct ServeOptions {
     /// Push metrics over OTLP to this endpoint at this interval (`--otlp-endpoint`).
     pub otlp: Option<(String, Duration)>,
     /// Register and heartbeat a HyperNode (`--kubeconfig`).
-    pub kubernetes: Option<(crate::kubeapi::ApiServer, crate::kubeapi::Registration)>,
+    pub kubernetes: Option<(crate::cluster::ApiServer, crate::cluster::Registration)>,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -81,7 +81,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         allow_host_paths,
         socket: socket_abs,
         token_file: abs(&opts.token_file),
-        tls: opts.tls.as_ref().map(|t| crate::server::ServerTls {
+        tls: opts.tls.as_ref().map(|t| crate::api::ServerTls {
             cert: std::path::absolute(&t.cert).unwrap_or_else(|_| t.cert.clone()),
             key: std::path::absolute(&t.key).unwrap_or_else(|_| t.key.clone()),
             client_ca: t
@@ -176,10 +176,13 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         opts.supervisor.clone(),
     )?;
     sup.set_policy(policy);
-    let capacity = crate::node::capacity();
+    let capacity = crate::pressure::host::capacity();
     let facts = crate::pressure::admission::NodeFacts {
-        id: crate::node::load_or_create_id(&state)?,
-        labels: crate::pressure::admission::node_labels(&crate::node::hostname(), &opts.labels),
+        id: crate::pressure::host::load_or_create_id(&state)?,
+        labels: crate::pressure::admission::node_labels(
+            &crate::pressure::host::hostname(),
+            &opts.labels,
+        ),
         capacity,
         allocatable: capacity.minus(opts.reserve),
         pressure_gate: opts.pressure_gate,
@@ -237,22 +240,22 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     {
         let sup = sup.clone();
         let socket = opts.socket.clone();
-        servers.spawn(async move { crate::server::serve_unix(sup, &socket).await });
+        servers.spawn(async move { crate::api::serve_unix(sup, &socket).await });
     }
     if let Some(addr) = opts.listen.clone() {
         let Some(token) = token else {
             bail!("--listen needs --token-file: the tcp api always requires a bearer token");
         };
         let tls = match &opts.tls {
-            Some(t) => Some(crate::server::server_config(t)?),
+            Some(t) => Some(crate::api::server_config(t)?),
             None => None,
         };
         let sup = sup.clone();
-        servers.spawn(async move { crate::server::serve_tcp(sup, &addr, token, tls).await });
+        servers.spawn(async move { crate::api::serve_tcp(sup, &addr, token, tls).await });
     }
     if let Some(addr) = opts.metrics_listen.clone() {
         let sup = sup.clone();
-        servers.spawn(async move { crate::server::serve_metrics(sup, &addr).await });
+        servers.spawn(async move { crate::api::serve_metrics(sup, &addr).await });
     }
     if let Some((endpoint, interval)) = opts.otlp.clone() {
         let requests = crate::telemetry::otlp::spawn_sender(&endpoint)?;
@@ -262,8 +265,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let req =
-                    crate::telemetry::otlp::request(&crate::server::telemetry_snapshot(&sup).await);
+                let req = crate::telemetry::otlp::request(&sup.telemetry_snapshot().await);
                 // A collector slower than the interval gets the newest data, not a queue.
                 if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = requests.try_send(req)
                 {
@@ -293,7 +295,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         });
     }
     if let Some((api, reg)) = opts.kubernetes.clone() {
-        tokio::spawn(crate::kubeapi::run(sup.clone(), api, reg));
+        tokio::spawn(crate::cluster::run(sup.clone(), api, reg));
     }
     {
         // Prewarming pulls in its own task: a long pull holds up neither log rotation nor

@@ -11,7 +11,7 @@ use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_node::config::NodeConfig;
 use hyperbox_node::daemon::{serve, ServeOptions};
-use hyperbox_node::supervisor::SupervisorConfig;
+use hyperbox_node::workloads::SupervisorConfig;
 
 /// HyperBox node runtime: runs Workloads as supervised containers on this machine, and is its
 /// own client.
@@ -346,7 +346,7 @@ async fn run(cli: Cli) -> Result<bool> {
             // One name for the node everywhere: traces, metrics and the HyperNode.
             let node = node_name
                 .clone()
-                .unwrap_or_else(hyperbox_node::node::hostname);
+                .unwrap_or_else(hyperbox_node::pressure::host::hostname);
             let mut tracer = None;
             match otlp_endpoint {
                 Some(endpoint) => {
@@ -364,7 +364,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 listen: listen.clone(),
                 token_file: cli.token_file.clone(),
                 tls: match (tls_cert, tls_key) {
-                    (Some(cert), Some(key)) => Some(hyperbox_node::server::ServerTls {
+                    (Some(cert), Some(key)) => Some(hyperbox_node::api::ServerTls {
                         cert: cert.clone(),
                         key: key.clone(),
                         client_ca: client_ca.clone(),
@@ -398,19 +398,19 @@ async fn run(cli: Cli) -> Result<bool> {
                 kubernetes: match kubeconfig {
                     Some(k) => {
                         let name = node.clone();
-                        hyperbox_node::kubeapi::check_node_name(&name)
+                        hyperbox_node::cluster::check_node_name(&name)
                             .map_err(anyhow::Error::msg)?;
-                        let api = hyperbox_node::kubeapi::ApiServer::load(k)?;
+                        let api = hyperbox_node::cluster::ApiServer::load(k)?;
                         let address = advertise_address.clone().unwrap_or_else(|| {
-                            hyperbox_node::kubeapi::default_address(
+                            hyperbox_node::cluster::default_address(
                                 listen.as_deref().unwrap_or_default(),
                                 tls_cert.is_some(),
-                                &hyperbox_node::node::hostname(),
+                                &hyperbox_node::pressure::host::hostname(),
                             )
                         });
                         Some((
                             api,
-                            hyperbox_node::kubeapi::Registration {
+                            hyperbox_node::cluster::Registration {
                                 name,
                                 address,
                                 interval: *heartbeat_interval,

@@ -14,6 +14,7 @@
 pub mod ebpf;
 pub mod otlp;
 pub mod prom;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

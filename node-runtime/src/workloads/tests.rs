@@ -387,12 +387,6 @@ async fn scaling_keeps_the_survivors() {
     assert_eq!(st.restarts, 0);
 }
 
-#[test]
-fn rfc3339() {
-    assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
-    assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_one_replica_leaves_the_others_alone() {
     let (_dir, rt, s) = setup();
