@@ -1,4 +1,5 @@
-//! `hyperbox-node serve`: wires the image store, the supervisor and the API listeners together.
+//! `hyperbox-node serve`: wires the image store, the container runtime, the supervisor, the API
+//! listeners, telemetry and cluster registration together.
 
 use std::path::PathBuf;
 use std::sync::Arc;

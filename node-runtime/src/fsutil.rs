@@ -1,4 +1,5 @@
-//! Small filesystem helpers: atomic writes, mount table queries.
+//! Small helpers any folder may use: atomic writes, fsync, mount table queries, entering a
+//! network namespace, and RFC 3339 time. They call nothing else in the node.
 
 use std::fs;
 use std::path::{Path, PathBuf};

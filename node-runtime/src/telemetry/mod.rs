@@ -2,7 +2,12 @@
 //! network bytes and packets, TCP connects, accepts and retransmits), cgroup readings (CPU
 //! time, memory, PSI) and the runtime's own counters, gathered into one [`Snapshot`] that is
 //! exported two ways: Prometheus text at `/metrics` ([`prom`]) and OTLP/HTTP protobuf to a
-//! collector ([`otlp`]).
+//! collector ([`otlp`]). The snapshot is built ([`snapshot`]) from plain data the workloads
+//! gather, so telemetry never names a workload's type.
+//!
+//! It may call `crate::pressure` (cgroup ids, the cgroup v2 root) and the kernel (eBPF
+//! programs, cgroup files). The images, containers and workloads call it (counters, a
+//! container's start and removal, readings).
 //!
 //! Attribution: the kernel side keys its counters by the container's cgroup v2 id. The runtime
 //! tells us which replica each container (and so each cgroup id) belongs to when it starts the

@@ -1,9 +1,18 @@
-//! The supervisor: desired workloads in, running containers out.
+//! Workloads: the supervisor. Desired workloads in, running containers out.
 //!
-//! It is a registry of workload actors ([`actor`]): one per workload, created under the
-//! registry lock, owning its record, replicas and files. Replica decisions are a pure state
-//! machine ([`replica`]); records and their recovery live in [`record`]. Readers (status, list,
-//! digests) see each actor's last published snapshot and never wait for an actor.
+//! It is a registry of workload actors (`registry`, [`actor`]): one per workload, created
+//! under the registry lock, owning its record, replicas and files. Replica decisions are a pure
+//! state machine ([`replica`], rolling updates in [`rollout`]); records and their recovery live
+//! in [`record`], written by one thread (`writer`). Readers (`status`, `digests`) see each
+//! actor's last published snapshot and never wait for an actor. Around the actors: admission
+//! glue (`admission`), readiness probes (`probe`), log files ([`logs`]), PSI samples and trends
+//! (`samples`), pressure protection (`protection`), prewarmed images (`prewarm`), image GC
+//! (`gc`), and what the node reports (`node`: its summary, the telemetry it exports).
+//!
+//! It may call `crate::images` (prepare, remove, collect), `crate::containers` (through the
+//! [`crate::containers::Runtime`] trait), `crate::pressure` (facts, PSI, admission and
+//! protection decisions), `crate::telemetry` (counters, the snapshot it gathers) and
+//! `crate::fsutil`. Only the daemon, `crate::api` and `crate::cluster` call it.
 
 pub mod actor;
 mod admission;
