@@ -19,6 +19,10 @@
 //! Nothing counts references: what an image uses is in its meta.json, so the layers in use are
 //! rebuilt from disk whenever garbage is collected, and layers an image being prepared uses
 //! are pinned in memory meanwhile.
+//!
+//! Longer than 600 lines: the rules for when a layer can stand on its own (implicit
+//! directories, hardlinks) sit beside the conversion and the layered preparation that depend
+//! on them, so a change to one is made with the others in view.
 
 use super::pull::{fetch_blob, BlobFeed, FeedReader};
 use super::*;

@@ -1,6 +1,9 @@
 //! The pull pipeline: resolve the manifest, download layers concurrently into the blob store
 //! (verified while they stream), apply them in order while they arrive, build the EROFS image
 //! and publish it whole.
+//!
+//! About 600 lines: one pipeline whose stages overlap in time (downloads, in-order apply, the
+//! EROFS build) and share its progress and cancellation; its steps read in order here.
 
 use super::*;
 

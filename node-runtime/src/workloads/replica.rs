@@ -6,6 +6,9 @@
 //! returns. Every effect that will later report back carries the replica's `token`; a report
 //! with a stale token (from an attempt that was superseded) is ignored, so late results can
 //! never move a replica backwards.
+//!
+//! Longer than 600 lines on purpose: one state machine, its vocabulary (reasons, stages,
+//! events, actions) beside the transitions that use it; its tests are in `replica_tests.rs`.
 
 use std::time::Duration;
 
