@@ -3,7 +3,7 @@
 //! and publish it whole.
 //!
 //! About 600 lines: one pipeline whose stages overlap in time (downloads, in-order apply, the
-//! EROFS build) and share its progress and cancellation; its steps read in order here.
+//! EROFS build) and share its progress counters and download tasks; its steps read in order.
 
 use super::*;
 
