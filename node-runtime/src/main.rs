@@ -276,7 +276,7 @@ fn workload_key(namespace: Option<&str>, name: &str) -> String {
 
 fn main() -> ExitCode {
     // The container spawner: a single-threaded helper the daemon starts (see
-    // `container::spawner`). Checked before anything else runs, so it never has a second thread.
+    // `containers::spawner`). Checked before anything else runs, so it never has a second thread.
     if std::env::args().nth(1).as_deref() == Some(hyperbox_node::containers::spawner::SPAWNER_ARG) {
         hyperbox_node::containers::spawner::serve();
     }

@@ -1,6 +1,6 @@
 //! The node API: HTTP/JSON over a unix socket (mode 0600) and, optionally, TCP guarded by a
-//! bearer token ([`listen`]), and the Prometheus `/metrics` listener ([`metrics`]). One file
-//! per resource: [`workloads`], [`replicas`], [`logs`], [`digests`], [`images`], [`node`].
+//! bearer token (`listen`), and the Prometheus `/metrics` listener (`metrics`). One file
+//! per resource: `workloads`, `replicas`, `logs`, `digests`, `images`, `node`.
 //! Bodies are size-capped; invalid specs get 400 with the field paths.
 //!
 //! It only translates: a request is checked and handed to `crate::workloads` (the

@@ -1,6 +1,6 @@
-//! Images: the image store (this module), its pull pipeline ([`pull`]), layer images
-//! ([`layers`]), fs-verity sealing ([`verity`]), EROFS building and mounts ([`erofs`]) and
-//! registry credentials ([`auth`]). A reference goes in; a [`PreparedImage`] (read-only lower
+//! Images: the image store (this module), its pull pipeline (`pull`), layer images
+//! (`layers`), fs-verity sealing ([`verity`]), EROFS building and mounts ([`erofs`]) and
+//! registry credentials (`auth`). A reference goes in; a [`PreparedImage`] (read-only lower
 //! layers for an overlay) comes out.
 //!
 //! It may call `crate::telemetry` (its counters), `crate::fsutil` and the kernel (mounts,
