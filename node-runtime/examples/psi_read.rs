@@ -32,10 +32,10 @@ fn main() {
         let (t, c) = (Instant::now(), cpu_time_us());
         let mut read = 0usize;
         for d in &dirs {
-            if hyperbox_node::psi::cgroup(d).is_some() {
+            if hyperbox_node::pressure::psi::cgroup(d).is_some() {
                 read += 1;
             }
-            let _ = hyperbox_node::psi::cgroup_id(d);
+            let _ = hyperbox_node::pressure::psi::cgroup_id(d);
         }
         out.push(format!(
             "{{\"cgroups\":{},\"read\":{read},\"wallUs\":{},\"cpuUs\":{}}}",

@@ -1,4 +1,5 @@
-//! `hyperbox-node serve`: wires the image store, the supervisor and the API listeners together.
+//! `hyperbox-node serve`: wires the image store, the container runtime, the supervisor, the API
+//! listeners, telemetry and cluster registration together.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::container::RuntimeDirs;
-use crate::erofs::ErofsSupport;
-use crate::image::{ImageStore, StoreConfig, UnpackLimits};
-use crate::policy::NodePolicy;
-use crate::runtime::LibcontainerRuntime;
-use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::containers::policy::NodePolicy;
+use crate::containers::LibcontainerRuntime;
+use crate::containers::RuntimeDirs;
+use crate::images::erofs::ErofsSupport;
+use crate::images::{ImageStore, StoreConfig, UnpackLimits};
+use crate::workloads::{Supervisor, SupervisorConfig};
 
 #[derive(Clone)]
 pub struct ServeOptions {
@@ -22,7 +23,7 @@ pub struct ServeOptions {
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
     /// TLS for the TCP listener.
-    pub tls: Option<crate::server::ServerTls>,
+    pub tls: Option<crate::api::ServerTls>,
     pub metrics_listen: Option<String>,
     pub insecure_registries: Vec<String>,
     pub auth_file: Option<PathBuf>,
@@ -41,9 +42,9 @@ pub struct ServeOptions {
     /// Held back from the capacity for the system and HyperBox itself (`--reserve`).
     pub reserve: hyperbox_api::ResourceAmounts,
     /// New replicas are refused while this PSI signal is above its threshold.
-    pub pressure_gate: Option<crate::admission::PressureGate>,
+    pub pressure_gate: Option<crate::pressure::admission::PressureGate>,
     /// Pressure protection (`--pressure-protection`), none when off.
-    pub protection: Option<crate::protect::ProtectConfig>,
+    pub protection: Option<crate::pressure::protect::ProtectConfig>,
     /// The node's name in telemetry (`--node-name`, else the host name).
     pub node_name: String,
     /// Load the eBPF telemetry programs (`--ebpf`).
@@ -51,7 +52,7 @@ pub struct ServeOptions {
     /// Push metrics over OTLP to this endpoint at this interval (`--otlp-endpoint`).
     pub otlp: Option<(String, Duration)>,
     /// Register and heartbeat a HyperNode (`--kubeconfig`).
-    pub kubernetes: Option<(crate::kubeapi::ApiServer, crate::kubeapi::Registration)>,
+    pub kubernetes: Option<(crate::cluster::ApiServer, crate::cluster::Registration)>,
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
@@ -81,7 +82,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         allow_host_paths,
         socket: socket_abs,
         token_file: abs(&opts.token_file),
-        tls: opts.tls.as_ref().map(|t| crate::server::ServerTls {
+        tls: opts.tls.as_ref().map(|t| crate::api::ServerTls {
             cert: std::path::absolute(&t.cert).unwrap_or_else(|_| t.cert.clone()),
             key: std::path::absolute(&t.key).unwrap_or_else(|_| t.key.clone()),
             client_ca: t
@@ -176,28 +177,31 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         opts.supervisor.clone(),
     )?;
     sup.set_policy(policy);
-    let capacity = crate::node::capacity();
-    let facts = crate::admission::NodeFacts {
-        id: crate::node::load_or_create_id(&state)?,
-        labels: crate::admission::node_labels(&crate::node::hostname(), &opts.labels),
+    let capacity = crate::pressure::host::capacity();
+    let facts = crate::pressure::admission::NodeFacts {
+        id: crate::pressure::host::load_or_create_id(&state)?,
+        labels: crate::pressure::admission::node_labels(
+            &crate::pressure::host::hostname(),
+            &opts.labels,
+        ),
         capacity,
         allocatable: capacity.minus(opts.reserve),
         pressure_gate: opts.pressure_gate,
-        pressure_dir: crate::psi::v2_root()
+        pressure_dir: crate::pressure::psi::v2_root()
             .map(|r| r.join(opts.cgroup_parent.trim_start_matches('/'))),
     };
     tracing::info!(
         node_id = %facts.id,
         labels = ?facts.labels,
         allocatable_cpu_millis = facts.allocatable.cpu_millis,
-        allocatable_memory = %crate::admission::bytes(facts.allocatable.memory_bytes),
+        allocatable_memory = %crate::pressure::admission::bytes(facts.allocatable.memory_bytes),
         "node admission"
     );
     let protection_signal = facts.pressure_dir.clone();
     sup.set_node(facts);
     sup.recover().await?;
     match opts.protection {
-        Some(cfg) if crate::psi::node().is_some() => {
+        Some(cfg) if crate::pressure::psi::node().is_some() => {
             tracing::info!(settings = %cfg.describe(), "pressure protection on");
             sup.enable_protection(cfg, protection_signal).await;
             let sup = sup.clone();
@@ -237,22 +241,22 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     {
         let sup = sup.clone();
         let socket = opts.socket.clone();
-        servers.spawn(async move { crate::server::serve_unix(sup, &socket).await });
+        servers.spawn(async move { crate::api::serve_unix(sup, &socket).await });
     }
     if let Some(addr) = opts.listen.clone() {
         let Some(token) = token else {
             bail!("--listen needs --token-file: the tcp api always requires a bearer token");
         };
         let tls = match &opts.tls {
-            Some(t) => Some(crate::server::server_config(t)?),
+            Some(t) => Some(crate::api::server_config(t)?),
             None => None,
         };
         let sup = sup.clone();
-        servers.spawn(async move { crate::server::serve_tcp(sup, &addr, token, tls).await });
+        servers.spawn(async move { crate::api::serve_tcp(sup, &addr, token, tls).await });
     }
     if let Some(addr) = opts.metrics_listen.clone() {
         let sup = sup.clone();
-        servers.spawn(async move { crate::server::serve_metrics(sup, &addr).await });
+        servers.spawn(async move { crate::api::serve_metrics(sup, &addr).await });
     }
     if let Some((endpoint, interval)) = opts.otlp.clone() {
         let requests = crate::telemetry::otlp::spawn_sender(&endpoint)?;
@@ -262,8 +266,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let req =
-                    crate::telemetry::otlp::request(&crate::server::telemetry_snapshot(&sup).await);
+                let req = crate::telemetry::otlp::request(&sup.telemetry_snapshot().await);
                 // A collector slower than the interval gets the newest data, not a queue.
                 if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = requests.try_send(req)
                 {
@@ -293,7 +296,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         });
     }
     if let Some((api, reg)) = opts.kubernetes.clone() {
-        tokio::spawn(crate::kubeapi::run(sup.clone(), api, reg));
+        tokio::spawn(crate::cluster::run(sup.clone(), api, reg));
     }
     {
         // Prewarming pulls in its own task: a long pull holds up neither log rotation nor
@@ -327,7 +330,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     // Containers keep running; the next start re-adopts them (live restore).
     sup.detach_all().await;
     // The cgroup parent goes when no container is left in it (rmdir fails otherwise).
-    for parent in crate::container::cgroup_parent_dirs(&opts.cgroup_parent) {
+    for parent in crate::containers::cgroup_parent_dirs(&opts.cgroup_parent) {
         let _ = std::fs::remove_dir(parent);
     }
     let _ = std::fs::remove_file(&opts.socket);

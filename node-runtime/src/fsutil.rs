@@ -1,4 +1,5 @@
-//! Small filesystem helpers: atomic writes, mount table queries.
+//! Small helpers any folder may use: atomic writes, fsync, mount table queries, entering a
+//! network namespace, and RFC 3339 time. They call nothing else in the node.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,29 @@ pub fn remove_dir_all_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` of a unix time (UTC).
+pub fn format_rfc3339(unix: u64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm), UTC.
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +185,11 @@ mod tests {
     #[test]
     fn root_is_a_mount_point() {
         assert!(is_mount_point(Path::new("/")));
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 }

@@ -11,7 +11,7 @@ use hyperbox_client::clidocs::{completion_script, write_man_pages, Shell};
 use hyperbox_client::{Endpoint, NodeClient};
 use hyperbox_node::config::NodeConfig;
 use hyperbox_node::daemon::{serve, ServeOptions};
-use hyperbox_node::supervisor::SupervisorConfig;
+use hyperbox_node::workloads::SupervisorConfig;
 
 /// HyperBox node runtime: runs Workloads as supervised containers on this machine, and is its
 /// own client.
@@ -114,12 +114,12 @@ enum Command {
         /// Refuse new replicas while a PSI signal (the higher of the host's and the node's
         /// workloads') is above a threshold: RESOURCE.KIND.WINDOW=PERCENT, or `off`.
         #[arg(long, default_value = "memory.full.avg10=10")]
-        pressure_admission: hyperbox_node::admission::PressureAdmission,
+        pressure_admission: hyperbox_node::pressure::admission::PressureAdmission,
         /// Under sustained memory pressure, throttle and then evict the lowest-priority
         /// replicas (reason EvictedForPressure): `on`, `off`, or settings over the defaults,
         /// `throttle=10,evict=20,release=2,sustain=3s,cooldown=5s,release-after=30s,restore-after=60s`.
         #[arg(long, default_value = "on")]
-        pressure_protection: hyperbox_node::protect::PressureProtection,
+        pressure_protection: hyperbox_node::pressure::protect::PressureProtection,
         /// How images are prepared: `layers` (one EROFS per layer, shared between images,
         /// stacked by overlayfs) or `flattened` (one EROFS per image).
         #[arg(long, default_value = "layers", value_parser = ["layers", "flattened"])]
@@ -135,11 +135,11 @@ enum Command {
         allow_net_raw: bool,
         /// A node label, key=value (repeatable); nodeSelectors match these and the built-in
         /// kubernetes.io/hostname, kubernetes.io/arch and kubernetes.io/os.
-        #[arg(long = "label", value_parser = hyperbox_node::admission::parse_label)]
+        #[arg(long = "label", value_parser = hyperbox_node::pressure::admission::parse_label)]
         labels: Vec<(String, String)>,
         /// Held back from admission for the system and HyperBox itself: allocatable is the
         /// capacity minus this (like kubelet's --system-reserved).
-        #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::admission::parse_amounts)]
+        #[arg(long, default_value = "cpu=100m,memory=256Mi", value_parser = hyperbox_node::pressure::admission::parse_amounts)]
         reserve: hyperbox_api::ResourceAmounts,
         /// Register with a Kubernetes API server as a HyperNode and heartbeat it: a kubeconfig
         /// file, or `in-cluster` (the service account of the pod, for the DaemonSet). Needs
@@ -243,7 +243,7 @@ enum Command {
 /// compiled in (whether they load is up to the kernel when `serve` starts: `node -o json`);
 /// EROFS depends on the kernel and mkfs.erofs, so it is looked up now.
 fn features() -> Vec<Feature> {
-    let erofs = hyperbox_node::erofs::ErofsSupport::detect();
+    let erofs = hyperbox_node::images::erofs::ErofsSupport::detect();
     vec![
         Feature::new(
             "ebpf",
@@ -276,9 +276,9 @@ fn workload_key(namespace: Option<&str>, name: &str) -> String {
 
 fn main() -> ExitCode {
     // The container spawner: a single-threaded helper the daemon starts (see
-    // `container::spawner`). Checked before anything else runs, so it never has a second thread.
-    if std::env::args().nth(1).as_deref() == Some(hyperbox_node::container::spawner::SPAWNER_ARG) {
-        hyperbox_node::container::spawner::serve();
+    // `containers::spawner`). Checked before anything else runs, so it never has a second thread.
+    if std::env::args().nth(1).as_deref() == Some(hyperbox_node::containers::spawner::SPAWNER_ARG) {
+        hyperbox_node::containers::spawner::serve();
     }
     run_main(run(parse_with_config::<Cli, NodeConfig>(features)))
 }
@@ -346,7 +346,7 @@ async fn run(cli: Cli) -> Result<bool> {
             // One name for the node everywhere: traces, metrics and the HyperNode.
             let node = node_name
                 .clone()
-                .unwrap_or_else(hyperbox_node::node::hostname);
+                .unwrap_or_else(hyperbox_node::pressure::host::hostname);
             let mut tracer = None;
             match otlp_endpoint {
                 Some(endpoint) => {
@@ -364,7 +364,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 listen: listen.clone(),
                 token_file: cli.token_file.clone(),
                 tls: match (tls_cert, tls_key) {
-                    (Some(cert), Some(key)) => Some(hyperbox_node::server::ServerTls {
+                    (Some(cert), Some(key)) => Some(hyperbox_node::api::ServerTls {
                         cert: cert.clone(),
                         key: key.clone(),
                         client_ca: client_ca.clone(),
@@ -398,19 +398,19 @@ async fn run(cli: Cli) -> Result<bool> {
                 kubernetes: match kubeconfig {
                     Some(k) => {
                         let name = node.clone();
-                        hyperbox_node::kubeapi::check_node_name(&name)
+                        hyperbox_node::cluster::check_node_name(&name)
                             .map_err(anyhow::Error::msg)?;
-                        let api = hyperbox_node::kubeapi::ApiServer::load(k)?;
+                        let api = hyperbox_node::cluster::ApiServer::load(k)?;
                         let address = advertise_address.clone().unwrap_or_else(|| {
-                            hyperbox_node::kubeapi::default_address(
+                            hyperbox_node::cluster::default_address(
                                 listen.as_deref().unwrap_or_default(),
                                 tls_cert.is_some(),
-                                &hyperbox_node::node::hostname(),
+                                &hyperbox_node::pressure::host::hostname(),
                             )
                         });
                         Some((
                             api,
-                            hyperbox_node::kubeapi::Registration {
+                            hyperbox_node::cluster::Registration {
                                 name,
                                 address,
                                 interval: *heartbeat_interval,

@@ -118,13 +118,13 @@ impl Probes {
         }
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("create cgroup {}: {e}", parent.display()))?;
-        let parent_id = crate::psi::cgroup_id(parent)
+        let parent_id = crate::pressure::psi::cgroup_id(parent)
             .ok_or_else(|| format!("no cgroup id for {}", parent.display()))?;
         // The programs find a container by its depth in the kernel's hierarchy, and the depth
         // comes from the path below the mount: that is the true depth only if the mount shows
         // the hierarchy's root (cgroup id 1). A cgroup2 mount made inside a cgroup namespace
         // shows the namespace's root instead, and every container would go uncounted.
-        let root_id = crate::psi::cgroup_id(v2_root);
+        let root_id = crate::pressure::psi::cgroup_id(v2_root);
         if root_id != Some(1) {
             return Err(format!(
                 "the cgroup v2 mount {} is not the hierarchy's root (cgroup id {}; a cgroup \

@@ -2,7 +2,12 @@
 //! network bytes and packets, TCP connects, accepts and retransmits), cgroup readings (CPU
 //! time, memory, PSI) and the runtime's own counters, gathered into one [`Snapshot`] that is
 //! exported two ways: Prometheus text at `/metrics` ([`prom`]) and OTLP/HTTP protobuf to a
-//! collector ([`otlp`]).
+//! collector ([`otlp`]). The snapshot is built ([`snapshot`]) from plain data the workloads
+//! gather, so telemetry never names a workload's type.
+//!
+//! It may call `crate::pressure` (cgroup ids, the cgroup v2 root) and the kernel (eBPF
+//! programs, cgroup files). The images, containers and workloads call it (counters, a
+//! container's start and removal, readings).
 //!
 //! Attribution: the kernel side keys its counters by the container's cgroup v2 id. The runtime
 //! tells us which replica each container (and so each cgroup id) belongs to when it starts the
@@ -14,6 +19,7 @@
 pub mod ebpf;
 pub mod otlp;
 pub mod prom;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -151,7 +157,7 @@ pub fn get() -> Option<&'static Telemetry> {
 impl Telemetry {
     fn new(mode: EbpfMode, cgroup_parent: &str, node_name: String) -> Telemetry {
         let rel = cgroup_parent.trim_start_matches('/');
-        let v2_root = crate::psi::v2_root();
+        let v2_root = crate::pressure::psi::v2_root();
         let v2_parent = v2_root.as_ref().map(|r| r.join(rel));
         let all = |state: &str| -> BTreeMap<String, String> {
             ebpf::program_names()
@@ -322,7 +328,7 @@ fn cgroup_ids_below(parent: &Path) -> HashSet<u64> {
         .flatten()
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .filter_map(|e| crate::psi::cgroup_id(&e.path()))
+        .filter_map(|e| crate::pressure::psi::cgroup_id(&e.path()))
         .collect()
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use hyperbox_api::validate::validate_workload;
-use hyperbox_node::server::parse_apply_body;
+use hyperbox_node::api::parse_apply_body;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! untagged either-of) with oci-client's types, and the image config with the node's parser.
 #![no_main]
 
-use hyperbox_node::image::parse_image_config;
+use hyperbox_node::images::parse_image_config;
 use hyperbox_unpack::Compression;
 use libfuzzer_sys::fuzz_target;
 use oci_client::manifest::{OciImageIndex, OciImageManifest, OciManifest};
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(c) = parse_image_config(text) {
             let _ = serde_json::to_vec(&c).expect("image config re-serializes");
         }
-        let _ = hyperbox_node::image::auth_from_docker_config(text, "docker.io");
+        let _ = hyperbox_node::images::auth_from_docker_config(text, "docker.io");
         let _ = hyperbox_api::reference::ImageRef::parse(text.trim());
     }
 });
