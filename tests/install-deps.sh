@@ -16,6 +16,8 @@ packages=(
   prometheus iptables
   # benchmarks: the peer runtime, a timer, load
   runc hyperfine stress-ng time
+  # tests: an operator whose clock runs ahead (clock skew)
+  faketime
 )
 missing=()
 for p in "${packages[@]}"; do

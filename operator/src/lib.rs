@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod config;
 pub mod fleet;
+pub mod fleet_core;
 pub mod gitsource;
 pub mod init;
 pub mod k8s;

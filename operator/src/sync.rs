@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
+use crate::fleet_core::liveness::{disrupted, keeps_replicas, Health, Liveness, LivenessTimings};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport, ManifestSet};
 use crate::nodewatch::NodeWatch;
@@ -128,7 +129,10 @@ struct FleetNode {
     client: NodeClient,
     /// The last summary it answered with.
     summary: Option<NodeSummary>,
-    unreachable_since: Option<Instant>,
+    /// Its answers, for the fleet core's liveness (no heartbeats here: reachability alone).
+    liveness: Liveness,
+    /// What the last sync made of them.
+    health: Health,
     error: Option<String>,
     watch: Option<NodeWatch>,
 }
@@ -137,6 +141,8 @@ struct Fleet {
     nodes: Vec<FleetNode>,
     /// How long an unreachable node keeps its replicas.
     grace: Duration,
+    /// Most nodes looked down at the last sync (see [`disrupted`]): nothing moved.
+    frozen: bool,
     state: FleetState,
     /// Nodes that refused a workload at `refused_at`: avoided for it until the next revision.
     refused: BTreeMap<String, BTreeSet<String>>,
@@ -144,6 +150,31 @@ struct Fleet {
     /// Nodes that evicted a replica of a workload for pressure, and when: avoided for it for
     /// [`PRESSURE_AVOID`], so its replicas move to calmer nodes.
     pressure_evicted: BTreeMap<String, BTreeMap<String, Instant>>,
+}
+
+impl Fleet {
+    /// Each node's health from its answers (the fleet core's liveness: an unreachable node is
+    /// not ready at once and lost after the grace), and whether the fleet is disrupted.
+    fn judge_liveness(&mut self) -> bool {
+        let now = Instant::now();
+        let timings = LivenessTimings {
+            monitor_grace: Duration::ZERO,
+            eviction_grace: self.grace,
+        };
+        for n in &mut self.nodes {
+            n.health = n.liveness.evaluate(now, timings);
+        }
+        let frozen = disrupted(self.nodes.iter().map(|n| n.health));
+        if frozen && !self.frozen {
+            tracing::warn!(
+                down = self.nodes.iter().filter(|n| !n.health.is_ready()).count(),
+                nodes = self.nodes.len(),
+                "most nodes look down at once: replicas stay where they are"
+            );
+        }
+        self.frozen = frozen;
+        frozen
+    }
 }
 
 fn fleet_path(state_dir: &Path) -> PathBuf {
@@ -253,12 +284,14 @@ impl Syncer {
                     summary: state.summaries.get(&key).cloned(),
                     key,
                     client,
-                    unreachable_since: None,
+                    liveness: Liveness::default(),
+                    health: Health::Ready,
                     error: None,
                     watch: None,
                 })
                 .collect(),
             grace,
+            frozen: false,
             state,
             refused: BTreeMap::new(),
             refused_at: None,
@@ -519,13 +552,13 @@ impl Syncer {
                     if summary.is_some() {
                         n.summary = summary;
                     }
-                    n.unreachable_since = None;
+                    n.liveness.contact(true);
                     n.error = None;
                     observed.insert(n.key.clone(), observe(digests));
                 }
                 Err(e) => {
-                    let since = *n.unreachable_since.get_or_insert_with(Instant::now);
-                    tracing::warn!(node = %n.key, error = %e, unreachable_s = since.elapsed().as_secs(), "node unreachable");
+                    n.liveness.contact(false);
+                    tracing::warn!(node = %n.key, error = %e, "node unreachable");
                     n.error = Some(format!("{e}"));
                 }
             }
@@ -577,8 +610,8 @@ impl Syncer {
                 match n.client.node().await {
                     Ok(summary) => n.summary = Some(summary),
                     Err(e) => {
-                        let since = *n.unreachable_since.get_or_insert_with(Instant::now);
-                        tracing::warn!(node = %n.key, error = %e, unreachable_s = since.elapsed().as_secs(), "node unreachable");
+                        n.liveness.contact(false);
+                        tracing::warn!(node = %n.key, error = %e, "node unreachable");
                         n.error = Some(format!("{e}"));
                         observed.remove(&n.key);
                     }
@@ -594,7 +627,8 @@ impl Syncer {
         let parse_ms = parse_started.elapsed().as_millis() as u64;
         let node_started = Instant::now();
         let grace = fleet.grace;
-        let evacuated = |n: &FleetNode| n.unreachable_since.is_some_and(|t| t.elapsed() >= grace);
+        let frozen = fleet.judge_liveness();
+        let evacuated = |n: &FleetNode| !keeps_replicas(n.health, frozen);
         let views: Vec<NodeView> = fleet
             .nodes
             .iter()
@@ -661,19 +695,21 @@ impl Syncer {
         let waiting: Vec<&FleetNode> = fleet
             .nodes
             .iter()
-            .filter(|n| n.unreachable_since.is_some() && !evacuated(n))
+            .filter(|n| !n.health.is_ready() && !evacuated(n))
             .collect();
         let mut failed = waiting.len();
         let unreachable_why: Vec<String> = waiting
             .iter()
             .map(|n| {
+                let then = if frozen {
+                    "its replicas stay while most nodes are down".to_string()
+                } else {
+                    format!("its replicas move after {}s", grace.as_secs())
+                };
                 format!(
-                    "node {} unreachable for {}s, its replicas move after {}s: {}",
+                    "node {} unreachable for {}s, {then}: {}",
                     n.key,
-                    n.unreachable_since
-                        .map(|t| t.elapsed().as_secs())
-                        .unwrap_or(0),
-                    grace.as_secs(),
+                    n.health.down_for().as_secs(),
                     n.error.as_deref().unwrap_or("no answer")
                 )
             })
@@ -772,11 +808,9 @@ impl Syncer {
             .map(|n| NodeStatus {
                 node: n.key.clone(),
                 id: n.summary.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
-                reachable: n.unreachable_since.is_none() && n.summary.is_some(),
-                unreachable_for_s: n.unreachable_since.map(|t| t.elapsed().as_secs()),
-                evacuated: n
-                    .unreachable_since
-                    .is_some_and(|t| t.elapsed() >= fleet.grace),
+                reachable: n.health.is_ready() && n.summary.is_some(),
+                unreachable_for_s: (!n.health.is_ready()).then(|| n.health.down_for().as_secs()),
+                evacuated: !keeps_replicas(n.health, fleet.frozen),
                 error: n.error.clone(),
                 replicas: fleet
                     .state

@@ -248,6 +248,17 @@ pub fn start_kube_operator(
     dir: &Path,
     extra: &[&str],
 ) -> Result<Operator> {
+    start_kube_operator_wrapped(kubeconfig, token_file, dir, &[], extra)
+}
+
+/// [`start_kube_operator`] under `wrapper` (see [`Operator::start_wrapped`]).
+pub fn start_kube_operator_wrapped(
+    kubeconfig: &Path,
+    token_file: &Path,
+    dir: &Path,
+    wrapper: &[&str],
+    extra: &[&str],
+) -> Result<Operator> {
     let kubeconfig = kubeconfig.display().to_string();
     let token = token_file.display().to_string();
     let mut args = vec![
@@ -258,5 +269,9 @@ pub fn start_kube_operator(
         &token,
     ];
     args.extend_from_slice(extra);
-    Operator::start_with_args(dir.join(format!("operator-{}", random_suffix())), &args)
+    Operator::start_wrapped(
+        dir.join(format!("operator-{}", random_suffix())),
+        wrapper,
+        &args,
+    )
 }

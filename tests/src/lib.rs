@@ -1106,6 +1106,8 @@ pub struct Operator {
     pub state: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// A command the operator runs under (for example `faketime -f +300s`); none by default.
+    pub wrapper: Vec<String>,
 }
 
 impl Operator {
@@ -1130,6 +1132,7 @@ impl Operator {
             log: state.join("operator.log"),
             state,
             args,
+            wrapper: Vec::new(),
         };
         op.spawn()?;
         Ok(op)
@@ -1138,12 +1141,19 @@ impl Operator {
     /// `hyperbox-operator` with exactly `args` (for example `git --config FILE --state-dir
     /// DIR`), logging to `state/operator.log`; `state` must be the state dir the args name.
     pub fn start_with_args(state: PathBuf, args: &[&str]) -> Result<Operator> {
+        Operator::start_wrapped(state, &[], args)
+    }
+
+    /// Like [`Operator::start_with_args`], run under `wrapper` (a command and its arguments
+    /// that take the operator's command line after them, such as `faketime -f +300s`).
+    pub fn start_wrapped(state: PathBuf, wrapper: &[&str], args: &[&str]) -> Result<Operator> {
         fs::create_dir_all(&state)?;
         let mut op = Operator {
             child: None,
             log: state.join("operator.log"),
             state,
             args: args.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         op.spawn()?;
         Ok(op)
@@ -1154,9 +1164,16 @@ impl Operator {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("hyperbox-operator"));
+                c
+            }
+            None => Command::new(bin("hyperbox-operator")),
+        };
         self.child = Some(
-            Command::new(bin("hyperbox-operator"))
-                .args(&self.args)
+            cmd.args(&self.args)
                 .env("RUST_LOG", "info,hyperbox_operator=debug")
                 .stdout(log.try_clone()?)
                 .stderr(log)

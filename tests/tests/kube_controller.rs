@@ -258,6 +258,45 @@ fn a_dead_node_goes_not_ready_and_its_replicas_move_after_the_grace() {
     assert!(ready_now(&s.c.get("workload", "svc").unwrap()));
 }
 
+/// The operator's clock five minutes ahead (an edge box without an RTC): by its clock every
+/// heartbeat is five minutes old, sixty times the grace. The heartbeats keep changing and the
+/// nodes answer, so no node is marked not ready and no replica moves or restarts (before the
+/// fleet core judged liveness on its own clock, both nodes' containers were deleted).
+#[test]
+fn a_reachable_node_keeps_its_replicas_when_the_operators_clock_is_ahead() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let n2 = s.node("n2", &[]);
+    let op = start_kube_operator_wrapped(
+        &s.c.kubeconfig,
+        &s.token,
+        s.dir.path(),
+        &["faketime", "-f", "+300s"],
+        &["--node-monitor-grace", "5s", "--node-grace", "5s"],
+    )
+    .unwrap();
+    assert!(s.c.apply(&s.workload("svc", 2, "")).status.success());
+    s.wait_ready("svc", &op);
+    let nodes = [("n1", &n1), ("n2", &n2)];
+    let before = running(&nodes, "svc");
+    assert_eq!(total(&before), 2, "{before:?}");
+    // Four times both graces together.
+    std::thread::sleep(Duration::from_secs(40));
+    assert_eq!(
+        running(&nodes, "svc"),
+        before,
+        "operator log:\n{}",
+        tail(&op.log_text(), 6000)
+    );
+    for n in ["n1", "n2"] {
+        let hn = s.c.get("hypernode", n).unwrap();
+        assert_eq!(condition(&hn, "Ready").unwrap().0, "True", "{hn:#}");
+    }
+    assert!(ready_now(&s.c.get("workload", "svc").unwrap()));
+    let log = op.log_text();
+    assert!(!log.contains("node not ready"), "{}", tail(&log, 6000));
+}
+
 #[test]
 fn operator_kill_and_api_server_restart_make_no_duplicates_and_no_flapping() {
     let s = setup();

@@ -195,9 +195,8 @@ fn describe(counts: &BTreeMap<String, u32>) -> String {
 }
 
 fn node_schedulable(ctx: &Context, node: &str) -> bool {
-    let grace = ctx.nodes.timings.eviction_grace;
     ctx.nodes
-        .with(|e| e.get(node).is_some_and(|e| e.schedulable(grace)))
+        .with(|e| e.get(node).is_some_and(|e| e.schedulable()))
 }
 
 async fn apply(
@@ -599,7 +598,6 @@ async fn apply_one(
 async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(&cr);
     let manager = manager_of(ctx, &cr);
-    let grace = ctx.nodes.timings.eviction_grace;
     let targets: Vec<(String, hyperbox_client::NodeClient, bool)> = ctx.nodes.with(|entries| {
         entries
             .values()
@@ -610,7 +608,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
                         .is_some_and(|s| s.manager.as_deref() == Some(manager.as_str()))
                 })
             })
-            .map(|e| (e.name.clone(), e.client.clone(), e.schedulable(grace)))
+            .map(|e| (e.name.clone(), e.client.clone(), e.schedulable()))
             .collect()
     });
     let mut pending = Vec::new();

@@ -1,7 +1,10 @@
 //! The operator's view of the node runtimes registered as HyperNodes: a watch of the
 //! HyperNode objects, one long-poll per node of the workloads it runs (so the controller reads
-//! a cache instead of asking every node at every reconcile), and the node lifecycle: a node
-//! whose heartbeats stop is marked `Ready=False`, and after a grace period its replicas move.
+//! a cache instead of asking every node at every reconcile), and the node lifecycle: what the
+//! fleet core's [`Liveness`] makes of each node's heartbeats (seen to change, on the
+//! operator's own clock) and of its direct reachability. A node silent and unreachable past
+//! the monitor grace is marked `Ready=False`; past the eviction grace its replicas move,
+//! unless most nodes look down at once ([`disrupted`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,6 +22,7 @@ use tokio::sync::mpsc;
 
 use super::crd::{KubeHyperNode, KubeWorkload};
 use crate::fleet::NodeView;
+use crate::fleet_core::liveness::{disrupted, keeps_replicas, Health, Liveness, LivenessTimings};
 
 /// How the operator reaches the nodes' APIs.
 #[derive(Clone, Default)]
@@ -48,9 +52,12 @@ pub struct NodeEntry {
     pub summary: Option<NodeSummary>,
     /// Every workload on the node, by key, from the last long-poll; none before the first.
     pub workloads: Option<BTreeMap<String, WorkloadStatus>>,
-    /// Since when its heartbeats are missing (none while it is ready).
-    pub not_ready_since: Option<Instant>,
-    pub reachable: bool,
+    /// Its heartbeats and direct contacts, as the operator observed them.
+    pub liveness: Liveness,
+    /// What the last lifecycle tick made of them.
+    pub health: Health,
+    /// Whether it keeps its replicas and takes work (not lost, or the fleet is disrupted).
+    pub keeps: bool,
     poll: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -63,10 +70,21 @@ impl Drop for NodeEntry {
 }
 
 impl NodeEntry {
-    /// The node keeps its replicas and takes work: ready, or not ready for less than the
-    /// eviction grace.
-    pub fn schedulable(&self, grace: Duration) -> bool {
-        self.not_ready_since.is_none_or(|t| t.elapsed() < grace)
+    /// The node keeps its replicas and takes work: ready, not ready for less than the
+    /// eviction grace, or lost while most nodes are (see [`keeps_replicas`]).
+    pub fn schedulable(&self) -> bool {
+        self.keeps
+    }
+
+    /// The last direct request to its API failed.
+    pub fn unreachable(&self) -> bool {
+        self.liveness.contacted() && !self.liveness.reachable()
+    }
+
+    /// The node's own heartbeat, when its status says it is ready (a status that says not
+    /// ready, or none, is no sign of life).
+    fn heartbeat(&self) -> Option<&str> {
+        sign_of_life(&self.status)
     }
 
     /// What placement needs: the node's own summary, else the HyperNode's status.
@@ -101,6 +119,8 @@ pub struct Nodes {
     /// The HyperNodes have been listed once: before that, an empty node set means "not
     /// known yet", not "no nodes".
     listed: std::sync::atomic::AtomicBool,
+    /// Most nodes look down at once (see [`disrupted`]): nothing moves.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a node answer belongs to a workload this operator manages.
@@ -130,6 +150,7 @@ impl Nodes {
                 all,
                 manager_prefix,
                 listed: std::sync::atomic::AtomicBool::new(false),
+                frozen: std::sync::atomic::AtomicBool::new(false),
             }),
             (changed_rx, all_rx),
         )
@@ -162,13 +183,12 @@ impl Nodes {
 
     /// The nodes as placement sees them.
     pub fn views(&self) -> Vec<NodeView> {
-        let grace = self.timings.eviction_grace;
         self.lock()
             .values()
             .map(|e| NodeView {
                 key: e.name.clone(),
                 summary: Some(e.summary()),
-                schedulable: e.schedulable(grace),
+                schedulable: e.schedulable(),
                 nominal_load: 0,
             })
             .collect()
@@ -184,9 +204,10 @@ impl Nodes {
     /// restart, a status written from a partial view would flap).
     pub fn synced(&self) -> bool {
         self.listed.load(std::sync::atomic::Ordering::SeqCst)
-            && self.lock().values().all(|e| {
-                e.workloads.is_some() || !e.schedulable(self.timings.eviction_grace) || !e.reachable
-            })
+            && self
+                .lock()
+                .values()
+                .all(|e| e.workloads.is_some() || !e.schedulable() || e.unreachable())
     }
 
     fn endpoint(&self, address: &str) -> Endpoint {
@@ -201,15 +222,14 @@ impl Nodes {
     /// What placement depends on, per node: a change re-places every workload.
     #[allow(clippy::type_complexity)]
     fn fingerprint(&self) -> Vec<(String, String, bool, bool, BTreeMap<String, String>)> {
-        let grace = self.timings.eviction_grace;
         self.lock()
             .values()
             .map(|e| {
                 (
                     e.name.clone(),
                     e.address.clone(),
-                    e.not_ready_since.is_none(),
-                    e.schedulable(grace),
+                    e.health.is_ready(),
+                    e.schedulable(),
                     e.labels.clone(),
                 )
             })
@@ -224,10 +244,17 @@ impl Nodes {
         let address = node.spec.0.address.clone();
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let status = node.status.clone().map(|s| s.0).unwrap_or_default();
+        let now = Instant::now();
         let mut entries = self.lock();
         let restart = entries.get(&name).is_none_or(|e| e.address != address);
         if restart {
             let client = NodeClient::new(self.endpoint(&address));
+            // A new node (or one at a new address) keeps what the operator saw of its
+            // heartbeats, and is judged at the next lifecycle tick.
+            let liveness = entries
+                .get(&name)
+                .map(|e| e.liveness.clone())
+                .unwrap_or_default();
             let mut entry = NodeEntry {
                 name: name.clone(),
                 address: address.clone(),
@@ -236,15 +263,20 @@ impl Nodes {
                 client: client.clone(),
                 summary: None,
                 workloads: None,
-                not_ready_since: None,
-                reachable: true,
+                liveness,
+                health: Health::Ready,
+                keeps: true,
                 poll: None,
             };
+            let beat = entry.heartbeat().map(str::to_string);
+            entry.liveness.heartbeat(beat.as_deref(), now);
             entry.poll = Some(tokio::spawn(poll(self.clone(), name.clone(), client)));
             entries.insert(name, entry);
         } else if let Some(e) = entries.get_mut(&name) {
             e.labels = labels;
             e.status = status;
+            let beat = e.heartbeat().map(str::to_string);
+            e.liveness.heartbeat(beat.as_deref(), now);
         }
     }
 
@@ -292,7 +324,7 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
                     if summary.is_some() {
                         e.summary = summary;
                     }
-                    e.reachable = true;
+                    e.liveness.contact(true);
                 }
                 for key in changed {
                     let (ns, n) = hyperbox_api::split_key(&key);
@@ -310,10 +342,10 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
                     let Some(entry) = entries.get_mut(&name) else {
                         return;
                     };
-                    if entry.reachable {
+                    if !entry.unreachable() {
                         tracing::warn!(node = %name, error = %e, "node api unreachable; retrying");
                     }
-                    entry.reachable = false;
+                    entry.liveness.contact(false);
                 }
                 after = None;
                 let wait = Duration::from_millis(500u64 << failures.min(4));
@@ -323,25 +355,13 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
     }
 }
 
-/// Seconds since an RFC 3339 time (none when it does not parse).
-fn age(rfc3339: &str) -> Option<Duration> {
-    let t: k8s_openapi::jiff::Timestamp = rfc3339.parse().ok()?;
-    let d = k8s_openapi::jiff::Timestamp::now().duration_since(t);
-    Some(Duration::from_secs_f64(d.as_secs_f64().max(0.0)))
-}
-
-/// Whether a node's status says it is ready now: `Ready=True` and a heartbeat younger than
-/// `grace`.
-pub fn heartbeat_fresh(status: &HyperNodeStatus, grace: Duration) -> bool {
+/// The heartbeat of a status that says the node is ready (`Ready=True`); none otherwise. Only
+/// compared with the previous one: its time is the node's clock, never the operator's.
+pub fn sign_of_life(status: &HyperNodeStatus) -> Option<&str> {
     let ready = status
         .condition(CONDITION_READY)
         .is_some_and(|c| c.status == "True");
-    ready
-        && status
-            .heartbeat_time
-            .as_deref()
-            .and_then(age)
-            .is_some_and(|a| a < grace)
+    status.heartbeat_time.as_deref().filter(|_| ready)
 }
 
 /// Watch the HyperNodes and run the node lifecycle until the process ends.
@@ -392,26 +412,49 @@ pub async fn run(nodes: Arc<Nodes>, api: Api<KubeHyperNode>, field_manager: Stri
             tick.tick().await;
             let mut stale: Vec<(String, String)> = Vec::new();
             {
+                let now = Instant::now();
+                let timings = LivenessTimings {
+                    monitor_grace: nodes.timings.monitor_grace,
+                    eviction_grace: nodes.timings.eviction_grace,
+                };
                 let mut entries = nodes.lock();
                 for e in entries.values_mut() {
-                    if heartbeat_fresh(&e.status, nodes.timings.monitor_grace) {
-                        e.not_ready_since = None;
-                    } else {
-                        if e.not_ready_since.is_none() {
-                            tracing::warn!(node = %e.name, "node not ready: no heartbeat within {:?}", nodes.timings.monitor_grace);
-                            e.not_ready_since = Some(Instant::now());
-                        }
-                        let marked = e
-                            .status
-                            .condition(CONDITION_READY)
-                            .is_some_and(|c| c.status == "False");
-                        if !marked {
-                            stale.push((
-                                e.name.clone(),
-                                e.status.heartbeat_time.clone().unwrap_or_default(),
-                            ));
-                        }
+                    let health = e.liveness.evaluate(now, timings);
+                    if e.health.is_ready() && !health.is_ready() {
+                        tracing::warn!(node = %e.name, "node not ready: no heartbeat seen to change within {:?} and its api does not answer", nodes.timings.monitor_grace);
+                    } else if !e.health.is_ready() && health.is_ready() {
+                        tracing::info!(node = %e.name, "node ready again");
                     }
+                    e.health = health;
+                    let marked = e
+                        .status
+                        .condition(CONDITION_READY)
+                        .is_some_and(|c| c.status == "False");
+                    if !health.is_ready() && !marked {
+                        stale.push((
+                            e.name.clone(),
+                            e.status.heartbeat_time.clone().unwrap_or_default(),
+                        ));
+                    }
+                }
+                let frozen = disrupted(entries.values().map(|e| e.health));
+                if frozen
+                    != nodes
+                        .frozen
+                        .swap(frozen, std::sync::atomic::Ordering::SeqCst)
+                {
+                    if frozen {
+                        tracing::warn!(
+                            down = entries.values().filter(|e| !e.health.is_ready()).count(),
+                            nodes = entries.len(),
+                            "most nodes look down at once: replicas stay where they are until they are back or fewer are down"
+                        );
+                    } else {
+                        tracing::info!("fewer nodes down: replicas of lost nodes move again");
+                    }
+                }
+                for e in entries.values_mut() {
+                    e.keeps = keeps_replicas(e.health, frozen);
                 }
             }
             for (name, heartbeat) in stale {
@@ -479,26 +522,14 @@ mod tests {
     }
 
     #[test]
-    fn a_node_is_ready_with_a_recent_heartbeat_only() {
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let grace = Duration::from_secs(40);
-        assert!(heartbeat_fresh(
-            &status("True", Some(now.to_string())),
-            grace
-        ));
-        let old = now - k8s_openapi::jiff::SignedDuration::from_secs(41);
-        assert!(!heartbeat_fresh(
-            &status("True", Some(old.to_string())),
-            grace
-        ));
-        assert!(!heartbeat_fresh(
-            &status("False", Some(now.to_string())),
-            grace
-        ));
-        assert!(!heartbeat_fresh(&status("True", None), grace));
-        assert!(!heartbeat_fresh(
-            &status("True", Some("yesterday".into())),
-            grace
-        ));
+    fn only_a_ready_status_carries_a_sign_of_life() {
+        // Whatever its time says: the fleet core compares it with the last one only.
+        let old = "2001-01-01T00:00:00Z".to_string();
+        assert_eq!(
+            sign_of_life(&status("True", Some(old.clone()))),
+            Some(old.as_str())
+        );
+        assert_eq!(sign_of_life(&status("False", Some(old))), None);
+        assert_eq!(sign_of_life(&status("True", None)), None);
     }
 }
