@@ -105,6 +105,8 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let state = state
         .canonicalize()
         .with_context(|| format!("resolve {}", state.display()))?;
+    // Before any sweep, unmount or unlink: a second daemon on this dir stops here.
+    let _state_lock = crate::state_lock::lock(&state)?;
     let erofs = ErofsSupport::detect();
     match &erofs.reason {
         None => tracing::info!("erofs enabled: images are mounted as read-only erofs"),

@@ -16,5 +16,6 @@ pub mod daemon;
 pub mod fsutil;
 pub mod images;
 pub mod pressure;
+pub mod state_lock;
 pub mod telemetry;
 pub mod workloads;

@@ -1214,3 +1214,65 @@ fn restart_one_replica_and_watch_the_node() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no replica 5"));
 }
+
+/// A second `serve` on a state dir in use (the package's unit beside a DaemonSet, a manual
+/// debug run) exits at once with an error naming the first daemon's pid, and touches nothing:
+/// the first daemon's socket, its image staging dir and its running containers are as they were.
+#[test]
+fn a_second_daemon_on_the_same_state_dir_exits_and_touches_nothing() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let mut node = start_node(&reg, &[]);
+    node.apply(&workload(
+        "a",
+        &image,
+        "  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.wait_for("a", T, "running", |v| v["phase"] == "Running")
+        .unwrap();
+    let pids = node.container_pids();
+    assert_eq!(pids.len(), 1);
+    // Something the second daemon's sweeps would remove if it got that far.
+    let staging = node.state.join("images/tmp/keep-me");
+    fs::create_dir_all(&staging).unwrap();
+    let other_socket = node.dir.path().join("second.sock");
+    let log = node.dir.path().join("second.log");
+    let mut second = std::process::Command::new(bin("hyperbox-node"))
+        .arg("--socket")
+        .arg(&other_socket)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&node.state)
+        .arg("--run-dir")
+        .arg(node.dir.path().join("run2"))
+        .arg("--cgroup-parent")
+        .arg(&node.cgroup_parent)
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(10), "the second daemon to exit", || {
+        second.try_wait().unwrap()
+    });
+    let _ = second.kill();
+    let _ = second.wait();
+    let err = fs::read_to_string(&log).unwrap();
+    let status = exited.unwrap_or_else(|e| panic!("{e:#}\n{err}"));
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "is in use by another hyperbox-node (pid {})",
+            node.pid()
+        )),
+        "{err}"
+    );
+    assert!(!other_socket.exists());
+    assert!(staging.exists());
+    assert!(node.socket.exists());
+    assert_eq!(node.container_pids(), pids);
+    assert_eq!(node.get("a").unwrap()["phase"], "Running");
+    // The lock goes with its holder, however it dies: a restart on the dir works.
+    node.kill9();
+    node.spawn().unwrap();
+    node.wait_for("a", T, "re-adopted", |v| v["phase"] == "Running")
+        .unwrap();
+}
