@@ -85,7 +85,7 @@ async fn run(
                     return;
                 };
                 if version < client.digests_version_seen() && answer.items.is_some() {
-                    // A restarted node whose clock went back counts from lower now.
+                    // A node restarted on a new state dir counts from lower now.
                     client.reset_digests_version_seen(version);
                 }
                 let mut c = cache.lock().unwrap();

@@ -266,4 +266,23 @@ fn digests_watch_answers_on_change_and_times_out_quietly() {
     ));
     assert_ne!(after_delete["resourceVersion"], v1);
     assert_eq!(after_delete["items"], serde_json::json!([]));
+    // A restart never hands out a version seen before, even with the clock set back a day (an
+    // edge box without an RTC): versions count the daemon's lives on its state dir, not time.
+    let seen = after_delete["resourceVersion"].as_u64().unwrap();
+    let mut node = node;
+    node.kill9();
+    node.env.push((
+        "LD_PRELOAD".into(),
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
+    ));
+    node.env.push(("FAKETIME".into(), "-1d".into()));
+    node.spawn().unwrap();
+    let restarted = body(&http_over_unix(
+        &node.socket,
+        "GET",
+        "/v1/digests?watch=true",
+        "",
+    ));
+    let v2 = restarted["resourceVersion"].as_u64().unwrap();
+    assert!(v2 > seen, "{v2} after a restart, {seen} before it");
 }

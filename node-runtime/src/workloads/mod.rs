@@ -17,6 +17,7 @@
 pub mod actor;
 mod admission;
 mod digests;
+pub mod epoch;
 mod gc;
 pub mod logs;
 mod node;
@@ -134,8 +135,9 @@ pub struct Supervisor {
     /// Requests of every admitted workload's desired replicas, by key.
     admitted: StdMutex<HashMap<String, ResourceAmounts>>,
     /// Version of the digests (`GET /v1/digests?watch=true`): changes with every apply and
-    /// delete, and starts at the daemon's start time in microseconds, so a watcher that knew
-    /// an earlier daemon sees a different version and lists again.
+    /// delete, and starts above every version of the daemon's earlier lives on this state dir
+    /// (see [`epoch`]), so a watcher that knew an earlier daemon sees a newer version and
+    /// lists again.
     digests_version: watch::Sender<u64>,
     /// The last PSI samples of each running container, by container id.
     pressure: StdMutex<HashMap<String, PressureSamples>>,
@@ -162,6 +164,7 @@ impl Supervisor {
         for d in [&records_dir, &logs_dir, &volumes_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
+        let first_version = epoch::first_version(epoch::next(state_dir)?);
         Ok(Arc::new(Supervisor {
             shared: Arc::new(Shared {
                 runtime,
@@ -170,7 +173,7 @@ impl Supervisor {
                 records_dir,
                 logs_dir,
                 volumes_dir,
-                changes: watch::channel(0).0,
+                changes: watch::channel(first_version).0,
                 probe_slots: Arc::new(Semaphore::new(probe::MAX_CONCURRENT_PROBES)),
                 registry: tokio::sync::Mutex::new(BTreeMap::new()),
                 gc_kick: Notify::new(),
@@ -182,13 +185,7 @@ impl Supervisor {
             policy: StdMutex::new(None),
             node: StdMutex::new(None),
             admitted: StdMutex::new(HashMap::new()),
-            digests_version: watch::channel(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(1),
-            )
-            .0,
+            digests_version: watch::channel(first_version).0,
             pressure: StdMutex::new(HashMap::new()),
             node_pressure: StdMutex::new(std::collections::VecDeque::new()),
             protection: StdMutex::new(None),
