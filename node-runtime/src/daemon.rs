@@ -55,11 +55,34 @@ pub struct ServeOptions {
     pub kubernetes: Option<(crate::cluster::ApiServer, crate::cluster::Registration)>,
 }
 
+/// The soft limit on open files up to the hard one (as Go programs do at start): the default
+/// soft limit of 1,024 is for programs that use `select`, and the daemon holds a pidfd, a log
+/// and a record per container besides its connections. Containers get their own limit in
+/// their spec.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(from, to = lim.rlim_max, "raised the open files limit");
+        }
+    }
+}
+
 pub async fn serve(opts: ServeOptions) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("hyperbox-node serve must run as root (it creates namespaces, cgroups and mounts)");
     }
+    raise_nofile_limit();
     let state = &opts.state_dir;
     // Work from `/`: the container spawner inherits this cwd, libcontainer returns to it after
     // each container start, and it must never be a directory that gets deleted.

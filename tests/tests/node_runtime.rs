@@ -1276,3 +1276,104 @@ fn a_second_daemon_on_the_same_state_dir_exits_and_touches_nothing() {
     node.wait_for("a", T, "re-adopted", |v| v["phase"] == "Running")
         .unwrap();
 }
+
+/// A flood of idle connections from anyone who can reach the TCP ports, with the daemon held
+/// to 1,024 open files (systemd's default soft limit): 1,100 connections that send nothing
+/// leave the unix API doing real work (an apply, a record write, a container start), the
+/// daemon's descriptors stay well below the limit (each listener caps its connections), and
+/// the server closes every one of them within 60 s (the header read timeout; those beyond a
+/// cap at once).
+#[test]
+fn a_flood_of_idle_connections_is_dropped_and_the_unix_api_keeps_answering() {
+    use std::io::Read;
+    // This test holds 1,100 sockets itself: its soft limit up to its hard one.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and fill the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        assert!(
+            lim.rlim_max >= 1200,
+            "hard limit {} is too low",
+            lim.rlim_max
+        );
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        token_file.path(),
+        format!("tok-{}-{}", random_suffix(), random_suffix()),
+    )
+    .unwrap();
+    let node = start_node(
+        &reg,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            token_file.path().to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let api = wait_until(T, "tcp listener address", || {
+        logged_addr(&node.daemon_log(), "node api listening on tcp")
+    })
+    .unwrap();
+    let metrics = wait_until(T, "metrics listener address", || {
+        logged_addr(&node.daemon_log(), "metrics listening")
+    })
+    .unwrap();
+    let pid = node.pid().to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=1024:1024"])
+        .status()
+        .unwrap();
+    assert!(limited.success());
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let opened = std::time::Instant::now();
+    let mut conns = Vec::new();
+    for i in 0..1100 {
+        let addr: std::net::SocketAddr = if i % 11 == 0 { &metrics } else { &api }.parse().unwrap();
+        // A connection the server closed at once may still connect: the kernel accepts it.
+        if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            conns.push(c);
+        }
+    }
+    assert!(conns.len() > 1000, "only {} connected", conns.len());
+    let most_fds = fds();
+    // The unix API works, and so do the records and container starts behind it.
+    node.apply(&workload(
+        "during",
+        &image,
+        "  command: [sleep, '1000']\n  terminationGracePeriodSeconds: 0\n",
+    ));
+    node.wait_for("during", T, "running during the flood", |v| {
+        v["phase"] == "Running"
+    })
+    .unwrap();
+    assert!(node.cli(&["node", "-o", "json"]).status.success());
+    assert!(most_fds < 600, "{most_fds} descriptors open in the daemon");
+    // Every connection is closed by the server (end of stream or reset) within 60 s.
+    let deadline = opened + Duration::from_secs(60);
+    let mut buf = [0u8; 64];
+    for (i, c) in conns.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "connection {i} still open {:?} after the flood began: {other:?}",
+                opened.elapsed()
+            ),
+        }
+    }
+    assert!(fds() < 200, "{} descriptors open after the flood", fds());
+}

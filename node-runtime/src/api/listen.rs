@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::{Request, State};
@@ -99,6 +100,36 @@ pub fn server_config(t: &ServerTls) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// What a flood of connections meets on one TCP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Open connections at most; more are closed as soon as they are accepted, so a flood
+    /// never takes the descriptors the daemon needs for its own work.
+    pub max_connections: usize,
+    /// A TLS handshake (and the first byte before it) must come within this time.
+    pub handshake: Duration,
+    /// A request's headers must arrive within this time of the connection opening or of the
+    /// previous response (hyper's header read timeout): a connection that sends nothing, or
+    /// sits idle between requests, is closed after it. A long-poll is a request being
+    /// answered, not idle time.
+    pub header_read: Duration,
+}
+
+impl ConnLimits {
+    /// The node API on TCP: the operator holds one long-poll per node and a few requests.
+    pub const API: ConnLimits = ConnLimits {
+        max_connections: 256,
+        handshake: Duration::from_secs(10),
+        header_read: Duration::from_secs(30),
+    };
+    /// `/metrics`: a scraper or two.
+    pub const METRICS: ConnLimits = ConnLimits {
+        max_connections: 32,
+        handshake: Duration::from_secs(10),
+        header_read: Duration::from_secs(15),
+    };
+}
+
 pub async fn serve_tcp(
     sup: Arc<Supervisor>,
     addr: &str,
@@ -112,29 +143,60 @@ pub async fn serve_tcp(
         Arc::new(token),
         require_token,
     ));
-    let Some(tls) = tls else {
-        tracing::info!(addr = %listener.local_addr()?, tls = false, "node api listening on tcp (bearer token required)");
-        return axum::serve(listener, app).await.context("serve tcp");
-    };
-    tracing::info!(addr = %listener.local_addr()?, tls = true, "node api listening on tcp (bearer token required)");
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), max_connections = ConnLimits::API.max_connections, "node api listening on tcp (bearer token required)");
+    serve_connections(listener, app, tls, ConnLimits::API).await;
+    Ok(())
+}
+
+/// Accept and serve connections on `listener` within `limits`, over TLS when `tls` is set.
+pub async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnLimits,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of fds and the like: keep serving the connections we have.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once: the peer sees a reset, the daemon keeps its descriptors.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(peer = %peer, max = limits.max_connections, refused, "connection limit reached; closing new connections");
+            }
+            drop(tcp);
+            continue;
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let handshake = std::time::Duration::from_secs(10);
+            let _slot = slot;
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read);
+            let Some(acceptor) = acceptor else {
+                if let Err(e) = http
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await
+                {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended");
+                }
+                return;
+            };
             // Plain HTTP sent to the TLS port gets a plain answer saying so, not a TLS alert.
             let mut first = [0u8; 1];
-            match tokio::time::timeout(handshake, tcp.peek(&mut first)).await {
+            match tokio::time::timeout(limits.handshake, tcp.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
                     refuse_plain_http(tcp).await;
                     return;
@@ -142,7 +204,7 @@ pub async fn serve_tcp(
                 Ok(Ok(_)) => {}
                 _ => return,
             }
-            let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+            let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::info!(peer = %peer, error = %e, "tls handshake refused");
@@ -153,8 +215,7 @@ pub async fn serve_tcp(
                     return;
                 }
             };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            if let Err(e) = http
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await
             {

@@ -20,7 +20,7 @@ pub async fn serve_metrics(sup: Arc<Supervisor>, addr: &str) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind metrics {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    tracing::info!(addr = %listener.local_addr()?, max_connections = super::listen::ConnLimits::METRICS.max_connections, "metrics listening");
     let app = Router::new()
         .route(
             "/metrics",
@@ -32,5 +32,6 @@ pub async fn serve_metrics(sup: Arc<Supervisor>, addr: &str) -> Result<()> {
             }),
         )
         .with_state(sup);
-    axum::serve(listener, app).await.context("serve metrics")
+    super::listen::serve_connections(listener, app, None, super::listen::ConnLimits::METRICS).await;
+    Ok(())
 }
