@@ -507,15 +507,22 @@ fn invalid_spec_names_file_line_and_field() {
     assert!(node.get("x").is_none());
 }
 
-#[test]
-fn tcp_api_requires_the_token() {
-    let reg = Registry::start(false).unwrap();
+/// A node that also listens on TCP (the API, with a bearer token) and serves `/metrics`.
+struct TcpNode {
+    node: Node,
+    api: String,
+    metrics: String,
+    token: String,
+    token_file: tempfile::NamedTempFile,
+}
+
+fn tcp_node(reg: &Registry) -> TcpNode {
     let token_file = tempfile::NamedTempFile::new().unwrap();
     let token = format!("tok-{}-{}", random_suffix(), random_suffix());
     fs::write(token_file.path(), &token).unwrap();
     // Port 0: the kernel picks free ports (no choose-then-bind race); the log says which.
     let node = start_node(
-        &reg,
+        reg,
         &[
             "--listen",
             "127.0.0.1:0",
@@ -525,7 +532,7 @@ fn tcp_api_requires_the_token() {
             "127.0.0.1:0",
         ],
     );
-    let addr = wait_until(T, "tcp listener address", || {
+    let api = wait_until(T, "tcp listener address", || {
         logged_addr(&node.daemon_log(), "node api listening on tcp")
     })
     .unwrap();
@@ -533,6 +540,21 @@ fn tcp_api_requires_the_token() {
         logged_addr(&node.daemon_log(), "metrics listening")
     })
     .unwrap();
+    TcpNode {
+        node,
+        api,
+        metrics,
+        token,
+        token_file,
+    }
+}
+
+#[test]
+fn tcp_api_requires_the_token() {
+    let reg = Registry::start(false).unwrap();
+    let tcp = tcp_node(&reg);
+    let (addr, metrics, token) = (tcp.api.clone(), tcp.metrics.clone(), tcp.token.clone());
+    let node = &tcp.node;
     wait_until(T, "tcp listener", || {
         std::net::TcpStream::connect(&addr).ok()
     })
@@ -549,7 +571,7 @@ fn tcp_api_requires_the_token() {
             "--server",
             &format!("http://{addr}"),
             "--token-file",
-            token_file.path().to_str().unwrap(),
+            tcp.token_file.path().to_str().unwrap(),
             "node",
             "-o",
             "json",
@@ -1304,31 +1326,9 @@ fn a_flood_of_idle_connections_is_dropped_and_the_unix_api_keeps_answering() {
     }
     let reg = Registry::start(false).unwrap();
     let image = push_busybox(&reg).unwrap();
-    let token_file = tempfile::NamedTempFile::new().unwrap();
-    fs::write(
-        token_file.path(),
-        format!("tok-{}-{}", random_suffix(), random_suffix()),
-    )
-    .unwrap();
-    let node = start_node(
-        &reg,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            token_file.path().to_str().unwrap(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let api = wait_until(T, "tcp listener address", || {
-        logged_addr(&node.daemon_log(), "node api listening on tcp")
-    })
-    .unwrap();
-    let metrics = wait_until(T, "metrics listener address", || {
-        logged_addr(&node.daemon_log(), "metrics listening")
-    })
-    .unwrap();
+    let tcp = tcp_node(&reg);
+    let (api, metrics) = (tcp.api.clone(), tcp.metrics.clone());
+    let node = &tcp.node;
     let pid = node.pid().to_string();
     let limited = std::process::Command::new("prlimit")
         .args(["--pid", &pid, "--nofile=1024:1024"])
