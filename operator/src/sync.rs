@@ -2,7 +2,7 @@
 //! revision onto the node, keep status and inventory in the state dir, back off while the
 //! source or the node is unreachable (running work is never torn down for that).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
+use crate::fleet_core::avoid::{AvoidMemory, PRESSURE_AVOID};
 use crate::fleet_core::liveness::{disrupted, keeps_replicas, Health, Liveness, LivenessTimings};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport, ManifestSet};
@@ -93,11 +94,6 @@ pub struct SyncOptions {
     pub pressure_weights: crate::placement::PressureWeights,
 }
 
-/// How long a workload avoids a node that evicted one of its replicas for pressure: long
-/// enough for the node to calm down (its own restore waits 60 s of calm), short enough that
-/// the workload comes back when there is nowhere better.
-pub const PRESSURE_AVOID: Duration = Duration::from_secs(300);
-
 pub struct Syncer {
     /// Shared with the blocking threads that fetch and read manifests: a hung fetch then holds
     /// a thread, never the task that answers signals.
@@ -144,12 +140,8 @@ struct Fleet {
     /// Most nodes looked down at the last sync (see [`disrupted`]): nothing moved.
     frozen: bool,
     state: FleetState,
-    /// Nodes that refused a workload at `refused_at`: avoided for it until the next revision.
-    refused: BTreeMap<String, BTreeSet<String>>,
-    refused_at: Option<String>,
-    /// Nodes that evicted a replica of a workload for pressure, and when: avoided for it for
-    /// [`PRESSURE_AVOID`], so its replicas move to calmer nodes.
-    pressure_evicted: BTreeMap<String, BTreeMap<String, Instant>>,
+    /// Nodes each workload avoids: refused at this revision, or evicted for pressure lately.
+    avoid: AvoidMemory,
 }
 
 impl Fleet {
@@ -293,9 +285,7 @@ impl Syncer {
             grace,
             frozen: false,
             state,
-            refused: BTreeMap::new(),
-            refused_at: None,
-            pressure_evicted: BTreeMap::new(),
+            avoid: AvoidMemory::default(),
         });
         Ok(syncer)
     }
@@ -564,17 +554,13 @@ impl Syncer {
             }
         }
         // Pressure evictions: the workload leaves that node for a while.
-        fleet.pressure_evicted.retain(|_, m| {
-            m.retain(|_, at| at.elapsed() < PRESSURE_AVOID);
-            !m.is_empty()
-        });
+        let now = Instant::now();
+        fleet.avoid.expire(now);
         let mut newly_evicted = false;
         for (node, obs) in &observed {
             for (name, o) in obs.iter().filter(|(_, o)| o.evicted_for_pressure > 0) {
-                let m = fleet.pressure_evicted.entry(name.clone()).or_default();
-                if !m.contains_key(node) {
+                if fleet.avoid.evicted_for_pressure(name, node, now) {
                     tracing::warn!(workload = %name, node = %node, replicas = o.evicted_for_pressure, avoid_s = PRESSURE_AVOID.as_secs(), "node evicted replicas for pressure; placing the workload elsewhere");
-                    m.insert(node.clone(), Instant::now());
                     newly_evicted = true;
                 }
             }
@@ -618,10 +604,6 @@ impl Syncer {
                 }
             }
         }
-        if fleet.refused_at.as_deref() != Some(revision.as_str()) {
-            fleet.refused.clear();
-            fleet.refused_at = Some(revision.clone());
-        }
         let parse_started = Instant::now();
         let set = self.read_manifests(&revision).await?;
         let parse_ms = parse_started.elapsed().as_millis() as u64;
@@ -639,13 +621,8 @@ impl Syncer {
                 nominal_load: 0,
             })
             .collect();
-        let mut avoid = fleet.refused.clone();
-        for (name, m) in &fleet.pressure_evicted {
-            avoid
-                .entry(name.clone())
-                .or_default()
-                .extend(m.keys().cloned());
-        }
+        // Refusals hold until the next revision.
+        let avoid = fleet.avoid.avoid_all(&revision);
         let placement = place_fleet(
             &set,
             &fleet.state.counts,
@@ -730,11 +707,7 @@ impl Syncer {
             failed += done.failed;
             for name in &done.not_applied {
                 // Avoided until the next revision; what ran there before still runs there.
-                fleet
-                    .refused
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(key.clone());
+                fleet.avoid.refused(name, &revision, &key);
                 let before = fleet
                     .state
                     .counts

@@ -6,4 +6,5 @@
 //! May call: `crate::placement` (the pure placement of replicas), `hyperbox_api` types. Must not
 //! call: `crate::k8s`, `crate::sync`, `crate::gitsource`, the node client, or any I/O.
 
+pub mod avoid;
 pub mod liveness;

@@ -23,6 +23,7 @@ use super::crd::{KubeWorkload, KubeWorkloadStatus};
 use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet::{place_fleet, Counts};
+use crate::fleet_core::avoid::AvoidMemory;
 use crate::manifests::{ManifestSet, SourcedWorkload};
 use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
 
@@ -47,10 +48,9 @@ pub struct Context {
 struct State {
     /// Failed reconciles in a row, by workload: the error policy backs off with it.
     failures: HashMap<String, u32>,
-    /// Nodes that refused a workload's spec (by its config hash): avoided for that spec.
-    refused: HashMap<String, (String, BTreeSet<String>)>,
-    /// Nodes that evicted one of its replicas for pressure, and when.
-    pressure: HashMap<String, BTreeMap<String, Instant>>,
+    /// Nodes each workload avoids: those that refused its spec (by its config hash), and
+    /// those that evicted one of its replicas for pressure lately.
+    avoid: AvoidMemory,
     /// What was last applied to each node (node, key) → config hash: an unchanged workload
     /// costs no request.
     applied: HashMap<(String, String), String>,
@@ -262,19 +262,14 @@ async fn apply(
         // pressure lately.
         let avoid: BTreeSet<String> = {
             let mut st = ctx.state();
-            let mut avoid = match st.refused.get(&key) {
-                Some((h, nodes)) if *h == hash => nodes.clone(),
-                _ => BTreeSet::new(),
-            };
-            let p = st.pressure.entry(key.clone()).or_default();
+            let now = Instant::now();
+            st.avoid.expire(now);
             for (node, copy) in &copies {
                 if evicted_for_pressure(copy.replicas.iter().map(|r| r.reason.as_deref())) {
-                    p.entry(node.clone()).or_insert_with(Instant::now);
+                    st.avoid.evicted_for_pressure(&key, node, now);
                 }
             }
-            p.retain(|_, t| t.elapsed() < crate::sync::PRESSURE_AVOID);
-            avoid.extend(p.keys().cloned());
-            avoid
+            st.avoid.avoid(&key, &hash)
         };
         let set = ManifestSet {
             workloads: BTreeMap::from([(
@@ -344,17 +339,7 @@ async fn apply(
                 }
                 Err(ApplyError::Refused(message)) => {
                     applied_all = false;
-                    {
-                        let mut st = ctx.state();
-                        let e = st
-                            .refused
-                            .entry(key.clone())
-                            .or_insert_with(|| (hash.clone(), BTreeSet::new()));
-                        if e.0 != hash {
-                            *e = (hash.clone(), BTreeSet::new());
-                        }
-                        e.1.insert(node.clone());
-                    }
+                    ctx.state().avoid.refused(&key, &hash, node);
                     events.push((
                         true,
                         "Refused",
@@ -635,8 +620,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
     }
     {
         let mut st = ctx.state();
-        st.refused.remove(&key);
-        st.pressure.remove(&key);
+        st.avoid.forget(&key);
         st.placed.remove(&key);
         st.nominal.remove(&key);
     }
