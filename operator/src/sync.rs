@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
 use crate::fleet_core::avoid::{AvoidMemory, PRESSURE_AVOID};
-use crate::fleet_core::liveness::{disrupted, keeps_replicas, Health, Liveness, LivenessTimings};
+use crate::fleet_core::liveness::{keeps_replicas, Health, Judge, Liveness, LivenessTimings};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport, ManifestSet};
 use crate::nodewatch::NodeWatch;
@@ -137,8 +137,8 @@ struct Fleet {
     nodes: Vec<FleetNode>,
     /// How long an unreachable node keeps its replicas.
     grace: Duration,
-    /// Most nodes looked down at the last sync (see [`disrupted`]): nothing moved.
-    frozen: bool,
+    /// Judges the nodes at each sync, and remembers whether most looked down.
+    judge: Judge,
     state: FleetState,
     /// Nodes each workload avoids: refused at this revision, or evicted for pressure lately.
     avoid: AvoidMemory,
@@ -153,19 +153,13 @@ impl Fleet {
             monitor_grace: Duration::ZERO,
             eviction_grace: self.grace,
         };
-        for n in &mut self.nodes {
-            n.health = n.liveness.evaluate(now, timings);
-        }
-        let frozen = disrupted(self.nodes.iter().map(|n| n.health));
-        if frozen && !self.frozen {
-            tracing::warn!(
-                down = self.nodes.iter().filter(|n| !n.health.is_ready()).count(),
-                nodes = self.nodes.len(),
-                "most nodes look down at once: replicas stay where they are"
-            );
-        }
-        self.frozen = frozen;
-        frozen
+        self.judge.judge(
+            self.nodes
+                .iter_mut()
+                .map(|n| (n.key.as_str(), &mut n.liveness, &mut n.health)),
+            now,
+            timings,
+        )
     }
 }
 
@@ -283,7 +277,7 @@ impl Syncer {
                 })
                 .collect(),
             grace,
-            frozen: false,
+            judge: Judge::default(),
             state,
             avoid: AvoidMemory::default(),
         });
@@ -783,7 +777,7 @@ impl Syncer {
                 id: n.summary.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
                 reachable: n.health.is_ready() && n.summary.is_some(),
                 unreachable_for_s: (!n.health.is_ready()).then(|| n.health.down_for().as_secs()),
-                evacuated: !keeps_replicas(n.health, fleet.frozen),
+                evacuated: !keeps_replicas(n.health, fleet.judge.frozen()),
                 error: n.error.clone(),
                 replicas: fleet
                     .state

@@ -153,6 +153,56 @@ pub fn keeps_replicas(health: Health, fleet_disrupted: bool) -> bool {
     !health.is_lost() || fleet_disrupted
 }
 
+/// Every node of a fleet judged at one instant, and whether the fleet is disrupted. Both
+/// front ends judge through it, and it logs each node's change between ready and not and
+/// each change of the disruption once.
+#[derive(Debug, Default)]
+pub struct Judge {
+    frozen: bool,
+}
+
+impl Judge {
+    /// Whether the last judgement found the fleet disrupted.
+    pub fn frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Judge each `(name, liveness, health)` at `now`, updating its health, and return
+    /// whether the fleet is disrupted.
+    pub fn judge<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = (&'a str, &'a mut Liveness, &'a mut Health)>,
+        now: Instant,
+        t: LivenessTimings,
+    ) -> bool {
+        let mut all = Vec::new();
+        for (name, liveness, health) in nodes {
+            let now_health = liveness.evaluate(now, t);
+            if health.is_ready() && !now_health.is_ready() {
+                tracing::warn!(node = %name, monitor_grace_s = t.monitor_grace.as_secs(), "node not ready: no heartbeat seen to change and its api does not answer");
+            } else if !health.is_ready() && now_health.is_ready() {
+                tracing::info!(node = %name, "node ready again");
+            }
+            *health = now_health;
+            all.push(now_health);
+        }
+        let frozen = disrupted(all.iter().copied());
+        if frozen != self.frozen {
+            if frozen {
+                tracing::warn!(
+                    down = all.iter().filter(|h| !h.is_ready()).count(),
+                    nodes = all.len(),
+                    "most nodes look down at once: replicas stay where they are until they are back or fewer are down"
+                );
+            } else {
+                tracing::info!("fewer nodes down: replicas of lost nodes move again");
+            }
+        }
+        self.frozen = frozen;
+        frozen
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +301,31 @@ mod tests {
         assert!(disrupted(health(2, 3)));
         assert!(!disrupted(health(3, 3)));
         assert!(disrupted(health(4, 5)));
+    }
+
+    #[test]
+    fn the_judge_updates_every_node_and_remembers_the_disruption() {
+        let t0 = Instant::now();
+        let mut nodes: Vec<(String, Liveness, Health)> = ["a", "b"]
+            .iter()
+            .map(|n| (n.to_string(), Liveness::default(), Health::Ready))
+            .collect();
+        nodes[0].1.contact(true);
+        nodes[1].1.contact(false);
+        let mut judge = Judge::default();
+        let mut run = |nodes: &mut Vec<(String, Liveness, Health)>, at: Instant| {
+            judge.judge(nodes.iter_mut().map(|(n, l, h)| (n.as_str(), l, h)), at, T)
+        };
+        assert!(!run(&mut nodes, t0 + s(60)));
+        assert!(nodes[0].2.is_ready());
+        assert_eq!(nodes[1].2, Health::NotReady { for_: s(0) });
+        // Both silent: the fleet is disrupted, and stays so until one answers again.
+        nodes[0].1.contact(false);
+        assert!(run(&mut nodes, t0 + s(120)));
+        assert!(run(&mut nodes, t0 + s(180)));
+        assert!(nodes[1].2.is_lost());
+        nodes[0].1.contact(true);
+        assert!(!run(&mut nodes, t0 + s(181)));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! fleet core's [`Liveness`] makes of each node's heartbeats (seen to change, on the
 //! operator's own clock) and of its direct reachability. A node silent and unreachable past
 //! the monitor grace is marked `Ready=False`; past the eviction grace its replicas move,
-//! unless most nodes look down at once ([`disrupted`]).
+//! unless most nodes look down at once ([`crate::fleet_core::liveness::disrupted`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::crd::{KubeHyperNode, KubeWorkload};
 use crate::fleet::NodeView;
-use crate::fleet_core::liveness::{disrupted, keeps_replicas, Health, Liveness, LivenessTimings};
+use crate::fleet_core::liveness::{keeps_replicas, Health, Judge, Liveness, LivenessTimings};
 
 /// How the operator reaches the nodes' APIs.
 #[derive(Clone, Default)]
@@ -81,12 +81,6 @@ impl NodeEntry {
         self.liveness.contacted() && !self.liveness.reachable()
     }
 
-    /// The node's own heartbeat, when its status says it is ready (a status that says not
-    /// ready, or none, is no sign of life).
-    fn heartbeat(&self) -> Option<&str> {
-        sign_of_life(&self.status)
-    }
-
     /// What placement needs: the node's own summary, else the HyperNode's status.
     pub fn summary(&self) -> NodeSummary {
         if let Some(s) = &self.summary {
@@ -119,8 +113,6 @@ pub struct Nodes {
     /// The HyperNodes have been listed once: before that, an empty node set means "not
     /// known yet", not "no nodes".
     listed: std::sync::atomic::AtomicBool,
-    /// Most nodes look down at once (see [`disrupted`]): nothing moves.
-    frozen: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a node answer belongs to a workload this operator manages.
@@ -150,7 +142,6 @@ impl Nodes {
                 all,
                 manager_prefix,
                 listed: std::sync::atomic::AtomicBool::new(false),
-                frozen: std::sync::atomic::AtomicBool::new(false),
             }),
             (changed_rx, all_rx),
         )
@@ -268,15 +259,13 @@ impl Nodes {
                 keeps: true,
                 poll: None,
             };
-            let beat = entry.heartbeat().map(str::to_string);
-            entry.liveness.heartbeat(beat.as_deref(), now);
+            entry.liveness.heartbeat(sign_of_life(&entry.status), now);
             entry.poll = Some(tokio::spawn(poll(self.clone(), name.clone(), client)));
             entries.insert(name, entry);
         } else if let Some(e) = entries.get_mut(&name) {
             e.labels = labels;
             e.status = status;
-            let beat = e.heartbeat().map(str::to_string);
-            e.liveness.heartbeat(beat.as_deref(), now);
+            e.liveness.heartbeat(sign_of_life(&e.status), now);
         }
     }
 
@@ -408,6 +397,7 @@ pub async fn run(nodes: Arc<Nodes>, api: Api<KubeHyperNode>, field_manager: Stri
     let lifecycle = async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last = nodes.fingerprint();
+        let mut judge = Judge::default();
         loop {
             tick.tick().await;
             let mut stale: Vec<(String, String)> = Vec::new();
@@ -418,43 +408,25 @@ pub async fn run(nodes: Arc<Nodes>, api: Api<KubeHyperNode>, field_manager: Stri
                     eviction_grace: nodes.timings.eviction_grace,
                 };
                 let mut entries = nodes.lock();
+                let frozen = judge.judge(
+                    entries
+                        .values_mut()
+                        .map(|e| (e.name.as_str(), &mut e.liveness, &mut e.health)),
+                    now,
+                    timings,
+                );
                 for e in entries.values_mut() {
-                    let health = e.liveness.evaluate(now, timings);
-                    if e.health.is_ready() && !health.is_ready() {
-                        tracing::warn!(node = %e.name, "node not ready: no heartbeat seen to change within {:?} and its api does not answer", nodes.timings.monitor_grace);
-                    } else if !e.health.is_ready() && health.is_ready() {
-                        tracing::info!(node = %e.name, "node ready again");
-                    }
-                    e.health = health;
+                    e.keeps = keeps_replicas(e.health, frozen);
                     let marked = e
                         .status
                         .condition(CONDITION_READY)
                         .is_some_and(|c| c.status == "False");
-                    if !health.is_ready() && !marked {
+                    if !e.health.is_ready() && !marked {
                         stale.push((
                             e.name.clone(),
                             e.status.heartbeat_time.clone().unwrap_or_default(),
                         ));
                     }
-                }
-                let frozen = disrupted(entries.values().map(|e| e.health));
-                if frozen
-                    != nodes
-                        .frozen
-                        .swap(frozen, std::sync::atomic::Ordering::SeqCst)
-                {
-                    if frozen {
-                        tracing::warn!(
-                            down = entries.values().filter(|e| !e.health.is_ready()).count(),
-                            nodes = entries.len(),
-                            "most nodes look down at once: replicas stay where they are until they are back or fewer are down"
-                        );
-                    } else {
-                        tracing::info!("fewer nodes down: replicas of lost nodes move again");
-                    }
-                }
-                for e in entries.values_mut() {
-                    e.keeps = keeps_replicas(e.health, frozen);
                 }
             }
             for (name, heartbeat) in stale {
