@@ -28,7 +28,10 @@ pub type Inventory = BTreeMap<String, InventoryEntry>;
 /// state, replica count included), the same hash the inventory records.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
+    /// The config hash of the node's copy (the spec hash from nodes older than it).
     pub spec_hash: String,
+    /// The pod-template hash of the node's copy ([`hyperbox_api::spec_hash`]).
+    pub template_hash: String,
     /// Replicas the node evicted for pressure (a fleet places them on other nodes).
     pub evicted_for_pressure: u32,
 }

@@ -2,7 +2,7 @@
 //! revision onto the node, keep status and inventory in the state dir, back off while the
 //! source or the node is unreachable (running work is never torn down for that).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use crate::apply::{deliver, Delivery, Limits};
 use crate::fleet::{merge_results, node_set, place_fleet, Counts, NodeView};
 use crate::fleet_core::avoid::{AvoidMemory, PRESSURE_AVOID};
 use crate::fleet_core::liveness::{keeps_replicas, Health, Judge, Liveness, LivenessTimings};
+use crate::fleet_core::rollout::{self, Copy, Gate, Share};
 use crate::gitsource::GitSource;
 use crate::manifests::{assemble, FileReport, ManifestSet};
 use crate::nodewatch::NodeWatch;
@@ -118,6 +119,10 @@ struct FleetState {
     /// operator starts keeps its share for the grace period instead of losing it at once.
     #[serde(default)]
     summaries: BTreeMap<String, NodeSummary>,
+    /// Workloads rolling out across nodes (some node waits for its turn or still rolls):
+    /// each sync asks their nodes how far they are.
+    #[serde(default)]
+    rolling: BTreeSet<String>,
 }
 
 struct FleetNode {
@@ -261,6 +266,7 @@ impl Syncer {
                     .collect(),
                 counts: Counts::new(),
                 summaries: BTreeMap::new(),
+                rolling: BTreeSet::new(),
             },
         };
         syncer.fleet = Some(Fleet {
@@ -562,6 +568,7 @@ impl Syncer {
         let all_reachable = observed.len() == fleet.nodes.len();
         let unchanged = !newly_evicted
             && all_reachable
+            && fleet.state.rolling.is_empty()
             && self.settled_at(&revision)
             && fleet.state.inventories.iter().all(|(key, inv)| {
                 let obs = observed.get(key);
@@ -634,6 +641,15 @@ impl Syncer {
                 }
             }
         }
+        // Rollouts across nodes: each workload's bounds split between its nodes.
+        let (gates, rolling) = rollout_gates(
+            &fleet.nodes,
+            &fleet.state.rolling,
+            &set,
+            &placement.counts,
+            &observed,
+        )
+        .await;
         // Plans for the nodes that answered; record the union of what we own before acting.
         let mut plans = Vec::new();
         let mut before = fleet.state.clone();
@@ -647,13 +663,28 @@ impl Syncer {
                 .get(&n.key)
                 .cloned()
                 .unwrap_or_default();
-            let p = plan(
-                &node_set(&set, &placement.counts, &n.key),
-                &revision,
-                &own,
-                obs,
-                self.opts.prune,
-            );
+            let mut share = node_set(&set, &placement.counts, &n.key);
+            let mut held = Vec::new();
+            for (name, per_node) in &gates {
+                match per_node.get(&n.key) {
+                    Some(Gate::Roll(b)) => {
+                        if let Some(sw) = share.workloads.get_mut(name) {
+                            rollout::with_bounds(&mut sw.workload, *b);
+                        }
+                    }
+                    Some(Gate::Hold) => held.push(name),
+                    _ => {}
+                }
+            }
+            let mut p = plan(&share, &revision, &own, obs, self.opts.prune);
+            // A node whose turn has not come keeps its copy, and we own it as we did.
+            for name in held {
+                p.apply.retain(|w| w.key() != *name);
+                match own.get(name) {
+                    Some(e) => p.inventory.insert(name.clone(), e.clone()),
+                    None => p.inventory.remove(name),
+                };
+            }
             before
                 .inventories
                 .entry(n.key.clone())
@@ -694,6 +725,7 @@ impl Syncer {
                 .iter()
                 .filter_map(|n| n.summary.clone().map(|s| (n.key.clone(), s)))
                 .collect(),
+            rolling,
         };
         for (key, client, own, p) in plans {
             let union = before.inventories.get(&key).cloned().unwrap_or_default();
@@ -827,6 +859,16 @@ impl Syncer {
         self.start_watches(&trigger);
         loop {
             let wait = match self.sync_once().await {
+                // A rollout across nodes moves on when a node finishes its part, which its
+                // digests do not show: look again soon.
+                Ok(())
+                    if self
+                        .fleet
+                        .as_ref()
+                        .is_some_and(|f| !f.state.rolling.is_empty()) =>
+                {
+                    ROLLOUT_POLL.min(self.opts.interval)
+                }
                 Ok(()) => jitter(self.opts.interval),
                 Err(e) => {
                     let failures = self.status.consecutive_failures;
@@ -846,6 +888,81 @@ impl Syncer {
             }
         }
     }
+}
+
+/// How often a fleet syncs while a workload rolls out across its nodes.
+const ROLLOUT_POLL: Duration = Duration::from_secs(2);
+
+/// What each node gets of each workload that rolls out across nodes (workload → node →
+/// gate), and the workloads still rolling. A workload rolls while one of its nodes holds a
+/// copy of another spec, or did at the last sync (its nodes may still be rolling): for those
+/// only, each node holding a copy is asked how far it is. A node that does not answer waits.
+async fn rollout_gates(
+    nodes: &[FleetNode],
+    was_rolling: &BTreeSet<String>,
+    set: &ManifestSet,
+    counts: &Counts,
+    observed: &BTreeMap<String, BTreeMap<String, Observed>>,
+) -> (BTreeMap<String, BTreeMap<String, Gate>>, BTreeSet<String>) {
+    let mut gates = BTreeMap::new();
+    let mut rolling = BTreeSet::new();
+    for (name, sw) in &set.workloads {
+        let Some(per_node) = counts.get(name) else {
+            continue;
+        };
+        let target = hyperbox_api::spec_hash(&sw.workload);
+        let holders: Vec<&FleetNode> = nodes
+            .iter()
+            .filter(|n| per_node.contains_key(&n.key))
+            .filter(|n| observed.get(&n.key).is_some_and(|o| o.contains_key(name)))
+            .collect();
+        let stale = holders
+            .iter()
+            .any(|n| observed[&n.key][name].template_hash != target);
+        if !stale && !was_rolling.contains(name) {
+            continue;
+        }
+        let answers = futures::future::join_all(
+            holders
+                .iter()
+                .map(|n| async move { (n.key.clone(), n.client.get(name).await) }),
+        )
+        .await;
+        let mut unanswered = Vec::new();
+        let mut copies = BTreeMap::new();
+        for (node, r) in answers {
+            match r {
+                Ok(st) => {
+                    copies.insert(node, Copy::of(&st));
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %name, node = %node, error = %e, "rollout: node did not say how far it is; it waits");
+                    unanswered.push(node);
+                }
+            }
+        }
+        let runs = !sw.workload.spec.suspend && !sw.workload.spec.standby;
+        let shares: BTreeMap<String, Share> = per_node
+            .iter()
+            .map(|(node, &n)| {
+                let share = Share {
+                    replicas: if runs { n } else { 0 },
+                    copy: copies.remove(node),
+                };
+                (node.clone(), share)
+            })
+            .collect();
+        let mut g = rollout::gate(&sw.workload.spec.strategy, &target, &shares);
+        for node in unanswered {
+            g.insert(node, Gate::Hold);
+        }
+        if g.values().any(|g| *g != Gate::Send) {
+            rolling.insert(name.clone());
+            tracing::info!(workload = %name, gates = ?g, "rolling out across nodes");
+        }
+        gates.insert(name.clone(), g);
+    }
+    (gates, rolling)
 }
 
 /// What carrying out one node's plan did.
@@ -959,10 +1076,11 @@ fn observe(
                 Observed {
                     // Nodes older than config_hash only have the spec hash.
                     spec_hash: if d.config_hash.is_empty() {
-                        d.spec_hash
+                        d.spec_hash.clone()
                     } else {
                         d.config_hash
                     },
+                    template_hash: d.spec_hash,
                     evicted_for_pressure: d.evicted_for_pressure,
                 },
             )

@@ -799,6 +799,21 @@ impl Node {
         self.cli(&["apply", "--no-wait", "-f", f.to_str().unwrap()])
     }
 
+    /// The status of workload `name` (namespace default) straight from the node's API: fast
+    /// enough to sample every few milliseconds.
+    pub fn status_now(&self, name: &str) -> Option<Value> {
+        let out = http_over_unix(
+            &self.socket,
+            "GET",
+            &format!("/v1/workloads/default/{name}"),
+            "",
+        );
+        if !out.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()
+    }
+
     pub fn get(&self, name: &str) -> Option<Value> {
         let out = self.cli(&["get", name, "-o", "json"]);
         if !out.status.success() {
@@ -1454,4 +1469,66 @@ pub fn http_tcp(addr: &str, path: &str, token: Option<&str>) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// What sampling a rollout across nodes saw (see [`sample_rollout`]).
+#[derive(Debug)]
+pub struct RolloutSamples {
+    /// The fewest ready replicas of the workload, over all its nodes, at any sample.
+    pub fewest_ready: u64,
+    pub samples: usize,
+    /// When each node finished its part (a new spec, all replicas updated and ready, no old
+    /// one left), from the start.
+    pub done_at: Vec<Duration>,
+}
+
+/// Sample workload `name` on every node every 20 ms until each runs a spec other than
+/// `old_spec_hash` to completion with `per_node` replicas; fails after `timeout`.
+pub fn sample_rollout(
+    nodes: &[&Node],
+    name: &str,
+    old_spec_hash: &Value,
+    per_node: u64,
+    timeout: Duration,
+) -> Result<RolloutSamples> {
+    let started = Instant::now();
+    let mut fewest_ready = u64::MAX;
+    let mut samples = 0;
+    let mut done_at: Vec<Option<Duration>> = vec![None; nodes.len()];
+    loop {
+        if started.elapsed() > timeout {
+            bail!("the rollout of {name} did not finish in {timeout:?}: nodes done at {done_at:?}");
+        }
+        let states: Vec<Option<Value>> = nodes.iter().map(|n| n.status_now(name)).collect();
+        let ready: u64 = states
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map_or(0, |s| s["readyReplicas"].as_u64().unwrap_or(0))
+            })
+            .sum();
+        fewest_ready = fewest_ready.min(ready);
+        samples += 1;
+        for (i, st) in states.iter().enumerate() {
+            let done = st.as_ref().is_some_and(|s| {
+                &s["specHash"] != old_spec_hash
+                    && s["readyReplicas"] == per_node
+                    && s["updatedReplicas"] == per_node
+                    && s["currentReplicas"] == per_node
+            });
+            if done && done_at[i].is_none() {
+                done_at[i] = Some(started.elapsed());
+            }
+        }
+        if done_at.iter().all(Option::is_some) {
+            let mut done_at: Vec<Duration> = done_at.into_iter().flatten().collect();
+            done_at.sort();
+            return Ok(RolloutSamples {
+                fewest_ready,
+                samples,
+                done_at,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -305,3 +305,70 @@ fn a_workload_evicted_for_pressure_moves_to_another_node() {
     );
     assert!(bad.contains("400") && bad.contains("pressure"), "{bad}");
 }
+
+/// `maxUnavailable: 1` is the workload's, not each node's: with one replica on each of four
+/// nodes, a new version (unready for a second after it starts) rolls one node at a time, and
+/// at least three replicas are ready at every sample. Each node applying the bound to its own
+/// share took all four down at once.
+#[test]
+fn a_rollout_across_four_nodes_keeps_the_workloads_budget() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let reserve = format!("cpu=0,memory={}", mem_total() - 500 * MI);
+    let nodes: Vec<Node> = (0..4)
+        .map(|_| Node::start(&["--insecure-registry", &reg.addr, "--reserve", &reserve]).unwrap())
+        .collect();
+    let spec = |version: &str| {
+        workload(
+            "web",
+            &image,
+            &format!(
+                "  replicas: 4\n  terminationGracePeriodSeconds: 0\n  env: [{{name: VERSION, value: '{version}'}}]\n  command: [sh, -c, 'sleep 1; touch /tmp/ready; exec sleep 1000']\n  readinessProbe:\n    exec: {{command: [test, -f, /tmp/ready]}}\n    periodSeconds: 0.2\n  strategy:\n    rollingUpdate: {{maxSurge: 0, maxUnavailable: 1}}\n"
+            ),
+        )
+    };
+    let repo = GitRepo::new().unwrap();
+    repo.write("web.yaml", &spec("1"));
+    let rev1 = repo.commit_push("v1");
+    let mut args: Vec<String> = Vec::new();
+    for n in &nodes[1..] {
+        args.push("--node".into());
+        args.push(format!("unix://{}", n.socket.display()));
+    }
+    args.extend(["--interval", "500ms", "--node-grace", "30s"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let op = Operator::start(&nodes[0], &repo.url(), &args).unwrap();
+    op.wait_status(T, "v1 applied", |s| {
+        s["lastAppliedRevision"] == rev1.as_str()
+    })
+    .unwrap();
+    let ready = |n: &Node| {
+        n.status_now("web")
+            .map_or(0, |s| s["readyReplicas"].as_u64().unwrap_or(0))
+    };
+    wait_until(T, "one ready replica on each node", || {
+        nodes.iter().all(|n| ready(n) == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&op.log_text(), 3000)));
+    let v1_hash = nodes[0].status_now("web").unwrap()["specHash"].clone();
+
+    repo.write("web.yaml", &spec("2"));
+    let rev2 = repo.commit_push("v2");
+    let all: Vec<&Node> = nodes.iter().collect();
+    let seen = sample_rollout(&all, "web", &v1_hash, 1, T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&op.log_text(), 3000)));
+    assert!(seen.fewest_ready >= 3, "{seen:?}");
+    // One node after another: no two finished together.
+    assert!(
+        seen.done_at
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(500)),
+        "nodes finished too close together: {seen:?}"
+    );
+    let st = op
+        .wait_status(T, "v2 applied and the rollout over", |s| {
+            s["lastAppliedRevision"] == rev2.as_str()
+        })
+        .unwrap();
+    assert!(op.log_text().contains("rolling out across nodes"), "{st:#}");
+}

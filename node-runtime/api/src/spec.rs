@@ -147,6 +147,44 @@ pub struct RollingUpdate {
     pub max_surge: Option<IntOrPercent>,
 }
 
+/// The bounds of a rolling update, resolved against a replica count like Kubernetes does:
+/// surge rounds up, unavailable rounds down, and when both come to 0, one replica may be
+/// unavailable. A node resolves its copy's bounds against its share; the operator resolves a
+/// workload's against all its replicas and splits them between the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutBounds {
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+}
+
+impl RolloutBounds {
+    pub fn resolve(r: &RollingUpdate, replicas: u32) -> RolloutBounds {
+        let resolve = |v: &Option<IntOrPercent>, up: bool| -> u32 {
+            match v.as_ref().unwrap_or(&IntOrPercent::Percent("25%".into())) {
+                IntOrPercent::Int(n) => *n,
+                IntOrPercent::Percent(p) => {
+                    let pct: u64 = p.trim_end_matches('%').parse().unwrap_or(25);
+                    let scaled = pct * replicas as u64;
+                    (if up {
+                        scaled.div_ceil(100)
+                    } else {
+                        scaled / 100
+                    }) as u32
+                }
+            }
+        };
+        let max_surge = resolve(&r.max_surge, true);
+        let mut max_unavailable = resolve(&r.max_unavailable, false);
+        if max_surge == 0 && max_unavailable == 0 {
+            max_unavailable = 1;
+        }
+        RolloutBounds {
+            max_surge,
+            max_unavailable,
+        }
+    }
+}
+
 /// `2` or `"25%"`, as Kubernetes' IntOrString.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(untagged)]

@@ -10,43 +10,9 @@
 //! - a new version that never becomes ready therefore never takes more than `maxUnavailable`
 //!   old replicas down: the rollout halts and the old ones keep serving.
 
-use hyperbox_api::{IntOrPercent, RollingUpdate};
-
-/// The two bounds, resolved against the replica count like Kubernetes does: surge rounds up,
-/// unavailable rounds down, and when both come to 0, one replica may be unavailable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
-    pub max_surge: u32,
-    pub max_unavailable: u32,
-}
-
-impl Bounds {
-    pub fn resolve(r: &RollingUpdate, replicas: u32) -> Bounds {
-        let resolve = |v: &Option<IntOrPercent>, up: bool| -> u32 {
-            match v.as_ref().unwrap_or(&IntOrPercent::Percent("25%".into())) {
-                IntOrPercent::Int(n) => *n,
-                IntOrPercent::Percent(p) => {
-                    let pct: u64 = p.trim_end_matches('%').parse().unwrap_or(25);
-                    let scaled = pct * replicas as u64;
-                    (if up {
-                        scaled.div_ceil(100)
-                    } else {
-                        scaled / 100
-                    }) as u32
-                }
-            }
-        };
-        let max_surge = resolve(&r.max_surge, true);
-        let mut max_unavailable = resolve(&r.max_unavailable, false);
-        if max_surge == 0 && max_unavailable == 0 {
-            max_unavailable = 1;
-        }
-        Bounds {
-            max_surge,
-            max_unavailable,
-        }
-    }
-}
+/// The two bounds, resolved against the replica count (shared with the operator, which
+/// splits a workload's bounds between its nodes).
+pub use hyperbox_api::RolloutBounds as Bounds;
 
 /// The previous spec's replica at an ordinal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +111,7 @@ pub fn plan(slots: &[(Option<Old>, New)], bounds: Bounds) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyperbox_api::{IntOrPercent, RollingUpdate};
 
     fn b(max_surge: u32, max_unavailable: u32) -> Bounds {
         Bounds {

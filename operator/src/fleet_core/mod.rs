@@ -8,3 +8,4 @@
 
 pub mod avoid;
 pub mod liveness;
+pub mod rollout;

@@ -24,6 +24,7 @@ use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet::{place_fleet, Counts};
 use crate::fleet_core::avoid::AvoidMemory;
+use crate::fleet_core::rollout::{self, Copy, Gate, Share};
 use crate::manifests::{ManifestSet, SourcedWorkload};
 use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
 
@@ -38,9 +39,9 @@ pub struct Context {
     pub manager_prefix: String,
     pub weights: PressureWeights,
     pub recorder: Recorder,
-    /// Placement and the applies that follow are one at a time: two workloads placed at once
-    /// would both count the same free room.
-    place_lock: tokio::sync::Mutex<()>,
+    /// Placements are one at a time (two workloads placed at once would both count the same
+    /// free room); the lock is held while deciding, never across a call to a node.
+    place_lock: Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -59,6 +60,10 @@ struct State {
     /// The nominal memory of the replicas placed without a memory request, by workload and
     /// node (see [`crate::placement::NodeInfo::nominal_load`]).
     nominal: HashMap<String, BTreeMap<String, u64>>,
+    /// The requests of one replica of each placed workload (see [`unreported_requests`]).
+    requests: HashMap<String, hyperbox_api::ResourceAmounts>,
+    /// Removals still running on a node (a long grace period), by (node, workload).
+    removals: HashMap<(String, String), tokio::task::JoinHandle<Result<(), ClientError>>>,
 }
 
 impl Context {
@@ -82,7 +87,7 @@ impl Context {
             manager_prefix,
             weights,
             recorder,
-            place_lock: tokio::sync::Mutex::new(()),
+            place_lock: Mutex::new(()),
             state: Mutex::new(State::default()),
         }
     }
@@ -98,6 +103,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Nodes(String),
+    /// Containers still stopping within their grace period on these nodes: not a failure.
+    #[error("its containers are still stopping on {0}")]
+    Stopping(String),
 }
 
 /// Backoff after `failures` failed reconciles in a row: 1 s doubling to 5 min.
@@ -157,6 +165,10 @@ async fn reconcile(cr: Arc<KubeWorkload>, ctx: Arc<Context>) -> Result<Action, E
 
 fn error_policy(cr: Arc<KubeWorkload>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = key_of(&cr);
+    if let Error::Stopping(nodes) = error {
+        tracing::debug!(workload = %key, nodes = %nodes, "waiting for its containers to stop");
+        return Action::requeue(Duration::from_secs(2));
+    }
     let n = {
         let mut st = ctx.state();
         let n = st.failures.entry(key.clone()).or_default();
@@ -199,6 +211,249 @@ fn node_schedulable(ctx: &Context, node: &str) -> bool {
         .with(|e| e.get(node).is_some_and(|e| e.schedulable()))
 }
 
+/// How long a node may take to answer an apply. A node that hangs delays only its own share
+/// of the workload that is being reconciled: the others are applied at the same time, other
+/// workloads are reconciled beside it, and the apply is retried at the next reconcile.
+const NODE_APPLY_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a reconcile waits for a node to remove a workload before it leaves the removal
+/// running (a long termination grace period) and looks again at the next reconcile.
+const REMOVAL_WAIT: Duration = Duration::from_secs(5);
+
+/// What a reconcile decided, under the placement lock and without a network call.
+struct Decision {
+    previous: BTreeMap<String, u32>,
+    counts: BTreeMap<String, u32>,
+    unplaced: Vec<(&'static str, String)>,
+    /// Copies to send: node, its client, the copy and its config hash.
+    applies: Vec<(String, hyperbox_client::NodeClient, Workload, String)>,
+    /// Nodes that should no longer run it.
+    removals: Vec<(String, hyperbox_client::NodeClient)>,
+    /// Nodes whose copy waits (a removal of the same workload still runs there).
+    waiting: usize,
+}
+
+/// Requests each node has been given by earlier placements and has not reported yet (their
+/// copies are being applied, or the node did not answer since): placement counts them as
+/// taken, so that two workloads placed one after the other never count the same free room.
+fn unreported_requests(st: &State, ctx: &Context, key: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    ctx.nodes.with(|entries| {
+        for (other, per_node) in st.placed.iter().filter(|(k, _)| *k != key) {
+            let Some(r) = st.requests.get(other) else {
+                continue;
+            };
+            for (node, &n) in per_node {
+                let reported = entries
+                    .get(node)
+                    .and_then(|e| e.workloads.as_ref())
+                    .and_then(|m| m.get(other))
+                    .filter(|w| {
+                        w.manager
+                            .as_deref()
+                            .is_some_and(|m| m.starts_with(&ctx.manager_prefix))
+                    })
+                    .map_or(0, |w| w.desired_replicas);
+                let missing = u64::from(n.saturating_sub(reported));
+                let e = out.entry(node.clone()).or_default();
+                e.0 += r.cpu_millis * missing;
+                e.1 += r.memory_bytes * missing;
+            }
+        }
+    });
+    out
+}
+
+/// Place the workload and decide what each node gets. Runs under the placement lock, which is
+/// never held across a network call: what it decides is recorded at once (where the replicas
+/// go, and what they take there) for the next workload's placement to see.
+fn decide(ctx: &Context, key: &str, manager: &str, w: &Workload, hash: &str) -> Decision {
+    let _guard = ctx
+        .place_lock
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let copies = ctx.nodes.copies(key);
+    let mut st = ctx.state();
+    // Where it runs: the nodes holding our copy. Where it was placed: what the last reconcile
+    // decided (a node that comes back after its replicas moved still holds a copy, which is
+    // removed, not counted), else (after a restart) the holders.
+    let holders: BTreeMap<String, u32> = copies
+        .iter()
+        .filter(|(_, c)| c.manager.as_deref() == Some(manager))
+        .map(|(node, c)| (node.clone(), c.desired_replicas))
+        .collect();
+    let previous = st
+        .placed
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| holders.clone());
+    // Nodes to avoid: those that refused this spec, and those that evicted a replica for
+    // pressure lately.
+    let now = Instant::now();
+    st.avoid.expire(now);
+    for (node, copy) in &copies {
+        if evicted_for_pressure(copy.replicas.iter().map(|r| r.reason.as_deref())) {
+            st.avoid.evicted_for_pressure(key, node, now);
+        }
+    }
+    let avoid = st.avoid.avoid(key, hash);
+    let set = ManifestSet {
+        workloads: BTreeMap::from([(
+            key.to_string(),
+            SourcedWorkload {
+                file: String::new(),
+                workload: w.clone(),
+            },
+        )]),
+        ..ManifestSet::default()
+    };
+    let prev_counts: Counts = BTreeMap::from([(key.to_string(), previous.clone())]);
+    let mut views = ctx.nodes.views();
+    // Workloads are placed one at a time: the nominal requests of the others (those without a
+    // memory request) keep equal nodes from taking all of them, and what was placed on a node
+    // that has not reported it yet is taken there.
+    let unreported = unreported_requests(&st, ctx, key);
+    for v in &mut views {
+        v.nominal_load = st
+            .nominal
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .filter_map(|(_, per_node)| per_node.get(&v.key))
+            .sum();
+        if let (Some(s), Some((cpu, mem))) = (v.summary.as_mut(), unreported.get(&v.key)) {
+            s.requested.cpu_millis += cpu;
+            s.requested.memory_bytes += mem;
+        }
+    }
+    let placement = place_fleet(
+        &set,
+        &prev_counts,
+        &views,
+        &BTreeMap::from([(key.to_string(), avoid)]),
+        &ctx.weights,
+    );
+    let counts = placement.counts.get(key).cloned().unwrap_or_default();
+    let unplaced: Vec<(&'static str, String)> = placement
+        .unplaced
+        .get(key)
+        .map(|v| {
+            v.iter()
+                .map(|u| {
+                    (
+                        u.reason(),
+                        format!("{} (nodes: {})", u.reason(), views.len()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // The rollout across nodes: the workload's bounds are split between its nodes.
+    let runs = !w.spec.suspend && !w.spec.standby;
+    let shares: BTreeMap<String, Share> = counts
+        .iter()
+        .map(|(node, &n)| {
+            let copy = copies
+                .get(node)
+                .filter(|c| c.manager.as_deref() == Some(manager))
+                .map(Copy::of);
+            let replicas = if runs { n } else { 0 };
+            (node.clone(), Share { replicas, copy })
+        })
+        .collect();
+    let gates = rollout::gate(&w.spec.strategy, &spec_hash(w), &shares);
+    let mut applies = Vec::new();
+    let mut waiting = 0;
+    for (node, &n) in &counts {
+        let Some(client) = ctx.nodes.client(node) else {
+            continue;
+        };
+        let mut copy = w.clone();
+        if runs {
+            copy.spec.replicas = n;
+        }
+        match gates.get(node) {
+            Some(Gate::Hold) => continue,
+            Some(Gate::Roll(b)) => rollout::with_bounds(&mut copy, *b),
+            _ => {}
+        }
+        let copy_hash = config_hash(&copy);
+        let cache_key = (node.clone(), key.to_string());
+        if copies.contains_key(node) && st.applied.get(&cache_key) == Some(&copy_hash) {
+            continue;
+        }
+        if st.removals.contains_key(&cache_key) {
+            waiting += 1;
+            continue;
+        }
+        applies.push((node.clone(), client, copy, copy_hash));
+    }
+    let leaving: BTreeSet<&String> = previous
+        .keys()
+        .chain(holders.keys())
+        .filter(|n| !counts.contains_key(*n))
+        .collect();
+    let removals = leaving
+        .into_iter()
+        .filter_map(|node| Some((node.clone(), ctx.nodes.client(node)?)))
+        .collect();
+    st.placed.insert(key.to_string(), counts.clone());
+    let request = w.request_per_replica();
+    if request.memory_bytes == 0 {
+        let per_node = counts
+            .iter()
+            .map(|(n, c)| (n.clone(), u64::from(*c) * NOMINAL_MEMORY_REQUEST))
+            .collect();
+        st.nominal.insert(key.to_string(), per_node);
+    } else {
+        st.nominal.remove(key);
+    }
+    st.requests.insert(key.to_string(), request);
+    Decision {
+        previous,
+        counts,
+        unplaced,
+        applies,
+        removals,
+        waiting,
+    }
+}
+
+/// How a removal from a node went.
+enum Removal {
+    Done,
+    /// Still running in the background (the containers' grace period).
+    Running,
+    Failed(String),
+}
+
+/// Remove workload `key` from `node`, waiting at most [`REMOVAL_WAIT`]: a removal that takes
+/// longer (a long grace period) keeps running in the background and is looked at again by the
+/// next reconcile, which neither waits for it nor starts a second one.
+async fn remove(
+    ctx: &Context,
+    node: &str,
+    key: &str,
+    manager: &str,
+    client: hyperbox_client::NodeClient,
+) -> Removal {
+    let slot = (node.to_string(), key.to_string());
+    let running = ctx.state().removals.remove(&slot);
+    let mut handle = running.unwrap_or_else(|| {
+        let client = client.with_manager(manager.to_string(), false);
+        let key = key.to_string();
+        tokio::spawn(async move { client.delete(&key).await })
+    });
+    match tokio::time::timeout(REMOVAL_WAIT, &mut handle).await {
+        Err(_) => {
+            ctx.state().removals.insert(slot, handle);
+            Removal::Running
+        }
+        Ok(Ok(Ok(()))) => Removal::Done,
+        Ok(Ok(Err(e))) if e.status() == Some(404) => Removal::Done,
+        Ok(Ok(Err(e))) => Removal::Failed(e.to_string()),
+        Ok(Err(e)) => Removal::Failed(format!("removal task: {e}")),
+    }
+}
+
 async fn apply(
     cr: Arc<KubeWorkload>,
     api: &Api<KubeWorkload>,
@@ -238,195 +493,115 @@ async fn apply(
     let shash = spec_hash(&w);
     let mut problem: Option<(String, String, bool)> = None;
     let mut applied_all = true;
-    // Events are sent after the placement lock is released (they cost a request each), in the
-    // order they arise.
+    // Events are sent at the end (they cost a request each), in the order they arise.
     let mut events: Vec<(bool, &'static str, String)> = Vec::new();
-    let (counts, unplaced) = {
-        let _guard = ctx.place_lock.lock().await;
-        let copies = ctx.nodes.copies(&key);
-        // Where it runs: the nodes holding our copy. Where it was placed: what the last
-        // reconcile decided (a node that comes back after its replicas moved still holds a
-        // copy, which is removed, not counted), else (after a restart) the holders.
-        let holders: BTreeMap<String, u32> = copies
-            .iter()
-            .filter(|(_, st)| st.manager.as_deref() == Some(manager.as_str()))
-            .map(|(node, st)| (node.clone(), st.desired_replicas))
-            .collect();
-        let previous = ctx
-            .state()
-            .placed
-            .get(&key)
-            .cloned()
-            .unwrap_or_else(|| holders.clone());
-        // Nodes to avoid: those that refused this spec, and those that evicted a replica for
-        // pressure lately.
-        let avoid: BTreeSet<String> = {
-            let mut st = ctx.state();
-            let now = Instant::now();
-            st.avoid.expire(now);
-            for (node, copy) in &copies {
-                if evicted_for_pressure(copy.replicas.iter().map(|r| r.reason.as_deref())) {
-                    st.avoid.evicted_for_pressure(&key, node, now);
-                }
+    let Decision {
+        previous,
+        counts,
+        unplaced,
+        applies,
+        removals,
+        mut waiting,
+    } = decide(ctx, &key, &manager, &w, &hash);
+    // Every node's share at once, each within its deadline.
+    let sends = applies.into_iter().map(|(node, client, copy, copy_hash)| {
+        let (manager, prefix) = (manager.as_str(), ctx.manager_prefix.as_str());
+        async move {
+            let r = tokio::time::timeout(
+                NODE_APPLY_DEADLINE,
+                apply_one(&client, manager, prefix, copy),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApplyError::Unreachable(format!(
+                    "no answer within {}s",
+                    NODE_APPLY_DEADLINE.as_secs()
+                )))
+            });
+            (node, copy_hash, r)
+        }
+    });
+    let removing = removals.into_iter().map(|(node, client)| {
+        let (key, manager) = (key.as_str(), manager.as_str());
+        async move {
+            let r = remove(ctx, &node, key, manager, client).await;
+            (node, r)
+        }
+    });
+    let (sent, removed) = futures::join!(
+        futures::future::join_all(sends),
+        futures::future::join_all(removing)
+    );
+    for (node, copy_hash, r) in sent {
+        match r {
+            Ok(()) => {
+                ctx.state().applied.insert((node, key.clone()), copy_hash);
             }
-            st.avoid.avoid(&key, &hash)
-        };
-        let set = ManifestSet {
-            workloads: BTreeMap::from([(
-                key.clone(),
-                SourcedWorkload {
-                    file: String::new(),
-                    workload: w.clone(),
-                },
-            )]),
-            ..ManifestSet::default()
-        };
-        let prev_counts: Counts = BTreeMap::from([(key.clone(), previous.clone())]);
-        let mut views = ctx.nodes.views();
-        // Workloads are placed one at a time: the nominal requests of the others (those
-        // without a memory request) keep equal nodes from taking all of them.
-        {
-            let st = ctx.state();
-            for v in &mut views {
-                v.nominal_load = st
-                    .nominal
-                    .iter()
-                    .filter(|(k, _)| **k != key)
-                    .filter_map(|(_, per_node)| per_node.get(&v.key))
-                    .sum();
+            Err(ApplyError::Refused(message)) => {
+                applied_all = false;
+                ctx.state().avoid.refused(&key, &hash, &node);
+                events.push((
+                    true,
+                    "Refused",
+                    format!("node {node} refused it: {message}"),
+                ));
+                problem.get_or_insert(("Refused".into(), format!("{node}: {message}"), false));
+            }
+            Err(ApplyError::Conflict(message)) => {
+                applied_all = false;
+                problem = Some((
+                    "ManagedElsewhere".into(),
+                    format!("{node}: {message}"),
+                    true,
+                ));
+            }
+            Err(ApplyError::Unreachable(message)) => {
+                applied_all = false;
+                problem.get_or_insert((
+                    "NodeUnreachable".into(),
+                    format!("{node}: {message}"),
+                    false,
+                ));
             }
         }
-        let placement = place_fleet(
-            &set,
-            &prev_counts,
-            &views,
-            &BTreeMap::from([(key.clone(), avoid)]),
-            &ctx.weights,
-        );
-        let counts = placement.counts.get(&key).cloned().unwrap_or_default();
-        let unplaced: Vec<(&'static str, String)> = placement
-            .unplaced
-            .get(&key)
-            .map(|v| {
-                v.iter()
-                    .map(|u| {
-                        (
-                            u.reason(),
-                            format!("{} (nodes: {})", u.reason(), views.len()),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Apply each node's share.
-        for (node, &n) in &counts {
-            let Some(client) = ctx.nodes.client(node) else {
-                continue;
-            };
-            let mut copy = w.clone();
-            if !copy.spec.suspend && !copy.spec.standby {
-                copy.spec.replicas = n;
+    }
+    for (node, r) in removed {
+        match r {
+            Removal::Done => {
+                ctx.state().applied.remove(&(node, key.clone()));
             }
-            let copy_hash = config_hash(&copy);
-            let cache_key = (node.clone(), key.clone());
-            if copies.contains_key(node) && ctx.state().applied.get(&cache_key) == Some(&copy_hash)
-            {
-                continue;
+            Removal::Running => waiting += 1,
+            // A node past its grace is gone for placement: its copy is removed when it comes
+            // back (its next report still lists it), not waited for.
+            Removal::Failed(e) if !node_schedulable(ctx, &node) => {
+                tracing::debug!(workload = %key, node = %node, error = %e, "removal from a gone node deferred");
             }
-            match apply_one(&client, &manager, &ctx.manager_prefix, copy).await {
-                Ok(()) => {
-                    ctx.state().applied.insert(cache_key, copy_hash);
-                }
-                Err(ApplyError::Refused(message)) => {
-                    applied_all = false;
-                    ctx.state().avoid.refused(&key, &hash, node);
-                    events.push((
-                        true,
-                        "Refused",
-                        format!("node {node} refused it: {message}"),
-                    ));
-                    problem.get_or_insert(("Refused".into(), format!("{node}: {message}"), false));
-                }
-                Err(ApplyError::Conflict(message)) => {
-                    applied_all = false;
-                    problem = Some((
-                        "ManagedElsewhere".into(),
-                        format!("{node}: {message}"),
-                        true,
-                    ));
-                }
-                Err(ApplyError::Unreachable(message)) => {
-                    applied_all = false;
-                    problem.get_or_insert((
-                        "NodeUnreachable".into(),
-                        format!("{node}: {message}"),
-                        false,
-                    ));
-                }
+            Removal::Failed(e) => {
+                applied_all = false;
+                problem.get_or_insert((
+                    "NodeUnreachable".into(),
+                    format!("removing it from {node}: {e}"),
+                    false,
+                ));
             }
         }
-        // Remove it from nodes that should no longer run it.
-        let leaving: BTreeSet<&String> = previous
-            .keys()
-            .chain(holders.keys())
-            .filter(|n| !counts.contains_key(*n))
-            .collect();
-        for node in leaving {
-            let Some(client) = ctx.nodes.client(node) else {
-                continue;
-            };
-            let client = client.with_manager(manager.clone(), false);
-            match client.delete(&key).await {
-                Ok(()) => {
-                    ctx.state().applied.remove(&(node.clone(), key.clone()));
-                }
-                Err(e) if e.status() == Some(404) => {}
-                // A node past its grace is gone for placement: its copy is removed when it
-                // comes back (its next report still lists it), not waited for.
-                Err(e) if !node_schedulable(ctx, node) => {
-                    tracing::debug!(workload = %key, node = %node, error = %e, "removal from a gone node deferred");
-                }
-                Err(e) => {
-                    applied_all = false;
-                    problem.get_or_insert((
-                        "NodeUnreachable".into(),
-                        format!("removing it from {node}: {e}"),
-                        false,
-                    ));
-                }
-            }
-        }
-        if previous
+    }
+    if previous
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .collect::<BTreeMap<_, _>>()
+        != counts
             .iter()
             .filter(|(_, n)| **n > 0)
             .collect::<BTreeMap<_, _>>()
-            != counts
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .collect::<BTreeMap<_, _>>()
-            && !counts.values().all(|n| *n == 0)
-        {
-            events.push((
-                false,
-                "Placed",
-                format!("replicas placed on {}", describe(&counts)),
-            ));
-        }
-        {
-            let mut st = ctx.state();
-            st.placed.insert(key.clone(), counts.clone());
-            if w.request_per_replica().memory_bytes == 0 {
-                let per_node = counts
-                    .iter()
-                    .map(|(n, c)| (n.clone(), u64::from(*c) * NOMINAL_MEMORY_REQUEST))
-                    .collect();
-                st.nominal.insert(key.clone(), per_node);
-            } else {
-                st.nominal.remove(&key);
-            }
-        }
-        (counts, unplaced)
-    };
+        && !counts.values().all(|n| *n == 0)
+    {
+        events.push((
+            false,
+            "Placed",
+            format!("replicas placed on {}", describe(&counts)),
+        ));
+    }
     // Failures and pressure evictions become events once, when they appear.
     let stalled_before = previous_status
         .as_ref()
@@ -492,7 +667,10 @@ async fn apply(
     if o.problem.as_ref().is_some_and(|p| !p.2) {
         return Err(Error::Nodes(o.problem.map(|p| p.1).unwrap_or_default()));
     }
-    Ok(if ready {
+    Ok(if waiting > 0 {
+        // A removal still runs, or a copy waits for it: look again soon.
+        Action::requeue(Duration::from_secs(2))
+    } else if ready {
         Action::requeue(Duration::from_secs(300))
     } else {
         Action::requeue(Duration::from_secs(30))
@@ -579,7 +757,8 @@ async fn apply_one(
 }
 
 /// Deleting a Workload: its containers stop on every node first; the finalizer goes after.
-/// A node past its eviction grace is gone: it is not waited for.
+/// A node past its eviction grace is gone: it is not waited for. Removals that take longer
+/// than [`REMOVAL_WAIT`] go on in the background while the reconcile comes back for them.
 async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(&cr);
     let manager = manager_of(ctx, &cr);
@@ -596,21 +775,25 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
             .map(|e| (e.name.clone(), e.client.clone(), e.schedulable()))
             .collect()
     });
+    let removing = targets.into_iter().map(|(node, client, alive)| {
+        let (key, manager) = (key.as_str(), manager.as_str());
+        async move {
+            let r = remove(ctx, &node, key, manager, client).await;
+            (node, alive, r)
+        }
+    });
     let mut pending = Vec::new();
-    for (node, client, alive) in targets {
-        match client
-            .with_manager(manager.clone(), false)
-            .delete(&key)
-            .await
-        {
-            Ok(()) => {}
-            Err(e) if e.status() == Some(404) => {}
-            Err(e) if !alive => {
+    let mut running = Vec::new();
+    for (node, alive, r) in futures::future::join_all(removing).await {
+        match r {
+            Removal::Done => {}
+            Removal::Running => running.push(node.clone()),
+            Removal::Failed(e) if !alive => {
                 tracing::warn!(workload = %key, node = %node, error = %e, "node gone: not waiting for it to stop the workload");
             }
-            Err(e) => pending.push(format!("{node}: {e}")),
+            Removal::Failed(e) => pending.push(format!("{node}: {e}")),
         }
-        ctx.state().applied.remove(&(node.clone(), key.clone()));
+        ctx.state().applied.remove(&(node, key.clone()));
     }
     if !pending.is_empty() {
         return Err(Error::Nodes(format!(
@@ -618,11 +801,15 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
             pending.join("; ")
         )));
     }
+    if !running.is_empty() {
+        return Err(Error::Stopping(running.join(", ")));
+    }
     {
         let mut st = ctx.state();
         st.avoid.forget(&key);
         st.placed.remove(&key);
         st.nominal.remove(&key);
+        st.requests.remove(&key);
     }
     event(
         ctx,
