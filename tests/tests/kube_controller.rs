@@ -416,3 +416,108 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
     assert_eq!(total(&running(&nodes, "two")), 1);
     assert_eq!(total(&running(&nodes, "one")), 1);
 }
+
+/// A node that hangs (its daemon stopped: connections are accepted and never answered) while
+/// one workload's reconcile talks to it delays no other workload: the placement lock is not
+/// held across node calls, and each node call has its own deadline. Before, the second
+/// workload waited for the first one's 30 s request timeout.
+#[test]
+fn a_hung_node_delays_no_other_workload() {
+    let s = setup();
+    let n1 = s.node("n1", &["--label", "role=a"]);
+    let n2 = s.node("n2", &["--label", "role=b"]);
+    let op = s.operator(&["--node-monitor-grace", "120s", "--node-grace", "300s"]);
+    let slow = |v: &str| {
+        s.workload(
+            "slow",
+            1,
+            &format!("  nodeSelector: {{role: b}}\n  env: [{{name: V, value: '{v}'}}]\n"),
+        )
+    };
+    assert!(s.c.apply(&slow("1")).status.success());
+    s.wait_ready("slow", &op);
+    let cont = Resume(n2.pid());
+    // SIGSTOP: n2's sockets still accept, nothing answers.
+    assert_eq!(unsafe { libc::kill(n2.pid(), libc::SIGSTOP) }, 0);
+    assert!(s.c.apply(&slow("2")).status.success());
+    // Let slow's reconcile reach n2 and hang there.
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    assert!(s
+        .c
+        .apply(&s.workload("quick", 1, "  nodeSelector: {role: a}\n"))
+        .status
+        .success());
+    s.wait_ready("quick", &op);
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(12),
+        "quick took {took:?} behind the hung node\n{}",
+        tail(&op.log_text(), 6000)
+    );
+    assert_eq!(running(&[("n1", &n1)], "quick")["n1"].len(), 1);
+    // n2 wakes up: slow's new spec reaches it.
+    drop(cont);
+    s.c.wait_for("workload", "slow", T, "slow ready at generation 2", |w| {
+        ready_now(w) && w["status"]["observedGeneration"] == 2
+    })
+    .with_context_log(&op);
+}
+
+/// Sends SIGCONT to a stopped process when dropped (also when the test fails).
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// `maxUnavailable: 1` is the Workload's, not each node's: with one replica on each of four
+/// nodes, a new version (unready for a second after it starts) rolls one node at a time and
+/// at least three replicas are ready at every sample.
+#[test]
+fn a_rollout_across_four_nodes_keeps_the_workloads_budget() {
+    let s = setup();
+    let nodes: Vec<Node> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|n| s.node(n, &[]))
+        .collect();
+    let op = s.operator(&[]);
+    let spec = |v: &str| {
+        s.workload(
+            "web",
+            4,
+            &format!("  env: [{{name: V, value: '{v}'}}]\n  command: [sh, -c, 'sleep 1; touch /tmp/ready; exec sleep 1000']\n  readinessProbe:\n    exec: {{command: [test, -f, /tmp/ready]}}\n    periodSeconds: 0.2\n  strategy:\n    rollingUpdate: {{maxSurge: 0, maxUnavailable: 1}}\n"),
+        )
+    };
+    assert!(s.c.apply(&spec("1")).status.success());
+    s.wait_ready("web", &op);
+    let all: Vec<&Node> = nodes.iter().collect();
+    for n in &all {
+        let st = n.status_now("web");
+        assert_eq!(
+            st.as_ref().map(|s| s["readyReplicas"].clone()),
+            Some(Value::from(1)),
+            "one replica on each node: {st:?}"
+        );
+    }
+    let v1_hash = nodes[0].status_now("web").unwrap()["specHash"].clone();
+    assert!(s.c.apply(&spec("2")).status.success());
+    let seen = sample_rollout(&all, "web", &v1_hash, 1, T).with_context_log(&op);
+    assert!(
+        seen.fewest_ready >= 3,
+        "{seen:?}\n{}",
+        tail(&op.log_text(), 6000)
+    );
+    assert!(
+        seen.done_at
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(500)),
+        "nodes finished too close together: {seen:?}"
+    );
+    s.c.wait_for("workload", "web", T, "web ready at generation 2", |w| {
+        ready_now(w) && w["status"]["observedGeneration"] == 2
+    })
+    .with_context_log(&op);
+}
