@@ -521,3 +521,42 @@ fn a_rollout_across_four_nodes_keeps_the_workloads_budget() {
     })
     .with_context_log(&op);
 }
+
+/// A Workload deleted while one of its nodes is down past the grace is gone at once (the
+/// deletion does not wait for a lost node), and the copy that node still runs is removed
+/// when it comes back: the operator's orphan sweep finds a copy of its own whose Workload no
+/// longer exists. Before, it ran forever.
+#[test]
+fn a_workload_deleted_while_its_node_was_down_is_removed_when_the_node_returns() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let mut n2 = s.node("n2", &[]);
+    let op = s.operator(&["--node-monitor-grace", "3s", "--node-grace", "3s"]);
+    assert!(s.c.apply(&s.workload("svc", 2, "")).status.success());
+    s.wait_ready("svc", &op);
+    let nodes = [("n1", &n1), ("n2", &n2)];
+    assert_eq!(running(&nodes, "svc")["n2"].len(), 1);
+    n2.kill9();
+    s.c.wait_for("hypernode", "n2", T, "n2 marked not ready", |n| {
+        condition_is(n, "Ready", "False")
+    })
+    .with_context_log(&op);
+    assert!(s
+        .c
+        .kubectl(&["delete", "workload", "svc", "--wait=false"])
+        .status
+        .success());
+    wait_until(T, "the Workload gone", || {
+        s.c.get("workload", "svc").is_none().then_some(())
+    })
+    .with_context_log(&op);
+    assert!(n1.get("svc").is_none());
+    // n2 comes back with its container (re-adopted): the copy is an orphan and goes.
+    n2.spawn().unwrap();
+    wait_until(T, "n2's orphan removed", || {
+        n2.get("svc").is_none().then_some(())
+    })
+    .with_context_log(&op);
+    assert!(n2.container_pids().is_empty());
+    assert!(op.log_text().contains("removed an orphan"));
+}

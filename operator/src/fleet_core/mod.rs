@@ -8,4 +8,5 @@
 
 pub mod avoid;
 pub mod liveness;
+pub mod orphans;
 pub mod rollout;

@@ -4,7 +4,7 @@
 //! share through the node API (as manager `kubernetes:<cluster>/<uid>`), and writes the status
 //! by server-side apply. A finalizer deletes the containers before the object goes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -24,6 +25,7 @@ use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet::{place_fleet, Counts};
 use crate::fleet_core::avoid::AvoidMemory;
+use crate::fleet_core::orphans::{orphans, Held};
 use crate::fleet_core::rollout::{self, Copy, Gate, Share};
 use crate::manifests::{ManifestSet, SourcedWorkload};
 use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
@@ -822,12 +824,75 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
     Ok(Action::await_change())
 }
 
+/// How often the nodes' copies are checked for orphans.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(10);
+
+/// Remove the copies whose Workload no longer exists (see [`crate::fleet_core::orphans`]),
+/// from the nodes that answer, every [`ORPHAN_SWEEP`]; only once the Workloads were listed.
+async fn sweep_orphans(ctx: Arc<Context>, store: Store<KubeWorkload>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(ORPHAN_SWEEP).await;
+        let owners: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|w| w.metadata.uid.clone())
+            .collect();
+        let held: Vec<(Held, hyperbox_client::NodeClient)> = ctx.nodes.with(|entries| {
+            entries
+                .values()
+                .filter(|e| e.schedulable() && !e.unreachable())
+                .flat_map(|e| {
+                    e.workloads.iter().flatten().filter_map(|(key, st)| {
+                        let manager = st.manager.clone()?;
+                        let h = Held {
+                            node: e.name.clone(),
+                            key: key.clone(),
+                            manager,
+                        };
+                        Some((h, e.client.clone()))
+                    })
+                })
+                .collect()
+        });
+        let found: HashSet<&Held> =
+            orphans(held.iter().map(|(h, _)| h), &ctx.manager_prefix, &owners)
+                .into_iter()
+                .collect();
+        let removals = held
+            .iter()
+            .filter(|(h, _)| found.contains(h))
+            .map(|(h, client)| {
+                let ctx = &ctx;
+                async move {
+                    let r = remove(ctx, &h.node, &h.key, &h.manager, client.clone()).await;
+                    (h, r)
+                }
+            });
+        for (h, r) in futures::future::join_all(removals).await {
+            match r {
+                Removal::Done => {
+                    tracing::info!(node = %h.node, workload = %h.key, manager = %h.manager, "removed an orphan: its Workload no longer exists");
+                }
+                Removal::Running => {}
+                Removal::Failed(e) => {
+                    tracing::warn!(node = %h.node, workload = %h.key, error = %e, "removing an orphan failed; retried at the next sweep");
+                }
+            }
+        }
+    }
+}
+
 /// Run the controller until the process ends.
 pub async fn run(ctx: Arc<Context>, receivers: Receivers, concurrency: u16) {
     let api: Api<KubeWorkload> = Api::all(ctx.client.clone());
     let (changed, all) = receivers;
-    Controller::new(api, watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+    let controller = Controller::new(api, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    let sweep = sweep_orphans(ctx.clone(), controller.store());
+    let reconciles = controller
         .reconcile_on(UnboundedReceiverStream::new(changed))
         .reconcile_all_on(UnboundedReceiverStream::new(all))
         .run(reconcile, error_policy, ctx)
@@ -836,8 +901,8 @@ pub async fn run(ctx: Arc<Context>, receivers: Receivers, concurrency: u16) {
                 Ok((obj, _)) => tracing::debug!(workload = %obj, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile error"),
             }
-        })
-        .await;
+        });
+    tokio::join!(reconciles, sweep);
 }
 
 #[cfg(test)]
