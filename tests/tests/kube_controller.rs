@@ -560,3 +560,43 @@ fn a_workload_deleted_while_its_node_was_down_is_removed_when_the_node_returns()
     assert!(n2.container_pids().is_empty());
     assert!(op.log_text().contains("removed an orphan"));
 }
+
+/// Where replicas were placed outlives the operator: after n1 was lost and its replica moved
+/// to n2, the operator restarts while n1 comes back still holding its copy. The restarted
+/// operator places from the Workload's recorded placement, so n1's copy is stale and removed,
+/// and n2 keeps both replicas without a restart. Before, the copies the nodes held were taken
+/// as the placement: n1's stale replica was kept and one of n2's was stopped.
+#[test]
+fn a_restarted_operator_sees_a_returning_nodes_copy_as_stale() {
+    let s = setup();
+    let mut n1 = s.node("n1", &[]);
+    let n2 = s.node("n2", &[]);
+    let mut op = s.operator(&["--node-monitor-grace", "3s", "--node-grace", "3s"]);
+    assert!(s.c.apply(&s.workload("svc", 2, "")).status.success());
+    s.wait_ready("svc", &op);
+    assert_eq!(running(&[("n1", &n1)], "svc")["n1"].len(), 1);
+    n1.kill9();
+    s.c.wait_for("workload", "svc", T, "both replicas on n2", |w| {
+        ready_now(w) && w["status"]["nodes"] == "n2" && w["status"]["readyReplicas"] == 2
+    })
+    .with_context_log(&op);
+    let on_n2 = running(&[("n2", &n2)], "svc");
+    assert_eq!(on_n2["n2"].len(), 2);
+    op.kill9();
+    n1.spawn().unwrap();
+    op.spawn().unwrap();
+    wait_until(T, "n1's stale copy removed", || {
+        n1.get("svc").is_none().then_some(())
+    })
+    .with_context_log(&op);
+    // Settled: n2 still runs the same two containers.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        running(&[("n2", &n2)], "svc"),
+        on_n2,
+        "{}",
+        tail(&op.log_text(), 6000)
+    );
+    assert!(n1.container_pids().is_empty());
+    assert!(ready_now(&s.c.get("workload", "svc").unwrap()));
+}

@@ -268,7 +268,14 @@ fn unreported_requests(st: &State, ctx: &Context, key: &str) -> BTreeMap<String,
 /// Place the workload and decide what each node gets. Runs under the placement lock, which is
 /// never held across a network call: what it decides is recorded at once (where the replicas
 /// go, and what they take there) for the next workload's placement to see.
-fn decide(ctx: &Context, key: &str, manager: &str, w: &Workload, hash: &str) -> Decision {
+fn decide(
+    ctx: &Context,
+    key: &str,
+    manager: &str,
+    w: &Workload,
+    hash: &str,
+    recorded: Option<&BTreeMap<String, u32>>,
+) -> Decision {
     let _guard = ctx
         .place_lock
         .lock()
@@ -277,7 +284,8 @@ fn decide(ctx: &Context, key: &str, manager: &str, w: &Workload, hash: &str) -> 
     let mut st = ctx.state();
     // Where it runs: the nodes holding our copy. Where it was placed: what the last reconcile
     // decided (a node that comes back after its replicas moved still holds a copy, which is
-    // removed, not counted), else (after a restart) the holders.
+    // removed, not counted); after a restart, what the status recorded; else (a status from
+    // before that record) the holders.
     let holders: BTreeMap<String, u32> = copies
         .iter()
         .filter(|(_, c)| c.manager.as_deref() == Some(manager))
@@ -286,6 +294,7 @@ fn decide(ctx: &Context, key: &str, manager: &str, w: &Workload, hash: &str) -> 
     let previous = st
         .placed
         .get(key)
+        .or(recorded.filter(|r| !r.is_empty()))
         .cloned()
         .unwrap_or_else(|| holders.clone());
     // Nodes to avoid: those that refused this spec, and those that evicted a replica for
@@ -504,7 +513,14 @@ async fn apply(
         applies,
         removals,
         mut waiting,
-    } = decide(ctx, &key, &manager, &w, &hash);
+    } = decide(
+        ctx,
+        &key,
+        &manager,
+        &w,
+        &hash,
+        previous_status.as_ref().map(|s| &s.placement),
+    );
     // Every node's share at once, each within its deadline.
     let sends = applies.into_iter().map(|(node, client, copy, copy_hash)| {
         let (manager, prefix) = (manager.as_str(), ctx.manager_prefix.as_str());

@@ -78,6 +78,11 @@ pub struct KubeWorkloadStatus {
     /// One entry per replica: where it runs and what.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replica_statuses: Vec<ReplicaPlacement>,
+    /// Where the operator placed the replicas: HyperNode → replicas there (0 keeps only the
+    /// definition). An operator that restarts places from this, not from the copies the
+    /// nodes hold: a node back from an outage may hold a copy whose replicas moved.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub placement: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

@@ -69,6 +69,7 @@ fn condition(
 /// not change, so an unchanged workload produces an identical status (no write, no flapping).
 pub fn workload_status(o: &Observation) -> KubeWorkloadStatus {
     let mut s = KubeWorkloadStatus {
+        placement: o.counts.clone(),
         observed_generation: if o.applied {
             Some(o.generation)
         } else {
