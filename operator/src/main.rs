@@ -360,6 +360,7 @@ async fn run(cli: Cli) -> Result<bool> {
                         cert: a.node_cert,
                         key: a.node_key,
                     },
+                    fence: None,
                 },
                 timings: hyperbox_operator::k8s::nodes::NodeTimings {
                     monitor_grace: a.node_monitor_grace,
@@ -368,15 +369,14 @@ async fn run(cli: Cli) -> Result<bool> {
                 },
                 cluster: a.cluster_name,
                 weights: a.pressure_weights,
-                lease: a
-                    .leader_elect
-                    .then(|| hyperbox_operator::k8s::lease::LeaseConfig {
-                        name: a.lease_name,
-                        namespace: a.lease_namespace,
+                lease: a.leader_elect.then(|| {
+                    hyperbox_operator::k8s::lease::LeaseConfig::with_duration(
+                        a.lease_name,
+                        a.lease_namespace,
                         identity,
-                        duration: a.lease_duration,
-                        renew: a.lease_duration / 3,
-                    }),
+                        a.lease_duration,
+                    )
+                }),
                 concurrency: a.concurrency.max(1),
             })
             .await?;

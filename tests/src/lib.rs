@@ -1115,6 +1115,67 @@ impl Drop for GitDaemon {
     }
 }
 
+/// A TCP proxy that can be frozen: while frozen, bytes in both directions are held (the
+/// connections stay open and nothing answers), as in a partition that drops packets. New
+/// connections are accepted and held too.
+pub struct FreezableProxy {
+    pub addr: String,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezableProxy {
+    pub fn start(target: &str) -> Result<FreezableProxy> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let target = target.to_string();
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { continue };
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while f.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(FreezableProxy { addr, frozen })
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A running `hyperbox-operator git` against a node.
 pub struct Operator {
     child: Option<Child>,
@@ -1126,6 +1187,13 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Whether the process has ended (it is reaped then).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     pub fn start(node: &Node, repo_url: &str, extra: &[&str]) -> Result<Operator> {
         let state = node
             .dir
@@ -1447,6 +1515,29 @@ pub fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &s
         s,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A request without a body over a unix socket, with extra headers; the whole answer.
+pub fn http_with_headers(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();

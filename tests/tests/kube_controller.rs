@@ -600,3 +600,95 @@ fn a_restarted_operator_sees_a_returning_nodes_copy_as_stale() {
     assert!(n1.container_pids().is_empty());
     assert!(ready_now(&s.c.get("workload", "svc").unwrap()));
 }
+
+/// The leader cut off from the API server (a frozen proxy: its requests hang) while it still
+/// reaches the nodes stops acting within its renew deadline, before the standby may take
+/// over; the standby's epoch is one higher, the node records it, and a write with the old
+/// leader's epoch is refused.
+#[test]
+fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_acts() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let kubeconfig = std::fs::read_to_string(&s.c.kubeconfig).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .unwrap()
+        .to_string();
+    let proxy = FreezableProxy::start(&server).unwrap();
+    let via_proxy = s.dir.path().join("kubeconfig-via-proxy");
+    std::fs::write(&via_proxy, kubeconfig.replace(&server, &proxy.addr)).unwrap();
+    let lease = ["--lease-duration", "6s"];
+    let mut a = start_kube_operator(
+        &via_proxy,
+        &s.token,
+        s.dir.path(),
+        &[&lease[..], &["--identity", "op-a"]].concat(),
+    )
+    .unwrap();
+    wait_until(T, "op-a leads", || {
+        let l = s.c.get("lease", "hyperbox-operator")?;
+        (l["spec"]["holderIdentity"] == "op-a").then_some(())
+    })
+    .with_context_log(&a);
+    let epoch_a = s.c.get("lease", "hyperbox-operator").unwrap()["spec"]["leaseTransitions"]
+        .as_u64()
+        .unwrap();
+    assert!(s.c.apply(&s.workload("one", 1, "")).status.success());
+    s.wait_ready("one", &a);
+    let b = s.operator(&[&lease[..], &["--identity", "op-b"]].concat());
+    wait_until(T, "op-b stands by", || {
+        b.log_text().contains("standing by").then_some(())
+    })
+    .with_context_log(&b);
+    proxy.freeze();
+    let cut = std::time::Instant::now();
+    // op-a gives up within its renew deadline (4 s) after its last renew, and exits.
+    wait_until(Duration::from_secs(20), "op-a stops", || {
+        a.exited().then_some(())
+    })
+    .with_context_log(&a);
+    let a_stopped = cut.elapsed();
+    wait_until(T, "op-b leads", || {
+        let l = s.c.get("lease", "hyperbox-operator")?;
+        (l["spec"]["holderIdentity"] == "op-b").then_some(())
+    })
+    .with_context_log(&b);
+    let b_leads = cut.elapsed();
+    assert!(
+        a_stopped < b_leads,
+        "op-a stopped {a_stopped:?} after the cut, op-b led at {b_leads:?}"
+    );
+    let log_a = a.log_text();
+    assert!(
+        log_a.contains("could not renew the lease within the renew deadline"),
+        "{}",
+        tail(&log_a, 4000)
+    );
+    // op-b acts, with the next epoch.
+    let epoch_b = s.c.get("lease", "hyperbox-operator").unwrap()["spec"]["leaseTransitions"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(epoch_b, epoch_a + 1);
+    assert!(s.c.apply(&s.workload("two", 1, "")).status.success());
+    s.wait_ready("two", &b);
+    let fences: Value =
+        serde_json::from_slice(&std::fs::read(n1.state.join("fences.json")).unwrap()).unwrap();
+    assert_eq!(fences["kubernetes:kubernetes"], epoch_b, "{fences}");
+    // A write of op-a's epoch (what op-a would send had it not stopped) is refused.
+    let stale = http_with_headers(
+        &n1.socket,
+        "DELETE",
+        "/v1/workloads/default/one",
+        &[(
+            "x-hyperbox-fence",
+            &format!("kubernetes:kubernetes={epoch_a}"),
+        )],
+    );
+    assert!(
+        stale.starts_with("HTTP/1.1 409") && stale.contains("a newer leader took over"),
+        "{stale}"
+    );
+    assert!(n1.get("one").is_some());
+    proxy.thaw();
+}

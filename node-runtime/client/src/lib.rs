@@ -221,6 +221,42 @@ pub struct NodeClient {
     force: bool,
     /// Requests and wire bytes of this client and its clones.
     stats: Arc<WireStats>,
+    /// The leader's epoch its writes carry (see [`Fence`]).
+    fence: Option<Arc<Fence>>,
+}
+
+/// Header of a write made by an elected leader: `<scope>=<epoch>`. A node keeps the newest
+/// epoch it has seen for each scope and refuses writes of an older one with 409, so a leader
+/// that was replaced (and does not know it yet) cannot undo its successor's work.
+pub const FENCE_HEADER: &str = "x-hyperbox-fence";
+
+/// The epoch of a leader, shared by all its node clients: set when it wins the election (the
+/// Lease's transitions), and sent with every request once set.
+#[derive(Debug)]
+pub struct Fence {
+    scope: String,
+    /// -1 until the first election is won.
+    epoch: std::sync::atomic::AtomicI64,
+}
+
+impl Fence {
+    pub fn new(scope: impl Into<String>) -> Fence {
+        Fence {
+            scope: scope.into(),
+            epoch: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+
+    pub fn set(&self, epoch: u32) {
+        self.epoch
+            .store(i64::from(epoch), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The header value, once an epoch is set.
+    pub fn header(&self) -> Option<String> {
+        let e = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        (e >= 0).then(|| format!("{}={e}", self.scope))
+    }
 }
 
 /// One answer of the digests watch (see [`NodeClient::watch_digests`]).
@@ -247,6 +283,7 @@ impl NodeClient {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
             manager: None,
+            fence: None,
             force: false,
             stats: Arc::default(),
         }
@@ -355,6 +392,9 @@ impl NodeClient {
         } = &self.endpoint
         {
             req = req.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(value) = self.fence.as_ref().and_then(|f| f.header()) {
+            req = req.header(FENCE_HEADER, value);
         }
         let body = match body {
             Some((content_type, bytes)) => {
@@ -491,6 +531,12 @@ impl NodeClient {
 
     /// Apply and delete as `manager` (`git:<url>#<path>`, …): the node then refuses (409) to
     /// let this client change or delete another manager's workloads, unless `force`.
+    /// Send the leader's epoch with every request (see [`Fence`]).
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> NodeClient {
+        self.fence = Some(fence);
+        self
+    }
+
     pub fn with_manager(mut self, manager: impl Into<String>, force: bool) -> NodeClient {
         self.manager = Some(manager.into());
         self.force = force;

@@ -13,8 +13,9 @@ use super::images::{prewarm, pull, pull_progress, remove_image};
 use super::logs::logs;
 use super::node::node;
 use super::replicas::{evict, restart_one};
-use super::request::AppState;
+use super::request::{error, AppState};
 use super::workloads::{apply, delete, get_one, get_spec, list};
+use crate::workloads::fence::Refusal;
 use crate::workloads::Supervisor;
 
 /// Largest request body accepted (a batch of workloads).
@@ -49,11 +50,39 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/images/progress", get(pull_progress))
         .route("/v1/images", axum::routing::delete(remove_image))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(sup.clone(), fenced))
         .layer(middleware::from_fn_with_state(
             sup.clone(),
             digests_version_header,
         ))
         .with_state(sup)
+}
+
+/// Writes (anything but GET and HEAD) that carry a leader's epoch pass only if no newer epoch
+/// of their scope was seen (see [`crate::workloads::fence`]): 409 otherwise, 400 for a
+/// malformed header.
+async fn fenced(State(sup): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::http::{Method, StatusCode};
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let Some(value) = req.headers().get(hyperbox_client::FENCE_HEADER) else {
+        return next.run(req).await;
+    };
+    let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+    match sup.fences().admit(&value) {
+        Ok(Ok(())) => next.run(req).await,
+        Ok(Err(r @ Refusal::Stale { .. })) => {
+            tracing::warn!(refusal = %r, method = %req.method(), path = %req.uri().path(), "refused a write of an older leader");
+            error(StatusCode::CONFLICT, r.to_string(), vec![])
+        }
+        Ok(Err(r)) => error(StatusCode::BAD_REQUEST, r.to_string(), vec![]),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("recording the leader epoch: {e:#}"),
+            vec![],
+        ),
+    }
 }
 
 /// Header on every answer: the digests' version once the request was handled (see

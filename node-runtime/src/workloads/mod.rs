@@ -18,6 +18,7 @@ pub mod actor;
 mod admission;
 mod digests;
 pub mod epoch;
+pub mod fence;
 mod gc;
 pub mod logs;
 mod node;
@@ -148,6 +149,8 @@ pub struct Supervisor {
     /// Images kept ready for work likely to land here.
     prewarm: StdMutex<prewarm::Prewarm>,
     prewarm_kick: Notify,
+    /// The newest leader epoch seen per scope (see [`fence`]).
+    fences: fence::Fences,
 }
 
 impl Supervisor {
@@ -165,6 +168,7 @@ impl Supervisor {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
         let first_version = epoch::first_version(epoch::next(state_dir)?);
+        let fences = fence::Fences::open(state_dir)?;
         Ok(Arc::new(Supervisor {
             shared: Arc::new(Shared {
                 runtime,
@@ -191,7 +195,13 @@ impl Supervisor {
             protection: StdMutex::new(None),
             prewarm: StdMutex::new(prewarm::Prewarm::default()),
             prewarm_kick: Notify::new(),
+            fences,
         }))
+    }
+
+    /// The leader epochs writes are fenced by.
+    pub fn fences(&self) -> &fence::Fences {
+        &self.fences
     }
 
     pub fn store(&self) -> Option<&Arc<ImageStore>> {

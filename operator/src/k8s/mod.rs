@@ -66,12 +66,18 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         .lease
         .clone()
         .map(|l| lease::Elector::new(client.clone(), l));
+    // Writes to nodes carry the leader's epoch: a node refuses those of an older leader.
+    let mut access = opts.access.clone();
     if let Some(e) = &elector {
-        e.acquire().await;
+        let fence = Arc::new(hyperbox_client::Fence::new(format!(
+            "kubernetes:{}",
+            opts.cluster
+        )));
+        fence.set(e.acquire().await);
+        access.fence = Some(fence);
     }
     let prefix = format!("kubernetes:{}/", opts.cluster);
-    let (nodes, receivers) =
-        nodes::Nodes::new(opts.access.clone(), opts.timings.clone(), prefix.clone());
+    let (nodes, receivers) = nodes::Nodes::new(access, opts.timings.clone(), prefix.clone());
     let node_api: Api<crd::KubeHyperNode> = Api::all(client.clone());
     let ctx = Arc::new(controller::Context::new(
         client.clone(),

@@ -29,6 +29,9 @@ use crate::fleet_core::liveness::{keeps_replicas, Health, Judge, Liveness, Liven
 pub struct NodeAccess {
     pub token: Option<String>,
     pub tls: TlsFiles,
+    /// The leader's epoch, sent with every request once elected (see
+    /// [`hyperbox_client::Fence`]).
+    pub fence: Option<std::sync::Arc<hyperbox_client::Fence>>,
 }
 
 #[derive(Debug, Clone)]
@@ -239,7 +242,10 @@ impl Nodes {
         let mut entries = self.lock();
         let restart = entries.get(&name).is_none_or(|e| e.address != address);
         if restart {
-            let client = NodeClient::new(self.endpoint(&address));
+            let mut client = NodeClient::new(self.endpoint(&address));
+            if let Some(f) = &self.access.fence {
+                client = client.with_fence(f.clone());
+            }
             // A new node (or one at a new address) keeps what the operator saw of its
             // heartbeats, and is judged at the next lifecycle tick.
             let liveness = entries
