@@ -517,7 +517,9 @@ impl Syncer {
     ) -> Result<Synced> {
         let mut observed: BTreeMap<String, BTreeMap<String, Observed>> = BTreeMap::new();
         let watching = self.opts.node_watch.is_some();
-        for n in &mut fleet.nodes {
+        // Every node at once, each within its deadline: a node that hangs delays the sync by
+        // its deadline, not by a request timeout per node.
+        let answers = futures::future::join_all(fleet.nodes.iter().map(|n| async move {
             let current = n
                 .watch
                 .as_ref()
@@ -534,9 +536,19 @@ impl Syncer {
                     Some(d) => d.as_ref().clone(),
                     None => n.client.digest_hashes().await?,
                 };
-                Ok::<_, hyperbox_client::ClientError>((summary, digests))
-            }
-            .await;
+                Ok::<_, anyhow::Error>((summary, digests))
+            };
+            let deadline = if n.health.is_ready() {
+                OBSERVE_DEADLINE
+            } else {
+                SUSPECT_DEADLINE
+            };
+            tokio::time::timeout(deadline, answer)
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {}s", deadline.as_secs())))
+        }))
+        .await;
+        for (n, answer) in fleet.nodes.iter_mut().zip(answers) {
             match answer {
                 Ok((summary, digests)) => {
                     if summary.is_some() {
@@ -548,8 +560,8 @@ impl Syncer {
                 }
                 Err(e) => {
                     n.liveness.contact(false);
-                    tracing::warn!(node = %n.key, error = %e, "node unreachable");
-                    n.error = Some(format!("{e}"));
+                    tracing::warn!(node = %n.key, error = %format!("{e:#}"), "node unreachable");
+                    n.error = Some(format!("{e:#}"));
                 }
             }
         }
@@ -589,12 +601,29 @@ impl Syncer {
             return Ok(Synced::Unchanged { revision });
         }
         if watching {
-            // Placing: every reachable node's room and labels as of now.
-            for n in &mut fleet.nodes {
-                if !observed.contains_key(&n.key) {
-                    continue;
+            // Placing: every reachable node's room and labels as of now (all at once).
+            let summaries = futures::future::join_all(fleet.nodes.iter().map(|n| {
+                let asked = observed.contains_key(&n.key);
+                async move {
+                    if !asked {
+                        return None;
+                    }
+                    let answer = tokio::time::timeout(OBSERVE_DEADLINE, n.client.node()).await;
+                    Some(answer.unwrap_or_else(|_| {
+                        Err(hyperbox_client::ClientError::Http {
+                            method: "GET".into(),
+                            path: "/v1/node".into(),
+                            message: format!("no answer within {}s", OBSERVE_DEADLINE.as_secs()),
+                        })
+                    }))
                 }
-                match n.client.node().await {
+            }))
+            .await;
+            for (n, answer) in fleet.nodes.iter_mut().zip(summaries) {
+                let Some(answer) = answer else {
+                    continue;
+                };
+                match answer {
                     Ok(summary) => n.summary = Some(summary),
                     Err(e) => {
                         n.liveness.contact(false);
@@ -634,13 +663,17 @@ impl Syncer {
         // Images to keep ready on each node (standby workloads, pending replicas): asked for
         // at each placement, which renews the node's hour.
         let hints = crate::fleet::prewarm_hints(&set, &placement, &views);
-        for n in &fleet.nodes {
-            if let Some(images) = hints.get(&n.key).filter(|_| observed.contains_key(&n.key)) {
+        let prewarms = fleet.nodes.iter().filter_map(|n| {
+            let images = hints
+                .get(&n.key)
+                .filter(|_| observed.contains_key(&n.key))?;
+            Some(async move {
                 if let Err(e) = n.client.prewarm(images).await {
                     tracing::warn!(node = %n.key, error = %e, "prewarm request failed");
                 }
-            }
-        }
+            })
+        });
+        futures::future::join_all(prewarms).await;
         // Rollouts across nodes: each workload's bounds split between its nodes.
         let (gates, rolling) = rollout_gates(
             &fleet.nodes,
@@ -727,9 +760,19 @@ impl Syncer {
                 .collect(),
             rolling,
         };
-        for (key, client, own, p) in plans {
+        // Every node's plan at once: a slow node (a long grace period to prune, a slow
+        // apply) does not hold the others' back.
+        let limits = self.opts.apply_limits;
+        let outcomes = futures::future::join_all(plans.into_iter().map(|(key, client, own, p)| {
             let union = before.inventories.get(&key).cloned().unwrap_or_default();
-            let done = carry_out(&client, self.opts.apply_limits, &own, union, p).await?;
+            async move {
+                let done = carry_out(&client, limits, &own, union, p).await;
+                (key, done)
+            }
+        }))
+        .await;
+        for (key, done) in outcomes {
+            let done = done?;
             failed += done.failed;
             for name in &done.not_applied {
                 // Avoided until the next revision; what ran there before still runs there.
@@ -889,6 +932,12 @@ impl Syncer {
         }
     }
 }
+
+/// How long a node that answered at the last sync may take to answer a sync's questions.
+const OBSERVE_DEADLINE: Duration = Duration::from_secs(15);
+/// The same for a node that did not answer at the last sync: a node that hangs costs each
+/// sync this much, not a request timeout.
+const SUSPECT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How often a fleet syncs while a workload rolls out across its nodes.
 const ROLLOUT_POLL: Duration = Duration::from_secs(2);

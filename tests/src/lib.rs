@@ -1115,6 +1115,25 @@ impl Drop for GitDaemon {
     }
 }
 
+/// Stop process `pid` (SIGSTOP: its sockets still accept, nothing answers, as a hung
+/// daemon); it continues when the guard is dropped, also when the test fails.
+pub fn pause(pid: i32) -> Paused {
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGSTOP) },
+        0,
+        "SIGSTOP {pid}"
+    );
+    Paused(pid)
+}
+
+pub struct Paused(i32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// A TCP proxy that can be frozen: while frozen, bytes in both directions are held (the
 /// connections stay open and nothing answers), as in a partition that drops packets. New
 /// connections are accepted and held too.

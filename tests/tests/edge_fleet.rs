@@ -372,3 +372,70 @@ fn a_rollout_across_four_nodes_keeps_the_workloads_budget() {
         .unwrap();
     assert!(op.log_text().contains("rolling out across nodes"), "{st:#}");
 }
+
+/// A node that hangs (SIGSTOP: its socket accepts, nothing answers) costs each sync of the
+/// Git fleet its short deadline once it has missed one, not a request timeout: a workload
+/// pushed for the other nodes runs there within seconds. Before, every sync waited 30 s for
+/// the hung node first.
+#[test]
+fn a_hung_node_delays_a_git_fleet_by_seconds_not_a_request_timeout() {
+    let reg = Registry::start(false).unwrap();
+    let image = push_busybox(&reg).unwrap();
+    let start = |zone: &str| {
+        Node::start(&[
+            "--insecure-registry",
+            &reg.addr,
+            "--label",
+            &format!("zone={zone}"),
+        ])
+        .unwrap()
+    };
+    let n1 = start("a");
+    let n2 = start("a");
+    let n3 = start("b");
+    let repo = GitRepo::new().unwrap();
+    repo.write("web.yaml", &doc("web", &image, "  replicas: 3\n"));
+    let rev = repo.commit_push("web");
+    let socks: Vec<String> = [&n2, &n3]
+        .iter()
+        .map(|n| format!("unix://{}", n.socket.display()))
+        .collect();
+    let op = Operator::start(
+        &n1,
+        &repo.url(),
+        &[
+            "--node",
+            &socks[0],
+            "--node",
+            &socks[1],
+            "--node-grace",
+            "300s",
+            "--interval",
+            "500ms",
+        ],
+    )
+    .unwrap();
+    op.wait_status(T, "web applied", |s| {
+        s["lastAppliedRevision"] == rev.as_str()
+    })
+    .unwrap();
+    let _paused = pause(n3.pid());
+    wait_unreachable(&op, &socks[1], "n3 reported unreachable");
+    repo.write(
+        "extra.yaml",
+        &doc("extra", &image, "  nodeSelector: {zone: a}\n"),
+    );
+    repo.commit_push("extra for zone a");
+    let t0 = std::time::Instant::now();
+    wait_until(T, "extra running on zone a", || {
+        (running(&n1, "extra") + running(&n2, "extra") == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&op.log_text(), 3000)));
+    let took = t0.elapsed();
+    eprintln!("extra ran {took:?} after the push");
+    assert!(
+        took < Duration::from_secs(12),
+        "extra took {took:?} behind the hung node\n{}",
+        tail(&op.log_text(), 3000)
+    );
+}

@@ -436,9 +436,8 @@ fn a_hung_node_delays_no_other_workload() {
     };
     assert!(s.c.apply(&slow("1")).status.success());
     s.wait_ready("slow", &op);
-    let cont = Resume(n2.pid());
-    // SIGSTOP: n2's sockets still accept, nothing answers.
-    assert_eq!(unsafe { libc::kill(n2.pid(), libc::SIGSTOP) }, 0);
+    // n2's sockets still accept, nothing answers.
+    let paused = pause(n2.pid());
     assert!(s.c.apply(&slow("2")).status.success());
     // Let slow's reconcile reach n2 and hang there.
     std::thread::sleep(Duration::from_secs(2));
@@ -457,20 +456,11 @@ fn a_hung_node_delays_no_other_workload() {
     );
     assert_eq!(running(&[("n1", &n1)], "quick")["n1"].len(), 1);
     // n2 wakes up: slow's new spec reaches it.
-    drop(cont);
+    drop(paused);
     s.c.wait_for("workload", "slow", T, "slow ready at generation 2", |w| {
         ready_now(w) && w["status"]["observedGeneration"] == 2
     })
     .with_context_log(&op);
-}
-
-/// Sends SIGCONT to a stopped process when dropped (also when the test fails).
-struct Resume(i32);
-
-impl Drop for Resume {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
 }
 
 /// `maxUnavailable: 1` is the Workload's, not each node's: with one replica on each of four
