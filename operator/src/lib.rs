@@ -9,6 +9,7 @@ pub mod gitsource;
 pub mod init;
 pub mod k8s;
 pub mod manifests;
+pub mod node_api;
 pub mod nodewatch;
 pub mod placement;
 pub mod reconcile;

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hyperbox_api::{config_hash, spec_hash, Workload};
-use hyperbox_client::ClientError;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -21,6 +20,7 @@ use kube::{Resource, ResourceExt};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::crd::{KubeWorkload, KubeWorkloadStatus};
+use super::node_calls::{send_all, ApplyError, Removal, Removals, Send};
 use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet::{place_fleet, Counts};
@@ -28,6 +28,7 @@ use crate::fleet_core::avoid::AvoidMemory;
 use crate::fleet_core::orphans::{orphans, Held};
 use crate::fleet_core::rollout::{self, Copy, Gate, Share};
 use crate::manifests::{ManifestSet, SourcedWorkload};
+use crate::node_api::NodeApi;
 use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
 
 pub const FINALIZER: &str = "hyperbox.dev/containers";
@@ -45,6 +46,8 @@ pub struct Context {
     /// free room); the lock is held while deciding, never across a call to a node.
     place_lock: Mutex<()>,
     state: Mutex<State>,
+    /// Removals still running on a node (a long grace period).
+    removals: Removals,
 }
 
 #[derive(Default)]
@@ -64,8 +67,6 @@ struct State {
     nominal: HashMap<String, BTreeMap<String, u64>>,
     /// The requests of one replica of each placed workload (see [`unreported_requests`]).
     requests: HashMap<String, hyperbox_api::ResourceAmounts>,
-    /// Removals still running on a node (a long grace period), by (node, workload).
-    removals: HashMap<(String, String), tokio::task::JoinHandle<Result<(), ClientError>>>,
 }
 
 impl Context {
@@ -91,6 +92,7 @@ impl Context {
             recorder,
             place_lock: Mutex::new(()),
             state: Mutex::new(State::default()),
+            removals: Removals::default(),
         }
     }
 
@@ -213,23 +215,15 @@ fn node_schedulable(ctx: &Context, node: &str) -> bool {
         .with(|e| e.get(node).is_some_and(|e| e.schedulable()))
 }
 
-/// How long a node may take to answer an apply. A node that hangs delays only its own share
-/// of the workload that is being reconciled: the others are applied at the same time, other
-/// workloads are reconciled beside it, and the apply is retried at the next reconcile.
-const NODE_APPLY_DEADLINE: Duration = Duration::from_secs(15);
-/// How long a reconcile waits for a node to remove a workload before it leaves the removal
-/// running (a long termination grace period) and looks again at the next reconcile.
-const REMOVAL_WAIT: Duration = Duration::from_secs(5);
-
 /// What a reconcile decided, under the placement lock and without a network call.
 struct Decision {
     previous: BTreeMap<String, u32>,
     counts: BTreeMap<String, u32>,
     unplaced: Vec<(&'static str, String)>,
     /// Copies to send: node, its client, the copy and its config hash.
-    applies: Vec<(String, hyperbox_client::NodeClient, Workload, String)>,
+    applies: Vec<Send>,
     /// Nodes that should no longer run it.
-    removals: Vec<(String, hyperbox_client::NodeClient)>,
+    removals: Vec<(String, Arc<dyn NodeApi>)>,
     /// Nodes whose copy waits (a removal of the same workload still runs there).
     waiting: usize,
 }
@@ -391,11 +385,16 @@ fn decide(
         if copies.contains_key(node) && st.applied.get(&cache_key) == Some(&copy_hash) {
             continue;
         }
-        if st.removals.contains_key(&cache_key) {
+        if ctx.removals.running(node, key) {
             waiting += 1;
             continue;
         }
-        applies.push((node.clone(), client, copy, copy_hash));
+        applies.push(Send {
+            node: node.clone(),
+            api: Arc::new(client),
+            copy,
+            copy_hash,
+        });
     }
     let leaving: BTreeSet<&String> = previous
         .keys()
@@ -404,7 +403,10 @@ fn decide(
         .collect();
     let removals = leaving
         .into_iter()
-        .filter_map(|node| Some((node.clone(), ctx.nodes.client(node)?)))
+        .filter_map(|node| {
+            let api: Arc<dyn NodeApi> = Arc::new(ctx.nodes.client(node)?);
+            Some((node.clone(), api))
+        })
         .collect();
     st.placed.insert(key.to_string(), counts.clone());
     let request = w.request_per_replica();
@@ -425,43 +427,6 @@ fn decide(
         applies,
         removals,
         waiting,
-    }
-}
-
-/// How a removal from a node went.
-enum Removal {
-    Done,
-    /// Still running in the background (the containers' grace period).
-    Running,
-    Failed(String),
-}
-
-/// Remove workload `key` from `node`, waiting at most [`REMOVAL_WAIT`]: a removal that takes
-/// longer (a long grace period) keeps running in the background and is looked at again by the
-/// next reconcile, which neither waits for it nor starts a second one.
-async fn remove(
-    ctx: &Context,
-    node: &str,
-    key: &str,
-    manager: &str,
-    client: hyperbox_client::NodeClient,
-) -> Removal {
-    let slot = (node.to_string(), key.to_string());
-    let running = ctx.state().removals.remove(&slot);
-    let mut handle = running.unwrap_or_else(|| {
-        let client = client.with_manager(manager.to_string(), false);
-        let key = key.to_string();
-        tokio::spawn(async move { client.delete(&key).await })
-    });
-    match tokio::time::timeout(REMOVAL_WAIT, &mut handle).await {
-        Err(_) => {
-            ctx.state().removals.insert(slot, handle);
-            Removal::Running
-        }
-        Ok(Ok(Ok(()))) => Removal::Done,
-        Ok(Ok(Err(e))) if e.status() == Some(404) => Removal::Done,
-        Ok(Ok(Err(e))) => Removal::Failed(e.to_string()),
-        Ok(Err(e)) => Removal::Failed(format!("removal task: {e}")),
     }
 }
 
@@ -522,34 +487,15 @@ async fn apply(
         previous_status.as_ref().map(|s| &s.placement),
     );
     // Every node's share at once, each within its deadline.
-    let sends = applies.into_iter().map(|(node, client, copy, copy_hash)| {
-        let (manager, prefix) = (manager.as_str(), ctx.manager_prefix.as_str());
-        async move {
-            let r = tokio::time::timeout(
-                NODE_APPLY_DEADLINE,
-                apply_one(&client, manager, prefix, copy),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ApplyError::Unreachable(format!(
-                    "no answer within {}s",
-                    NODE_APPLY_DEADLINE.as_secs()
-                )))
-            });
-            (node, copy_hash, r)
-        }
-    });
-    let removing = removals.into_iter().map(|(node, client)| {
+    let sends = send_all(applies, &manager, &ctx.manager_prefix);
+    let removing = removals.into_iter().map(|(node, api)| {
         let (key, manager) = (key.as_str(), manager.as_str());
         async move {
-            let r = remove(ctx, &node, key, manager, client).await;
+            let r = ctx.removals.remove(&node, key, manager, api).await;
             (node, r)
         }
     });
-    let (sent, removed) = futures::join!(
-        futures::future::join_all(sends),
-        futures::future::join_all(removing)
-    );
+    let (sent, removed) = futures::join!(sends, futures::future::join_all(removing));
     for (node, copy_hash, r) in sent {
         match r {
             Ok(()) => {
@@ -718,69 +664,13 @@ async fn write_status(
     Ok(())
 }
 
-enum ApplyError {
-    /// The node's admission or policy said no: place elsewhere.
-    Refused(String),
-    /// Another manager owns a workload of that name on the node.
-    Conflict(String),
-    Unreachable(String),
-}
-
-async fn apply_one(
-    client: &hyperbox_client::NodeClient,
-    manager: &str,
-    prefix: &str,
-    w: Workload,
-) -> Result<(), ApplyError> {
-    let key = w.key();
-    let first = client
-        .clone()
-        .with_manager(manager.to_string(), false)
-        .apply(vec![w.clone()])
-        .await;
-    let e = match first {
-        Ok(_) => return Ok(()),
-        Err(e) => e,
-    };
-    match &e {
-        ClientError::Api { status: 409, .. } => {
-            // A leftover of an earlier object of the same name in this cluster (deleted while
-            // the operator was away) is ours to replace; anyone else's is not.
-            let owner = client.get(&key).await.ok().and_then(|s| s.manager);
-            if owner.as_deref().is_some_and(|m| m.starts_with(prefix)) {
-                return client
-                    .clone()
-                    .with_manager(manager.to_string(), true)
-                    .apply(vec![w])
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| ApplyError::Unreachable(e.to_string()));
-            }
-            Err(ApplyError::Conflict(format!(
-                "managed by {}",
-                owner.unwrap_or_else(|| "another source".into())
-            )))
-        }
-        ClientError::Api {
-            status: 403 | 400,
-            body,
-        } => Err(ApplyError::Refused(
-            body.fields
-                .first()
-                .map(|f| f.message.clone())
-                .unwrap_or_else(|| body.error.clone()),
-        )),
-        _ => Err(ApplyError::Unreachable(e.to_string())),
-    }
-}
-
 /// Deleting a Workload: its containers stop on every node first; the finalizer goes after.
 /// A node past its eviction grace is gone: it is not waited for. Removals that take longer
 /// than [`REMOVAL_WAIT`] go on in the background while the reconcile comes back for them.
 async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> {
     let key = key_of(&cr);
     let manager = manager_of(ctx, &cr);
-    let targets: Vec<(String, hyperbox_client::NodeClient, bool)> = ctx.nodes.with(|entries| {
+    let targets: Vec<(String, Arc<dyn NodeApi>, bool)> = ctx.nodes.with(|entries| {
         entries
             .values()
             .filter(|e| {
@@ -790,13 +680,16 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
                         .is_some_and(|s| s.manager.as_deref() == Some(manager.as_str()))
                 })
             })
-            .map(|e| (e.name.clone(), e.client.clone(), e.schedulable()))
+            .map(|e| {
+                let api: Arc<dyn NodeApi> = Arc::new(e.client.clone());
+                (e.name.clone(), api, e.schedulable())
+            })
             .collect()
     });
     let removing = targets.into_iter().map(|(node, client, alive)| {
         let (key, manager) = (key.as_str(), manager.as_str());
         async move {
-            let r = remove(ctx, &node, key, manager, client).await;
+            let r = ctx.removals.remove(&node, key, manager, client).await;
             (node, alive, r)
         }
     });
@@ -856,7 +749,7 @@ async fn sweep_orphans(ctx: Arc<Context>, store: Store<KubeWorkload>) {
             .iter()
             .filter_map(|w| w.metadata.uid.clone())
             .collect();
-        let held: Vec<(Held, hyperbox_client::NodeClient)> = ctx.nodes.with(|entries| {
+        let held: Vec<(Held, Arc<dyn NodeApi>)> = ctx.nodes.with(|entries| {
             entries
                 .values()
                 .filter(|e| e.schedulable() && !e.unreachable())
@@ -868,7 +761,8 @@ async fn sweep_orphans(ctx: Arc<Context>, store: Store<KubeWorkload>) {
                             key: key.clone(),
                             manager,
                         };
-                        Some((h, e.client.clone()))
+                        let api: Arc<dyn NodeApi> = Arc::new(e.client.clone());
+                        Some((h, api))
                     })
                 })
                 .collect()
@@ -883,7 +777,10 @@ async fn sweep_orphans(ctx: Arc<Context>, store: Store<KubeWorkload>) {
             .map(|(h, client)| {
                 let ctx = &ctx;
                 async move {
-                    let r = remove(ctx, &h.node, &h.key, &h.manager, client.clone()).await;
+                    let r = ctx
+                        .removals
+                        .remove(&h.node, &h.key, &h.manager, client.clone())
+                        .await;
                     (h, r)
                 }
             });

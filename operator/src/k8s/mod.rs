@@ -6,6 +6,7 @@ pub mod controller;
 #[allow(clippy::duplicated_attributes)]
 pub mod crd;
 pub mod lease;
+pub mod node_calls;
 pub mod nodes;
 pub mod status;
 
