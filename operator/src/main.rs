@@ -130,6 +130,10 @@ struct KubeArgs {
     node_cert: Option<PathBuf>,
     #[arg(long, requires = "node_cert")]
     node_key: Option<PathBuf>,
+    /// Also talk to nodes whose HyperNode address is plain http:// (by default only https://
+    /// addresses are used: the node token must not travel in the clear).
+    #[arg(long)]
+    allow_http_nodes: bool,
     /// A node whose last heartbeat is older than this is marked Ready=False (kube's
     /// node-monitor-grace-period).
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
@@ -361,6 +365,7 @@ async fn run(cli: Cli) -> Result<bool> {
                         key: a.node_key,
                     },
                     fence: None,
+                    allow_http: a.allow_http_nodes,
                 },
                 timings: hyperbox_operator::k8s::nodes::NodeTimings {
                     monitor_grace: a.node_monitor_grace,

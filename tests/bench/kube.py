@@ -133,8 +133,12 @@ try:
         for i in range(3):
             run([node_bin, "--socket", os.path.join(work, f"n{i}", "node.sock"), "pull", image])
     op_log = open(os.path.join(work, "operator.log"), "w")
+    # The bench's nodes serve plain http; builds before https-only nodes take no flag for it.
+    helptext = subprocess.run([op_bin, "kubernetes", "--help"], capture_output=True, text=True).stdout
+    http_ok = ["--allow-http-nodes"] if "--allow-http-nodes" in helptext else []
     op = subprocess.Popen([
         op_bin, "kubernetes", "--kubeconfig", op_kc, "--node-token-file", token,
+        *http_ok,
         "--lease-name", "hb-operator", "--lease-namespace", NS,
     ], stdout=op_log, stderr=op_log, env={**os.environ, "RUST_LOG": "info"})
     procs.append(op)

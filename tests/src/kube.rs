@@ -268,7 +268,16 @@ pub fn start_kube_operator_wrapped(
         "--node-token-file",
         &token,
     ];
-    args.extend_from_slice(extra);
+    // The test nodes serve plain http (the chart's serve https).
+    if !extra.contains(&"--https-nodes-only") {
+        args.push("--allow-http-nodes");
+    }
+    let extra: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|a| *a != "--https-nodes-only")
+        .collect();
+    args.extend_from_slice(&extra);
     Operator::start_wrapped(
         dir.join(format!("operator-{}", random_suffix())),
         wrapper,

@@ -682,3 +682,28 @@ fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_acts() {
     assert!(n1.get("one").is_some());
     proxy.thaw();
 }
+
+/// A HyperNode whose address is plain http is not used (its token would travel in the
+/// clear) unless the operator is told to allow it; the reason is logged and the workload
+/// waits instead of going there.
+#[test]
+fn a_plain_http_node_address_is_refused_unless_allowed() {
+    let s = setup();
+    let n1 = s.node("n1", &[]);
+    let op = s.operator(&["--https-nodes-only"]);
+    assert!(s.c.apply(&s.workload("svc", 1, "")).status.success());
+    wait_until(T, "the refusal logged", || {
+        op.log_text().contains("is not https").then_some(())
+    })
+    .with_context_log(&op);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(n1.get("svc").is_none());
+    let w = s.c.get("workload", "svc").unwrap();
+    assert!(!ready_now(&w), "{w:#}");
+    assert_eq!(
+        condition(&w, "Ready").unwrap(),
+        ("False".to_string(), "NodeUnreachable".to_string())
+    );
+    let message = w["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(message.contains("is not https"), "{w:#}");
+}

@@ -32,6 +32,8 @@ pub struct NodeAccess {
     /// The leader's epoch, sent with every request once elected (see
     /// [`hyperbox_client::Fence`]).
     pub fence: Option<std::sync::Arc<hyperbox_client::Fence>>,
+    /// Use plain http:// node addresses too (by default only https://).
+    pub allow_http: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,21 @@ impl NodeEntry {
             ..NodeSummary::default()
         }
     }
+}
+
+/// Why a HyperNode's address is not used, if it is not: only https:// unless plain http is
+/// allowed (the node token and the workloads would travel in the clear).
+pub fn refuse_address(address: &str, allow_http: bool) -> Option<String> {
+    if address.starts_with("https://") || (allow_http && address.starts_with("http://")) {
+        return None;
+    }
+    Some(if address.starts_with("http://") {
+        format!(
+            "node address {address} is not https: serve the node API over TLS, or start the operator with --allow-http-nodes"
+        )
+    } else {
+        format!("node address {address:?} is not an https:// URL")
+    })
 }
 
 /// Everything the controller reads about the nodes.
@@ -205,6 +222,12 @@ impl Nodes {
     }
 
     fn endpoint(&self, address: &str) -> Endpoint {
+        if let Some(why) = refuse_address(address, self.access.allow_http) {
+            return Endpoint::Unusable {
+                shown: address.to_string(),
+                why,
+            };
+        }
         Endpoint::parse_tls(address, self.access.token.clone(), &self.access.tls).unwrap_or_else(
             |why| Endpoint::Unusable {
                 shown: address.to_string(),
@@ -486,6 +509,19 @@ async fn mark_not_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_https_node_addresses_unless_plain_http_is_allowed() {
+        assert_eq!(refuse_address("https://10.0.0.1:7070", false), None);
+        let why = refuse_address("http://10.0.0.1:7070", false).unwrap();
+        assert!(
+            why.contains("is not https") && why.contains("--allow-http-nodes"),
+            "{why}"
+        );
+        assert_eq!(refuse_address("http://10.0.0.1:7070", true), None);
+        assert!(refuse_address("10.0.0.1:7070", true).is_some());
+        assert!(refuse_address("unix:///run/x.sock", true).is_some());
+    }
 
     fn status(ready: &str, heartbeat: Option<String>) -> HyperNodeStatus {
         HyperNodeStatus {
