@@ -43,7 +43,8 @@ pub struct Observation<'a> {
     /// Why the controller could not act (invalid spec, a node refused it or is unreachable,
     /// another manager owns it): (reason, message, stalled).
     pub problem: Option<(String, String, bool)>,
-    /// Every node took the current spec (else observedGeneration stays where it was).
+    /// Every node took the current spec (else the workload is not Ready, whatever the nodes
+    /// report).
     pub applied: bool,
     pub previous: Option<&'a KubeWorkloadStatus>,
 }
@@ -70,11 +71,10 @@ fn condition(
 pub fn workload_status(o: &Observation) -> KubeWorkloadStatus {
     let mut s = KubeWorkloadStatus {
         placement: o.counts.clone(),
-        observed_generation: if o.applied {
-            Some(o.generation)
-        } else {
-            o.previous.and_then(|p| p.observed_generation)
-        },
+        // The generation this status describes: every reconcile that saw it says so, refusals
+        // and failures included (the conditions say how it went). Left behind, kstatus and
+        // Argo CD would read a refused spec as in progress forever.
+        observed_generation: Some(o.generation),
         ..Default::default()
     };
     let mut complete = true;
@@ -363,7 +363,8 @@ mod tests {
         let second = workload_status(&o);
         assert_eq!(second, first);
         assert!(same_status(&second, &first));
-        // Not applied (a node unreachable): observedGeneration stays.
+        // Not applied (a node unreachable): the new generation is observed, and the status
+        // says it is still being reconciled, and why.
         o.applied = false;
         o.generation = 2;
         o.problem = Some((
@@ -372,7 +373,7 @@ mod tests {
             false,
         ));
         let third = workload_status(&o);
-        assert_eq!(third.observed_generation, Some(1));
+        assert_eq!(third.observed_generation, Some(2));
         assert_eq!(
             status_of(RECONCILING, &third),
             ("True".into(), "NodeUnreachable".into())
