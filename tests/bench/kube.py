@@ -139,6 +139,8 @@ try:
     op = subprocess.Popen([
         op_bin, "kubernetes", "--kubeconfig", op_kc, "--node-token-file", token,
         *http_ok,
+        # Extra operator flags for experiments (for example --concurrency 1).
+        *os.environ.get("HB_OPERATOR_ARGS", "").split(),
         "--lease-name", "hb-operator", "--lease-namespace", NS,
     ], stdout=op_log, stderr=op_log, env={**os.environ, "RUST_LOG": "info"})
     procs.append(op)

@@ -65,8 +65,9 @@ struct State {
     /// The nominal memory of the replicas placed without a memory request, by workload and
     /// node (see [`crate::placement::NodeInfo::nominal_load`]).
     nominal: HashMap<String, BTreeMap<String, u64>>,
-    /// The requests of one replica of each placed workload (see [`unreported_requests`]).
-    requests: HashMap<String, hyperbox_api::ResourceAmounts>,
+    /// Placements with requests that some node has not reported yet: workload → (requests
+    /// of one replica, node → replicas placed there). See [`unreported_requests`].
+    unconfirmed: HashMap<String, (hyperbox_api::ResourceAmounts, BTreeMap<String, u32>)>,
 }
 
 impl Context {
@@ -231,14 +232,17 @@ struct Decision {
 /// Requests each node has been given by earlier placements and has not reported yet (their
 /// copies are being applied, or the node did not answer since): placement counts them as
 /// taken, so that two workloads placed one after the other never count the same free room.
-fn unreported_requests(st: &State, ctx: &Context, key: &str) -> BTreeMap<String, (u64, u64)> {
+/// Only placements still unconfirmed are looked at, and those every node now reports are
+/// dropped here: the cost follows the placements in flight, not all workloads.
+fn unreported_requests(st: &mut State, ctx: &Context, key: &str) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    if st.unconfirmed.is_empty() {
+        return out;
+    }
     ctx.nodes.with(|entries| {
-        for (other, per_node) in st.placed.iter().filter(|(k, _)| *k != key) {
-            let Some(r) = st.requests.get(other) else {
-                continue;
-            };
-            for (node, &n) in per_node {
+        st.unconfirmed.retain(|other, (r, per_node)| {
+            let mut open = false;
+            for (node, &n) in per_node.iter() {
                 let reported = entries
                     .get(node)
                     .and_then(|e| e.workloads.as_ref())
@@ -250,11 +254,18 @@ fn unreported_requests(st: &State, ctx: &Context, key: &str) -> BTreeMap<String,
                     })
                     .map_or(0, |w| w.desired_replicas);
                 let missing = u64::from(n.saturating_sub(reported));
-                let e = out.entry(node.clone()).or_default();
-                e.0 += r.cpu_millis * missing;
-                e.1 += r.memory_bytes * missing;
+                if missing == 0 {
+                    continue;
+                }
+                open = true;
+                if other != key {
+                    let e = out.entry(node.clone()).or_default();
+                    e.0 += r.cpu_millis * missing;
+                    e.1 += r.memory_bytes * missing;
+                }
             }
-        }
+            open
+        });
     });
     out
 }
@@ -316,7 +327,7 @@ fn decide(
     // Workloads are placed one at a time: the nominal requests of the others (those without a
     // memory request) keep equal nodes from taking all of them, and what was placed on a node
     // that has not reported it yet is taken there.
-    let unreported = unreported_requests(&st, ctx, key);
+    let unreported = unreported_requests(&mut st, ctx, key);
     for v in &mut views {
         v.nominal_load = st
             .nominal
@@ -419,7 +430,12 @@ fn decide(
     } else {
         st.nominal.remove(key);
     }
-    st.requests.insert(key.to_string(), request);
+    if request.cpu_millis > 0 || request.memory_bytes > 0 {
+        st.unconfirmed
+            .insert(key.to_string(), (request, counts.clone()));
+    } else {
+        st.unconfirmed.remove(key);
+    }
     Decision {
         previous,
         counts,
@@ -720,7 +736,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
         st.avoid.forget(&key);
         st.placed.remove(&key);
         st.nominal.remove(&key);
-        st.requests.remove(&key);
+        st.unconfirmed.remove(&key);
     }
     event(
         ctx,
