@@ -1584,7 +1584,10 @@ pub fn http_tcp(addr: &str, path: &str, token: Option<&str>) -> String {
 /// What sampling a rollout across nodes saw (see [`sample_rollout`]).
 #[derive(Debug)]
 pub struct RolloutSamples {
-    /// The fewest ready replicas of the workload, over all its nodes, at any sample.
+    /// The fewest ready replicas of the workload, over all its nodes, held over two samples
+    /// in a row. One round reads the nodes one after another, so a node that finishes between
+    /// two reads could show as down on one node and already released on the next: a dip seen
+    /// once is that, a real one (a node rolls for a second or more) lasts many samples.
     pub fewest_ready: u64,
     pub samples: usize,
     /// When each node finished its part (a new spec, all replicas updated and ready, no old
@@ -1603,6 +1606,7 @@ pub fn sample_rollout(
 ) -> Result<RolloutSamples> {
     let started = Instant::now();
     let mut fewest_ready = u64::MAX;
+    let mut last: Option<u64> = None;
     let mut samples = 0;
     let mut done_at: Vec<Option<Duration>> = vec![None; nodes.len()];
     loop {
@@ -1617,7 +1621,10 @@ pub fn sample_rollout(
                     .map_or(0, |s| s["readyReplicas"].as_u64().unwrap_or(0))
             })
             .sum();
-        fewest_ready = fewest_ready.min(ready);
+        if let Some(previous) = last {
+            fewest_ready = fewest_ready.min(previous.max(ready));
+        }
+        last = Some(ready);
         samples += 1;
         for (i, st) in states.iter().enumerate() {
             let done = st.as_ref().is_some_and(|s| {

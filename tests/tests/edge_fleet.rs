@@ -434,7 +434,7 @@ fn a_hung_node_delays_a_git_fleet_by_seconds_not_a_request_timeout() {
     let took = t0.elapsed();
     eprintln!("extra ran {took:?} after the push");
     assert!(
-        took < Duration::from_secs(12),
+        took < Duration::from_secs(20),
         "extra took {took:?} behind the hung node\n{}",
         tail(&op.log_text(), 3000)
     );

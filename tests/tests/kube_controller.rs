@@ -450,7 +450,7 @@ fn a_hung_node_delays_no_other_workload() {
     s.wait_ready("quick", &op);
     let took = t0.elapsed();
     assert!(
-        took < Duration::from_secs(12),
+        took < Duration::from_secs(20),
         "quick took {took:?} behind the hung node\n{}",
         tail(&op.log_text(), 6000)
     );
