@@ -543,9 +543,7 @@ impl Syncer {
             } else {
                 SUSPECT_DEADLINE
             };
-            tokio::time::timeout(deadline, answer)
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("no answer within {}s", deadline.as_secs())))
+            within(deadline, answer).await
         }))
         .await;
         for (n, answer) in fleet.nodes.iter_mut().zip(answers) {
@@ -605,17 +603,11 @@ impl Syncer {
             let summaries = futures::future::join_all(fleet.nodes.iter().map(|n| {
                 let asked = observed.contains_key(&n.key);
                 async move {
-                    if !asked {
-                        return None;
+                    if asked {
+                        Some(within(OBSERVE_DEADLINE, n.client.node()).await)
+                    } else {
+                        None
                     }
-                    let answer = tokio::time::timeout(OBSERVE_DEADLINE, n.client.node()).await;
-                    Some(answer.unwrap_or_else(|_| {
-                        Err(hyperbox_client::ClientError::Http {
-                            method: "GET".into(),
-                            path: "/v1/node".into(),
-                            message: format!("no answer within {}s", OBSERVE_DEADLINE.as_secs()),
-                        })
-                    }))
                 }
             }))
             .await;
@@ -627,8 +619,8 @@ impl Syncer {
                     Ok(summary) => n.summary = Some(summary),
                     Err(e) => {
                         n.liveness.contact(false);
-                        tracing::warn!(node = %n.key, error = %e, "node unreachable");
-                        n.error = Some(format!("{e}"));
+                        tracing::warn!(node = %n.key, error = %format!("{e:#}"), "node unreachable");
+                        n.error = Some(format!("{e:#}"));
                         observed.remove(&n.key);
                     }
                 }
@@ -938,6 +930,17 @@ const OBSERVE_DEADLINE: Duration = Duration::from_secs(15);
 /// The same for a node that did not answer at the last sync: a node that hangs costs each
 /// sync this much, not a request timeout.
 const SUSPECT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// `answer`, or an error naming `deadline` when the node takes longer.
+async fn within<T, E: Into<anyhow::Error>>(
+    deadline: Duration,
+    answer: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(deadline, answer).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(anyhow!("no answer within {}s", deadline.as_secs())),
+    }
+}
 
 /// How often a fleet syncs while a workload rolls out across its nodes.
 const ROLLOUT_POLL: Duration = Duration::from_secs(2);
