@@ -1528,25 +1528,22 @@ impl TestPki {
 /// One HTTP/1.1 request over the node's unix socket; the whole raw answer (status line,
 /// headers, body).
 pub fn http_over_unix(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    http_with_headers(
+        sock,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body,
     )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
-/// A request without a body over a unix socket, with extra headers; the whole answer.
+/// A request over a unix socket with these headers and body; the whole answer, head included.
 pub fn http_with_headers(
     sock: &std::path::Path,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: &str,
 ) -> String {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
@@ -1556,7 +1553,8 @@ pub fn http_with_headers(
         .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut out = String::new();

@@ -674,6 +674,7 @@ fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_acts() {
             "x-hyperbox-fence",
             &format!("kubernetes:kubernetes={epoch_a}"),
         )],
+        "",
     );
     assert!(
         stale.starts_with("HTTP/1.1 409") && stale.contains("a newer leader took over"),
