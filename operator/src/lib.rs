@@ -3,7 +3,6 @@
 
 pub mod apply;
 pub mod config;
-pub mod fleet;
 pub mod fleet_core;
 pub mod gitsource;
 pub mod init;
@@ -11,7 +10,6 @@ pub mod k8s;
 pub mod manifests;
 pub mod node_api;
 pub mod nodewatch;
-pub mod placement;
 pub mod reconcile;
 pub mod sync;
 pub mod validate;

@@ -150,7 +150,7 @@ struct KubeArgs {
     cluster_name: String,
     /// How node pressure ranks nodes for new replicas (see `git --pressure-weights`).
     #[arg(long, default_value = "cpu=1,memory=2,io=1,trend=1,band=10")]
-    pressure_weights: hyperbox_operator::placement::PressureWeights,
+    pressure_weights: hyperbox_operator::fleet_core::placement::PressureWeights,
     /// Elect a leader on a Lease, so that several replicas can run and only one acts.
     #[arg(long, default_value = "true", action = clap::ArgAction::Set)]
     leader_elect: bool,
@@ -212,7 +212,7 @@ struct GitArgs {
     /// workloads, and its rise) ranks nodes for new replicas, over the defaults
     /// `cpu=1,memory=2,io=1,trend=1,band=10`.
     #[arg(long, default_value = "cpu=1,memory=2,io=1,trend=1,band=10")]
-    pressure_weights: hyperbox_operator::placement::PressureWeights,
+    pressure_weights: hyperbox_operator::fleet_core::placement::PressureWeights,
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     /// CA certificate (PEM) the node's TLS certificate must chain to (https:// nodes).

@@ -1,6 +1,7 @@
 //! The Workload controller: a kube-runtime `Controller` on Workloads, also triggered when a
-//! node reports a change to one of them and when the set of nodes changes. Each reconcile
-//! places the workload's replicas with the pure placement of a fleet, applies each node's
+//! node reports a change to one of them and when the set of nodes changes. An adapter around
+//! the fleet core ([`crate::fleet_core`]): each reconcile feeds it the workload, where its
+//! replicas were placed and what the nodes report, carries out its steps (each node's
 //! share through the node API (as manager `kubernetes:<cluster>/<uid>`), and writes the status
 //! by server-side apply. A finalizer deletes the containers before the object goes.
 
@@ -23,13 +24,14 @@ use super::crd::{KubeWorkload, KubeWorkloadStatus};
 use super::node_calls::{send_all, ApplyError, Removal, Removals, Send};
 use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
-use crate::fleet::{place_fleet, Counts};
 use crate::fleet_core::avoid::AvoidMemory;
+use crate::fleet_core::decide::{Known, Step};
 use crate::fleet_core::orphans::{orphans, Held};
-use crate::fleet_core::rollout::{self, Copy, Gate, Share};
-use crate::manifests::{ManifestSet, SourcedWorkload};
+use crate::fleet_core::place::{Counts, Desired};
+use crate::fleet_core::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
+use crate::fleet_core::rollout::Copy;
+use crate::fleet_core::{self};
 use crate::node_api::NodeApi;
-use crate::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
 
 pub const FINALIZER: &str = "hyperbox.dev/containers";
 /// The field manager of everything the operator writes.
@@ -63,7 +65,7 @@ struct State {
     /// Where the last reconcile placed each workload's replicas: node → count.
     placed: HashMap<String, BTreeMap<String, u32>>,
     /// The nominal memory of the replicas placed without a memory request, by workload and
-    /// node (see [`crate::placement::NodeInfo::nominal_load`]).
+    /// node (see [`crate::fleet_core::placement::NodeInfo::nominal_load`]).
     nominal: HashMap<String, BTreeMap<String, u64>>,
     /// Placements with requests that some node has not reported yet: workload → (requests
     /// of one replica, node → replicas placed there). See [`unreported_requests`].
@@ -312,17 +314,18 @@ fn decide(
         }
     }
     let avoid = st.avoid.avoid(key, hash);
-    let set = ManifestSet {
-        workloads: BTreeMap::from([(
-            key.to_string(),
-            SourcedWorkload {
-                file: String::new(),
-                workload: w.clone(),
-            },
-        )]),
-        ..ManifestSet::default()
-    };
-    let prev_counts: Counts = BTreeMap::from([(key.to_string(), previous.clone())]);
+    let desired: Desired = BTreeMap::from([(key, w)]);
+    let previous_counts: Counts = BTreeMap::from([(key.to_string(), previous.clone())]);
+    let holder_nodes = BTreeMap::from([(key.to_string(), holders.keys().cloned().collect())]);
+    let our_copies = BTreeMap::from([(
+        key.to_string(),
+        copies
+            .iter()
+            .filter(|(_, c)| c.manager.as_deref() == Some(manager))
+            .map(|(node, c)| (node.clone(), Copy::of(c)))
+            .collect(),
+    )]);
+    let avoid = BTreeMap::from([(key.to_string(), avoid)]);
     let mut views = ctx.nodes.views();
     // Workloads are placed one at a time: the nominal requests of the others (those without a
     // memory request) keep equal nodes from taking all of them, and what was placed on a node
@@ -340,15 +343,21 @@ fn decide(
             s.requested.memory_bytes += mem;
         }
     }
-    let placement = place_fleet(
-        &set,
-        &prev_counts,
+    let mut decision = fleet_core::decide::decide(
+        &desired,
+        Known {
+            previous: &previous_counts,
+            holders: &holder_nodes,
+            copies: &our_copies,
+            unknown: &BTreeSet::new(),
+            avoid: &avoid,
+        },
         &views,
-        &BTreeMap::from([(key.to_string(), avoid)]),
         &ctx.weights,
     );
-    let counts = placement.counts.get(key).cloned().unwrap_or_default();
-    let unplaced: Vec<(&'static str, String)> = placement
+    let counts = decision.placement.counts.remove(key).unwrap_or_default();
+    let unplaced: Vec<(&'static str, String)> = decision
+        .placement
         .unplaced
         .get(key)
         .map(|v| {
@@ -362,63 +371,35 @@ fn decide(
                 .collect()
         })
         .unwrap_or_default();
-    // The rollout across nodes: the workload's bounds are split between its nodes.
-    let runs = !w.spec.suspend && !w.spec.standby;
-    let shares: BTreeMap<String, Share> = counts
-        .iter()
-        .map(|(node, &n)| {
-            let copy = copies
-                .get(node)
-                .filter(|c| c.manager.as_deref() == Some(manager))
-                .map(Copy::of);
-            let replicas = if runs { n } else { 0 };
-            (node.clone(), Share { replicas, copy })
-        })
-        .collect();
-    let gates = rollout::gate(&w.spec.strategy, &spec_hash(w), &shares);
     let mut applies = Vec::new();
+    let mut removals: Vec<(String, Arc<dyn NodeApi>)> = Vec::new();
     let mut waiting = 0;
-    for (node, &n) in &counts {
-        let Some(client) = ctx.nodes.client(node) else {
+    for (node, step) in decision.steps.remove(key).unwrap_or_default() {
+        let Some(client) = ctx.nodes.client(&node) else {
             continue;
         };
-        let mut copy = w.clone();
-        if runs {
-            copy.spec.replicas = n;
+        match step {
+            Step::Hold => continue,
+            Step::Remove => removals.push((node, Arc::new(client))),
+            Step::Send(copy) => {
+                let copy_hash = config_hash(&copy);
+                let cache_key = (node.clone(), key.to_string());
+                if copies.contains_key(&node) && st.applied.get(&cache_key) == Some(&copy_hash) {
+                    continue;
+                }
+                if ctx.removals.running(&node, key) {
+                    waiting += 1;
+                    continue;
+                }
+                applies.push(Send {
+                    node,
+                    api: Arc::new(client),
+                    copy: *copy,
+                    copy_hash,
+                });
+            }
         }
-        match gates.get(node) {
-            Some(Gate::Hold) => continue,
-            Some(Gate::Roll(b)) => rollout::with_bounds(&mut copy, *b),
-            _ => {}
-        }
-        let copy_hash = config_hash(&copy);
-        let cache_key = (node.clone(), key.to_string());
-        if copies.contains_key(node) && st.applied.get(&cache_key) == Some(&copy_hash) {
-            continue;
-        }
-        if ctx.removals.running(node, key) {
-            waiting += 1;
-            continue;
-        }
-        applies.push(Send {
-            node: node.clone(),
-            api: Arc::new(client),
-            copy,
-            copy_hash,
-        });
     }
-    let leaving: BTreeSet<&String> = previous
-        .keys()
-        .chain(holders.keys())
-        .filter(|n| !counts.contains_key(*n))
-        .collect();
-    let removals = leaving
-        .into_iter()
-        .filter_map(|node| {
-            let api: Arc<dyn NodeApi> = Arc::new(ctx.nodes.client(node)?);
-            Some((node.clone(), api))
-        })
-        .collect();
     st.placed.insert(key.to_string(), counts.clone());
     let request = w.request_per_replica();
     if request.memory_bytes == 0 {

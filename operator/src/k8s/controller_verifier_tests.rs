@@ -29,7 +29,7 @@ fn context() -> (Arc<Context>, Handle) {
         client,
         nodes,
         "kubernetes:test/".into(),
-        crate::placement::DEFAULT_PRESSURE_WEIGHTS,
+        crate::fleet_core::placement::DEFAULT_PRESSURE_WEIGHTS,
         "test".into(),
     );
     (Arc::new(ctx), handle)

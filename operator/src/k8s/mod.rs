@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use kube::api::Api;
 
-use crate::placement::PressureWeights;
+use crate::fleet_core::placement::PressureWeights;
 
 /// What `hyperbox-operator kubernetes` was given.
 pub struct KubeOptions {

@@ -21,8 +21,8 @@ use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::crd::{KubeHyperNode, KubeWorkload};
-use crate::fleet::NodeView;
 use crate::fleet_core::liveness::{keeps_replicas, Health, Judge, Liveness, LivenessTimings};
+use crate::fleet_core::place::NodeView;
 
 /// How the operator reaches the nodes' APIs.
 #[derive(Clone, Default)]

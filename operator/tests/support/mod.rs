@@ -201,7 +201,7 @@ pub fn syncer(state_dir: &Path, url: &str, path: &str, node: NodeClient) -> Sync
             verify_signatures: None,
             apply_limits: Limits::default(),
             node_watch: None,
-            pressure_weights: hyperbox_operator::placement::DEFAULT_PRESSURE_WEIGHTS,
+            pressure_weights: hyperbox_operator::fleet_core::placement::DEFAULT_PRESSURE_WEIGHTS,
         },
     )
     .unwrap()
