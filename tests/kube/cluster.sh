@@ -128,6 +128,12 @@ up() {
   local token
   token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
   echo "$token,admin,admin-uid,system:masters" >"$dir/tokens.csv"
+  # Two HyperBox nodes outside the cluster, each with its own credential: user
+  # hyperbox:node:<name> in group hyperbox:nodes, as a client certificate with that CN and O
+  # would name them (the chart's node identity policy checks the name).
+  for n in edge-a edge-b; do
+    echo "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'),hyperbox:node:$n,$n-uid,hyperbox:nodes" >>"$dir/tokens.csv"
+  done
   local etcd_port peer_port api_port
   etcd_port=$(free_port)
   peer_port=$(free_port)
@@ -150,7 +156,7 @@ up() {
 start_apiserver() {
   local dir=$1 etcd_port api_port token
   read -r etcd_port api_port <"$dir/ports"
-  token=$(cut -d, -f1 "$dir/tokens.csv")
+  token=$(head -1 "$dir/tokens.csv" | cut -d, -f1)
   local audit=()
   if [ -f "$dir/audit-policy.yaml" ]; then
     audit=(--audit-policy-file="$dir/audit-policy.yaml" --audit-log-path="$dir/audit.log" --audit-log-maxsize=1000)

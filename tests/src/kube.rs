@@ -150,6 +150,42 @@ impl KubeCluster {
             .to_string())
     }
 
+    /// A token for a ServiceAccount bound to the Node `node` (created here if missing): the
+    /// API server adds the node's name to its requests, as it does for a pod's token on that
+    /// node.
+    pub fn token_bound_to_node(&self, namespace: &str, sa: &str, node: &str) -> Result<String> {
+        let out = self.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"));
+        anyhow::ensure!(out.status.success(), "create node {node}: {out:?}");
+        Ok(self
+            .kubectl_ok(&[
+                "create",
+                "token",
+                sa,
+                "-n",
+                namespace,
+                "--duration=2h",
+                "--bound-object-kind",
+                "Node",
+                "--bound-object-name",
+                node,
+            ])?
+            .trim()
+            .to_string())
+    }
+
+    /// The static token of `user` (cluster.sh gives hyperbox:node:edge-a and
+    /// hyperbox:node:edge-b their own).
+    pub fn static_token(&self, user: &str) -> Result<String> {
+        let tokens = fs::read_to_string(self.dir.path().join("tokens.csv"))?;
+        tokens
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f.get(1) == Some(&user)).then(|| f[0].to_string())
+            })
+            .ok_or_else(|| anyhow::anyhow!("no static token for {user}"))
+    }
+
     /// A kubeconfig that authenticates with `token` instead of the admin's.
     pub fn kubeconfig_with_token(&self, token: &str) -> Result<PathBuf> {
         let admin = fs::read_to_string(&self.kubeconfig)?;

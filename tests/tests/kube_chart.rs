@@ -2,7 +2,9 @@
 //! server (`kubectl apply --dry-run=server`), and the operator and two nodes doing their whole
 //! job with exactly the chart's RBAC, authenticated as the chart's ServiceAccounts (tokens from
 //! the TokenRequest API, checked by the real RBAC authorizer), and talking to the nodes over
-//! TLS with a token, as the chart sets them up.
+//! TLS with a token, as the chart sets them up. Each node has its own credential (a token bound
+//! to its Kubernetes node, or a user of the node group), and the chart's admission policy lets
+//! it write only its own HyperNode.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,6 +95,8 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
             NS,
             "--show-only",
             "templates/rbac.yaml",
+            "--show-only",
+            "templates/node-identity.yaml",
         ],
     );
     let f = c.dir.path().join("rbac.yaml");
@@ -101,13 +105,15 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     let op_kc = c
         .kubeconfig_with_token(&c.token_for(NS, "hb-operator").unwrap())
         .unwrap();
-    let node_kc = c
-        .kubeconfig_with_token(&c.token_for(NS, "hb-node").unwrap())
-        .unwrap();
-    // The node credential cannot touch Workloads: RBAC is really on.
+    // Each node its own credential: a token bound to its Kubernetes node, as its pod's is.
+    let node_kc = |name: &str| {
+        c.kubeconfig_with_token(&c.token_bound_to_node(NS, "hb-node", name).unwrap())
+            .unwrap()
+    };
+    // A node credential cannot touch Workloads: RBAC is really on.
     let out = c.kubectl(&[
         "--kubeconfig",
-        node_kc.to_str().unwrap(),
+        node_kc("n1").to_str().unwrap(),
         "get",
         "workloads",
     ]);
@@ -121,7 +127,7 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     let pki = TestPki::new().unwrap();
     let node = |name: &str| {
         let n = start_node(
-            &node_kc,
+            &node_kc(name),
             name,
             &token,
             &[
@@ -211,4 +217,129 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     let log = op.log_text();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
     assert!(!n1.daemon_log().to_lowercase().contains("forbidden"));
+}
+
+/// Server-side apply of a HyperNode named `name` as the user of `kubeconfig`.
+fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::process::Output {
+    let f = c.dir.path().join(format!("hn-{name}-{}.yaml", random_suffix()));
+    std::fs::write(
+        &f,
+        format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nspec: {{address: 'https://127.0.0.1:1', nodeId: id-{name}}}\n"),
+    )
+    .unwrap();
+    c.kubectl(&[
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "apply",
+        "--server-side",
+        "--field-manager=hyperbox-node",
+        "-f",
+        f.to_str().unwrap(),
+    ])
+}
+
+fn refused_saying(out: &std::process::Output, says: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "allowed: {out:?}");
+    assert!(err.contains("Forbidden") || err.contains("forbidden"), "{err}");
+    assert!(err.contains(says), "{err}");
+}
+
+#[test]
+fn a_node_writes_only_its_own_hypernode_under_the_charts_policy() {
+    let c = KubeCluster::start().unwrap();
+    c.kubectl_ok(&["create", "namespace", NS]).unwrap();
+    let rendered = helm(
+        &c,
+        &[
+            "template",
+            "hb",
+            chart().to_str().unwrap(),
+            "-n",
+            NS,
+            "--show-only",
+            "templates/rbac.yaml",
+            "--show-only",
+            "templates/node-identity.yaml",
+        ],
+    );
+    let f = c.dir.path().join("identity.yaml");
+    std::fs::write(&f, rendered).unwrap();
+    c.kubectl_ok(&["apply", "-f", f.to_str().unwrap()]).unwrap();
+    let kc = |token: String| c.kubeconfig_with_token(&token).unwrap();
+    let n1 = kc(c.token_bound_to_node(NS, "hb-node", "n1").unwrap());
+    let unbound = kc(c.token_for(NS, "hb-node").unwrap());
+    let edge_a = kc(c.static_token("hyperbox:node:edge-a").unwrap());
+    // The policy is enforced once the API server has loaded it: retry the first write a while.
+    let mut allowed = write_hypernode(&c, &n1, "n1");
+    for _ in 0..50 {
+        if allowed.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        allowed = write_hypernode(&c, &n1, "n1");
+    }
+    assert!(allowed.status.success(), "{allowed:?}");
+    let mut other = write_hypernode(&c, &n1, "n2");
+    for _ in 0..50 {
+        if !other.status.success() {
+            break;
+        }
+        // Not enforced yet: take the object away again and retry.
+        c.kubectl_ok(&["delete", "hypernode", "n2"]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        other = write_hypernode(&c, &n1, "n2");
+    }
+    refused_saying(&other, "node n1 may write only HyperNode n1, not n2");
+    // Its own status, not another's (server-side apply of the status, as the node does).
+    let status_patch = |kubeconfig: &Path, name: &str| {
+        let f = c.dir.path().join(format!("st-{name}-{}.yaml", random_suffix()));
+        std::fs::write(
+            &f,
+            format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nstatus: {{workloads: 7}}\n"),
+        )
+        .unwrap();
+        c.kubectl(&[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "apply",
+            "--server-side",
+            "--subresource=status",
+            "--field-manager=hyperbox-node",
+            "-f",
+            f.to_str().unwrap(),
+        ])
+    };
+    let own = status_patch(&n1, "n1");
+    assert!(own.status.success(), "{own:?}");
+    // A ServiceAccount token that names no node writes nothing.
+    refused_saying(&write_hypernode(&c, &unbound, "n1"), "names no node");
+    // A node outside the cluster, by its user name.
+    let edge = write_hypernode(&c, &edge_a, "edge-a");
+    assert!(edge.status.success(), "{edge:?}");
+    refused_saying(
+        &write_hypernode(&c, &edge_a, "edge-b"),
+        "node edge-a may write only HyperNode edge-a, not edge-b",
+    );
+    refused_saying(&status_patch(&edge_a, "n1"), "not n1");
+    let out = c.kubectl(&[
+        "--kubeconfig",
+        edge_a.to_str().unwrap(),
+        "delete",
+        "hypernode",
+        "n1",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(c.get("hypernode", "n1").is_some());
+    // A node runtime started under another node's name never registers, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path()).unwrap();
+    let n3 = start_node(&n1, "n3", &token, &[]).unwrap();
+    wait_until(T, "the refusal in the node's log", || {
+        n3.daemon_log()
+            .contains("node n1 may write only HyperNode n1, not n3")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&n3.daemon_log(), 3000)));
+    assert!(c.get("hypernode", "n3").is_none());
 }
