@@ -400,7 +400,7 @@ async fn run(cli: Cli) -> Result<bool> {
                         let name = node.clone();
                         hyperbox_node::cluster::check_node_name(&name)
                             .map_err(anyhow::Error::msg)?;
-                        let api = hyperbox_node::cluster::ApiServer::load(k)?;
+                        let api = hyperbox_node::cluster::ApiServer::load(k).await?;
                         let address = advertise_address.clone().unwrap_or_else(|| {
                             hyperbox_node::cluster::default_address(
                                 listen.as_deref().unwrap_or_default(),

@@ -154,7 +154,9 @@ impl KubeCluster {
     /// API server adds the node's name to its requests, as it does for a pod's token on that
     /// node.
     pub fn token_bound_to_node(&self, namespace: &str, sa: &str, node: &str) -> Result<String> {
-        let out = self.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"));
+        let out = self.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
+        ));
         anyhow::ensure!(out.status.success(), "create node {node}: {out:?}");
         Ok(self
             .kubectl_ok(&[

@@ -221,7 +221,10 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
 
 /// Server-side apply of a HyperNode named `name` as the user of `kubeconfig`.
 fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::process::Output {
-    let f = c.dir.path().join(format!("hn-{name}-{}.yaml", random_suffix()));
+    let f = c
+        .dir
+        .path()
+        .join(format!("hn-{name}-{}.yaml", random_suffix()));
     std::fs::write(
         &f,
         format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nspec: {{address: 'https://127.0.0.1:1', nodeId: id-{name}}}\n"),
@@ -241,7 +244,10 @@ fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::proce
 fn refused_saying(out: &std::process::Output, says: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "allowed: {out:?}");
-    assert!(err.contains("Forbidden") || err.contains("forbidden"), "{err}");
+    assert!(
+        err.contains("Forbidden") || err.contains("forbidden"),
+        "{err}"
+    );
     assert!(err.contains(says), "{err}");
 }
 
@@ -293,7 +299,10 @@ fn a_node_writes_only_its_own_hypernode_under_the_charts_policy() {
     refused_saying(&other, "node n1 may write only HyperNode n1, not n2");
     // Its own status, not another's (server-side apply of the status, as the node does).
     let status_patch = |kubeconfig: &Path, name: &str| {
-        let f = c.dir.path().join(format!("st-{name}-{}.yaml", random_suffix()));
+        let f = c
+            .dir
+            .path()
+            .join(format!("st-{name}-{}.yaml", random_suffix()));
         std::fs::write(
             &f,
             format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nstatus: {{workloads: 7}}\n"),

@@ -294,6 +294,10 @@ pub struct NodeSummary {
     /// `some avg10`, whichever is higher; positive: rising).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pressure_trend: Option<PressureTrend>,
+    /// Why the node is not registered with the Kubernetes API server although asked to be:
+    /// another node heartbeats under its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_problem: Option<String>,
     /// Pressure protection: its settings, the signal now and what it has done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<ProtectionStatus>,

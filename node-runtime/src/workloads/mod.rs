@@ -151,6 +151,9 @@ pub struct Supervisor {
     prewarm_kick: Notify,
     /// The newest leader epoch seen per scope (see [`fence`]).
     fences: fence::Fences,
+    /// Why the node is not registered with the API server, when it is kept from it (another
+    /// node heartbeats under its name).
+    registration_problem: StdMutex<Option<String>>,
 }
 
 impl Supervisor {
@@ -196,7 +199,23 @@ impl Supervisor {
             prewarm: StdMutex::new(prewarm::Prewarm::default()),
             prewarm_kick: Notify::new(),
             fences,
+            registration_problem: StdMutex::new(None),
         }))
+    }
+
+    /// Record why the node is kept from registering (none: it is registered, or not asked to).
+    pub fn set_registration_problem(&self, problem: Option<String>) {
+        *self
+            .registration_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    pub(crate) fn registration_problem(&self) -> Option<String> {
+        self.registration_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The leader epochs writes are fenced by.

@@ -33,6 +33,7 @@ impl Supervisor {
         summary.pressure_trend = self.node_trend();
         summary.protection = self.protection_status();
         summary.prewarm = self.prewarm_status().await;
+        summary.registration_problem = self.registration_problem();
         summary
     }
 
@@ -166,6 +167,7 @@ fn summary(
             .and_then(|f| f.pressure_gate)
             .map(|g| format!("{}={}", g.name(), g.threshold)),
         pressure_trend: None,
+        registration_problem: None,
         protection: None,
         prewarm: Vec::new(),
     }
