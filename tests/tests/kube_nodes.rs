@@ -27,7 +27,10 @@ fn stays_with(c: &KubeCluster, id: &str, address: &str, d: Duration) {
         beats.insert(hn["status"]["heartbeatTime"].to_string());
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(beats.len() >= 2, "the holder's heartbeat stood still: {beats:?}");
+    assert!(
+        beats.len() >= 2,
+        "the holder's heartbeat stood still: {beats:?}"
+    );
 }
 
 #[test]
@@ -74,7 +77,10 @@ fn two_nodes_with_one_name_are_reported_not_merged_and_a_silent_holder_is_taken_
     let b_addr = hn["spec"]["address"].as_str().unwrap().to_string();
     assert_ne!(a_addr, b_addr);
     assert!(b.daemon_log().contains("taking over the HyperNode"));
-    wait_until(T, "b's problem cleared", || problem(&b).is_none().then_some(())).unwrap();
+    wait_until(T, "b's problem cleared", || {
+        problem(&b).is_none().then_some(())
+    })
+    .unwrap();
     // a comes back (same state dir, same id): now it is the one that waits.
     a.spawn().unwrap();
     wait_until(T, "a reports the duplicate", || {

@@ -71,7 +71,11 @@ async fn fenced(State(sup): State<AppState>, req: Request, next: Next) -> Respon
     };
     let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
     match sup.fences().admit(&value) {
-        Ok(Ok(())) => next.run(req).await,
+        Ok(Ok(())) => {
+            // The soak checks from these that no older epoch was admitted after a newer one.
+            tracing::debug!(fence = %value, method = %req.method(), path = %req.uri().path(), "fenced write admitted");
+            next.run(req).await
+        }
         Ok(Err(r @ Refusal::Stale { .. })) => {
             tracing::warn!(refusal = %r, method = %req.method(), path = %req.uri().path(), "refused a write of an older leader");
             error(StatusCode::CONFLICT, r.to_string(), vec![])

@@ -186,7 +186,10 @@ mod tests {
                 .replace("CA", ""),
         )
         .await;
-        assert!(e.contains("kubeconfig") && e.contains("current context: y"), "{e}");
+        assert!(
+            e.contains("kubeconfig") && e.contains("current context: y"),
+            "{e}"
+        );
         let e = load_err(&base.replace("CA", ", certificate-authority: /nonexistent")).await;
         assert!(e.contains("/nonexistent"), "{e}");
         // A good one loads (no request is made).
