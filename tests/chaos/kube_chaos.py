@@ -182,7 +182,7 @@ class KubeChaos:
         self.start_registry()
         self.node_token = os.path.join(self.work, "node-token")
         with open(self.node_token, "w") as f:
-            f.write(f"chaos-{self.a.seed}-{os.getpid()}\n")
+            f.write(os.urandom(24).hex() + "\n")
         os.chmod(self.node_token, 0o600)
         self.proxies = {}
         self.nodes = {}
@@ -245,8 +245,7 @@ class KubeChaos:
         argv = [os.path.join(self.bin, "hyperbox-operator"), "kubernetes", "--kubeconfig", self.op_kc[o],
                 "--node-token-file", self.node_token, "--allow-http-nodes", "--identity", o,
                 "--lease-name", "hb-operator", "--lease-namespace", NS, "--lease-duration", f"{int(LEASE)}s",
-                "--node-monitor-grace", MONITOR_GRACE, "--node-grace", NODE_GRACE,
-                "--state-dir", os.path.join(self.work, o)]
+                "--node-monitor-grace", MONITOR_GRACE, "--node-grace", NODE_GRACE]
         env = {"RUST_LOG": "info,hyperbox_operator=debug,kube=warn"}
         if skew:
             # The wall clock 5 minutes ahead; durations (the monotonic clock) unchanged.
@@ -259,6 +258,9 @@ class KubeChaos:
         else:
             self.ops[o].argv, self.ops[o].env = argv, dict(os.environ, **env)
         self.ops[o].start("(clock +300s)" if skew else "")
+        time.sleep(0.5)
+        if not self.ops[o].running():
+            raise RuntimeError(f"{o} exited at its start:\n{tail(self.ops[o].log)}")
 
     def node_cli(self, n, args, timeout=10):
         try:
