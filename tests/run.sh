@@ -36,6 +36,9 @@ else
   # Chaos soak: 20 rounds of kill -9, pushes, outages and drift deletes, on the debug build
   # made above (no release build in CI).
   stage "chaos" tests/chaos/run.sh 20
+  # The Kubernetes path's soak: 20 rounds of leader and node kills, API server restarts,
+  # leader cut-offs, clock skew, lost heartbeats and rollouts (about 3 min).
+  stage "kube chaos" tests/chaos/kube.sh 20
   # A short coverage-guided fuzz of every untrusted-input parser (15 s each; an unoptimized
   # build because building dominates a run this short).
   stage "fuzz" env FUZZ_PROFILE=dev tests/fuzz/run.sh 15

@@ -79,23 +79,19 @@ pub fn write_json_atomic_nosync<T: serde::Serialize>(path: &Path, value: &T) -> 
     write_atomic_nosync(path, &data)
 }
 
-/// Mount points currently in this mount namespace (decoded from /proc/self/mountinfo).
+/// Mount points currently in this mount namespace (from /proc/self/mountinfo; procfs splits
+/// the fields and leaves the kernel's octal escapes, undone here).
 pub fn mount_points() -> Result<Vec<PathBuf>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mount_path(p)))
+    let info = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .context("read /proc/self/mountinfo")?;
+    Ok(info
+        .into_iter()
+        .map(|m| PathBuf::from(unescape_mount_path(&m.mount_point.to_string_lossy())))
         .collect())
 }
 
-pub fn is_mount_point(path: &Path) -> bool {
-    mount_points()
-        .map(|m| m.iter().any(|p| p == path))
-        .unwrap_or(false)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
 fn unescape_mount_path(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -112,6 +108,12 @@ fn unescape_mount_path(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_points()
+        .map(|m| m.iter().any(|p| p == path))
+        .unwrap_or(false)
 }
 
 /// Unmount (lazily when busy) if mounted; quiet when it is not a mount point.
@@ -177,9 +179,23 @@ mod tests {
     }
 
     #[test]
-    fn unescapes_mountinfo() {
-        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount_path("/plain"), "/plain");
+    fn a_mount_point_with_a_space_in_its_path_is_found() {
+        // mountinfo writes the space as \040: procfs decodes it. (Root, as CI is.)
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a b");
+        fs::create_dir(&target).unwrap();
+        assert!(!is_mount_point(&target));
+        nix::mount::mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a tmpfs (the unit tests run as root)");
+        let found = is_mount_point(&target);
+        nix::mount::umount(&target).unwrap();
+        assert!(found);
     }
 
     #[test]

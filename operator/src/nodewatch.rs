@@ -40,9 +40,9 @@ impl Drop for NodeWatch {
 
 /// Wait before re-watching after `failures` failed rounds: 250 ms doubling to 5 s.
 fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(250)
-        .saturating_mul(1 << failures.saturating_sub(1).min(5))
-        .min(Duration::from_secs(5))
+    const WATCH_BACKOFF: hyperbox_api::backoff::Backoff =
+        hyperbox_api::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    WATCH_BACKOFF.after(failures)
 }
 
 impl NodeWatch {

@@ -124,7 +124,7 @@ class KubeChaos:
         for d in ("logs", "pids"):
             os.makedirs(os.path.join(self.work, d), exist_ok=True)
         self.stats = {k: 0 for k in DISRUPTIONS}
-        self.stats.update(rounds=0, violations=0, budget_samples=0, stale_refused=0)
+        self.stats.update(rounds=0, violations=0, budget_samples=0, stale_refused=0, operator_exits=0)
         self.settle_times = []
         self.violations = []
         self.gen = 0
@@ -133,6 +133,9 @@ class KubeChaos:
         self.sample_lock = threading.Lock()
         self.dips = {}  # workload -> consecutive low samples
         self.skewed = set()  # operators running with the clock ahead
+        # Operators exit when they lose the Lease (so that only the new leader acts); in a
+        # cluster their Deployment restarts them, here the watchdog does.
+        self.ops_lock = threading.RLock()
 
     # ---------- plumbing ----------
     def kubectl(self, args, kc=None, check=True, stdin=None, timeout=60):
@@ -209,7 +212,7 @@ class KubeChaos:
         for o in ("op-a", "op-b"):
             self.proxies[o] = Proxy(o, self.api_port)
             self.op_kc[o] = self.kubeconfig(o, op_token, self.proxies[o].port)
-            self.start_operator(o)
+            self.start_operator(o, first=True)
         for w in WORKLOADS:
             self.specs[w] = self.new_spec()
             self.apply_workload(w)
@@ -241,7 +244,19 @@ class KubeChaos:
             self.violation(self.stats["rounds"], "node", f"{n} did not answer within 30 s of its start",
                            logs=[self.nodes[n]])
 
-    def start_operator(self, o, skew=False):
+    def watchdog(self):
+        while True:
+            time.sleep(0.5)
+            with self.ops_lock:
+                for o, p in self.ops.items():
+                    if p.p is not None and p.p.poll() is not None:
+                        code = p.p.returncode
+                        p.p = None
+                        self.stats["operator_exits"] += 1
+                        log(f"{o} exited ({code}); restarting it as its Deployment would")
+                        self.start_operator(o, skew=o in self.skewed)
+
+    def start_operator(self, o, skew=False, first=False):
         argv = [os.path.join(self.bin, "hyperbox-operator"), "kubernetes", "--kubeconfig", self.op_kc[o],
                 "--node-token-file", self.node_token, "--allow-http-nodes", "--identity", o,
                 "--lease-name", "hb-operator", "--lease-namespace", NS, "--lease-duration", f"{int(LEASE)}s",
@@ -257,10 +272,12 @@ class KubeChaos:
             self.ops[o] = Proc(o, argv, self.work, env=env)
         else:
             self.ops[o].argv, self.ops[o].env = argv, dict(os.environ, **env)
-        self.ops[o].start("(clock +300s)" if skew else "")
-        time.sleep(0.5)
-        if not self.ops[o].running():
-            raise RuntimeError(f"{o} exited at its start:\n{tail(self.ops[o].log)}")
+        with self.ops_lock:
+            self.ops[o].start("(clock +300s)" if skew else "")
+            if first:
+                time.sleep(0.5)
+                if self.ops[o].p.poll() is not None:
+                    raise RuntimeError(f"{o} exited at its start:\n{tail(self.ops[o].log)}")
 
     def node_cli(self, n, args, timeout=10):
         try:
@@ -472,14 +489,16 @@ spec:
             self.apply_workload(changed)
             detail += f" rollout of {changed}"
         if kind == "kill9-leader":
-            self.ops[leader].kill9()
-            time.sleep(self.rng.uniform(0, 3))
-            self.start_operator(leader, skew=leader in self.skewed)
+            with self.ops_lock:
+                self.ops[leader].kill9()
+                time.sleep(self.rng.uniform(0, 3))
+                self.start_operator(leader, skew=leader in self.skewed)
             detail += f" ({leader})"
         elif kind == "kill9-standby":
             o = self.other(leader)
-            self.ops[o].kill9()
-            self.start_operator(o, skew=o in self.skewed)
+            with self.ops_lock:
+                self.ops[o].kill9()
+                self.start_operator(o, skew=o in self.skewed)
             detail += f" ({o})"
         elif kind == "kill9-node":
             n = self.rng.choice(NODES)
@@ -500,8 +519,9 @@ spec:
         elif kind == "clock-ahead":
             o = leader
             skew = o not in self.skewed
-            self.ops[o].kill9()
-            self.start_operator(o, skew=skew)
+            with self.ops_lock:
+                self.ops[o].kill9()
+                self.start_operator(o, skew=skew)
             detail += f" ({o} {'+300s' if skew else 'back to the true time'})"
         elif kind == "lost-heartbeats":
             n = self.rng.choice(NODES)
@@ -528,6 +548,7 @@ spec:
         log(f"seed {self.a.seed}, {self.a.rounds} rounds, work dir {self.work}")
         self.setup()
         threading.Thread(target=self.sampler, daemon=True).start()
+        threading.Thread(target=self.watchdog, daemon=True).start()
         if not self.settle(0):
             return 1
         log(f"initial state settled in {self.settle_times[-1]:.1f}s")
@@ -546,6 +567,7 @@ spec:
         return 1 if self.violations else 0
 
     def stop(self):
+        self.ops_lock.acquire()  # the watchdog restarts nothing from here on
         for p in list(self.ops.values()) + list(self.nodes.values()):
             p.stop()
         self.registry.stop()

@@ -2,6 +2,7 @@
 //! validation, statuses and small shared helpers. No Kubernetes and no async runtime here
 //! (the node API client is `hyperbox-client`).
 
+pub mod backoff;
 pub mod hypernode;
 pub mod key;
 pub mod quantity;

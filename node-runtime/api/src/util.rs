@@ -5,24 +5,18 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-/// `500ms`, `10s`, `5m`, `1h`, or plain seconds.
+/// A duration as humantime writes it (`500ms`, `10s`, `5m`, `1h 30m`, `2d`), or plain
+/// (possibly fractional) seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 5m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let n: f64 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        return Ok(Duration::from_secs_f64(n));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 10s, 500ms or 5m: {e}"))
 }
 
 /// A secret (token, password) from a file, without surrounding whitespace. The error names the
@@ -87,8 +81,13 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(2 * 86400));
+        let e = parse_duration("soon").unwrap_err();
+        assert!(e.contains("\"soon\" is not a duration like 10s"), "{e}");
+        assert!(parse_duration("5 lightyears").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]

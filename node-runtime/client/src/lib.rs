@@ -843,16 +843,16 @@ pub fn workload_path(key: &str) -> String {
     format!("/v1/workloads/{}/{}", url_encode(ns), url_encode(name))
 }
 
+/// Everything but RFC 3986's unreserved characters is escaped (a path segment or a query
+/// value alike).
+const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, ESCAPED).to_string()
 }
 
 #[cfg(test)]

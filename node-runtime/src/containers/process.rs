@@ -2,7 +2,6 @@
 //! process is proven to be ours, and the identity (boot, start time) that proves it after a
 //! daemon restart.
 
-use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -125,27 +124,21 @@ impl ProcHandle {
 
 /// This boot's id (changes on every reboot).
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    procfs::sys::kernel::random::boot_id().unwrap_or_default()
 }
 
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+/// Start time of a process in clock ticks since boot (`starttime` of /proc/PID/stat).
 pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // After ')' come field 3 (state) onwards; start time is field 22.
-    rest.split(' ').nth(22 - 3)?.parse().ok()
+    Some(procfs::process::Process::new(pid).ok()?.stat().ok()?.starttime)
 }
 
 /// Whether `/proc/PID/cgroup` places the process in `<parent>/<id>` in some hierarchy.
 pub fn in_cgroup(pid: i32, cgroup_path: &str) -> bool {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+    let Ok(groups) = procfs::process::Process::new(pid).and_then(|p| p.cgroups()) else {
         return false;
     };
     let want = format!("/{}", cgroup_path.trim_start_matches('/'));
-    text.lines()
-        .filter_map(|l| l.splitn(3, ':').nth(2))
-        .any(|p| p == want || p.starts_with(&format!("{want}/")))
+    groups
+        .into_iter()
+        .any(|g| g.pathname == want || g.pathname.starts_with(&format!("{want}/")))
 }

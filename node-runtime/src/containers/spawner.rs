@@ -200,15 +200,10 @@ pub fn reap_intermediates() {
             if owned.contains(&pid) {
                 continue;
             }
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            let Ok(stat) = procfs::process::Process::new(pid).and_then(|p| p.stat()) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let comm = &stat[open + 1..close];
-            let state = stat[close + 2..].split(' ').next();
-            if state == Some("Z") && comm.starts_with("youki:[1:INTER") {
+            if stat.state == 'Z' && stat.comm.starts_with("youki:[1:INTER") {
                 let mut status = 0;
                 // SAFETY: non-blocking waitpid of one specific zombie child.
                 unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };

@@ -357,10 +357,11 @@ impl Protector {
                 .evicted
                 .iter()
                 .filter(|(_, e)| {
-                    let wait = c
-                        .restore_after
-                        .saturating_mul(1 << (e.times - 1).min(10))
-                        .min(MAX_RESTORE_AFTER.max(c.restore_after));
+                    let wait = hyperbox_api::backoff::Backoff::new(
+                        c.restore_after,
+                        MAX_RESTORE_AFTER,
+                    )
+                    .after(e.times);
                     now.duration_since(calm) >= wait && now.duration_since(e.at) >= wait
                 })
                 .map(|(k, _)| k.clone())

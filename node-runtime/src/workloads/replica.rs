@@ -212,11 +212,10 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// `failures` counts from 0 here (the first restart waits `backoff_base`).
     fn backoff(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.min(20));
-        self.backoff_base
-            .saturating_mul(factor)
-            .min(self.backoff_max)
+        hyperbox_api::backoff::Backoff::new(self.backoff_base, self.backoff_max)
+            .after(failures.saturating_add(1))
     }
 }
 

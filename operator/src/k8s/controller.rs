@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use hyperbox_api::backoff::Backoff;
 use hyperbox_api::{config_hash, spec_hash, Workload};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -117,8 +118,10 @@ pub enum Error {
 
 /// Backoff after `failures` failed reconciles in a row: 1 s doubling to 5 min.
 pub fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+    RECONCILE_BACKOFF.after(failures)
 }
+
+const RECONCILE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
 
 fn key_of(cr: &KubeWorkload) -> String {
     hyperbox_api::workload_key(

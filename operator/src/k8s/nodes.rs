@@ -303,6 +303,10 @@ impl Nodes {
     }
 }
 
+/// After a failed long-poll of a node: 1 s doubling to 8 s.
+const POLL_BACKOFF: hyperbox_api::backoff::Backoff =
+    hyperbox_api::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+
 /// Keep the node's workloads current with long-polls; tell the controller which of ours
 /// changed.
 async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
@@ -366,8 +370,7 @@ async fn poll(nodes: Arc<Nodes>, name: String, client: NodeClient) {
                     entry.liveness.contact(false);
                 }
                 after = None;
-                let wait = Duration::from_millis(500u64 << failures.min(4));
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(POLL_BACKOFF.after(failures)).await;
             }
         }
     }

@@ -134,8 +134,7 @@ const MAX_RETRY: Duration = Duration::from_secs(300);
 /// failed together does not retry in lockstep.
 pub fn retry_delay(failures: u32, interval: Duration, unit: f64) -> Duration {
     let cap = interval.clamp(MIN_RETRY, MAX_RETRY);
-    let doubled = MIN_RETRY.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    doubled.min(cap).mul_f64(1.0 - 0.5 * unit.clamp(0.0, 1.0))
+    hyperbox_api::backoff::Backoff::new(MIN_RETRY, cap).jittered(failures, unit)
 }
 
 pub fn status_path(state_dir: &Path) -> PathBuf {
