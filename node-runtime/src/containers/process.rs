@@ -129,7 +129,13 @@ pub fn boot_id() -> String {
 
 /// Start time of a process in clock ticks since boot (`starttime` of /proc/PID/stat).
 pub fn start_ticks(pid: i32) -> Option<u64> {
-    Some(procfs::process::Process::new(pid).ok()?.stat().ok()?.starttime)
+    Some(
+        procfs::process::Process::new(pid)
+            .ok()?
+            .stat()
+            .ok()?
+            .starttime,
+    )
 }
 
 /// Whether `/proc/PID/cgroup` places the process in `<parent>/<id>` in some hierarchy.

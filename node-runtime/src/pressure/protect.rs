@@ -357,11 +357,9 @@ impl Protector {
                 .evicted
                 .iter()
                 .filter(|(_, e)| {
-                    let wait = hyperbox_api::backoff::Backoff::new(
-                        c.restore_after,
-                        MAX_RESTORE_AFTER,
-                    )
-                    .after(e.times);
+                    let wait =
+                        hyperbox_api::backoff::Backoff::new(c.restore_after, MAX_RESTORE_AFTER)
+                            .after(e.times);
                     now.duration_since(calm) >= wait && now.duration_since(e.at) >= wait
                 })
                 .map(|(k, _)| k.clone())

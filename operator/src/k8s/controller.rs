@@ -831,7 +831,8 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(2), Duration::from_secs(2));
         assert_eq!(backoff(5), Duration::from_secs(16));
-        assert_eq!(backoff(30), Duration::from_secs(256));
+        assert_eq!(backoff(9), Duration::from_secs(256));
+        assert_eq!(backoff(30), Duration::from_secs(300));
         assert!(backoff(u32::MAX) <= Duration::from_secs(300));
     }
 }
