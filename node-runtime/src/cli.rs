@@ -6,16 +6,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hyperbox_api::validate::{parse_documents, ParsedDocument};
+use hyperbox_api::Reason;
 use hyperbox_api::{ApplyAction, Phase, PullProgress, WorkloadStatus};
 use hyperbox_client::NodeClient;
 
 /// Reasons after which waiting for a workload to start is pointless.
-const TERMINAL_REASONS: &[&str] = &[
-    "InvalidImage",
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "CreateContainerError",
-    "ErrImagePrepare",
+const TERMINAL_REASONS: &[Reason] = &[
+    Reason::InvalidImage,
+    Reason::ErrImagePull,
+    Reason::ImagePullBackOff,
+    Reason::CreateContainerError,
+    Reason::ErrImagePrepare,
 ];
 
 pub async fn apply(
@@ -175,14 +176,14 @@ async fn wait_started(client: &NodeClient, name: &str, timeout: Duration) -> Res
                 "{name}: {:?}{}",
                 s.phase,
                 s.reason
-                    .as_deref()
+                    .as_ref()
                     .map(|r| format!(" ({r})"))
                     .unwrap_or_default()
             );
             return Ok(s.phase != Phase::Failed);
         }
-        if let Some(r) = s.reason.as_deref() {
-            if TERMINAL_REASONS.contains(&r) {
+        if let Some(r) = s.reason.as_ref() {
+            if TERMINAL_REASONS.contains(r) {
                 printer.done();
                 eprintln!("{name}: {r}: {}", s.message.unwrap_or_default());
                 return Ok(false);
@@ -262,7 +263,9 @@ pub async fn get(client: &NodeClient, name: Option<&str>, output: &str) -> Resul
                     format!("{:?}", s.phase),
                     format!("{ready}/{}", s.replicas.len()),
                     s.restarts.to_string(),
-                    s.reason.clone().unwrap_or_else(|| "-".into()),
+                    s.reason
+                        .as_ref()
+                        .map_or_else(|| "-".to_string(), |r| r.to_string()),
                 ];
                 if wide {
                     row.extend([

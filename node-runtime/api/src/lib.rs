@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod hypernode;
 pub mod key;
 pub mod quantity;
+pub mod reason;
 pub mod reference;
 pub mod spec;
 pub mod status;
@@ -13,6 +14,7 @@ pub mod util;
 pub mod validate;
 
 pub use key::{normalize_key, split_key, workload_key, DEFAULT_NAMESPACE};
+pub use reason::Reason;
 pub use spec::*;
 
 /// Largest request body `hyperbox-node serve` accepts (its server's `MAX_BODY_BYTES`). Clients

@@ -31,7 +31,7 @@ pub struct ReplicaStatus {
     pub index: u32,
     pub phase: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<crate::Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub ready: bool,
@@ -84,7 +84,7 @@ pub struct WorkloadStatus {
     #[serde(default = "crate::key::default_namespace")]
     pub namespace: String,
     pub phase: Phase,
-    pub reason: Option<String>,
+    pub reason: Option<crate::Reason>,
     pub message: Option<String>,
     pub ready: bool,
     pub restarts: u32,

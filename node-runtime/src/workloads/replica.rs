@@ -17,50 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::containers::ProcIdentity;
 
-/// Why a replica is in its phase (Kubernetes vocabulary where one exists).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reason {
-    ContainerCreating,
-    ErrImagePull,
-    ErrImagePrepare,
-    ImagePullBackOff,
-    InvalidImage,
-    CreateContainerError,
-    CrashLoopBackOff,
-    #[serde(rename = "OOMKilled")]
-    OomKilled,
-    Completed,
-    Error,
-    Unknown,
-    Terminating,
-    /// Stopped on purpose by the node or a controller (pressure, placement): not restarted
-    /// until someone restarts or re-places it.
-    Evicted,
-    /// Evicted by the node's pressure protection (lowest priority first); restarted when the
-    /// node has been calm for a while, or placed elsewhere by a source with other nodes.
-    EvictedForPressure,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::ContainerCreating => "ContainerCreating",
-            Reason::ErrImagePull => "ErrImagePull",
-            Reason::ErrImagePrepare => "ErrImagePrepare",
-            Reason::ImagePullBackOff => "ImagePullBackOff",
-            Reason::InvalidImage => "InvalidImage",
-            Reason::CreateContainerError => "CreateContainerError",
-            Reason::CrashLoopBackOff => "CrashLoopBackOff",
-            Reason::OomKilled => "OOMKilled",
-            Reason::Completed => "Completed",
-            Reason::Error => "Error",
-            Reason::Unknown => "Unknown",
-            Reason::Terminating => "Terminating",
-            Reason::Evicted => "Evicted",
-            Reason::EvictedForPressure => "EvictedForPressure",
-        }
-    }
-}
+/// Why a replica is in its phase: the wire's vocabulary (see [`hyperbox_api::Reason`]).
+pub use hyperbox_api::Reason;
 
 /// How an image preparation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -639,7 +597,7 @@ impl Replica {
                 delay.as_secs_f64()
             )),
         );
-        let (phase, reason, message) = (self.phase, self.reason, self.message.clone());
+        let (phase, reason, message) = (self.phase, self.reason.clone(), self.message.clone());
         out.extend(self.back_off(now_ms, policy));
         self.set(phase, reason, message);
         out

@@ -175,7 +175,7 @@ fn restart_policies_decide_finish() {
             &p,
         );
         assert_eq!(
-            (r.phase, r.reason),
+            (r.phase, r.reason.clone()),
             (phase, Some(reason)),
             "{policy_kind:?} {code:?}"
         );
@@ -217,7 +217,7 @@ fn oom_is_reported_as_oomkilled() {
         &p,
     );
     assert_eq!(
-        (r.phase, r.reason),
+        (r.phase, r.reason.clone()),
         (Phase::Failed, Some(Reason::OomKilled))
     );
     assert_eq!(r.last_exit_code, Some(137));
@@ -443,7 +443,10 @@ fn lost_containers_restart_or_fail_by_policy() {
     assert!(matches!(a.last(), Some(Action::PrepareImage { .. })));
     let mut r = Replica::new(0);
     r.handle(Event::Lost, 0, &policy(RestartPolicy::Never));
-    assert_eq!((r.phase, r.reason), (Phase::Failed, Some(Reason::Unknown)));
+    assert_eq!(
+        (r.phase, r.reason.clone()),
+        (Phase::Failed, Some(Reason::Unknown))
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! What a workload reports (`GET /v1/workloads`): its status rendered from the actor's last
 //! published record, or the report of a record that could not be read.
 
-use hyperbox_api::{Phase, ReplicaStatus, WorkloadStatus, REVISION_ANNOTATION};
+use hyperbox_api::{Phase, Reason, ReplicaStatus, WorkloadStatus, REVISION_ANNOTATION};
 
 use super::record::{self, Quarantined, WorkloadRecord};
 use super::replica::{self, Stage};
@@ -48,7 +48,7 @@ impl Supervisor {
             name,
             namespace,
             phase: Phase::Unknown,
-            reason: Some("RecordUnreadable".into()),
+            reason: Some(Reason::RecordUnreadable),
             message: Some(format!(
                 "the node's record of this workload could not be read ({}); it was moved to {} and its containers were left running; apply or delete the workload to resolve",
                 q.error,
@@ -70,7 +70,7 @@ impl Supervisor {
             ReplicaStatus {
                 index: r.index,
                 phase: r.phase,
-                reason: r.reason.map(|x| x.as_str().to_string()),
+                reason: r.reason.clone(),
                 message: r.message.clone(),
                 ready: r.ready,
                 restarts: r.restarts,
@@ -124,17 +124,17 @@ impl Supervisor {
             .filter(|s| *s >= deadline_s as u64);
         let (reason, message) = if rec.deleting {
             (
-                Some("Terminating".to_string()),
+                Some(Reason::Terminating),
                 Some("the workload is being deleted".to_string()),
             )
         } else if w.spec.suspend {
             (
-                Some("Suspended".to_string()),
+                Some(Reason::Suspended),
                 Some("spec.suspend is true".to_string()),
             )
         } else if w.spec.standby {
             (
-                Some("Standby".to_string()),
+                Some(Reason::Standby),
                 Some(
                     "spec.standby is true: no replica runs; the image is kept ready while the node is calm"
                         .to_string(),
@@ -147,7 +147,7 @@ impl Supervisor {
                 .map(|r| format!(" (replica {}: {r})", lead.map(|l| l.index).unwrap_or(0)))
                 .unwrap_or_default();
             (
-                Some("ProgressDeadlineExceeded".to_string()),
+                Some(Reason::ProgressDeadlineExceeded),
                 Some(format!(
                     "no progress for {s}s (progressDeadlineSeconds {deadline_s}): {ready_new} of {} replicas of generation {} ready{lead_reason}; {} old replicas keep serving",
                     replicas.len(),
@@ -164,7 +164,7 @@ impl Supervisor {
         let ready_all = replicas.iter().chain(&outdated).filter(|r| r.ready).count() as u32;
         let pulling = replicas
             .iter()
-            .any(|r| r.reason.as_deref() == Some("ContainerCreating"));
+            .any(|r| r.reason == Some(Reason::ContainerCreating));
         WorkloadStatus {
             name: w.metadata.name.clone(),
             namespace: w.metadata.namespace().to_string(),

@@ -236,7 +236,7 @@ async fn an_unreadable_record_keeps_its_containers_and_is_reported() {
     assert_eq!(rt.running().len(), 2, "nothing killed");
     let st = s.status("web").await.unwrap();
     assert_eq!(st.phase, Phase::Unknown);
-    assert_eq!(st.reason.as_deref(), Some("RecordUnreadable"));
+    assert_eq!(st.reason, Some(hyperbox_api::Reason::RecordUnreadable));
     assert!(s.list().await.iter().any(|w| w.name == "web"));
     // Applying it again replaces the orphan with a managed container.
     s.apply(vec![workload("web", "")]).await.unwrap();
@@ -304,7 +304,7 @@ async fn crash_loops_restart_with_backoff_and_failed_starts_retry() {
     let id = rt.running()[0].clone();
     rt.exit(&id, 1);
     wait_status(&s, "a", "a start failure", |st| {
-        st.reason.as_deref() == Some("CreateContainerError")
+        st.reason == Some(hyperbox_api::Reason::CreateContainerError)
     })
     .await;
     rt.fail_starts(None);
@@ -318,7 +318,7 @@ async fn image_failures_back_off_and_report() {
     w.spec.image = "reg/missing:1".into();
     s.apply(vec![w]).await.unwrap();
     let st = wait_status(&s, "a", "pull back-off", |st| {
-        st.reason.as_deref() == Some("ImagePullBackOff")
+        st.reason == Some(hyperbox_api::Reason::ImagePullBackOff)
     })
     .await;
     assert_eq!(st.phase, Phase::Pending);
@@ -492,7 +492,7 @@ async fn an_evicted_replica_stays_stopped_until_restarted() {
     assert!(s.evict("a", 1, "memory pressure").await.unwrap());
     eventually("one running", || rt.running().len() == 1).await;
     let st = wait_status(&s, "a", "evicted", |st| {
-        st.replicas[1].reason.as_deref() == Some("Evicted")
+        st.replicas[1].reason == Some(hyperbox_api::Reason::Evicted)
     })
     .await;
     assert_eq!(st.replicas[1].phase, Phase::Failed);
@@ -510,7 +510,7 @@ async fn an_evicted_replica_stays_stopped_until_restarted() {
         st.replicas[0].phase == Phase::Running
     })
     .await;
-    assert_eq!(st.replicas[1].reason.as_deref(), Some("Evicted"));
+    assert_eq!(st.replicas[1].reason, Some(hyperbox_api::Reason::Evicted));
     assert_eq!(rt.running().len(), 1);
     // A restart brings it back.
     assert!(s.restart("a", Some(1)).await.unwrap());
@@ -605,7 +605,7 @@ async fn a_broken_version_halts_the_rollout_and_old_replicas_keep_serving() {
     .await
     .unwrap();
     let st = wait_status(&s, "w", "deadline exceeded", |st| {
-        st.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        st.reason == Some(hyperbox_api::Reason::ProgressDeadlineExceeded)
     })
     .await;
     let msg = st.message.clone().unwrap();
@@ -623,7 +623,10 @@ async fn a_broken_version_halts_the_rollout_and_old_replicas_keep_serving() {
     let s = sup(dir.path(), &rt);
     s.recover().await.unwrap();
     let st = wait_status(&s, "w", "recovered", |st| st.ready_replicas == 3).await;
-    assert_eq!(st.reason.as_deref(), Some("ProgressDeadlineExceeded"));
+    assert_eq!(
+        st.reason,
+        Some(hyperbox_api::Reason::ProgressDeadlineExceeded)
+    );
     assert_eq!(rt.running(), running);
     // A fixed version rolls out from there.
     rt.fail_starts(None);

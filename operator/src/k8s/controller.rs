@@ -312,7 +312,11 @@ fn decide(
     let now = Instant::now();
     st.avoid.expire(now);
     for (node, copy) in &copies {
-        if evicted_for_pressure(copy.replicas.iter().map(|r| r.reason.as_deref())) {
+        if evicted_for_pressure(
+            copy.replicas
+                .iter()
+                .map(|r| r.reason.as_ref().map(|r| r.as_str())),
+        ) {
             st.avoid.evicted_for_pressure(key, node, now);
         }
     }

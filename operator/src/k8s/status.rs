@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hyperbox_api::{Phase, WorkloadStatus};
+use hyperbox_api::{Phase, Reason, WorkloadStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::crd::{KubeWorkloadStatus, ReplicaPlacement};
@@ -14,14 +14,14 @@ pub const STALLED: &str = "Stalled";
 
 /// Replica reasons that do not clear without a change (a new spec, a new image, room on a
 /// node): the workload is stalled, not progressing.
-const STALLED_REASONS: &[&str] = &[
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "InvalidImage",
-    "ErrImagePrepare",
-    "CreateContainerError",
-    "CrashLoopBackOff",
-    "ProgressDeadlineExceeded",
+const STALLED_REASONS: &[Reason] = &[
+    Reason::ImagePullBackOff,
+    Reason::ErrImagePull,
+    Reason::InvalidImage,
+    Reason::ErrImagePrepare,
+    Reason::CreateContainerError,
+    Reason::CrashLoopBackOff,
+    Reason::ProgressDeadlineExceeded,
 ];
 
 /// What the controller knows about one Workload at the end of a reconcile.
@@ -107,8 +107,8 @@ pub fn workload_status(o: &Observation) -> KubeWorkloadStatus {
             if rep.phase == Phase::Succeeded {
                 succeeded += 1;
             }
-            if let Some(reason) = rep.reason.as_deref() {
-                if STALLED_REASONS.contains(&reason) && stalled.is_none() {
+            if let Some(reason) = rep.reason.as_ref() {
+                if STALLED_REASONS.contains(reason) && stalled.is_none() {
                     stalled = Some((
                         reason.to_string(),
                         format!(
@@ -124,15 +124,15 @@ pub fn workload_status(o: &Observation) -> KubeWorkloadStatus {
                 index: rep.index,
                 phase: format!("{:?}", rep.phase),
                 ready: rep.ready,
-                reason: rep.reason.clone(),
+                reason: rep.reason.as_ref().map(Reason::to_string),
                 container_id: rep.container_id.clone(),
                 image_digest: r.image_digest.clone(),
                 restarts: rep.restarts,
                 last_exit_code: rep.last_exit_code,
             });
         }
-        if let Some(reason) = r.reason.as_deref() {
-            if reason == "ProgressDeadlineExceeded" && stalled.is_none() {
+        if let Some(reason) = r.reason.as_ref() {
+            if *reason == Reason::ProgressDeadlineExceeded && stalled.is_none() {
                 stalled = Some((
                     reason.to_string(),
                     format!(
@@ -328,7 +328,7 @@ mod tests {
         );
         assert_eq!(status_of(READY, &s).0, "False");
         let mut crash = report(1, 0, "h");
-        crash.replicas[0].reason = Some("CrashLoopBackOff".into());
+        crash.replicas[0].reason = Some(Reason::CrashLoopBackOff);
         let o = Observation {
             generation: 1,
             desired: 1,
