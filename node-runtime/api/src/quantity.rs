@@ -1,4 +1,140 @@
-//! Kubernetes-style resource quantities.
+//! Kubernetes-style resource quantities. A spec's quantities are parsed once, when the spec is
+//! read, into a [`Quantity`]: the text as written (what is written back, so hashes of a spec
+//! never change with how a value is spelled) and its value. Reading never fails on a bad
+//! quantity, so one bad object cannot break a list or a watch: the error is kept, and
+//! validation reports it with the field's path.
+
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What a quantity measures: how it is parsed, and the pattern the CRD schema gives it.
+pub trait Unit {
+    const NAME: &'static str;
+    const PATTERN: &'static str;
+    fn parse(text: &str) -> Result<u64, String>;
+}
+
+/// Bytes of memory (`64Mi`, `1G`, `1048576`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes;
+
+impl Unit for Bytes {
+    const NAME: &'static str = "MemoryQuantity";
+    const PATTERN: &'static str = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(k|K|M|G|T|Ki|Mi|Gi|Ti)?$";
+    fn parse(text: &str) -> Result<u64, String> {
+        parse_memory_bytes(text)
+    }
+}
+
+/// Thousandths of a CPU (`500m`, `1`, `0.25`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millicores;
+
+impl Unit for Millicores {
+    const NAME: &'static str = "CpuQuantity";
+    const PATTERN: &'static str = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$";
+    fn parse(text: &str) -> Result<u64, String> {
+        parse_cpu_millis(text)
+    }
+}
+
+/// A quantity as written and its value in `U`, or why it has none.
+#[derive(Debug, Clone)]
+pub struct Quantity<U> {
+    text: String,
+    value: Result<u64, String>,
+    unit: PhantomData<U>,
+}
+
+pub type Memory = Quantity<Bytes>;
+pub type Cpu = Quantity<Millicores>;
+
+impl<U: Unit> Quantity<U> {
+    pub fn new(text: impl Into<String>) -> Self {
+        let text = text.into();
+        let value = U::parse(&text);
+        Quantity {
+            text,
+            value,
+            unit: PhantomData,
+        }
+    }
+
+    /// Its value, or why it is not a quantity (validation refuses such a spec).
+    pub fn value(&self) -> Result<u64, &str> {
+        self.value.as_ref().copied().map_err(String::as_str)
+    }
+
+    /// Its value, 0 when it has none.
+    pub fn or_zero(&self) -> u64 {
+        self.value().unwrap_or(0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<U: Unit> From<&str> for Quantity<U> {
+    fn from(text: &str) -> Self {
+        Quantity::new(text)
+    }
+}
+
+impl<U> PartialEq for Quantity<U> {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl<U> std::fmt::Display for Quantity<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl<U> Serialize for Quantity<U> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// A string, or a plain number as Kubernetes also accepts (`memory: 1048576`, `cpu: 2`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Written<'a> {
+    Text(Cow<'a, str>),
+    Integer(u64),
+    Float(f64),
+}
+
+impl<'de, U: Unit> Deserialize<'de> for Quantity<U> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = match Written::deserialize(d)? {
+            Written::Text(t) => t.into_owned(),
+            Written::Integer(n) => n.to_string(),
+            Written::Float(f) => f.to_string(),
+        };
+        Ok(Quantity::new(text))
+    }
+}
+
+impl<U: Unit> JsonSchema for Quantity<U> {
+    fn schema_name() -> Cow<'static, str> {
+        U::NAME.into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": U::PATTERN})
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+}
 
 /// `64Mi`, `1G`, `1.5Gi`, `1048576`, `512k` -> bytes.
 pub fn parse_memory_bytes(q: &str) -> Result<u64, String> {
@@ -65,6 +201,22 @@ mod tests {
         assert_eq!(parse_memory_bytes("4096").unwrap(), 4096);
         assert!(parse_memory_bytes("12XB").is_err());
         assert!(parse_memory_bytes("Mi").is_err());
+    }
+
+    #[test]
+    fn a_quantity_is_parsed_once_and_written_back_as_it_was_written() {
+        let m: Memory = serde_json::from_str("\"1.5Gi\"").unwrap();
+        assert_eq!(m.value(), Ok(3 << 29));
+        assert_eq!(serde_json::to_string(&m).unwrap(), "\"1.5Gi\"");
+        let n: Memory = serde_json::from_str("1048576").unwrap();
+        assert_eq!((n.value(), n.as_str()), (Ok(1 << 20), "1048576"));
+        let c: Cpu = serde_json::from_str("0.5").unwrap();
+        assert_eq!(c.value(), Ok(500));
+        // A bad one reads, and says why when asked.
+        let bad: Memory = serde_json::from_str("\"12XB\"").unwrap();
+        assert!(bad.value().unwrap_err().contains("unknown unit"), "{bad:?}");
+        assert_eq!(bad.or_zero(), 0);
+        assert_eq!(serde_json::to_string(&bad).unwrap(), "\"12XB\"");
     }
 
     #[test]

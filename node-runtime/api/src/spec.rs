@@ -231,12 +231,10 @@ pub struct EnvVar {
 pub struct Resources {
     /// Memory limit, Kubernetes quantity (`64Mi`, `1G`, `1048576`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(k|K|M|G|T|Ki|Mi|Gi|Ti)?$"))]
-    pub memory: Option<String>,
+    pub memory: Option<crate::quantity::Memory>,
     /// CPU limit, Kubernetes quantity (`500m`, `1`, `0.25`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$"))]
-    pub cpu: Option<String>,
+    pub cpu: Option<crate::quantity::Cpu>,
     /// Maximum number of processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<i64>,
@@ -261,12 +259,10 @@ impl Resources {
 pub struct Requests {
     /// Kubernetes quantity (`64Mi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(k|K|M|G|T|Ki|Mi|Gi|Ti)?$"))]
-    pub memory: Option<String>,
+    pub memory: Option<crate::quantity::Memory>,
     /// Kubernetes quantity (`250m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$"))]
-    pub cpu: Option<String>,
+    pub cpu: Option<crate::quantity::Cpu>,
 }
 
 impl Requests {
@@ -279,13 +275,12 @@ impl Workload {
     /// What one replica requests (explicit requests, else the limits, else 0). Unparsable
     /// quantities count 0: validation refuses them before anything is admitted.
     pub fn request_per_replica(&self) -> crate::ResourceAmounts {
-        use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
         let r = &self.spec.resources;
         let memory = r.requests.memory.as_ref().or(r.memory.as_ref());
         let cpu = r.requests.cpu.as_ref().or(r.cpu.as_ref());
         crate::ResourceAmounts {
-            memory_bytes: memory.and_then(|m| parse_memory_bytes(m).ok()).unwrap_or(0),
-            cpu_millis: cpu.and_then(|c| parse_cpu_millis(c).ok()).unwrap_or(0),
+            memory_bytes: memory.map_or(0, |m| m.or_zero()),
+            cpu_millis: cpu.map_or(0, |c| c.or_zero()),
         }
     }
 

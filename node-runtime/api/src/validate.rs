@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
+use crate::quantity::Quantity;
 use crate::spec::{Workload, API_VERSION, KIND_WORKLOAD};
 
 /// Largest manifest file accepted (bytes). Manifests come from outside: cap before parsing.
@@ -132,7 +132,7 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
         }
     }
     if let Some(m) = &s.resources.memory {
-        match parse_memory_bytes(m) {
+        match m.value() {
             Ok(b) if b < 4 << 20 => errors.push(err(
                 "spec.resources.memory",
                 "must be at least 4Mi (the runtime itself needs some)",
@@ -142,7 +142,7 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
         }
     }
     if let Some(c) = &s.resources.cpu {
-        match parse_cpu_millis(c) {
+        match c.value() {
             Ok(0) => errors.push(err("spec.resources.cpu", "must be more than 0")),
             Ok(_) => {}
             Err(e) => errors.push(err("spec.resources.cpu", e)),
@@ -196,34 +196,36 @@ pub fn validate_workload(w: &Workload) -> Vec<FieldError> {
         errors.push(err("spec.progressDeadlineSeconds", "must be at least 1"));
     }
     // A request must parse and may not exceed its limit.
-    let mut check_request = |what: &str,
-                             request: &Option<String>,
-                             limit: &Option<String>,
-                             parse: fn(&str) -> Result<u64, String>| {
+    fn check_request<U: crate::quantity::Unit>(
+        errors: &mut Vec<FieldError>,
+        what: &str,
+        request: &Option<Quantity<U>>,
+        limit: &Option<Quantity<U>>,
+    ) {
         let Some(r) = request else {
             return;
         };
         let field = format!("spec.resources.requests.{what}");
-        match parse(r) {
+        match r.value() {
             Ok(v) => {
-                if let Some(l) = limit.as_deref().filter(|l| parse(l).is_ok_and(|l| v > l)) {
+                if let Some(l) = limit.as_ref().filter(|l| l.value().is_ok_and(|l| v > l)) {
                     errors.push(err(field, format!("{r} is more than the {what} limit {l}")));
                 }
             }
             Err(e) => errors.push(err(field, e)),
         }
-    };
+    }
     check_request(
+        &mut errors,
         "memory",
         &s.resources.requests.memory,
         &s.resources.memory,
-        parse_memory_bytes,
     );
     check_request(
+        &mut errors,
         "cpu",
         &s.resources.requests.cpu,
         &s.resources.cpu,
-        parse_cpu_millis,
     );
     let mut volume_names = BTreeSet::new();
     for (i, v) in s.volumes.iter().enumerate() {

@@ -12,7 +12,6 @@ use hyperbox_api::{NetworkMode, Workload};
 use super::dirs::RuntimeDirs;
 use super::policy::NodePolicy;
 use crate::images::PreparedImage;
-use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use libcontainer::oci_spec::runtime::{
     Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
     LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
@@ -334,7 +333,9 @@ pub fn oci_spec(
             .build()
             .map_err(spec_err)?]);
     if let Some(m) = &s.resources.memory {
-        let bytes = parse_memory_bytes(m).map_err(|e| anyhow!("spec.resources.memory: {e}"))?;
+        let bytes = m
+            .value()
+            .map_err(|e| anyhow!("spec.resources.memory: {e}"))?;
         // swap == limit: no swap use beyond the memory limit.
         resources = resources.memory(
             LinuxMemoryBuilder::default()
@@ -345,7 +346,7 @@ pub fn oci_spec(
         );
     }
     if let Some(c) = &s.resources.cpu {
-        let millis = parse_cpu_millis(c).map_err(|e| anyhow!("spec.resources.cpu: {e}"))?;
+        let millis = c.value().map_err(|e| anyhow!("spec.resources.cpu: {e}"))?;
         resources = resources.cpu(
             LinuxCpuBuilder::default()
                 .quota(quota_of_millis(millis))
@@ -462,8 +463,8 @@ fn quota_of_millis(millis: u64) -> i64 {
 pub fn cpu_quota_us(s: &hyperbox_api::WorkloadSpec) -> i64 {
     s.resources
         .cpu
-        .as_deref()
-        .and_then(|c| parse_cpu_millis(c).ok())
+        .as_ref()
+        .and_then(|c| c.value().ok())
         .map(quota_of_millis)
         .unwrap_or(-1)
 }

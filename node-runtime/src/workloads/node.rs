@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use hyperbox_api::quantity::{parse_cpu_millis, parse_memory_bytes};
 use hyperbox_api::{Features, NodeSummary, ResourceAmounts};
 
 use super::replica::Stage;
@@ -61,18 +60,8 @@ impl Supervisor {
                 .filter(|r| matches!(r.stage, Stage::Running { .. }))
                 .count() as u64;
             let res = &rec.workload.spec.resources;
-            cpu += running
-                * res
-                    .cpu
-                    .as_deref()
-                    .and_then(|c| parse_cpu_millis(c).ok())
-                    .unwrap_or(0);
-            mem += running
-                * res
-                    .memory
-                    .as_deref()
-                    .and_then(|m| parse_memory_bytes(m).ok())
-                    .unwrap_or(0);
+            cpu += running * res.cpu.as_ref().map_or(0, |c| c.or_zero());
+            mem += running * res.memory.as_ref().map_or(0, |m| m.or_zero());
             n += running as usize;
         }
         (cpu, mem, n)
