@@ -111,6 +111,20 @@ class Proc:
         self.kill9()
 
 
+def registry_proc(work):
+    """A `docker-registry` on a free loopback port with its storage under WORK/registry (not
+    started yet): the Proc, its port and its address."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    d = os.path.join(work, "registry")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.yml"), "w") as f:
+        f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
+                f"http: {{addr: {addr}}}\n")
+    proc = Proc("registry", ["docker-registry", "serve", os.path.join(d, "config.yml")], work, group_kill=True)
+    return proc, port, addr
+
+
 class Chaos:
     def __init__(self, a):
         self.a = a
@@ -147,15 +161,7 @@ class Chaos:
 
     # ---------- peers ----------
     def start_registry(self):
-        self.reg_port = free_port()
-        self.reg_addr = f"127.0.0.1:{self.reg_port}"
-        d = os.path.join(self.work, "registry")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.yml"), "w") as f:
-            f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
-                    f"http: {{addr: {self.reg_addr}}}\n")
-        self.registry = Proc("registry", ["docker-registry", "serve", os.path.join(d, "config.yml")],
-                             self.work, group_kill=True)
+        self.registry, self.reg_port, self.reg_addr = registry_proc(self.work)
         self.up_registry()
 
     def up_registry(self):

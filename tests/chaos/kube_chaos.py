@@ -49,7 +49,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 from benchlib import free_port  # noqa: E402
-from chaos import Proc, log, port_open, tail, wait_for  # noqa: E402
+from chaos import Proc, log, port_open, registry_proc, tail, wait_for  # noqa: E402
 
 NS = "hyperbox-system"
 NODES = ["n1", "n2", "n3"]
@@ -221,15 +221,7 @@ class KubeChaos:
         return os.path.join(self.work, n, "node.sock")
 
     def start_registry(self):
-        port = free_port()
-        self.reg_addr = f"127.0.0.1:{port}"
-        d = os.path.join(self.work, "registry")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.yml"), "w") as f:
-            f.write(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {d}/data}}}}\n"
-                    f"http: {{addr: {self.reg_addr}}}\n")
-        self.registry = Proc("registry", ["docker-registry", "serve", os.path.join(d, "config.yml")],
-                             self.work, group_kill=True)
+        self.registry, port, self.reg_addr = registry_proc(self.work)
         self.registry.start()
         if not wait_for(lambda: port_open(port), 20):
             raise RuntimeError("registry did not start:\n" + tail(self.registry.log))

@@ -219,18 +219,29 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
     assert!(!n1.daemon_log().to_lowercase().contains("forbidden"));
 }
 
-/// Server-side apply of a HyperNode named `name` as the user of `kubeconfig`.
-fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::process::Output {
+/// Server-side apply of HyperNode `name` (its status when `status`) as the user of
+/// `kubeconfig`, as a node writes it.
+fn apply_hypernode(
+    c: &KubeCluster,
+    kubeconfig: &Path,
+    name: &str,
+    status: bool,
+) -> std::process::Output {
     let f = c
         .dir
         .path()
         .join(format!("hn-{name}-{}.yaml", random_suffix()));
+    let body = if status {
+        "status: {workloads: 7}".to_string()
+    } else {
+        format!("spec: {{address: 'https://127.0.0.1:1', nodeId: id-{name}}}")
+    };
     std::fs::write(
         &f,
-        format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nspec: {{address: 'https://127.0.0.1:1', nodeId: id-{name}}}\n"),
+        format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\n{body}\n"),
     )
     .unwrap();
-    c.kubectl(&[
+    let mut args = vec![
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
         "apply",
@@ -238,7 +249,15 @@ fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::proce
         "--field-manager=hyperbox-node",
         "-f",
         f.to_str().unwrap(),
-    ])
+    ];
+    if status {
+        args.push("--subresource=status");
+    }
+    c.kubectl(&args)
+}
+
+fn write_hypernode(c: &KubeCluster, kubeconfig: &Path, name: &str) -> std::process::Output {
+    apply_hypernode(c, kubeconfig, name, false)
 }
 
 fn refused_saying(out: &std::process::Output, says: &str) {
@@ -298,27 +317,7 @@ fn a_node_writes_only_its_own_hypernode_under_the_charts_policy() {
     }
     refused_saying(&other, "node n1 may write only HyperNode n1, not n2");
     // Its own status, not another's (server-side apply of the status, as the node does).
-    let status_patch = |kubeconfig: &Path, name: &str| {
-        let f = c
-            .dir
-            .path()
-            .join(format!("st-{name}-{}.yaml", random_suffix()));
-        std::fs::write(
-            &f,
-            format!("apiVersion: hyperbox.dev/v1alpha1\nkind: HyperNode\nmetadata: {{name: {name}}}\nstatus: {{workloads: 7}}\n"),
-        )
-        .unwrap();
-        c.kubectl(&[
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "apply",
-            "--server-side",
-            "--subresource=status",
-            "--field-manager=hyperbox-node",
-            "-f",
-            f.to_str().unwrap(),
-        ])
-    };
+    let status_patch = |kubeconfig: &Path, name: &str| apply_hypernode(&c, kubeconfig, name, true);
     let own = status_patch(&n1, "n1");
     assert!(own.status.success(), "{own:?}");
     // A ServiceAccount token that names no node writes nothing.
