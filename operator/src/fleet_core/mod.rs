@@ -7,6 +7,7 @@
 //! - [`place`]: a desired set placed across node views, and the images to prewarm.
 //! - [`rollout`]: a workload's rollout budget split between its nodes.
 //! - [`decide`]: placement and rollout together: what each node gets of each workload.
+//! - [`ledger`]: placements made one workload at a time, until the nodes report them.
 //! - [`liveness`]: when a node is not ready, lost, and whether the fleet is disrupted.
 //! - [`avoid`]: nodes a workload avoids (refusals, pressure evictions).
 //! - [`orphans`]: copies whose workload is gone.
@@ -16,6 +17,7 @@
 
 pub mod avoid;
 pub mod decide;
+pub mod ledger;
 pub mod liveness;
 pub mod orphans;
 pub mod place;

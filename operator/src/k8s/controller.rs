@@ -27,9 +27,10 @@ use super::nodes::{Nodes, Receivers};
 use super::status::{find, same_status, workload_status, Observation, READY, STALLED};
 use crate::fleet_core::avoid::AvoidMemory;
 use crate::fleet_core::decide::{Known, Step};
+use crate::fleet_core::ledger::Ledger;
 use crate::fleet_core::orphans::{orphans, Held};
 use crate::fleet_core::place::{Counts, Desired};
-use crate::fleet_core::placement::{PressureWeights, NOMINAL_MEMORY_REQUEST};
+use crate::fleet_core::placement::PressureWeights;
 use crate::fleet_core::rollout::Copy;
 use crate::fleet_core::{self};
 use crate::node_api::NodeApi;
@@ -63,14 +64,9 @@ struct State {
     /// What was last applied to each node (node, key) → config hash: an unchanged workload
     /// costs no request.
     applied: HashMap<(String, String), String>,
-    /// Where the last reconcile placed each workload's replicas: node → count.
-    placed: HashMap<String, BTreeMap<String, u32>>,
-    /// The nominal memory of the replicas placed without a memory request, by workload and
-    /// node (see [`crate::fleet_core::placement::NodeInfo::nominal_load`]).
-    nominal: HashMap<String, BTreeMap<String, u64>>,
-    /// Placements with requests that some node has not reported yet: workload → (requests
-    /// of one replica, node → replicas placed there). See [`unreported_requests`].
-    unconfirmed: HashMap<String, (hyperbox_api::ResourceAmounts, BTreeMap<String, u32>)>,
+    /// Placements made one workload at a time, and what they take on nodes that have not
+    /// reported them yet.
+    ledger: Ledger,
 }
 
 impl Context {
@@ -234,47 +230,6 @@ struct Decision {
     waiting: usize,
 }
 
-/// Requests each node has been given by earlier placements and has not reported yet (their
-/// copies are being applied, or the node did not answer since): placement counts them as
-/// taken, so that two workloads placed one after the other never count the same free room.
-/// Only placements still unconfirmed are looked at, and those every node now reports are
-/// dropped here: the cost follows the placements in flight, not all workloads.
-fn unreported_requests(st: &mut State, ctx: &Context, key: &str) -> BTreeMap<String, (u64, u64)> {
-    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    if st.unconfirmed.is_empty() {
-        return out;
-    }
-    ctx.nodes.with(|entries| {
-        st.unconfirmed.retain(|other, (r, per_node)| {
-            let mut open = false;
-            for (node, &n) in per_node.iter() {
-                let reported = entries
-                    .get(node)
-                    .and_then(|e| e.workloads.as_ref())
-                    .and_then(|m| m.get(other))
-                    .filter(|w| {
-                        w.manager
-                            .as_deref()
-                            .is_some_and(|m| m.starts_with(&ctx.manager_prefix))
-                    })
-                    .map_or(0, |w| w.desired_replicas);
-                let missing = u64::from(n.saturating_sub(reported));
-                if missing == 0 {
-                    continue;
-                }
-                open = true;
-                if other != key {
-                    let e = out.entry(node.clone()).or_default();
-                    e.0 += r.cpu_millis * missing;
-                    e.1 += r.memory_bytes * missing;
-                }
-            }
-            open
-        });
-    });
-    out
-}
-
 /// Place the workload and decide what each node gets. Runs under the placement lock, which is
 /// never held across a network call: what it decides is recorded at once (where the replicas
 /// go, and what they take there) for the next workload's placement to see.
@@ -302,8 +257,8 @@ fn decide(
         .map(|(node, c)| (node.clone(), c.desired_replicas))
         .collect();
     let previous = st
-        .placed
-        .get(key)
+        .ledger
+        .placed(key)
         .or(recorded.filter(|r| !r.is_empty()))
         .cloned()
         .unwrap_or_else(|| holders.clone());
@@ -334,22 +289,22 @@ fn decide(
     )]);
     let avoid = BTreeMap::from([(key.to_string(), avoid)]);
     let mut views = ctx.nodes.views();
-    // Workloads are placed one at a time: the nominal requests of the others (those without a
-    // memory request) keep equal nodes from taking all of them, and what was placed on a node
-    // that has not reported it yet is taken there.
-    let unreported = unreported_requests(&mut st, ctx, key);
-    for v in &mut views {
-        v.nominal_load = st
-            .nominal
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .filter_map(|(_, per_node)| per_node.get(&v.key))
-            .sum();
-        if let (Some(s), Some((cpu, mem))) = (v.summary.as_mut(), unreported.get(&v.key)) {
-            s.requested.cpu_millis += cpu;
-            s.requested.memory_bytes += mem;
-        }
-    }
+    // Workloads are placed one at a time: what the others took and the nodes have not
+    // reported yet counts (see the ledger).
+    ctx.nodes.with(|entries| {
+        st.ledger.adjust(key, &mut views, |node, other| {
+            entries
+                .get(node)
+                .and_then(|e| e.workloads.as_ref())
+                .and_then(|m| m.get(other))
+                .filter(|w| {
+                    w.manager
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(&ctx.manager_prefix))
+                })
+                .map_or(0, |w| w.desired_replicas)
+        })
+    });
     let mut decision = fleet_core::decide::decide(
         &desired,
         Known {
@@ -407,23 +362,7 @@ fn decide(
             }
         }
     }
-    st.placed.insert(key.to_string(), counts.clone());
-    let request = w.request_per_replica();
-    if request.memory_bytes == 0 {
-        let per_node = counts
-            .iter()
-            .map(|(n, c)| (n.clone(), u64::from(*c) * NOMINAL_MEMORY_REQUEST))
-            .collect();
-        st.nominal.insert(key.to_string(), per_node);
-    } else {
-        st.nominal.remove(key);
-    }
-    if request.cpu_millis > 0 || request.memory_bytes > 0 {
-        st.unconfirmed
-            .insert(key.to_string(), (request, counts.clone()));
-    } else {
-        st.unconfirmed.remove(key);
-    }
+    st.ledger.record(key, w, &counts);
     Decision {
         previous,
         counts,
@@ -722,9 +661,7 @@ async fn cleanup(cr: Arc<KubeWorkload>, ctx: &Context) -> Result<Action, Error> 
     {
         let mut st = ctx.state();
         st.avoid.forget(&key);
-        st.placed.remove(&key);
-        st.nominal.remove(&key);
-        st.unconfirmed.remove(&key);
+        st.ledger.forget(&key);
     }
     event(
         ctx,
