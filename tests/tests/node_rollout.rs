@@ -1,7 +1,6 @@
 //! Rolling updates with real containers and real readiness probes, sampled through the
 //! node-wide watch (every change wakes it), not by sleeping.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,14 +10,7 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(90);
 
 fn get_json(sock: &Path, path: &str) -> Value {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = http(To::Unix(sock), "GET", path, &[], b"");
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
 }

@@ -102,23 +102,12 @@ impl<U> Serialize for Quantity<U> {
     }
 }
 
-/// A string, or a plain number as Kubernetes also accepts (`memory: 1048576`, `cpu: 2`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Written<'a> {
-    Text(Cow<'a, str>),
-    Integer(u64),
-    Float(f64),
-}
-
+/// Only a string, as the CRD schema has it (`memory: "1048576"`, not a bare number): what the
+/// API server refuses, the offline validator refuses too.
 impl<'de, U: Unit> Deserialize<'de> for Quantity<U> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = match Written::deserialize(d)? {
-            Written::Text(t) => t.into_owned(),
-            Written::Integer(n) => n.to_string(),
-            Written::Float(f) => f.to_string(),
-        };
-        Ok(Quantity::new(text))
+        let text = Cow::<str>::deserialize(d)?;
+        Ok(Quantity::new(text.into_owned()))
     }
 }
 
@@ -208,10 +197,12 @@ mod tests {
         let m: Memory = serde_json::from_str("\"1.5Gi\"").unwrap();
         assert_eq!(m.value(), Ok(3 << 29));
         assert_eq!(serde_json::to_string(&m).unwrap(), "\"1.5Gi\"");
-        let n: Memory = serde_json::from_str("1048576").unwrap();
+        let n: Memory = serde_json::from_str("\"1048576\"").unwrap();
         assert_eq!((n.value(), n.as_str()), (Ok(1 << 20), "1048576"));
-        let c: Cpu = serde_json::from_str("0.5").unwrap();
+        let c: Cpu = serde_json::from_str("\"0.5\"").unwrap();
         assert_eq!(c.value(), Ok(500));
+        // Not a string: refused, as the CRD schema refuses it.
+        assert!(serde_json::from_str::<Cpu>("1000").is_err());
         // A bad one reads, and says why when asked.
         let bad: Memory = serde_json::from_str("\"12XB\"").unwrap();
         assert!(bad.value().unwrap_err().contains("unknown unit"), "{bad:?}");
