@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{random_suffix, wait_for_value, Node, Operator};
+use crate::{json_of, random_suffix, wait_for_value, Node, Operator};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -117,11 +117,7 @@ impl KubeCluster {
 
     /// An object as JSON, if it exists.
     pub fn get(&self, kind: &str, name: &str) -> Option<Value> {
-        let out = self.kubectl(&["get", kind, name, "-o", "json"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        json_of(&self.kubectl(&["get", kind, name, "-o", "json"]))
     }
 
     /// Wait until `pred` holds for the object; the error shows the last state seen.

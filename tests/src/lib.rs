@@ -31,6 +31,14 @@ pub use operator::*;
 pub use pki::*;
 pub use registry::*;
 
+/// The JSON a command printed, if it succeeded.
+pub fn json_of(out: &std::process::Output) -> Option<Value> {
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
 /// A built binary of the workspace (`cargo build` puts them next to the test's deps dir).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

@@ -162,11 +162,7 @@ impl Node {
     }
 
     pub fn get(&self, name: &str) -> Option<Value> {
-        let out = self.cli(&["get", name, "-o", "json"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        json_of(&self.cli(&["get", name, "-o", "json"]))
     }
 
     pub fn wait_for(

@@ -80,17 +80,15 @@ fn the_chart_lints_and_the_api_server_accepts_its_templates() {
     }
 }
 
-#[test]
-fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
-    let c = KubeCluster::start().unwrap();
-    let chart = chart();
+/// The release namespace, and the chart's RBAC and node identity policy applied to it.
+fn apply_rbac_and_identity(c: &KubeCluster) {
     c.kubectl_ok(&["create", "namespace", NS]).unwrap();
-    let rbac = helm(
-        &c,
+    let rendered = helm(
+        c,
         &[
             "template",
             "hb",
-            chart.to_str().unwrap(),
+            chart().to_str().unwrap(),
             "-n",
             NS,
             "--show-only",
@@ -100,8 +98,14 @@ fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
         ],
     );
     let f = c.dir.path().join("rbac.yaml");
-    std::fs::write(&f, rbac).unwrap();
+    std::fs::write(&f, rendered).unwrap();
     c.kubectl_ok(&["apply", "-f", f.to_str().unwrap()]).unwrap();
+}
+
+#[test]
+fn the_operator_and_nodes_do_their_whole_job_with_exactly_the_chart_rbac() {
+    let c = KubeCluster::start().unwrap();
+    apply_rbac_and_identity(&c);
     let op_kc = c
         .kubeconfig_with_token(&c.token_for(NS, "hb-operator").unwrap())
         .unwrap();
@@ -273,24 +277,7 @@ fn refused_saying(out: &std::process::Output, says: &str) {
 #[test]
 fn a_node_writes_only_its_own_hypernode_under_the_charts_policy() {
     let c = KubeCluster::start().unwrap();
-    c.kubectl_ok(&["create", "namespace", NS]).unwrap();
-    let rendered = helm(
-        &c,
-        &[
-            "template",
-            "hb",
-            chart().to_str().unwrap(),
-            "-n",
-            NS,
-            "--show-only",
-            "templates/rbac.yaml",
-            "--show-only",
-            "templates/node-identity.yaml",
-        ],
-    );
-    let f = c.dir.path().join("identity.yaml");
-    std::fs::write(&f, rendered).unwrap();
-    c.kubectl_ok(&["apply", "-f", f.to_str().unwrap()]).unwrap();
+    apply_rbac_and_identity(&c);
     let kc = |token: String| c.kubeconfig_with_token(&token).unwrap();
     let n1 = kc(c.token_bound_to_node(NS, "hb-node", "n1").unwrap());
     let unbound = kc(c.token_for(NS, "hb-node").unwrap());
