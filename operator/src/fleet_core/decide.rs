@@ -40,9 +40,9 @@ pub struct Known<'a> {
     /// How far each node's copy is, by workload, where it is known (a workload with none
     /// here is not rolling: every node gets the spec as written).
     pub copies: &'a BTreeMap<String, BTreeMap<String, Copy>>,
-    /// Copies whose state was asked for and is not known (the node did not answer): in a
-    /// rollout they wait, since their replicas cannot be counted.
-    pub unknown: &'a BTreeSet<(String, String)>,
+    /// Copies whose state was asked for and is not known, by workload (the nodes that did
+    /// not answer): in a rollout they wait, since their replicas cannot be counted.
+    pub unknown: &'a BTreeMap<String, BTreeSet<String>>,
     /// Nodes each workload avoids (refused it, evicted it for pressure lately).
     pub avoid: &'a BTreeMap<String, BTreeSet<String>>,
 }
@@ -92,21 +92,27 @@ pub fn decide(
     let empty = BTreeMap::new();
     for (&name, w) in desired {
         let counts = placement.counts.get(name).unwrap_or(&empty);
-        let copies = known.copies.get(name);
-        let runs = runs_replicas(w);
-        let shares: BTreeMap<String, Share> = counts
-            .iter()
-            .map(|(node, &n)| {
-                let share = Share {
-                    replicas: if runs { n } else { 0 },
-                    copy: copies.and_then(|c| c.get(node)).cloned(),
-                };
-                (node.clone(), share)
-            })
-            .collect();
-        let mut gates = rollout::gate(&w.spec.strategy, &spec_hash(w), &shares);
-        for (node, gate) in gates.iter_mut() {
-            if known.unknown.contains(&(name.to_string(), node.clone())) {
+        let mut gates: BTreeMap<String, Gate> = match known.copies.get(name) {
+            // No copy of it is known: nothing rolls, and its spec is not hashed (the Git
+            // fleet knows copies only of workloads that roll).
+            Some(copies) if !copies.is_empty() => {
+                let runs = runs_replicas(w);
+                let shares: BTreeMap<String, Share> = counts
+                    .iter()
+                    .map(|(node, &n)| {
+                        let share = Share {
+                            replicas: if runs { n } else { 0 },
+                            copy: copies.get(node).cloned(),
+                        };
+                        (node.clone(), share)
+                    })
+                    .collect();
+                rollout::gate(&w.spec.strategy, &spec_hash(w), &shares)
+            }
+            _ => counts.keys().map(|n| (n.clone(), Gate::Send)).collect(),
+        };
+        for node in known.unknown.get(name).into_iter().flatten() {
+            if let Some(gate) = gates.get_mut(node) {
                 *gate = Gate::Hold;
             }
         }
@@ -161,7 +167,7 @@ mod tests {
     fn nothing_known(previous: &Counts) -> Known<'_> {
         static HOLDERS: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         static COPIES: BTreeMap<String, BTreeMap<String, Copy>> = BTreeMap::new();
-        static UNKNOWN: BTreeSet<(String, String)> = BTreeSet::new();
+        static UNKNOWN: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         static AVOID: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         Known {
             previous,
@@ -298,7 +304,7 @@ mod tests {
         assert_eq!(ru.max_surge, Some(hyperbox_api::IntOrPercent::Int(0)));
         assert!(d.rolling.contains("web"));
         // A node whose copy could not be read waits even when the budget would let it go.
-        let unknown = [("web".to_string(), "a".to_string())].into();
+        let unknown = [("web".to_string(), ["a".to_string()].into())].into();
         let known = Known {
             copies: &copies,
             unknown: &unknown,

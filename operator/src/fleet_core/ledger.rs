@@ -110,7 +110,6 @@ mod tests {
     use crate::fleet_core::place::{Counts, Desired};
     use crate::fleet_core::placement::DEFAULT_PRESSURE_WEIGHTS;
     use crate::fleet_core::testing::{view, workloads};
-    use std::collections::BTreeSet;
 
     /// Place `w` alone, as the controller does, with the ledger's adjustments; record it.
     fn place_one(
@@ -131,7 +130,7 @@ mod tests {
                 previous: &previous,
                 holders: &none,
                 copies: &BTreeMap::new(),
-                unknown: &BTreeSet::new(),
+                unknown: &BTreeMap::new(),
                 avoid: &BTreeMap::new(),
             },
             &views,

@@ -5,13 +5,13 @@
 //! share through the node API (as manager `kubernetes:<cluster>/<uid>`), and writes the status
 //! by server-side apply. A finalizer deletes the containers before the object goes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hyperbox_api::backoff::Backoff;
-use hyperbox_api::{config_hash, spec_hash, Workload};
+use hyperbox_api::{config_hash, spec_hash, Reason, Workload};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -138,11 +138,10 @@ fn manager_of(ctx: &Context, cr: &KubeWorkload) -> String {
     )
 }
 
-/// The replica reason of a pressure eviction (the node's `EvictedForPressure`).
-const EVICTED_FOR_PRESSURE: &str = "EvictedForPressure";
-
+/// Whether one of the replica reasons (as the node or the status writes them) is a pressure
+/// eviction.
 fn evicted_for_pressure<'a>(mut reasons: impl Iterator<Item = Option<&'a str>>) -> bool {
-    reasons.any(|r| r == Some(EVICTED_FOR_PRESSURE))
+    reasons.any(|r| r == Some(Reason::EvictedForPressure.as_str()))
 }
 
 async fn reconcile(cr: Arc<KubeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -251,10 +250,13 @@ fn decide(
     // decided (a node that comes back after its replicas moved still holds a copy, which is
     // removed, not counted); after a restart, what the status recorded; else (a status from
     // before that record) the holders.
-    let holders: BTreeMap<String, u32> = copies
+    let ours: BTreeMap<&String, &hyperbox_api::WorkloadStatus> = copies
         .iter()
         .filter(|(_, c)| c.manager.as_deref() == Some(manager))
-        .map(|(node, c)| (node.clone(), c.desired_replicas))
+        .collect();
+    let holders: BTreeMap<String, u32> = ours
+        .iter()
+        .map(|(node, c)| ((*node).clone(), c.desired_replicas))
         .collect();
     let previous = st
         .ledger
@@ -270,7 +272,7 @@ fn decide(
         if evicted_for_pressure(
             copy.replicas
                 .iter()
-                .map(|r| r.reason.as_ref().map(|r| r.as_str())),
+                .map(|r| r.reason.as_ref().map(Reason::as_str)),
         ) {
             st.avoid.evicted_for_pressure(key, node, now);
         }
@@ -281,10 +283,8 @@ fn decide(
     let holder_nodes = BTreeMap::from([(key.to_string(), holders.keys().cloned().collect())]);
     let our_copies = BTreeMap::from([(
         key.to_string(),
-        copies
-            .iter()
-            .filter(|(_, c)| c.manager.as_deref() == Some(manager))
-            .map(|(node, c)| (node.clone(), Copy::of(c)))
+        ours.iter()
+            .map(|(node, c)| ((*node).clone(), Copy::of(c)))
             .collect(),
     )]);
     let avoid = BTreeMap::from([(key.to_string(), avoid)]);
@@ -311,7 +311,7 @@ fn decide(
             previous: &previous_counts,
             holders: &holder_nodes,
             copies: &our_copies,
-            unknown: &BTreeSet::new(),
+            unknown: &BTreeMap::new(),
             avoid: &avoid,
         },
         &views,

@@ -517,10 +517,10 @@ async fn rollout_copies(
     observed: &BTreeMap<String, BTreeMap<String, Observed>>,
 ) -> (
     BTreeMap<String, BTreeMap<String, Copy>>,
-    BTreeSet<(String, String)>,
+    BTreeMap<String, BTreeSet<String>>,
 ) {
     let mut copies = BTreeMap::new();
-    let mut unknown = BTreeSet::new();
+    let mut unknown: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (&name, w) in desired {
         let target = hyperbox_api::spec_hash(w);
         let holders: Vec<&FleetNode> = nodes
@@ -547,7 +547,7 @@ async fn rollout_copies(
                 }
                 Err(e) => {
                     tracing::warn!(workload = %name, node = %node, error = %e, "rollout: node did not say how far it is; it waits");
-                    unknown.insert((name.to_string(), node));
+                    unknown.entry(name.to_string()).or_default().insert(node);
                 }
             }
         }
